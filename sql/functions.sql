@@ -1,0 +1,308 @@
+-- pgfeed functions and triggers. Re-applied by every `pgfeed install` (CREATE OR REPLACE),
+-- so it must stay idempotent.
+--
+-- Capture functions are SECURITY DEFINER with a fixed search_path: application roles need
+-- no privilege on schema pgfeed and cannot write journal rows themselves.
+
+-- Transaction-local counter of changes captured so far ('' or NULL when none).
+CREATE OR REPLACE FUNCTION pgfeed._ord() RETURNS integer
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer $$;
+
+-- After a statement captured n changes: the first ones of the transaction insert the seal
+-- marker (whose deferred trigger fires once, at commit), and the counter advances.
+-- set_config(..., true) is rolled back with a savepoint, as are the journal rows.
+CREATE OR REPLACE FUNCTION pgfeed._advance(base integer, n integer) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF n > 0 THEN
+        IF base = 0 THEN
+            INSERT INTO pgfeed.seal (xid) VALUES (pg_current_xact_id());
+        END IF;
+        PERFORM set_config('pgfeed.ord', (base + n)::text, true);
+    END IF;
+END
+$$;
+
+-- The primary key columns of a row, as a JSON object.
+CREATE OR REPLACE FUNCTION pgfeed._pick(j jsonb, cols text[]) RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT jsonb_object_agg(c, j -> c) FROM unnest(cols) AS c $$;
+
+-- Trigger arguments, fixed by pgfeed.watch():
+--   TG_ARGV[0] tenant column ('' for a public table)
+--   TG_ARGV[1] public ('true' / 'false')
+--   TG_ARGV[2] primary key columns (text[] literal)
+--   TG_ARGV[3] excluded columns (text[] literal)
+
+CREATE OR REPLACE FUNCTION pgfeed._capture_insert() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tenant_col text    := TG_ARGV[0];
+    is_public  boolean := TG_ARGV[1]::boolean;
+    pk_cols    text[]  := TG_ARGV[2]::text[];
+    excl       text[]  := TG_ARGV[3]::text[];
+    base       integer := pgfeed._ord();
+    n          integer;
+BEGIN
+    INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
+    SELECT pg_current_xact_id(), base + (row_number() OVER ())::integer,
+           TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'insert',
+           CASE WHEN is_public THEN NULL ELSE j ->> tenant_col END, is_public,
+           pgfeed._pick(j, pk_cols), j - excl
+    FROM (SELECT to_jsonb(r) AS j FROM pgfeed_new AS r) AS s;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM pgfeed._advance(base, n);
+    RETURN NULL;
+END
+$$;
+
+-- Old and new rows are paired by their position in the transition tables: PostgreSQL
+-- appends both images of each updated row together, so the n-th old row is the n-th new
+-- row's predecessor (pairing by key would break when the key itself changes).
+-- An update that moves a row to another tenant is captured as a delete for the old tenant
+-- and an insert for the new one, so neither tenant sees the other's row.
+CREATE OR REPLACE FUNCTION pgfeed._capture_update() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tenant_col text    := TG_ARGV[0];
+    is_public  boolean := TG_ARGV[1]::boolean;
+    pk_cols    text[]  := TG_ARGV[2]::text[];
+    excl       text[]  := TG_ARGV[3]::text[];
+    base       integer := pgfeed._ord();
+    tbl        text    := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+    n          integer;
+BEGIN
+    WITH pairs AS (
+        SELECT o.i, o.j AS oj, nw.j AS nj,
+               CASE WHEN is_public THEN NULL ELSE o.j ->> tenant_col END AS old_tenant,
+               CASE WHEN is_public THEN NULL ELSE nw.j ->> tenant_col END AS new_tenant
+        FROM (SELECT row_number() OVER () AS i, to_jsonb(r) - excl AS j FROM pgfeed_old AS r) AS o
+        JOIN (SELECT row_number() OVER () AS i, to_jsonb(r) - excl AS j FROM pgfeed_new AS r) AS nw
+          USING (i)
+    ),
+    events AS (
+        -- same tenant: an update, unless no (captured) column changed
+        SELECT p.i, 0 AS k, 'update' AS op, p.new_tenant AS tenant,
+               pgfeed._pick(p.nj, pk_cols) AS pk, p.nj AS new, p.oj AS old,
+               ARRAY(SELECT e.key FROM jsonb_each(p.nj) AS e
+                     WHERE e.value IS DISTINCT FROM p.oj -> e.key ORDER BY e.key) AS changed
+        FROM pairs AS p
+        WHERE p.old_tenant IS NOT DISTINCT FROM p.new_tenant
+        UNION ALL
+        -- tenant moved: the old tenant sees the row leave ...
+        SELECT p.i, 0, 'delete', p.old_tenant, pgfeed._pick(p.oj, pk_cols), NULL, p.oj, NULL
+        FROM pairs AS p
+        WHERE p.old_tenant IS DISTINCT FROM p.new_tenant
+        UNION ALL
+        -- ... and the new tenant sees it arrive
+        SELECT p.i, 1, 'insert', p.new_tenant, pgfeed._pick(p.nj, pk_cols), p.nj, NULL, NULL
+        FROM pairs AS p
+        WHERE p.old_tenant IS DISTINCT FROM p.new_tenant
+    )
+    INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new, old, changed)
+    SELECT pg_current_xact_id(), base + (row_number() OVER (ORDER BY ev.i, ev.k))::integer,
+           tbl, ev.op, ev.tenant, is_public, ev.pk, ev.new, ev.old, ev.changed
+    FROM events AS ev
+    WHERE ev.op <> 'update' OR cardinality(ev.changed) > 0;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM pgfeed._advance(base, n);
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgfeed._capture_delete() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tenant_col text    := TG_ARGV[0];
+    is_public  boolean := TG_ARGV[1]::boolean;
+    pk_cols    text[]  := TG_ARGV[2]::text[];
+    excl       text[]  := TG_ARGV[3]::text[];
+    base       integer := pgfeed._ord();
+    n          integer;
+BEGIN
+    INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, old)
+    SELECT pg_current_xact_id(), base + (row_number() OVER ())::integer,
+           TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'delete',
+           CASE WHEN is_public THEN NULL ELSE j ->> tenant_col END, is_public,
+           pgfeed._pick(j, pk_cols), j - excl
+    FROM (SELECT to_jsonb(r) AS j FROM pgfeed_old AS r) AS s;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM pgfeed._advance(base, n);
+    RETURN NULL;
+END
+$$;
+
+-- A truncate carries no row, so every subscriber allowed the table receives it.
+CREATE OR REPLACE FUNCTION pgfeed._capture_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    base integer := pgfeed._ord();
+BEGIN
+    INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public)
+    VALUES (pg_current_xact_id(), base + 1, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
+            'truncate', NULL, true);
+    PERFORM pgfeed._advance(base, 1);
+    RETURN NULL;
+END
+$$;
+
+-- Runs once per transaction, at commit (deferred constraint trigger on the seal marker).
+-- The advisory lock is held until the commit completes, so commit numbers are drawn in
+-- commit order. The NOTIFY is only a doorbell: "<seq>:<count>", never row data.
+CREATE OR REPLACE FUNCTION pgfeed._seal() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    seq bigint;
+    n   integer := pgfeed._ord();
+BEGIN
+    PERFORM pg_advisory_xact_lock(1885824612, 1);
+    seq := nextval('pgfeed.commit_seq');
+    INSERT INTO pgfeed.commits (seq, xid, n, committed_at)
+    VALUES (seq, NEW.xid, n, clock_timestamp());
+    DELETE FROM pgfeed.seal WHERE xid = NEW.xid;
+    PERFORM pg_notify('pgfeed', seq::text || ':' || n::text);
+    RETURN NULL;
+END
+$$;
+
+SET LOCAL client_min_messages = warning;
+DROP TRIGGER IF EXISTS seal ON pgfeed.seal;
+RESET client_min_messages;
+CREATE CONSTRAINT TRIGGER seal AFTER INSERT ON pgfeed.seal
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION pgfeed._seal();
+
+-- pgfeed.watch: attach capture triggers to a table. Re-running it replaces the settings.
+CREATE OR REPLACE FUNCTION pgfeed.watch(
+    tbl regclass,
+    tenant_column name DEFAULT NULL,
+    exclude_columns name[] DEFAULT '{}',
+    public boolean DEFAULT false
+) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    kind  "char";
+    pk    text[];
+    cols  text[];
+    excl  text[] := coalesce(exclude_columns::text[], '{}');
+    args  text;
+    c     text;
+BEGIN
+    SELECT relkind INTO kind FROM pg_class WHERE oid = tbl;
+    IF kind IS DISTINCT FROM 'r' THEN
+        RAISE EXCEPTION 'pgfeed.watch: % is not an ordinary table', tbl
+            USING ERRCODE = 'wrong_object_type';
+    END IF;
+    SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO cols
+    FROM pg_attribute AS a
+    WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped;
+    SELECT array_agg(a.attname::text ORDER BY array_position(i.indkey::int2[], a.attnum)) INTO pk
+    FROM pg_index AS i
+    JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
+    WHERE i.indrelid = tbl AND i.indisprimary;
+    IF pk IS NULL THEN
+        RAISE EXCEPTION 'pgfeed.watch: table % has no primary key', tbl
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'pgfeed identifies rows by their primary key; add one first.';
+    END IF;
+    IF tenant_column IS NULL AND NOT coalesce(public, false) THEN
+        RAISE EXCEPTION 'pgfeed.watch: table % needs a tenant_column, or public => true', tbl
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass tenant_column => ''<column>'' so each tenant sees only its rows, '
+                      || 'or public => true if every subscriber may see every row.';
+    END IF;
+    IF tenant_column IS NOT NULL AND public THEN
+        RAISE EXCEPTION 'pgfeed.watch: table % cannot have both a tenant_column and public => true', tbl
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF tenant_column IS NOT NULL AND NOT tenant_column::text = ANY (cols) THEN
+        RAISE EXCEPTION 'pgfeed.watch: table % has no column "%" (tenant_column)', tbl, tenant_column
+            USING ERRCODE = 'undefined_column';
+    END IF;
+    FOREACH c IN ARRAY excl LOOP
+        IF NOT c = ANY (cols) THEN
+            RAISE EXCEPTION 'pgfeed.watch: table % has no column "%" (exclude_columns)', tbl, c
+                USING ERRCODE = 'undefined_column';
+        END IF;
+        IF c = ANY (pk) OR c = tenant_column::text THEN
+            RAISE EXCEPTION 'pgfeed.watch: column "%" of % is a key or the tenant column and cannot be excluded', c, tbl
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+
+    PERFORM pgfeed._drop_triggers(tbl);
+    args := format('%L, %L, %L, %L', coalesce(tenant_column::text, ''),
+                   coalesce(public, false)::text, pk::text, excl::text);
+    EXECUTE format('CREATE TRIGGER pgfeed_capture_insert AFTER INSERT ON %s '
+                   'REFERENCING NEW TABLE AS pgfeed_new FOR EACH STATEMENT '
+                   'EXECUTE FUNCTION pgfeed._capture_insert(%s)', tbl, args);
+    EXECUTE format('CREATE TRIGGER pgfeed_capture_update AFTER UPDATE ON %s '
+                   'REFERENCING OLD TABLE AS pgfeed_old NEW TABLE AS pgfeed_new FOR EACH STATEMENT '
+                   'EXECUTE FUNCTION pgfeed._capture_update(%s)', tbl, args);
+    EXECUTE format('CREATE TRIGGER pgfeed_capture_delete AFTER DELETE ON %s '
+                   'REFERENCING OLD TABLE AS pgfeed_old FOR EACH STATEMENT '
+                   'EXECUTE FUNCTION pgfeed._capture_delete(%s)', tbl, args);
+    EXECUTE format('CREATE TRIGGER pgfeed_capture_truncate AFTER TRUNCATE ON %s '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION pgfeed._capture_truncate()', tbl);
+
+    INSERT INTO pgfeed.watched AS w (tbl, tenant_column, exclude_columns, public, pk_columns)
+    VALUES (tbl, tenant_column, excl::name[], coalesce(public, false), pk::name[])
+    ON CONFLICT ON CONSTRAINT watched_pkey DO UPDATE
+        SET tenant_column = excluded.tenant_column,
+            exclude_columns = excluded.exclude_columns,
+            public = excluded.public,
+            pk_columns = excluded.pk_columns,
+            watched_at = now();
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgfeed._drop_triggers(tbl regclass) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET client_min_messages = warning
+AS $$
+BEGIN
+    EXECUTE format('DROP TRIGGER IF EXISTS pgfeed_capture_insert ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS pgfeed_capture_update ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS pgfeed_capture_delete ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS pgfeed_capture_truncate ON %s', tbl);
+END
+$$;
+
+-- pgfeed.unwatch: remove the capture triggers. Changes already journaled stay until they
+-- age out.
+CREATE OR REPLACE FUNCTION pgfeed.unwatch(tbl regclass) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pgfeed.watched AS w WHERE w.tbl = unwatch.tbl) THEN
+        RAISE EXCEPTION 'pgfeed.unwatch: table % is not watched', tbl
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    PERFORM pgfeed._drop_triggers(tbl);
+    DELETE FROM pgfeed.watched AS w WHERE w.tbl = unwatch.tbl;
+END
+$$;
+
+-- Nothing in schema pgfeed is for application roles: capture runs as the owner.
+REVOKE ALL ON SCHEMA pgfeed FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgfeed FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA pgfeed FROM PUBLIC;

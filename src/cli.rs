@@ -1,0 +1,307 @@
+//! The `pgfeed` command line: flags, subcommands, and what each one does.
+//!
+//! Settings are loaded here (file, environment, flags) and handed to the library; output
+//! meant for scripts (`token`, `status --json`) goes to stdout alone, everything else to
+//! the log on stderr. This module holds no gateway logic of its own.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError, Sources};
+use crate::schema::{self, SchemaError, WatchSpec};
+use crate::{ServeError, db};
+
+/// A realtime gateway for PostgreSQL: row changes as tenant-filtered Server-Sent Events.
+#[derive(Debug, Parser)]
+#[command(name = "pgfeed", version, about)]
+pub struct Cli {
+    /// Configuration file (TOML); environment variables and flags override it.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The database (overrides `database.url` and DATABASE_URL).
+    #[arg(long, global = true, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// What to do (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (the default).
+    Serve {
+        /// Address to listen on (overrides `server.listen`).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+    },
+    /// Install or upgrade the pgfeed schema (idempotent).
+    Install,
+    /// Remove the pgfeed schema, its journal and every capture trigger.
+    Uninstall,
+    /// Start capturing changes of a table.
+    Watch {
+        /// The table (`orders` or `schema.orders`).
+        table: String,
+        /// Column holding each row's tenant.
+        #[arg(long, value_name = "COL")]
+        tenant_column: Option<String>,
+        /// Column that never leaves the database (repeatable).
+        #[arg(long = "exclude-column", value_name = "COL")]
+        exclude_columns: Vec<String>,
+        /// Every subscriber may see every row of this table.
+        #[arg(long)]
+        public: bool,
+    },
+    /// Stop capturing changes of a table.
+    Unwatch {
+        /// The table.
+        table: String,
+    },
+    /// Show the schema version, watched tables and journal.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mint a development token from `auth.secret` and print it alone on stdout.
+    Token {
+        /// The tenant the token is for.
+        #[arg(long)]
+        tenant: String,
+        /// Tables the token is limited to, comma-separated (needs `auth.tables_claim`).
+        #[arg(long, value_delimiter = ',')]
+        tables: Option<Vec<String>>,
+        /// Lifetime, like `1h` or `15m`.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+}
+
+/// A command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Settings.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Connecting.
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    /// Schema work.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// The gateway.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// A bad argument.
+    #[error("invalid argument `{arg}`: {message}")]
+    Argument {
+        /// The argument.
+        arg: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// Binding the listen address.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Cli {
+    fn sources(&self, listen: Option<&str>) -> Sources {
+        let mut sources = Sources::from_process(self.config.clone());
+        if let Some(url) = &self.database_url {
+            sources.flags.push(("database.url", url.clone()));
+        }
+        if let Some(listen) = listen {
+            sources.flags.push(("server.listen", listen.to_string()));
+        }
+        sources
+    }
+}
+
+async fn client(config: &Config) -> Result<tokio_postgres::Client, CliError> {
+    let pg = db::parse_url(config.database_url()?)?;
+    Ok(db::connect(&pg).await?)
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let command = cli
+        .command
+        .as_ref()
+        .unwrap_or(&Command::Serve { listen: None });
+    let listen = match command {
+        Command::Serve { listen } => listen.as_deref(),
+        _ => None,
+    };
+    let config = Config::load(&cli.sources(listen))?;
+    match command {
+        Command::Serve { .. } => serve(config).await,
+        Command::Install => {
+            let mut client = client(&config).await?;
+            let done = schema::install(&mut client).await?;
+            if done.from == done.to {
+                eprintln!("pgfeed schema is up to date (version {})", done.to);
+            } else if done.from == 0 {
+                eprintln!("installed the pgfeed schema (version {})", done.to);
+            } else {
+                eprintln!(
+                    "upgraded the pgfeed schema from version {} to {}",
+                    done.from, done.to
+                );
+            }
+            Ok(())
+        }
+        Command::Uninstall => {
+            let mut client = client(&config).await?;
+            if schema::uninstall(&mut client).await? {
+                eprintln!("removed the pgfeed schema, its journal and all capture triggers");
+            } else {
+                eprintln!("the pgfeed schema was not installed; nothing to do");
+            }
+            Ok(())
+        }
+        Command::Watch {
+            table,
+            tenant_column,
+            exclude_columns,
+            public,
+        } => {
+            let client = client(&config).await?;
+            let spec = WatchSpec {
+                table: table.clone(),
+                tenant_column: tenant_column.clone(),
+                exclude_columns: exclude_columns.clone(),
+                public: *public,
+            };
+            schema::watch(&client, &spec).await?;
+            eprintln!("watching {table}");
+            Ok(())
+        }
+        Command::Unwatch { table } => {
+            let client = client(&config).await?;
+            schema::unwatch(&client, table).await?;
+            eprintln!("no longer watching {table}");
+            Ok(())
+        }
+        Command::Status { json } => status(&config, *json).await,
+        Command::Token {
+            tenant,
+            tables,
+            ttl,
+        } => {
+            let ttl = humantime::parse_duration(ttl).map_err(|e| CliError::Argument {
+                arg: "--ttl",
+                message: format!("{ttl:?} is not a duration like \"1h\" ({e})"),
+            })?;
+            if ttl < Duration::from_secs(1) {
+                return Err(CliError::Argument {
+                    arg: "--ttl",
+                    message: "must be at least 1s".into(),
+                });
+            }
+            if tenant.is_empty() {
+                return Err(CliError::Argument {
+                    arg: "--tenant",
+                    message: "must not be empty".into(),
+                });
+            }
+            let token = crate::auth::mint(&config.auth, tenant, tables.as_deref(), ttl)?;
+            println!("{token}");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), CliError> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| CliError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        trigger.cancel();
+    });
+    crate::serve(config, listener, shutdown).await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn status(config: &Config, json: bool) -> Result<(), CliError> {
+    let client = client(config).await?;
+    let watched = schema::watched(&client).await?;
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pgfeed.changes),
+                    (SELECT min(seq) FROM pgfeed.commits), (SELECT max(seq) FROM pgfeed.commits)",
+            &[],
+        )
+        .await
+        .map_err(SchemaError::from)?;
+    let (changes, oldest, newest): (i64, Option<i64>, Option<i64>) =
+        (row.get(0), row.get(1), row.get(2));
+    if json {
+        let tables: Vec<_> = watched
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "table": w.table, "tenant_column": w.tenant_column,
+                    "exclude_columns": w.exclude_columns, "public": w.public,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "schema_version": schema::VERSION,
+            "watched": tables,
+            "journal": { "changes": changes, "oldest_commit": oldest, "newest_commit": newest },
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!("schema version  {}", schema::VERSION);
+    println!(
+        "journal         {changes} changes, commits {} to {}",
+        opt(oldest),
+        opt(newest)
+    );
+    println!("watched tables  {}", watched.len());
+    for w in &watched {
+        let who = match &w.tenant_column {
+            Some(col) => format!("tenant column {col}"),
+            None => "public".to_string(),
+        };
+        let excluded = if w.exclude_columns.is_empty() {
+            String::new()
+        } else {
+            format!(", excluding {}", w.exclude_columns.join(", "))
+        };
+        println!("  {}  ({who}{excluded})", w.table);
+    }
+    Ok(())
+}
+
+fn opt(v: Option<i64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
+}

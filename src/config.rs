@@ -1,0 +1,582 @@
+//! Settings: a TOML file, then the environment, then command-line flags, each layer
+//! overriding the one before; then validation into typed values.
+//!
+//! Every failure names the key (and where it came from) so that an operator can fix it
+//! without reading code. The config types do not implement `Serialize`, and secrets live
+//! in [`Secret`], whose `Debug` prints `***`: nothing here can leak a secret into a log.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Every key the configuration knows, with the kind of value it takes. Environment
+/// variables are derived from it: `server.listen` is `PGFEED_SERVER_LISTEN`.
+pub const KEYS: &[(&str, Kind)] = &[
+    ("database.url", Kind::Str),
+    ("database.pool_size", Kind::Int),
+    ("server.listen", Kind::Str),
+    ("server.heartbeat", Kind::Str),
+    ("server.shutdown_grace", Kind::Str),
+    ("server.retry", Kind::Str),
+    ("server.live_buffer", Kind::Int),
+    ("auth.mode", Kind::Str),
+    ("auth.secret", Kind::Str),
+    ("auth.tenant_claim", Kind::Str),
+    ("auth.tables_claim", Kind::Str),
+    ("auth.leeway", Kind::Str),
+    ("journal.retention", Kind::Str),
+    ("journal.batch_size", Kind::Int),
+];
+
+/// The kind of value a key takes, for converting environment strings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A string (durations and addresses are strings too).
+    Str,
+    /// An integer.
+    Int,
+}
+
+/// A setting that must never be printed.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The secret itself; call only where it is used, never to log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file named by `--config`.
+        path: PathBuf,
+        /// Why it could not be read.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or has an unknown key or a value of the wrong type.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file named by `--config`.
+        path: PathBuf,
+        /// The TOML parser's description, which names the key and line.
+        message: String,
+    },
+    /// An environment variable or flag has a value of the wrong type, or a
+    /// `PGFEED_` variable names no key.
+    #[error("{origin}: {message}")]
+    Source {
+        /// Where the value came from, e.g. `environment variable PGFEED_SERVER_LISTEN`.
+        origin: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A value that parsed but breaks a rule.
+    #[error("invalid setting `{key}`: {message}")]
+    Invalid {
+        /// The dotted key, e.g. `server.heartbeat`.
+        key: &'static str,
+        /// The rule it breaks.
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// The file's shape. Every field is optional: defaults are applied in [`Config::validate`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    database: DatabaseSection,
+    #[serde(default)]
+    server: ServerSection,
+    #[serde(default)]
+    auth: AuthSection,
+    #[serde(default)]
+    journal: JournalSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DatabaseSection {
+    url: Option<Secret>,
+    pool_size: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerSection {
+    listen: Option<String>,
+    heartbeat: Option<String>,
+    shutdown_grace: Option<String>,
+    retry: Option<String>,
+    live_buffer: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthSection {
+    mode: Option<String>,
+    secret: Option<Secret>,
+    tenant_claim: Option<String>,
+    tables_claim: Option<String>,
+    leeway: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JournalSection {
+    retention: Option<String>,
+    batch_size: Option<i64>,
+}
+
+/// The validated settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `database.url`: where the application's database is (a `postgres://` URL or a
+    /// libpq key=value string). Required by every command but `token`: see
+    /// [`Config::database_url`].
+    pub database_url: Option<Secret>,
+    /// `database.pool_size` (default 8): connections for journal reads, besides the one
+    /// LISTEN connection.
+    pub pool_size: usize,
+    /// `server.listen` (default `127.0.0.1:8080`).
+    pub listen: SocketAddr,
+    /// `server.heartbeat` (default 15s): comment line sent on idle streams so that proxies
+    /// keep them open and clients notice a dead connection.
+    pub heartbeat: Duration,
+    /// `server.shutdown_grace` (default 10s): how long shutdown waits for streams to end.
+    pub shutdown_grace: Duration,
+    /// `server.retry` (default 2s): the reconnect delay sent to EventSource clients.
+    pub retry: Duration,
+    /// `server.live_buffer` (default 1024): events buffered per tenant for live delivery;
+    /// a subscriber further behind is caught up from the journal.
+    pub live_buffer: usize,
+    /// The `auth` section.
+    pub auth: AuthConfig,
+    /// `journal.retention` (default 24h): how long changes can be replayed.
+    pub retention: Duration,
+    /// `journal.batch_size` (default 500): changes per journal read, bounding memory.
+    pub batch_size: usize,
+}
+
+/// How subscribers are authenticated.
+#[derive(Clone, Debug)]
+pub struct AuthConfig {
+    /// `auth.secret`: the HS256 key. Required in `jwt` mode: see [`AuthConfig::secret`].
+    pub secret: Option<Secret>,
+    /// `auth.tenant_claim` (default `tenant_id`): the claim naming the tenant.
+    pub tenant_claim: String,
+    /// `auth.tables_claim` (default none): a claim listing the tables a token may see.
+    pub tables_claim: Option<String>,
+    /// `auth.leeway` (default 5s): clock skew tolerated on `exp` and `nbf`.
+    pub leeway: Duration,
+}
+
+impl AuthConfig {
+    /// The HS256 secret, or the error that says how to set it.
+    pub fn secret(&self) -> Result<&Secret, ConfigError> {
+        self.secret.as_ref().ok_or_else(|| {
+            invalid(
+                "auth.secret",
+                "is required in jwt mode (the HS256 signing secret): set it in the config file or PGFEED_AUTH_SECRET",
+            )
+        })
+    }
+}
+
+/// Where settings come from, besides the file.
+#[derive(Debug, Default)]
+pub struct Sources {
+    /// The `--config` file, if any.
+    pub file: Option<PathBuf>,
+    /// Environment variables (the process environment in `main`, a map in tests).
+    pub env: Vec<(String, String)>,
+    /// Flag overrides as (key, value), highest precedence.
+    pub flags: Vec<(&'static str, String)>,
+}
+
+impl Sources {
+    /// Sources with the process environment.
+    pub fn from_process(file: Option<PathBuf>) -> Sources {
+        Sources {
+            file,
+            env: std::env::vars().collect(),
+            flags: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// The database URL, or the error that says how to set it.
+    pub fn database_url(&self) -> Result<&Secret, ConfigError> {
+        self.database_url.as_ref().ok_or_else(|| {
+            invalid(
+                "database.url",
+                "is required: set it in the config file, or DATABASE_URL / PGFEED_DATABASE_URL",
+            )
+        })
+    }
+
+    /// Loads and validates: file, then environment, then flags.
+    pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+        let mut table = match &sources.file {
+            Some(path) => read_file(path)?,
+            None => toml::Table::new(),
+        };
+        for (origin, key, value) in env_overrides(&sources.env)? {
+            set_key(&mut table, key, value, &origin)?;
+        }
+        for (key, value) in &sources.flags {
+            let origin = format!("flag for `{key}`");
+            set_key(&mut table, key, value.clone(), &origin)?;
+        }
+        let file: FileConfig =
+            table
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Source {
+                    origin: sources.file.as_ref().map_or("settings".to_string(), |p| {
+                        format!("settings from {}", p.display())
+                    }),
+                    message: e.message().to_string(),
+                })?;
+        Config::validate(file)
+    }
+
+    fn validate(file: FileConfig) -> Result<Config, ConfigError> {
+        let database_url = file.database.url;
+        if database_url
+            .as_ref()
+            .is_some_and(|u| u.expose().trim().is_empty())
+        {
+            return Err(invalid("database.url", "must not be empty"));
+        }
+        let listen = file.server.listen.as_deref().unwrap_or("127.0.0.1:8080");
+        let listen: SocketAddr = listen.parse().map_err(|_| {
+            invalid(
+                "server.listen",
+                format!("{listen:?} is not an address of the form 127.0.0.1:8080"),
+            )
+        })?;
+        let auth = &file.auth;
+        let mode = auth.mode.as_deref().unwrap_or("jwt");
+        if mode != "jwt" {
+            return Err(invalid(
+                "auth.mode",
+                format!("{mode:?} is not supported; this version supports \"jwt\""),
+            ));
+        }
+        let secret = auth.secret.clone();
+        if secret.as_ref().is_some_and(|s| s.expose().len() < 16) {
+            return Err(invalid("auth.secret", "must be at least 16 bytes long"));
+        }
+        let tenant_claim = auth
+            .tenant_claim
+            .clone()
+            .unwrap_or_else(|| "tenant_id".into());
+        if tenant_claim.is_empty() {
+            return Err(invalid("auth.tenant_claim", "must not be empty"));
+        }
+        if auth.tables_claim.as_deref() == Some("") {
+            return Err(invalid("auth.tables_claim", "must not be empty when set"));
+        }
+        Ok(Config {
+            database_url,
+            pool_size: positive("database.pool_size", file.database.pool_size, 8, 1000)?,
+            listen,
+            heartbeat: duration("server.heartbeat", &file.server.heartbeat, "15s", true)?,
+            shutdown_grace: duration(
+                "server.shutdown_grace",
+                &file.server.shutdown_grace,
+                "10s",
+                false,
+            )?,
+            retry: duration("server.retry", &file.server.retry, "2s", true)?,
+            live_buffer: positive("server.live_buffer", file.server.live_buffer, 1024, 1 << 20)?,
+            auth: AuthConfig {
+                secret,
+                tenant_claim,
+                tables_claim: auth.tables_claim.clone(),
+                leeway: duration("auth.leeway", &auth.leeway, "5s", false)?,
+            },
+            retention: duration("journal.retention", &file.journal.retention, "24h", true)?,
+            batch_size: positive("journal.batch_size", file.journal.batch_size, 500, 100_000)?,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Environment variables that set keys, as (origin, key, value). `DATABASE_URL` sets
+/// `database.url` unless `PGFEED_DATABASE_URL` does. `PGFEED_TEST_*` belongs to the test
+/// suite and `PGFEED_LOG` to logging; any other `PGFEED_` variable must name a key.
+fn env_overrides(
+    env: &[(String, String)],
+) -> Result<Vec<(String, &'static str, String)>, ConfigError> {
+    let mut found: BTreeMap<&'static str, (String, String)> = BTreeMap::new();
+    for (name, value) in env {
+        if name == "DATABASE_URL" {
+            found
+                .entry("database.url")
+                .or_insert_with(|| (format!("environment variable {name}"), value.clone()));
+            continue;
+        }
+        let Some(rest) = name.strip_prefix("PGFEED_") else {
+            continue;
+        };
+        if rest.starts_with("TEST_") || rest == "LOG" {
+            continue;
+        }
+        let key = KEYS
+            .iter()
+            .map(|(k, _)| *k)
+            .find(|k| k.replace('.', "_").eq_ignore_ascii_case(rest))
+            .ok_or_else(|| ConfigError::Source {
+                origin: format!("environment variable {name}"),
+                message: "names no setting (see config.example.toml for the keys)".into(),
+            })?;
+        found.insert(key, (format!("environment variable {name}"), value.clone()));
+    }
+    Ok(found.into_iter().map(|(k, (o, v))| (o, k, v)).collect())
+}
+
+/// Sets `section.key` in the table from a string, converting it to the key's kind.
+fn set_key(
+    table: &mut toml::Table,
+    key: &'static str,
+    value: String,
+    origin: &str,
+) -> Result<(), ConfigError> {
+    let kind = KEYS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, kind)| *kind)
+        .expect("flags and env only set known keys");
+    let value = match kind {
+        Kind::Str => toml::Value::String(value),
+        Kind::Int => {
+            toml::Value::Integer(value.trim().parse().map_err(|_| ConfigError::Source {
+                origin: origin.to_string(),
+                message: format!("`{key}` must be an integer, got {value:?}"),
+            })?)
+        }
+    };
+    let (section, name) = key.split_once('.').expect("keys are section.name");
+    let entry = table
+        .entry(section)
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    match entry {
+        toml::Value::Table(t) => {
+            t.insert(name.to_string(), value);
+            Ok(())
+        }
+        _ => Err(ConfigError::Source {
+            origin: origin.to_string(),
+            message: format!("`{section}` must be a table"),
+        }),
+    }
+}
+
+fn duration(
+    key: &'static str,
+    value: &Option<String>,
+    default: &str,
+    nonzero: bool,
+) -> Result<Duration, ConfigError> {
+    let text = value.as_deref().unwrap_or(default);
+    let d = humantime::parse_duration(text).map_err(|e| {
+        invalid(
+            key,
+            format!("{text:?} is not a duration like \"15s\" or \"24h\" ({e})"),
+        )
+    })?;
+    if nonzero && d.is_zero() {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    Ok(d)
+}
+
+fn positive(
+    key: &'static str,
+    value: Option<i64>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) if v >= 1 && (v as u64) <= max as u64 => Ok(v as usize),
+        Some(v) => Err(invalid(
+            key,
+            format!("must be between 1 and {max}, got {v}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn base() -> Vec<(String, String)> {
+        env(&[
+            ("DATABASE_URL", "postgres://x/y"),
+            ("PGFEED_AUTH_SECRET", "0123456789abcdef"),
+        ])
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = Config::load(&Sources {
+            env: base(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.heartbeat, Duration::from_secs(15));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(c.retention, Duration::from_secs(24 * 3600));
+        assert_eq!(c.auth.tenant_claim, "tenant_id");
+        assert!(c.auth.tables_claim.is_none());
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let dir = std::env::temp_dir().join(format!("pgfeed-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.toml");
+        std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:1\"\nheartbeat = \"3s\"\n[database]\nurl = \"postgres://file/db\"\n").unwrap();
+        let mut e = base();
+        e.push(("PGFEED_SERVER_LISTEN".into(), "127.0.0.1:2".into()));
+        let c = Config::load(&Sources {
+            file: Some(path.clone()),
+            env: e.clone(),
+            flags: vec![],
+        })
+        .unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.heartbeat, Duration::from_secs(3));
+        // DATABASE_URL from the environment overrides the file.
+        assert_eq!(c.database_url().unwrap().expose(), "postgres://x/y");
+        let c = Config::load(&Sources {
+            file: Some(path),
+            env: e,
+            flags: vec![("server.listen", "127.0.0.1:3".into())],
+        })
+        .unwrap();
+        assert_eq!(c.listen.port(), 3);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let mut e = base();
+        e.push(("PGFEED_SERVER_HEARTBEAT".into(), "soon".into()));
+        let err = Config::load(&Sources {
+            env: e,
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("server.heartbeat"), "{err}");
+
+        let c = Config::load(&Sources {
+            env: env(&[("PGFEED_AUTH_SECRET", "0123456789abcdef")]),
+            ..Default::default()
+        })
+        .unwrap();
+        let err = c.database_url().unwrap_err().to_string();
+        assert!(err.contains("database.url"), "{err}");
+
+        let mut e = base();
+        e.push(("PGFEED_SERVER_LISTN".into(), "x".into()));
+        let err = Config::load(&Sources {
+            env: e,
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("PGFEED_SERVER_LISTN"), "{err}");
+
+        let mut e = base();
+        e.push(("PGFEED_DATABASE_POOL_SIZE".into(), "many".into()));
+        let err = Config::load(&Sources {
+            env: e,
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("database.pool_size"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_key_is_named() {
+        let dir = std::env::temp_dir().join(format!("pgfeed-config-u-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("b.toml");
+        std::fs::write(&path, "[server]\nlisten_addr = \"x\"\n").unwrap();
+        let err = Config::load(&Sources {
+            file: Some(path),
+            env: base(),
+            flags: vec![],
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn secret_debug_is_redacted() {
+        let c = Config::load(&Sources {
+            env: base(),
+            ..Default::default()
+        })
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("0123456789abcdef") && !shown.contains("postgres://x/y"),
+            "{shown}"
+        );
+    }
+}

@@ -1,0 +1,100 @@
+//! Connections to the application's database: parsing the URL, the pool for ordinary
+//! queries, and single connections for the CLI and the listener.
+//!
+//! Everything that opens a connection goes through here so that keepalives and the
+//! application name are set in one place. This module runs no pgfeed queries itself.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+use crate::config::Secret;
+
+/// A connection problem.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// `database.url` could not be parsed.
+    #[error("invalid setting `database.url`: {0}")]
+    Url(#[source] tokio_postgres::Error),
+    /// Connecting failed.
+    #[error("cannot connect to PostgreSQL")]
+    Connect(#[source] tokio_postgres::Error),
+    /// The pool could not be built.
+    #[error("cannot create the connection pool")]
+    Pool(#[source] deadpool_postgres::BuildError),
+}
+
+/// Parses `database.url` and applies pgfeed's connection settings.
+pub fn parse_url(url: &Secret) -> Result<tokio_postgres::Config, DbError> {
+    let mut config: tokio_postgres::Config = url.expose().parse().map_err(DbError::Url)?;
+    if config.get_application_name().is_none() {
+        config.application_name("pgfeed");
+    }
+    // Keepalives let a dead peer be noticed instead of waited on for hours.
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(10));
+    config.keepalives_interval(Duration::from_secs(5));
+    config.keepalives_retries(3);
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    Ok(config)
+}
+
+/// The pool for journal reads and other short queries.
+pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, DbError> {
+    let manager = Manager::from_config(
+        config.clone(),
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .create_timeout(Some(Duration::from_secs(10)))
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .build()
+        .map_err(DbError::Pool)
+}
+
+/// One connection, driven by a background task that ends when the client is dropped.
+pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(cause = %err, "database connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Renders a database error with PostgreSQL's message, detail and hint, for the CLI.
+pub fn describe(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => {
+            let mut s = db.message().to_string();
+            if let Some(detail) = db.detail() {
+                s.push_str("\nDETAIL: ");
+                s.push_str(detail);
+            }
+            if let Some(hint) = db.hint() {
+                s.push_str("\nHINT: ");
+                s.push_str(hint);
+            }
+            s
+        }
+        None => {
+            let mut s = err.to_string();
+            let mut source = std::error::Error::source(err);
+            while let Some(cause) = source {
+                s.push_str(": ");
+                s.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            s
+        }
+    }
+}

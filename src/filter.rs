@@ -1,0 +1,235 @@
+//! A subscriber's selection: which tables and ops it wants, how much of each change, and
+//! where to start. Parsed from the `/v1/stream` query string; evaluated per change.
+//!
+//! Parsing is strict (an unknown parameter, op or payload is an error naming it) and never
+//! touches the database. Tenant isolation is not decided here but in the router and the
+//! stream; a selection can only narrow what a principal may see.
+
+use std::collections::BTreeSet;
+
+use crate::auth::{Principal, qualify};
+use crate::change::{Change, Op, Payload, Position};
+
+/// The parsed query of `/v1/stream`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamQuery {
+    /// `tables=`: qualified names; `None` means all the caller may see.
+    pub tables: Option<BTreeSet<String>>,
+    /// `ops=`; `None` means all.
+    pub ops: Option<Vec<Op>>,
+    /// `payload=`.
+    pub payload: Payload,
+    /// `last_event_id=`.
+    pub last_event_id: Option<Position>,
+    /// `access_token=`.
+    pub access_token: Option<String>,
+}
+
+/// A query string that cannot be honoured.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QueryError {
+    /// A parameter this endpoint does not know.
+    #[error(
+        "unknown query parameter `{0}` (known: tables, ops, payload, last_event_id, access_token)"
+    )]
+    Unknown(String),
+    /// A parameter given twice.
+    #[error("query parameter `{0}` is given more than once")]
+    Repeated(String),
+    /// A bad value.
+    #[error("invalid `{param}`: {message}")]
+    Invalid {
+        /// The parameter.
+        param: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(param: &'static str, message: impl Into<String>) -> QueryError {
+    QueryError::Invalid {
+        param,
+        message: message.into(),
+    }
+}
+
+/// True for a plausible table name: identifier characters, at most one dot.
+fn valid_table(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.len() <= 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.len() <= 63
+                && p.chars()
+                    .all(|c| c.is_alphanumeric() || c == '_' || c == '$')
+        })
+}
+
+impl StreamQuery {
+    /// Parses a raw (still percent-encoded) query string.
+    pub fn parse(query: &str) -> Result<StreamQuery, QueryError> {
+        let mut q = StreamQuery::default();
+        let mut seen = BTreeSet::new();
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            if !seen.insert(key.to_string()) {
+                return Err(QueryError::Repeated(key.chars().take(64).collect()));
+            }
+            match &*key {
+                "tables" => {
+                    let mut tables = BTreeSet::new();
+                    for name in value.split(',').map(str::trim) {
+                        if !valid_table(name) {
+                            return Err(invalid(
+                                "tables",
+                                format!(
+                                    "{:?} is not a table name",
+                                    name.chars().take(64).collect::<String>()
+                                ),
+                            ));
+                        }
+                        tables.insert(qualify(name));
+                    }
+                    q.tables = Some(tables);
+                }
+                "ops" => {
+                    let mut ops = Vec::new();
+                    for name in value.split(',').map(str::trim) {
+                        let op: Op = name.parse().map_err(|()| {
+                            invalid(
+                                "ops",
+                                format!(
+                                    "{:?} is not one of insert, update, delete, truncate",
+                                    name.chars().take(64).collect::<String>()
+                                ),
+                            )
+                        })?;
+                        if !ops.contains(&op) {
+                            ops.push(op);
+                        }
+                    }
+                    q.ops = Some(ops);
+                }
+                "payload" => {
+                    q.payload = match &*value {
+                        "full" => Payload::Full,
+                        "keys" => Payload::Keys,
+                        _ => return Err(invalid("payload", "must be `full` or `keys`")),
+                    }
+                }
+                "last_event_id" => {
+                    q.last_event_id = Some(value.parse().map_err(
+                        |e: crate::change::PositionParseError| {
+                            invalid("last_event_id", e.to_string())
+                        },
+                    )?)
+                }
+                "access_token" => q.access_token = Some(value.into_owned()),
+                other => return Err(QueryError::Unknown(other.chars().take(64).collect())),
+            }
+        }
+        Ok(q)
+    }
+}
+
+/// What one subscriber receives, after authorization.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// The tenant whose rows it sees (public tables aside).
+    pub tenant: String,
+    /// Tables it receives; `None` means every table.
+    pub tables: Option<BTreeSet<String>>,
+    /// Ops it receives; `None` means all.
+    pub ops: Option<Vec<Op>>,
+    /// How much of each change.
+    pub payload: Payload,
+}
+
+/// The subscriber asked for a table its credentials do not allow.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("the token does not allow table `{0}`")]
+pub struct Forbidden(pub String);
+
+impl Selection {
+    /// Combines the principal's rights with the query: asking for a table outside the
+    /// principal's tables is refused; omitting `tables` gives the allowed ones.
+    pub fn new(principal: &Principal, query: &StreamQuery) -> Result<Selection, Forbidden> {
+        let tables = match (&principal.tables, &query.tables) {
+            (None, asked) => asked.clone(),
+            (Some(allowed), None) => Some(allowed.clone()),
+            (Some(allowed), Some(asked)) => {
+                if let Some(outside) = asked.iter().find(|t| !allowed.contains(*t)) {
+                    return Err(Forbidden(outside.clone()));
+                }
+                Some(asked.clone())
+            }
+        };
+        Ok(Selection {
+            tenant: principal.tenant.clone(),
+            tables,
+            ops: query.ops.clone(),
+            payload: query.payload,
+        })
+    }
+
+    /// Whether this subscriber receives `change`. Checks the tenant too, so that nothing
+    /// that reaches a stream by any path can cross tenants.
+    pub fn matches(&self, change: &Change) -> bool {
+        (change.public || change.tenant.as_deref() == Some(self.tenant.as_str()))
+            && self
+                .tables
+                .as_ref()
+                .is_none_or(|t| t.contains(&change.table))
+            && self.ops.as_ref().is_none_or(|ops| ops.contains(&change.op))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_everything() {
+        let q = StreamQuery::parse("tables=orders,crm.leads&ops=insert,delete&payload=keys&last_event_id=4.2&access_token=a%2Bb").unwrap();
+        assert_eq!(
+            q.tables.unwrap().into_iter().collect::<Vec<_>>(),
+            vec!["crm.leads".to_string(), "public.orders".to_string()]
+        );
+        assert_eq!(q.ops.unwrap(), vec![Op::Insert, Op::Delete]);
+        assert_eq!(q.payload, Payload::Keys);
+        assert_eq!(q.last_event_id, Some(Position { commit: 4, ord: 2 }));
+        assert_eq!(q.access_token.as_deref(), Some("a+b"));
+    }
+
+    #[test]
+    fn rejects_bad_input_naming_the_parameter() {
+        for (query, param) in [
+            ("ops=upsert", "ops"),
+            ("payload=rows", "payload"),
+            ("last_event_id=abc", "last_event_id"),
+            ("tables=a.b.c", "tables"),
+            ("tables=", "tables"),
+            ("tables=x;drop", "tables"),
+            ("tabels=x", "tabels"),
+            ("ops=insert&ops=delete", "ops"),
+        ] {
+            let err = StreamQuery::parse(query).unwrap_err().to_string();
+            assert!(err.contains(param), "{query}: {err}");
+        }
+    }
+
+    #[test]
+    fn tables_claim_narrows_and_forbids() {
+        let principal = Principal {
+            tenant: "acme".into(),
+            tables: Some(["public.orders".to_string()].into()),
+            expires_at: None,
+        };
+        let all = Selection::new(&principal, &StreamQuery::default()).unwrap();
+        assert_eq!(all.tables, principal.tables);
+        let q = StreamQuery::parse("tables=invoices").unwrap();
+        assert_eq!(
+            Selection::new(&principal, &q).unwrap_err(),
+            Forbidden("public.invoices".into())
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! The one LISTEN connection: receives doorbells, reads the changes they announce from
+//! the journal, publishes them to the hub, and reports readiness.
+//!
+//! The connection is driven here with `poll_message` (a pooled client would drop
+//! notifications). A doorbell's payload is never trusted: any ring just means "read the
+//! journal after the last position published", so a forged NOTIFY at worst costs one
+//! empty read. Rings that arrive while a read runs coalesce into one more read. On any
+//! error the listener marks itself not ready, reconnects with capped exponential backoff
+//! and jitter, LISTENs again and reads everything it missed before going live, so
+//! subscribers see no gap. It never waits on a subscriber.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_util::future::poll_fn;
+use tokio::sync::{Notify, oneshot};
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::change::Position;
+use crate::fanout::Hub;
+use crate::journal::{Journal, JournalError, Scope};
+
+/// The NOTIFY channel the seal trigger rings.
+pub const CHANNEL: &str = "pgfeed";
+
+/// Why a listener session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    /// Connecting or issuing LISTEN failed.
+    #[error("cannot open the LISTEN connection")]
+    Connect(#[source] tokio_postgres::Error),
+    /// The connection failed while listening.
+    #[error("the LISTEN connection failed")]
+    Connection(#[source] tokio_postgres::Error),
+    /// The server closed the connection.
+    #[error("the LISTEN connection was closed by the server")]
+    Closed,
+    /// Reading the announced changes failed.
+    #[error("cannot read the journal")]
+    Journal(#[source] JournalError),
+}
+
+/// Whether the listener is connected and caught up (`/readyz`).
+#[derive(Debug, Default)]
+pub struct Readiness(AtomicBool);
+
+impl Readiness {
+    /// True while connected and caught up.
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Release);
+    }
+}
+
+/// The listener task's handles.
+pub struct Listener {
+    /// How to open the LISTEN connection.
+    pub config: tokio_postgres::Config,
+    /// Where announced changes are read.
+    pub journal: Journal,
+    /// Where they are published.
+    pub hub: Arc<Hub>,
+    /// Set while connected and caught up.
+    pub readiness: Arc<Readiness>,
+}
+
+impl Listener {
+    /// Runs until `shutdown`, reconnecting after every failure.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut last = self.hub.head();
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        loop {
+            let result = self.session(&mut last, &mut backoff, &shutdown).await;
+            self.readiness.set(false);
+            match result {
+                Ok(()) => return,
+                Err(err) => {
+                    tracing::warn!(cause = %err, source = ?std::error::Error::source(&err), "listener lost; reconnecting");
+                }
+            }
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One connection's life. Returns `Ok` only on shutdown.
+    async fn session(
+        &self,
+        last: &mut Position,
+        backoff: &mut Backoff,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ListenerError> {
+        let (client, mut connection) = self
+            .config
+            .connect(NoTls)
+            .await
+            .map_err(ListenerError::Connect)?;
+        let bell = Arc::new(Notify::new());
+        let (lost_tx, mut lost_rx) = oneshot::channel();
+        let ring = Arc::clone(&bell);
+        // Drives the connection and drains notifications as fast as they come, whatever
+        // the rest of the gateway is doing, so PostgreSQL's notification queue never
+        // fills because of us. Ends when the client is dropped.
+        tokio::spawn(async move {
+            let outcome = loop {
+                match poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(_))) => ring.notify_one(),
+                    Some(Ok(_)) => {}
+                    Some(Err(err)) => break ListenerError::Connection(err),
+                    None => break ListenerError::Closed,
+                }
+            };
+            let _ = lost_tx.send(outcome);
+        });
+
+        client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .await
+            .map_err(ListenerError::Connect)?;
+        // Everything committed before LISTEN took effect is in the journal: read it now.
+        let caught_up = self.catch_up(last).await?;
+        self.readiness.set(true);
+        backoff.reset();
+        tracing::info!(position = %last, changes = caught_up, "listener connected and caught up");
+
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                lost = &mut lost_rx => {
+                    return Err(lost.unwrap_or(ListenerError::Closed));
+                }
+                _ = bell.notified() => {
+                    self.catch_up(last).await?;
+                }
+            }
+        }
+    }
+
+    /// Reads and publishes everything after `last`, batch by batch. Returns the count.
+    async fn catch_up(&self, last: &mut Position) -> Result<usize, ListenerError> {
+        let mut total = 0;
+        loop {
+            let batch = self
+                .journal
+                .read_after(*last, Scope::All)
+                .await
+                .map_err(ListenerError::Journal)?;
+            let Some(newest) = batch.last() else {
+                return Ok(total);
+            };
+            *last = newest.position;
+            total += batch.len();
+            self.hub.publish(&batch);
+            if batch.len() < self.journal.batch_size() {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// Capped exponential backoff with full jitter.
+struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    fn new(base: Duration, cap: Duration) -> Backoff {
+        Backoff {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1 << self.attempt.min(16))
+            .min(self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        // Full jitter keeps replicas that lost the same database from reconnecting in step.
+        ceiling.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        for _ in 0..20 {
+            assert!(b.next_delay() <= Duration::from_secs(2));
+        }
+        assert!(b.next_delay() >= Duration::from_secs(1));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

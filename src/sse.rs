@@ -1,0 +1,271 @@
+//! One subscriber's event stream: replay from the journal, the `live` marker, live changes
+//! from the hub, heartbeats, and the end of the stream (shutdown, token expiry).
+//!
+//! The stream is a pull-based state machine polled by hyper only when the socket can take
+//! more, so a client that stops reading costs no memory beyond its hub receiver: it simply
+//! falls behind, gets `Lagged`, and is caught up from the journal when it reads again.
+//! Duplicates at the replay/live seam are dropped by position. Frames that are ready are
+//! written together in one chunk. This module never decides who may see what beyond
+//! applying the subscriber's [`Selection`].
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::StreamBody;
+use hyper::body::Frame;
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::change::{Change, Format, Position, control_frame};
+use crate::fanout::Subscription;
+use crate::filter::Selection;
+use crate::journal::{Journal, Scope};
+
+/// Most bytes gathered into one chunk before it is handed to the socket.
+const MAX_CHUNK: usize = 256 * 1024;
+
+/// Settings every stream shares.
+#[derive(Clone, Debug)]
+pub struct StreamSettings {
+    /// Interval of `: keepalive` comments.
+    pub heartbeat: Duration,
+    /// Reconnect delay announced with `retry:`.
+    pub retry: Duration,
+}
+
+/// Where the stream is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Reading the journal after `last`; `announce` sends `live` when it reaches the end.
+    Replay { announce: bool },
+    /// Forwarding the hub's changes.
+    Live,
+}
+
+/// One subscriber's stream state.
+pub struct EventStream {
+    /// For replay and catch-up.
+    journal: Journal,
+    /// Live changes of the subscriber's tenant.
+    receiver: broadcast::Receiver<Arc<Change>>,
+    /// What the subscriber receives.
+    selection: Selection,
+    /// SSE or NDJSON.
+    format: Format,
+    /// Position of the last change handled (delivered or filtered out); anything at or
+    /// before it is a duplicate.
+    last: Position,
+    /// Replay or live.
+    mode: Mode,
+    /// Heartbeat timer.
+    heartbeat: Interval,
+    /// Reconnect delay for the first frame.
+    retry: Duration,
+    /// Ends the stream when the server shuts down.
+    shutdown: CancellationToken,
+    /// When the subscriber's token expires.
+    expires: Option<Instant>,
+    /// Whether the first frame (`retry:`) went out.
+    started: bool,
+    /// Whether the stream has ended.
+    done: bool,
+}
+
+impl EventStream {
+    /// A stream for a registered subscription. With `resume_from`, it replays the
+    /// journal after that position first; without, it is live at once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        journal: Journal,
+        subscription: Subscription,
+        selection: Selection,
+        format: Format,
+        resume_from: Option<Position>,
+        expires_at: Option<u64>,
+        settings: &StreamSettings,
+        shutdown: CancellationToken,
+    ) -> EventStream {
+        let (last, mode) = match resume_from {
+            Some(p) => (p, Mode::Replay { announce: true }),
+            None => (subscription.from, Mode::Live),
+        };
+        let mut heartbeat =
+            tokio::time::interval_at(Instant::now() + settings.heartbeat, settings.heartbeat);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let expires = expires_at.map(|exp| {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            Instant::now() + Duration::from_secs(exp.saturating_sub(now))
+        });
+        EventStream {
+            journal,
+            receiver: subscription.receiver,
+            selection,
+            format,
+            last,
+            mode,
+            heartbeat,
+            retry: settings.retry,
+            shutdown,
+            expires,
+            started: false,
+            done: false,
+        }
+    }
+
+    /// The stream as a hyper body.
+    pub fn into_body(self) -> http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible> {
+        use http_body_util::BodyExt;
+        let stream = futures_util::stream::unfold(self, |mut s| async move {
+            let chunk = s.next_chunk().await?;
+            Some((Ok::<_, Infallible>(Frame::data(chunk)), s))
+        });
+        StreamBody::new(stream).boxed_unsync()
+    }
+
+    fn control(&self, event: &str, data: serde_json::Value) -> Bytes {
+        control_frame(self.format, event, None, &data)
+    }
+
+    fn live_frame(&self) -> Bytes {
+        self.control(
+            "live",
+            serde_json::json!({ "position": self.last.to_string() }),
+        )
+    }
+
+    /// Appends `change` if it is new and selected; returns whether it was new.
+    fn take(&mut self, change: &Change, buf: &mut BytesMut) {
+        if change.position <= self.last {
+            return;
+        }
+        self.last = change.position;
+        if self.selection.matches(change) {
+            buf.extend_from_slice(change.frame(self.format, self.selection.payload));
+        }
+    }
+
+    /// The next chunk to write, or `None` when the stream ends.
+    pub async fn next_chunk(&mut self) -> Option<Bytes> {
+        if self.done {
+            return None;
+        }
+        if !self.started {
+            self.started = true;
+            let mut buf = BytesMut::new();
+            if self.format == Format::Sse {
+                buf.extend_from_slice(format!("retry: {}\n\n", self.retry.as_millis()).as_bytes());
+            }
+            if self.mode == Mode::Live {
+                buf.extend_from_slice(&self.live_frame());
+            }
+            if !buf.is_empty() {
+                return Some(buf.freeze());
+            }
+        }
+        loop {
+            let expires = self.expires;
+            let expiry = async move {
+                match expires {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            match self.mode {
+                Mode::Replay { announce } => {
+                    let read = tokio::select! {
+                        biased;
+                        _ = self.shutdown.cancelled() => return self.finish_shutdown(),
+                        _ = expiry => return self.finish_expired(),
+                        read = self.journal.read_after(self.last, Scope::Tenant(&self.selection.tenant)) => read,
+                    };
+                    let batch = match read {
+                        Ok(batch) => batch,
+                        Err(err) => {
+                            // The client reconnects with its Last-Event-ID and resumes.
+                            tracing::warn!(cause = %err, "journal read failed; ending the stream");
+                            self.done = true;
+                            return None;
+                        }
+                    };
+                    let mut buf = BytesMut::new();
+                    let reached_end = batch.len() < self.journal.batch_size();
+                    for change in &batch {
+                        self.take(change, &mut buf);
+                    }
+                    if reached_end {
+                        self.mode = Mode::Live;
+                        if announce {
+                            buf.extend_from_slice(&self.live_frame());
+                        }
+                    }
+                    if !buf.is_empty() {
+                        return Some(buf.freeze());
+                    }
+                }
+                Mode::Live => {
+                    let received = tokio::select! {
+                        biased;
+                        _ = self.shutdown.cancelled() => return self.finish_shutdown(),
+                        _ = expiry => return self.finish_expired(),
+                        received = self.receiver.recv() => received,
+                        _ = self.heartbeat.tick() => return Some(Bytes::from_static(b": keepalive\n\n")),
+                    };
+                    match received {
+                        Ok(change) => {
+                            let mut buf = BytesMut::new();
+                            self.take(&change, &mut buf);
+                            self.drain(&mut buf);
+                            if !buf.is_empty() {
+                                return Some(buf.freeze());
+                            }
+                        }
+                        Err(RecvError::Lagged(missed)) => {
+                            tracing::debug!(missed, position = %self.last, "subscriber lagged; catching up from the journal");
+                            self.mode = Mode::Replay { announce: false };
+                        }
+                        Err(RecvError::Closed) => {
+                            self.done = true;
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Appends whatever else is already waiting, up to [`MAX_CHUNK`].
+    fn drain(&mut self, buf: &mut BytesMut) {
+        while buf.len() < MAX_CHUNK {
+            match self.receiver.try_recv() {
+                Ok(change) => self.take(&change, buf),
+                Err(TryRecvError::Lagged(_)) => {
+                    self.mode = Mode::Replay { announce: false };
+                    return;
+                }
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return,
+            }
+        }
+    }
+
+    fn finish_shutdown(&mut self) -> Option<Bytes> {
+        self.done = true;
+        Some(self.control(
+            "shutdown",
+            serde_json::json!({ "reason": "server shutting down; reconnect", "position": self.last.to_string() }),
+        ))
+    }
+
+    fn finish_expired(&mut self) -> Option<Bytes> {
+        self.done = true;
+        Some(self.control(
+            "expired",
+            serde_json::json!({ "reason": "token expired; reconnect with a fresh token", "position": self.last.to_string() }),
+        ))
+    }
+}
