@@ -1,0 +1,762 @@
+//! Test support: a throwaway PostgreSQL cluster per test binary, a fresh database per
+//! test, the gateway in-process on port 0, and a small HTTP/SSE client over a raw socket
+//! (so tests control exactly when they read).
+//!
+//! The cluster is started with the local `initdb`/`pg_ctl` (as the `postgres` user when
+//! run as root) unless `PGFEED_TEST_DATABASE_URL` points at an existing server. A watchdog
+//! process stops and removes the cluster when the test binary exits. If neither works the
+//! tests fail with a message saying what to install: they never skip.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use pgfeed::config::{Config, Sources};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+/// The HS256 secret every test gateway uses.
+pub const SECRET: &str = "test-secret-0123456789abcdef";
+
+/// Generous bound for anything that should happen "soon": catches hangs, not slowness.
+pub const SOON: Duration = Duration::from_secs(20);
+
+/// Where the test server is.
+pub struct Server {
+    /// URL of the `postgres` maintenance database, with `{db}` standing for the name.
+    url_template: String,
+    /// The cluster we started, if any (absent with `PGFEED_TEST_DATABASE_URL`).
+    pub cluster: Option<Cluster>,
+}
+
+/// A cluster started by the tests.
+pub struct Cluster {
+    /// `bin` directory of the PostgreSQL installation.
+    pub bindir: PathBuf,
+    /// Data directory.
+    pub data: PathBuf,
+    /// TCP port on 127.0.0.1.
+    pub port: u16,
+    /// Whether commands must run as the `postgres` user.
+    as_postgres: bool,
+}
+
+static SERVER: OnceLock<Server> = OnceLock::new();
+static DB_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// The server for this test binary, started on first use.
+pub fn server() -> &'static Server {
+    SERVER.get_or_init(|| match std::env::var("PGFEED_TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Server {
+            url_template: replace_dbname(&url),
+            cluster: None,
+        },
+        _ => {
+            let cluster = Cluster::start().unwrap_or_else(|e| panic!("{e}"));
+            Server {
+                url_template: format!("postgres://postgres@127.0.0.1:{}/{{db}}", cluster.port),
+                cluster: Some(cluster),
+            }
+        }
+    })
+}
+
+fn replace_dbname(url: &str) -> String {
+    // postgres://user@host:port/dbname?params -> .../{db}?params
+    let (base, params) = url.split_once('?').map_or((url, None), |(b, p)| (b, Some(p)));
+    let prefix = match base.rfind('/') {
+        Some(i) if i > "postgres://".len() => &base[..i],
+        _ => base,
+    };
+    match params {
+        Some(p) => format!("{prefix}/{{db}}?{p}"),
+        None => format!("{prefix}/{{db}}"),
+    }
+}
+
+impl Server {
+    /// URL of database `db`.
+    pub fn url(&self, db: &str) -> String {
+        self.url_template.replace("{db}", db)
+    }
+}
+
+fn find_bindir() -> Option<PathBuf> {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            return Some(dir);
+        }
+    }
+    if let Ok(path) = std::env::var("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if dir.join("initdb").exists() && dir.join("pg_ctl").exists() {
+                return Some(dir);
+            }
+        }
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+impl Cluster {
+    fn start() -> Result<Cluster, String> {
+        let bindir = find_bindir().ok_or(
+            "PostgreSQL server binaries (initdb, pg_ctl) were not found via pg_config, PATH or \
+             /usr/lib/postgresql/*/bin. Install them (Debian/Ubuntu: `apt-get install postgresql`) \
+             or set PGFEED_TEST_DATABASE_URL to an existing server's URL (a superuser).",
+        )?;
+        let as_postgres = is_root();
+        let dir = std::env::temp_dir().join(format!(
+            "pgfeed-test-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos() ^ (free_port() as u128)
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        if as_postgres {
+            let status = Command::new("chown")
+                .args(["postgres:", &dir.display().to_string()])
+                .status()
+                .map_err(|e| format!("chown: {e}"))?;
+            if !status.success() {
+                return Err("initdb refuses to run as root and chown to the `postgres` user failed: \
+                            create a `postgres` user (installing the postgresql package does) or \
+                            set PGFEED_TEST_DATABASE_URL"
+                    .into());
+            }
+        }
+        let data = dir.join("data");
+        let mut cluster = Cluster {
+            bindir,
+            data,
+            port: 0,
+            as_postgres,
+        };
+        cluster.run(
+            "initdb",
+            &[
+                "-D",
+                &cluster.data.display().to_string(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        )?;
+        let conf = "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 300\n\
+                    listen_addresses = '127.0.0.1'\nshared_buffers = 64MB\n";
+        let conf_path = cluster.data.join("postgresql.auto.conf");
+        let mut existing = std::fs::read_to_string(&conf_path).unwrap_or_default();
+        existing.push_str(conf);
+        std::fs::write(&conf_path, existing).map_err(|e| format!("writing postgresql.auto.conf: {e}"))?;
+        // The port might be taken between choosing and binding: try a few.
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            cluster.port = free_port();
+            match cluster.pg_ctl_start() {
+                Ok(()) => {
+                    cluster.spawn_watchdog(&dir);
+                    return Ok(cluster);
+                }
+                Err(e) => last_err = e,
+            }
+        }
+        Err(format!("could not start the test cluster: {last_err}"))
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let path = self.bindir.join(program);
+        if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Result<(), String> {
+        let out = self
+            .command(program)
+            .args(args)
+            .current_dir("/")
+            .output()
+            .map_err(|e| format!("running {program}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{program} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    fn pg_ctl_start(&self) -> Result<(), String> {
+        let opts = format!("-p {} -k {}", self.port, self.data.display());
+        let log = self.data.join("server.log").display().to_string();
+        self.run(
+            "pg_ctl",
+            &["start", "-w", "-t", "60", "-D", &self.data.display().to_string(), "-o", &opts, "-l", &log],
+        )
+    }
+
+    /// Restarts the cluster (`pg_ctl restart -m fast`): every connection is cut.
+    pub fn restart(&self) -> Result<(), String> {
+        let opts = format!("-p {} -k {}", self.port, self.data.display());
+        let log = self.data.join("server.log").display().to_string();
+        self.run(
+            "pg_ctl",
+            &["restart", "-w", "-t", "60", "-m", "fast", "-D", &self.data.display().to_string(), "-o", &opts, "-l", &log],
+        )
+    }
+
+    /// Stops and removes the cluster once this test process is gone.
+    fn spawn_watchdog(&self, dir: &Path) {
+        let pg_ctl = self.bindir.join("pg_ctl");
+        let stop = if self.as_postgres {
+            format!("runuser -u postgres -- {} stop -D {} -m immediate", pg_ctl.display(), self.data.display())
+        } else {
+            format!("{} stop -D {} -m immediate", pg_ctl.display(), self.data.display())
+        };
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
+            pid = std::process::id(),
+            dir = dir.display()
+        );
+        let _ = Command::new("setsid")
+            .args(["sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .current_dir("/")
+            .spawn()
+            .or_else(|_| {
+                Command::new("sh")
+                    .args(["-c", &script])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+            });
+    }
+}
+
+/// Connects to `url`, driving the connection in the background.
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to the test database: {e}"));
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// A database of its own for one test, with the pgfeed schema installed. Dropped (with
+/// its connections) when the value is dropped.
+pub struct TestDb {
+    /// Database name.
+    pub name: String,
+    /// Its URL.
+    pub url: String,
+}
+
+impl TestDb {
+    /// Creates the database and installs the schema.
+    pub async fn new() -> TestDb {
+        let db = TestDb::empty().await;
+        let mut client = connect(&db.url).await;
+        pgfeed::schema::install(&mut client).await.expect("installing the schema");
+        db
+    }
+
+    /// Creates the database without the schema.
+    pub async fn empty() -> TestDb {
+        let server = server();
+        let name = format!(
+            "pgfeed_test_{}_{}",
+            std::process::id(),
+            DB_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = connect(&server.url("postgres")).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap_or_else(|e| panic!("creating database {name}: {e}"));
+        TestDb {
+            url: server.url(&name),
+            name,
+        }
+    }
+
+    /// A new connection to this database.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.url).await
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin = server().url("postgres");
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime; use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                if let Ok((client, conn)) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Settings for a test gateway on `db`; tests add entries before starting it.
+pub fn sources(db: &TestDb) -> Sources {
+    Sources {
+        file: None,
+        env: vec![
+            ("DATABASE_URL".into(), db.url.clone()),
+            ("PGFEED_AUTH_SECRET".into(), SECRET.into()),
+            ("PGFEED_SERVER_LISTEN".into(), "127.0.0.1:0".into()),
+        ],
+        flags: Vec::new(),
+    }
+}
+
+/// A gateway running in-process.
+pub struct Gateway {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Cancelling it shuts the gateway down.
+    pub shutdown: CancellationToken,
+    /// The `serve` task.
+    pub task: tokio::task::JoinHandle<Result<(), pgfeed::ServeError>>,
+    /// Its settings.
+    pub config: Config,
+}
+
+impl Gateway {
+    /// Starts a gateway with default test settings and waits until it is ready.
+    pub async fn start(db: &TestDb) -> Gateway {
+        Gateway::start_with(sources(db)).await
+    }
+
+    /// Starts a gateway with `sources` and waits until it is ready.
+    pub async fn start_with(sources: Sources) -> Gateway {
+        let config = Config::load(&sources).expect("test config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(pgfeed::serve(config.clone(), listener, shutdown.clone()));
+        let gw = Gateway {
+            addr,
+            shutdown,
+            task,
+            config,
+        };
+        gw.wait_ready().await;
+        gw
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + SOON;
+        loop {
+            if let Ok(r) = get(self.addr, "/readyz", &[]).await
+                && r.status == 200
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "gateway not ready within {SOON:?}");
+            assert!(!self.task.is_finished(), "gateway task ended before becoming ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A token for `tenant` from this gateway's secret.
+    pub fn token(&self, tenant: &str) -> String {
+        pgfeed::auth::mint(&self.config.auth, tenant, None, Duration::from_secs(3600)).unwrap()
+    }
+
+    /// Opens `/v1/stream?{query}` as `tenant` and waits for the response head.
+    pub async fn stream(&self, tenant: &str, query: &str) -> SseClient {
+        let token = self.token(tenant);
+        SseClient::open(self.addr, &format!("/v1/stream?{query}"), &[("Authorization", &format!("Bearer {token}"))])
+            .await
+    }
+
+    /// Shuts down and waits for `serve` to return.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(SOON, self.task)
+            .await
+            .expect("gateway stops in time")
+            .expect("serve task")
+            .expect("serve returns Ok");
+    }
+}
+
+/// A complete HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Headers, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// Body text.
+    pub body: String,
+}
+
+impl Response {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends a GET and reads the whole (non-streaming) response.
+pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Response> {
+    let mut conn = RawConn::open(addr, "GET", path, headers).await?;
+    let (status, headers) = conn.read_head().await?;
+    let mut body = Vec::new();
+    while let Some(chunk) = conn.read_body_chunk().await? {
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Response {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// An HTTP/1.1 connection read by hand.
+struct RawConn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    chunked: bool,
+    remaining: Option<usize>,
+    done: bool,
+}
+
+impl RawConn {
+    async fn open(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> std::io::Result<RawConn> {
+        let mut stream = TcpStream::connect(addr).await?;
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes()).await?;
+        Ok(RawConn {
+            stream,
+            buf: Vec::new(),
+            chunked: false,
+            remaining: None,
+            done: false,
+        })
+    }
+
+    async fn fill(&mut self) -> std::io::Result<bool> {
+        self.buf.reserve(64 * 1024);
+        let n = self.stream.read_buf(&mut self.buf).await?;
+        Ok(n > 0)
+    }
+
+    async fn read_head(&mut self) -> std::io::Result<(u16, Vec<(String, String)>)> {
+        let end = loop {
+            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
+                break i;
+            }
+            if !self.fill().await? {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no response head"));
+            }
+        };
+        let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+        self.buf.drain(..end + 4);
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        for (k, v) in &headers {
+            if k == "transfer-encoding" && v.contains("chunked") {
+                self.chunked = true;
+            }
+            if k == "content-length" {
+                self.remaining = v.parse().ok();
+            }
+        }
+        Ok((status, headers))
+    }
+
+    /// The next piece of body, or `None` at its end.
+    async fn read_body_chunk(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        if self.done {
+            return Ok(None);
+        }
+        if self.chunked {
+            let line_end = loop {
+                if let Some(i) = find(&self.buf, b"\r\n") {
+                    break i;
+                }
+                if !self.fill().await? {
+                    self.done = true;
+                    return Ok(None);
+                }
+            };
+            let size = usize::from_str_radix(String::from_utf8_lossy(&self.buf[..line_end]).trim(), 16)
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad chunk size"))?;
+            while self.buf.len() < line_end + 2 + size + 2 {
+                if !self.fill().await? {
+                    self.done = true;
+                    return Ok(None);
+                }
+            }
+            let data = self.buf[line_end + 2..line_end + 2 + size].to_vec();
+            self.buf.drain(..line_end + 2 + size + 2);
+            if size == 0 {
+                self.done = true;
+                return Ok(None);
+            }
+            Ok(Some(data))
+        } else if let Some(remaining) = self.remaining {
+            while self.buf.len() < remaining {
+                if !self.fill().await? {
+                    break;
+                }
+            }
+            self.done = true;
+            Ok(Some(std::mem::take(&mut self.buf)))
+        } else {
+            if self.buf.is_empty() && !self.fill().await? {
+                self.done = true;
+                return Ok(None);
+            }
+            Ok(Some(std::mem::take(&mut self.buf)))
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// One SSE event (comments and `retry:` are kept apart).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// `id:` if present.
+    pub id: Option<String>,
+    /// `event:` (defaults to `message`).
+    pub event: String,
+    /// `data:` lines joined.
+    pub data: String,
+}
+
+impl Event {
+    /// `data` as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.data).unwrap_or_else(|e| panic!("event data is not JSON ({e}): {}", self.data))
+    }
+}
+
+/// A streaming client.
+pub struct SseClient {
+    conn: RawConn,
+    /// Status of the response.
+    pub status: u16,
+    /// Response headers.
+    pub headers: Vec<(String, String)>,
+    /// Body bytes not yet parsed into events.
+    text: String,
+    /// Raw body received so far (for tests on framing).
+    pub raw: String,
+    /// Comment lines seen (`: keepalive`).
+    pub comments: usize,
+    /// `retry:` values seen.
+    pub retries: Vec<String>,
+}
+
+impl SseClient {
+    /// Opens `path` and reads the response head.
+    pub async fn open(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> SseClient {
+        let mut conn = RawConn::open(addr, "GET", path, headers).await.expect("connect");
+        let (status, headers) = tokio::time::timeout(SOON, conn.read_head())
+            .await
+            .expect("response head in time")
+            .expect("response head");
+        SseClient {
+            conn,
+            status,
+            headers,
+            text: String::new(),
+            raw: String::new(),
+            comments: 0,
+            retries: Vec::new(),
+        }
+    }
+
+    /// The next event, or `None` if the stream ended. Panics after `wait`.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<Event> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(event) = self.parse_one() {
+                return Some(event);
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.conn.read_body_chunk())
+                .await
+                .unwrap_or_else(|_| panic!("no event within {wait:?}; received so far: {:?}", self.raw))
+                .expect("reading the stream");
+            match chunk {
+                Some(bytes) => {
+                    let s = String::from_utf8(bytes).expect("utf-8 stream");
+                    self.raw.push_str(&s);
+                    self.text.push_str(&s);
+                }
+                None => return None,
+            }
+        }
+    }
+
+    /// The next event, within [`SOON`].
+    pub async fn next(&mut self) -> Option<Event> {
+        self.next_within(SOON).await
+    }
+
+    /// The next event of kind `change`, skipping other control events; panics on `None`.
+    pub async fn next_change(&mut self) -> serde_json::Value {
+        loop {
+            let e = self.next().await.expect("stream ended while waiting for a change");
+            if e.event == "change" {
+                let data = e.json();
+                assert_eq!(e.id.as_deref(), data["position"].as_str(), "id: equals the position");
+                return data;
+            }
+        }
+    }
+
+    /// Reads until the `live` event and returns the changes before it.
+    pub async fn until_live(&mut self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        loop {
+            let e = self.next().await.expect("stream ended before `live`");
+            match e.event.as_str() {
+                "live" => return out,
+                "change" => out.push(e.json()),
+                other => panic!("unexpected event {other} before live"),
+            }
+        }
+    }
+
+    /// Asserts that no event arrives within `wait` (heartbeats aside).
+    pub async fn assert_quiet(&mut self, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(e) = self.parse_one() {
+                panic!("unexpected event: {e:?}");
+            }
+            match tokio::time::timeout_at(deadline, self.conn.read_body_chunk()).await {
+                Err(_) => return,
+                Ok(Ok(Some(bytes))) => {
+                    let s = String::from_utf8(bytes).unwrap();
+                    self.raw.push_str(&s);
+                    self.text.push_str(&s);
+                }
+                Ok(Ok(None)) => return,
+                Ok(Err(e)) => panic!("reading the stream: {e}"),
+            }
+        }
+    }
+
+    fn parse_one(&mut self) -> Option<Event> {
+        loop {
+            let end = self.text.find("\n\n")?;
+            let block: String = self.text[..end].to_string();
+            self.text.drain(..end + 2);
+            let mut event = Event {
+                id: None,
+                event: "message".into(),
+                data: String::new(),
+            };
+            let mut has_data = false;
+            for line in block.lines() {
+                if line.starts_with(':') {
+                    self.comments += 1;
+                } else if let Some(v) = line.strip_prefix("retry: ") {
+                    self.retries.push(v.to_string());
+                } else if let Some(v) = line.strip_prefix("id: ") {
+                    event.id = Some(v.to_string());
+                } else if let Some(v) = line.strip_prefix("event: ") {
+                    event.event = v.to_string();
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    if has_data {
+                        event.data.push('\n');
+                    }
+                    event.data.push_str(v);
+                    has_data = true;
+                }
+            }
+            if has_data {
+                return Some(event);
+            }
+        }
+    }
+}
+
+/// Creates a tenant table `name(id serial pk, tenant text, body text, secret text)` and
+/// watches it with tenant column `tenant`.
+pub async fn tenant_table(db: &TestDb, name: &str) {
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE {name} (id serial PRIMARY KEY, tenant text NOT NULL, body text, secret text);
+         SELECT pgfeed.watch('{name}', 'tenant');"
+    ))
+    .await
+    .unwrap();
+}
