@@ -1,0 +1,322 @@
+//! The `pgfeed` binary as an operator uses it: install, watch, unwatch, status, token,
+//! uninstall, configuration errors, and `serve` start-up and shutdown.
+
+mod support;
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{SECRET, TestDb};
+
+fn pgfeed(db: Option<&TestDb>, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgfeed"));
+    cmd.args(args)
+        .env_remove("DATABASE_URL")
+        .env("PGFEED_AUTH_SECRET", SECRET);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PGFEED_") && !k.starts_with("PGFEED_TEST_") && k != "PGFEED_AUTH_SECRET" {
+            cmd.env_remove(k);
+        }
+    }
+    if let Some(db) = db {
+        cmd.env("DATABASE_URL", &db.url);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("running pgfeed")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn serve_refuses_a_database_without_the_schema() {
+    let db = TestDb::empty().await;
+    let out = pgfeed(Some(&db), &["serve", "--listen", "127.0.0.1:0"], &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("run `pgfeed install`"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn install_is_idempotent_and_watch_validates() {
+    let db = TestDb::empty().await;
+    let first = pgfeed(Some(&db), &["install"], &[]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(stderr(&first).contains("installed"), "{}", stderr(&first));
+    let again = pgfeed(Some(&db), &["install"], &[]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(stderr(&again).contains("up to date"), "{}", stderr(&again));
+
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE nokey (a int, tenant text);
+         CREATE TABLE items (id int PRIMARY KEY, tenant text, secret text);",
+    )
+    .await
+    .unwrap();
+
+    let out = pgfeed(
+        Some(&db),
+        &["watch", "nokey", "--tenant-column", "tenant"],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("has no primary key"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = pgfeed(Some(&db), &["watch", "items"], &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("public => true"), "{}", stderr(&out));
+
+    let out = pgfeed(
+        Some(&db),
+        &["watch", "items", "--tenant-column", "nope"],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("\"nope\""), "{}", stderr(&out));
+
+    let out = pgfeed(Some(&db), &["watch", "missing_table", "--public"], &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("missing_table"), "{}", stderr(&out));
+
+    let out = pgfeed(
+        Some(&db),
+        &[
+            "watch",
+            "items",
+            "--tenant-column",
+            "tenant",
+            "--exclude-column",
+            "secret",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let status = pgfeed(Some(&db), &["status", "--json"], &[]);
+    assert!(status.status.success(), "{}", stderr(&status));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["schema_version"], pgfeed::schema::VERSION);
+    assert_eq!(
+        status["watched"],
+        serde_json::json!([{"table": "public.items", "tenant_column": "tenant", "exclude_columns": ["secret"], "public": false}])
+    );
+
+    // Watching again replaces the settings rather than failing or doubling triggers.
+    let out = pgfeed(
+        Some(&db),
+        &["watch", "items", "--tenant-column", "tenant"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let triggers: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'items'::regclass AND NOT tgisinternal",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 4);
+
+    let out = pgfeed(Some(&db), &["unwatch", "items"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = pgfeed(Some(&db), &["unwatch", "items"], &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not watched"), "{}", stderr(&out));
+
+    // Uninstall removes the schema and the triggers; writes keep working.
+    pgfeed(
+        Some(&db),
+        &["watch", "items", "--tenant-column", "tenant"],
+        &[],
+    );
+    let out = pgfeed(Some(&db), &["uninstall"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    c.batch_execute("INSERT INTO items VALUES (1, 'acme', 'x')")
+        .await
+        .unwrap();
+    let schema: Option<String> = c
+        .query_one(
+            "SELECT nspname::text FROM pg_namespace WHERE nspname = 'pgfeed'",
+            &[],
+        )
+        .await
+        .map(|r| r.get(0))
+        .ok();
+    assert!(schema.is_none());
+}
+
+#[test]
+fn token_prints_only_the_token() {
+    let out = pgfeed(None, &["token", "--tenant", "acme", "--ttl", "10m"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.ends_with('\n') && stdout.lines().count() == 1,
+        "{stdout:?}"
+    );
+    let token = stdout.trim();
+    let config = pgfeed::config::Config::load(&pgfeed::config::Sources {
+        env: vec![("PGFEED_AUTH_SECRET".into(), SECRET.into())],
+        ..Default::default()
+    })
+    .unwrap();
+    let principal = pgfeed::auth::Authenticator::new(&config.auth)
+        .unwrap()
+        .authenticate(token)
+        .unwrap();
+    assert_eq!(principal.tenant, "acme");
+
+    let out = pgfeed(
+        None,
+        &["token", "--tenant", "acme", "--ttl", "forever"],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--ttl"), "{}", stderr(&out));
+}
+
+#[test]
+fn configuration_errors_name_the_key() {
+    let dir = std::env::temp_dir().join(format!("pgfeed-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "[server]\nheartbeat = \"often\"\n").unwrap();
+    let out = pgfeed(
+        None,
+        &["--config", file.to_str().unwrap(), "token", "--tenant", "a"],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("server.heartbeat"),
+        "{}",
+        stderr(&out)
+    );
+
+    // --config is global: after the subcommand too.
+    let out = pgfeed(
+        None,
+        &["token", "--tenant", "a", "--config", file.to_str().unwrap()],
+        &[],
+    );
+    assert!(
+        stderr(&out).contains("server.heartbeat"),
+        "{}",
+        stderr(&out)
+    );
+
+    std::fs::write(&file, "[server]\nlisten_address = \"x\"\n").unwrap();
+    let out = pgfeed(
+        None,
+        &["--config", file.to_str().unwrap(), "token", "--tenant", "a"],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("listen_address"), "{}", stderr(&out));
+
+    let out = pgfeed(None, &["serve"], &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("database.url"), "{}", stderr(&out));
+
+    let out = pgfeed(
+        None,
+        &["token", "--tenant", "a"],
+        &[("PGFEED_AUTH_SECRET", "short")],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("auth.secret"), "{}", stderr(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn serve_streams_and_stops_on_sigterm_within_the_grace() {
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "orders").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgfeed"))
+        .args(["serve", "--listen", &addr.to_string()])
+        .env("DATABASE_URL", &db.url)
+        .env("PGFEED_AUTH_SECRET", SECRET)
+        .env("PGFEED_SERVER_SHUTDOWN_GRACE", "3s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + support::SOON;
+    while !support::get(addr, "/readyz", &[])
+        .await
+        .is_ok_and(|r| r.status == 200)
+    {
+        assert!(Instant::now() < deadline, "serve did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token = pgfeed::auth::mint(
+        &pgfeed::config::AuthConfig {
+            secret: Some(pgfeed::config::Secret::new(SECRET)),
+            tenant_claim: "tenant_id".into(),
+            tables_claim: None,
+            leeway: Duration::from_secs(5),
+        },
+        "acme",
+        None,
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    let mut stream = support::SseClient::open(
+        addr,
+        "/v1/stream",
+        &[("Authorization", &format!("Bearer {token}"))],
+    )
+    .await;
+    stream.until_live().await;
+    db.client()
+        .await
+        .batch_execute("INSERT INTO orders (tenant, body) VALUES ('acme', 'from psql')")
+        .await
+        .unwrap();
+    assert_eq!(stream.next_change().await["new"]["body"], "from psql");
+
+    let sent = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let shutdown = stream
+        .next()
+        .await
+        .expect("a shutdown event before the stream ends");
+    assert_eq!(shutdown.event, "shutdown");
+    assert!(
+        stream.next().await.is_none(),
+        "the stream ends after shutdown"
+    );
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "serve did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
