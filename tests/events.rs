@@ -21,32 +21,54 @@ async fn each_op_has_its_shape() {
     let gw = Gateway::start(&db).await;
     let mut s = gw.stream("acme", "").await;
     assert_eq!(s.status, 200);
-    assert_eq!(s.headers.iter().find(|(k, _)| k == "content-type").unwrap().1, "text/event-stream");
+    assert_eq!(
+        s.headers
+            .iter()
+            .find(|(k, _)| k == "content-type")
+            .unwrap()
+            .1,
+        "text/event-stream"
+    );
     let live = s.next().await.unwrap();
     assert_eq!(live.event, "live");
     assert!(live.json()["position"].is_string());
-    assert_eq!(s.retries, vec!["2000".to_string()], "the first frame carries retry:");
+    assert_eq!(
+        s.retries,
+        vec!["2000".to_string()],
+        "the first frame carries retry:"
+    );
 
-    c.batch_execute("INSERT INTO orders VALUES (42, 'acme', 'new', 123456789012345678901234567890.123456)")
-        .await
-        .unwrap();
+    c.batch_execute(
+        "INSERT INTO orders VALUES (42, 'acme', 'new', 123456789012345678901234567890.123456)",
+    )
+    .await
+    .unwrap();
     let ins = s.next_change().await;
     assert_eq!(ins["table"], "public.orders");
     assert_eq!(ins["op"], "insert");
     assert_eq!(ins["tenant"], "acme");
     assert_eq!(ins["pk"], json!({"id": 42}));
     assert_eq!(ins["new"]["status"], "new");
-    assert!(ins.get("old").is_none() && ins.get("changed").is_none(), "{ins}");
+    assert!(
+        ins.get("old").is_none() && ins.get("changed").is_none(),
+        "{ins}"
+    );
     // Every digit of the numeric survives, as PostgreSQL's to_jsonb renders it.
     assert!(
-        s.raw.contains("\"amount\": 123456789012345678901234567890.123456"),
+        s.raw
+            .contains("\"amount\": 123456789012345678901234567890.123456"),
         "{}",
         s.raw
     );
     let committed_at = ins["committed_at"].as_str().unwrap();
-    assert!(committed_at.ends_with('Z') && committed_at.len() == 27, "{committed_at}");
+    assert!(
+        committed_at.ends_with('Z') && committed_at.len() == 27,
+        "{committed_at}"
+    );
 
-    c.batch_execute("UPDATE orders SET status = 'paid' WHERE id = 42").await.unwrap();
+    c.batch_execute("UPDATE orders SET status = 'paid' WHERE id = 42")
+        .await
+        .unwrap();
     let upd = s.next_change().await;
     assert_eq!(upd["op"], "update");
     assert_eq!(upd["new"]["status"], "paid");
@@ -54,7 +76,9 @@ async fn each_op_has_its_shape() {
     assert_eq!(upd["changed"], json!(["status"]));
     assert_eq!(upd["pk"], json!({"id": 42}));
 
-    c.batch_execute("DELETE FROM orders WHERE id = 42").await.unwrap();
+    c.batch_execute("DELETE FROM orders WHERE id = 42")
+        .await
+        .unwrap();
     let del = s.next_change().await;
     assert_eq!(del["op"], "delete");
     assert_eq!(del["old"]["status"], "paid");
@@ -73,8 +97,12 @@ async fn each_op_has_its_shape() {
         .iter()
         .map(|e| e["position"].as_str().unwrap().to_string())
         .collect();
-    let parsed: Vec<pgfeed::change::Position> = positions.iter().map(|p| p.parse().unwrap()).collect();
-    assert!(parsed.windows(2).all(|w| w[0] < w[1]), "positions increase: {positions:?}");
+    let parsed: Vec<pgfeed::change::Position> =
+        positions.iter().map(|p| p.parse().unwrap()).collect();
+    assert!(
+        parsed.windows(2).all(|w| w[0] < w[1]),
+        "positions increase: {positions:?}"
+    );
     gw.stop().await;
 }
 
@@ -92,17 +120,36 @@ async fn noop_update_sends_nothing_and_excluded_columns_never_leave() {
     let mut s = gw.stream("acme", "").await;
     s.until_live().await;
 
-    c.batch_execute("INSERT INTO users VALUES (1, 'acme', 'ann', 'hunter2-hash')").await.unwrap();
+    c.batch_execute("INSERT INTO users VALUES (1, 'acme', 'ann', 'hunter2-hash')")
+        .await
+        .unwrap();
     let ins = s.next_change().await;
-    assert_eq!(ins["new"], json!({"id": 1, "tenant": "acme", "name": "ann"}));
+    assert_eq!(
+        ins["new"],
+        json!({"id": 1, "tenant": "acme", "name": "ann"})
+    );
 
     // Changes nothing, then changes only an excluded column: neither is an event.
-    c.batch_execute("UPDATE users SET name = name").await.unwrap();
-    c.batch_execute("UPDATE users SET password_hash = 'other-hash'").await.unwrap();
-    c.batch_execute("UPDATE users SET name = 'anne'").await.unwrap();
+    c.batch_execute("UPDATE users SET name = name")
+        .await
+        .unwrap();
+    c.batch_execute("UPDATE users SET password_hash = 'other-hash'")
+        .await
+        .unwrap();
+    c.batch_execute("UPDATE users SET name = 'anne'")
+        .await
+        .unwrap();
     let upd = s.next_change().await;
-    assert_eq!(upd["changed"], json!(["name"]), "the first event after the no-ops is the real update");
-    assert!(!s.raw.contains("hash"), "excluded values reached the stream: {}", s.raw);
+    assert_eq!(
+        upd["changed"],
+        json!(["name"]),
+        "the first event after the no-ops is the real update"
+    );
+    assert!(
+        !s.raw.contains("hash"),
+        "excluded values reached the stream: {}",
+        s.raw
+    );
 
     // Nor are they in the journal.
     let leaked: i64 = c
@@ -114,7 +161,11 @@ async fn noop_update_sends_nothing_and_excluded_columns_never_leave() {
         .unwrap()
         .get(0);
     assert_eq!(leaked, 0);
-    let journaled: i64 = c.query_one("SELECT count(*) FROM pgfeed.changes", &[]).await.unwrap().get(0);
+    let journaled: i64 = c
+        .query_one("SELECT count(*) FROM pgfeed.changes", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(journaled, 2, "no-op updates write no journal rows");
     gw.stop().await;
 }
@@ -129,7 +180,9 @@ async fn only_committed_changes_are_captured() {
     let mut c = db.client().await;
 
     let tx = c.transaction().await.unwrap();
-    tx.batch_execute("INSERT INTO notes (tenant, body) VALUES ('acme', 'rolled back')").await.unwrap();
+    tx.batch_execute("INSERT INTO notes (tenant, body) VALUES ('acme', 'rolled back')")
+        .await
+        .unwrap();
     tx.rollback().await.unwrap();
 
     let tx = c.transaction().await.unwrap();
@@ -171,13 +224,17 @@ async fn public_tables_reach_every_tenant_and_tenant_moves_are_split() {
     a.until_live().await;
     g.until_live().await;
 
-    c.batch_execute("INSERT INTO announcements VALUES (1, 'hello all')").await.unwrap();
+    c.batch_execute("INSERT INTO announcements VALUES (1, 'hello all')")
+        .await
+        .unwrap();
     assert_eq!(a.next_change().await["new"]["text"], "hello all");
     assert_eq!(g.next_change().await["new"]["text"], "hello all");
 
     // A row that moves from acme to globex: acme sees it leave, globex sees it arrive,
     // and neither sees the other's version of it.
-    c.batch_execute("INSERT INTO docs VALUES (7, 'acme', 'plan')").await.unwrap();
+    c.batch_execute("INSERT INTO docs VALUES (7, 'acme', 'plan')")
+        .await
+        .unwrap();
     assert_eq!(a.next_change().await["op"], "insert");
     c.batch_execute("UPDATE docs SET tenant = 'globex', title = 'globex plan' WHERE id = 7")
         .await
@@ -189,6 +246,10 @@ async fn public_tables_reach_every_tenant_and_tenant_moves_are_split() {
     assert_eq!(arrived["op"], "insert");
     assert_eq!(arrived["new"]["title"], "globex plan");
     a.assert_quiet(Duration::from_millis(300)).await;
-    assert!(!a.raw.contains("globex plan"), "acme saw globex's row: {}", a.raw);
+    assert!(
+        !a.raw.contains("globex plan"),
+        "acme saw globex's row: {}",
+        a.raw
+    );
     gw.stop().await;
 }

@@ -69,7 +69,9 @@ pub fn server() -> &'static Server {
 
 fn replace_dbname(url: &str) -> String {
     // postgres://user@host:port/dbname?params -> .../{db}?params
-    let (base, params) = url.split_once('?').map_or((url, None), |(b, p)| (b, Some(p)));
+    let (base, params) = url
+        .split_once('?')
+        .map_or((url, None), |(b, p)| (b, Some(p)));
     let prefix = match base.rfind('/') {
         Some(i) if i > "postgres://".len() => &base[..i],
         _ => base,
@@ -147,10 +149,12 @@ impl Cluster {
                 .status()
                 .map_err(|e| format!("chown: {e}"))?;
             if !status.success() {
-                return Err("initdb refuses to run as root and chown to the `postgres` user failed: \
+                return Err(
+                    "initdb refuses to run as root and chown to the `postgres` user failed: \
                             create a `postgres` user (installing the postgresql package does) or \
                             set PGFEED_TEST_DATABASE_URL"
-                    .into());
+                        .into(),
+                );
             }
         }
         let data = dir.join("data");
@@ -178,7 +182,8 @@ impl Cluster {
         let conf_path = cluster.data.join("postgresql.auto.conf");
         let mut existing = std::fs::read_to_string(&conf_path).unwrap_or_default();
         existing.push_str(conf);
-        std::fs::write(&conf_path, existing).map_err(|e| format!("writing postgresql.auto.conf: {e}"))?;
+        std::fs::write(&conf_path, existing)
+            .map_err(|e| format!("writing postgresql.auto.conf: {e}"))?;
         // The port might be taken between choosing and binding: try a few.
         let mut last_err = String::new();
         for _ in 0..5 {
@@ -228,7 +233,18 @@ impl Cluster {
         let log = self.data.join("server.log").display().to_string();
         self.run(
             "pg_ctl",
-            &["start", "-w", "-t", "60", "-D", &self.data.display().to_string(), "-o", &opts, "-l", &log],
+            &[
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                &self.data.display().to_string(),
+                "-o",
+                &opts,
+                "-l",
+                &log,
+            ],
         )
     }
 
@@ -238,7 +254,20 @@ impl Cluster {
         let log = self.data.join("server.log").display().to_string();
         self.run(
             "pg_ctl",
-            &["restart", "-w", "-t", "60", "-m", "fast", "-D", &self.data.display().to_string(), "-o", &opts, "-l", &log],
+            &[
+                "restart",
+                "-w",
+                "-t",
+                "60",
+                "-m",
+                "fast",
+                "-D",
+                &self.data.display().to_string(),
+                "-o",
+                &opts,
+                "-l",
+                &log,
+            ],
         )
     }
 
@@ -246,9 +275,17 @@ impl Cluster {
     fn spawn_watchdog(&self, dir: &Path) {
         let pg_ctl = self.bindir.join("pg_ctl");
         let stop = if self.as_postgres {
-            format!("runuser -u postgres -- {} stop -D {} -m immediate", pg_ctl.display(), self.data.display())
+            format!(
+                "runuser -u postgres -- {} stop -D {} -m immediate",
+                pg_ctl.display(),
+                self.data.display()
+            )
         } else {
-            format!("{} stop -D {} -m immediate", pg_ctl.display(), self.data.display())
+            format!(
+                "{} stop -D {} -m immediate",
+                pg_ctl.display(),
+                self.data.display()
+            )
         };
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
@@ -298,7 +335,9 @@ impl TestDb {
     pub async fn new() -> TestDb {
         let db = TestDb::empty().await;
         let mut client = connect(&db.url).await;
-        pgfeed::schema::install(&mut client).await.expect("installing the schema");
+        pgfeed::schema::install(&mut client)
+            .await
+            .expect("installing the schema");
         db
     }
 
@@ -333,9 +372,14 @@ impl Drop for TestDb {
         let name = self.name.clone();
         // Drop runs inside the test's runtime; use a thread with its own.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
-                if let Ok((client, conn)) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await {
+                if let Ok((client, conn)) =
+                    tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
+                {
                     tokio::spawn(conn);
                     let _ = client
                         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -404,8 +448,14 @@ impl Gateway {
             {
                 return;
             }
-            assert!(Instant::now() < deadline, "gateway not ready within {SOON:?}");
-            assert!(!self.task.is_finished(), "gateway task ended before becoming ready");
+            assert!(
+                Instant::now() < deadline,
+                "gateway not ready within {SOON:?}"
+            );
+            assert!(
+                !self.task.is_finished(),
+                "gateway task ended before becoming ready"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -418,8 +468,12 @@ impl Gateway {
     /// Opens `/v1/stream?{query}` as `tenant` and waits for the response head.
     pub async fn stream(&self, tenant: &str, query: &str) -> SseClient {
         let token = self.token(tenant);
-        SseClient::open(self.addr, &format!("/v1/stream?{query}"), &[("Authorization", &format!("Bearer {token}"))])
-            .await
+        SseClient::open(
+            self.addr,
+            &format!("/v1/stream?{query}"),
+            &[("Authorization", &format!("Bearer {token}"))],
+        )
+        .await
     }
 
     /// Shuts down and waits for `serve` to return.
@@ -447,17 +501,25 @@ pub struct Response {
 impl Response {
     /// The body as JSON.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
     }
 
     /// A header's value.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
 /// Sends a GET and reads the whole (non-streaming) response.
-pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Response> {
+pub async fn get(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<Response> {
     let mut conn = RawConn::open(addr, "GET", path, headers).await?;
     let (status, headers) = conn.read_head().await?;
     let mut body = Vec::new();
@@ -481,7 +543,12 @@ struct RawConn {
 }
 
 impl RawConn {
-    async fn open(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> std::io::Result<RawConn> {
+    async fn open(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> std::io::Result<RawConn> {
         let mut stream = TcpStream::connect(addr).await?;
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
         for (k, v) in headers {
@@ -510,7 +577,10 @@ impl RawConn {
                 break i;
             }
             if !self.fill().await? {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no response head"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "no response head",
+                ));
             }
         };
         let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
@@ -551,8 +621,11 @@ impl RawConn {
                     return Ok(None);
                 }
             };
-            let size = usize::from_str_radix(String::from_utf8_lossy(&self.buf[..line_end]).trim(), 16)
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad chunk size"))?;
+            let size =
+                usize::from_str_radix(String::from_utf8_lossy(&self.buf[..line_end]).trim(), 16)
+                    .map_err(|_| {
+                        std::io::Error::new(std::io::ErrorKind::InvalidData, "bad chunk size")
+                    })?;
             while self.buf.len() < line_end + 2 + size + 2 {
                 if !self.fill().await? {
                     self.done = true;
@@ -602,7 +675,8 @@ pub struct Event {
 impl Event {
     /// `data` as JSON.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.data).unwrap_or_else(|e| panic!("event data is not JSON ({e}): {}", self.data))
+        serde_json::from_str(&self.data)
+            .unwrap_or_else(|e| panic!("event data is not JSON ({e}): {}", self.data))
     }
 }
 
@@ -626,7 +700,9 @@ pub struct SseClient {
 impl SseClient {
     /// Opens `path` and reads the response head.
     pub async fn open(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> SseClient {
-        let mut conn = RawConn::open(addr, "GET", path, headers).await.expect("connect");
+        let mut conn = RawConn::open(addr, "GET", path, headers)
+            .await
+            .expect("connect");
         let (status, headers) = tokio::time::timeout(SOON, conn.read_head())
             .await
             .expect("response head in time")
@@ -651,7 +727,9 @@ impl SseClient {
             }
             let chunk = tokio::time::timeout_at(deadline, self.conn.read_body_chunk())
                 .await
-                .unwrap_or_else(|_| panic!("no event within {wait:?}; received so far: {:?}", self.raw))
+                .unwrap_or_else(|_| {
+                    panic!("no event within {wait:?}; received so far: {:?}", self.raw)
+                })
                 .expect("reading the stream");
             match chunk {
                 Some(bytes) => {
@@ -672,10 +750,17 @@ impl SseClient {
     /// The next event of kind `change`, skipping other control events; panics on `None`.
     pub async fn next_change(&mut self) -> serde_json::Value {
         loop {
-            let e = self.next().await.expect("stream ended while waiting for a change");
+            let e = self
+                .next()
+                .await
+                .expect("stream ended while waiting for a change");
             if e.event == "change" {
                 let data = e.json();
-                assert_eq!(e.id.as_deref(), data["position"].as_str(), "id: equals the position");
+                assert_eq!(
+                    e.id.as_deref(),
+                    data["position"].as_str(),
+                    "id: equals the position"
+                );
                 return data;
             }
         }
