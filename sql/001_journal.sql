@@ -49,3 +49,12 @@ CREATE SEQUENCE pgfeed.commit_seq AS bigint;
 CREATE UNLOGGED TABLE pgfeed.seal (
     xid xid8 PRIMARY KEY
 );
+
+-- The newest position removed by pruning (pgfeed.prune): a client resuming from before it
+-- has missed changes and must refetch (`event: reset`).
+CREATE TABLE pgfeed.pruned (
+    singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    commit_seq bigint  NOT NULL,
+    ord        integer NOT NULL
+);
+INSERT INTO pgfeed.pruned (commit_seq, ord) VALUES (0, 0);

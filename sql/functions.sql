@@ -302,6 +302,54 @@ BEGIN
 END
 $$;
 
+-- pgfeed.prune: removes up to max_commits of the oldest commits older than retention, with
+-- their changes, and advances the pruned watermark in the same transaction. Returns the
+-- number of commits removed, or -1 when another session is pruning (one replica at a
+-- time). Called repeatedly by the gateway so that each call is a short transaction.
+CREATE OR REPLACE FUNCTION pgfeed.prune(retention interval, max_commits integer)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    last_seq bigint;
+    last_ord integer;
+    removed  integer;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(1885824612, 2) THEN
+        RETURN -1;
+    END IF;
+    WITH doomed AS (
+        SELECT c.seq, c.xid
+        FROM pgfeed.commits AS c
+        WHERE c.committed_at < now() - retention
+        ORDER BY c.seq
+        LIMIT max_commits
+    ),
+    gone_changes AS (
+        DELETE FROM pgfeed.changes AS ch USING doomed AS d
+        WHERE ch.xid = d.xid
+        RETURNING d.seq, ch.ord
+    ),
+    gone_commits AS (
+        DELETE FROM pgfeed.commits AS c USING doomed AS d
+        WHERE c.seq = d.seq
+        RETURNING c.seq
+    )
+    SELECT (SELECT count(*) FROM gone_commits),
+           (SELECT max(seq) FROM gone_commits),
+           (SELECT max(g.ord) FROM gone_changes AS g
+             WHERE g.seq = (SELECT max(seq) FROM gone_commits))
+    INTO removed, last_seq, last_ord;
+    IF removed > 0 THEN
+        UPDATE pgfeed.pruned AS p
+        SET commit_seq = last_seq, ord = coalesce(last_ord, 2147483647)
+        WHERE (p.commit_seq, p.ord) < (last_seq, coalesce(last_ord, 2147483647));
+    END IF;
+    RETURN removed;
+END
+$$;
+
 -- Nothing in schema pgfeed is for application roles: capture runs as the owner.
 REVOKE ALL ON SCHEMA pgfeed FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgfeed FROM PUBLIC;

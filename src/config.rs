@@ -18,6 +18,8 @@ use serde::Deserialize;
 pub const KEYS: &[(&str, Kind)] = &[
     ("database.url", Kind::Str),
     ("database.pool_size", Kind::Int),
+    ("database.query_timeout", Kind::Str),
+    ("database.health_interval", Kind::Str),
     ("server.listen", Kind::Str),
     ("server.heartbeat", Kind::Str),
     ("server.shutdown_grace", Kind::Str),
@@ -30,6 +32,8 @@ pub const KEYS: &[(&str, Kind)] = &[
     ("auth.leeway", Kind::Str),
     ("journal.retention", Kind::Str),
     ("journal.batch_size", Kind::Int),
+    ("journal.batch_bytes", Kind::Int),
+    ("journal.prune_interval", Kind::Str),
 ];
 
 /// The kind of value a key takes, for converting environment strings.
@@ -129,6 +133,8 @@ struct FileConfig {
 struct DatabaseSection {
     url: Option<Secret>,
     pool_size: Option<i64>,
+    query_timeout: Option<String>,
+    health_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -156,6 +162,8 @@ struct AuthSection {
 struct JournalSection {
     retention: Option<String>,
     batch_size: Option<i64>,
+    batch_bytes: Option<i64>,
+    prune_interval: Option<String>,
 }
 
 /// The validated settings.
@@ -168,6 +176,13 @@ pub struct Config {
     /// `database.pool_size` (default 8): connections for journal reads, besides the one
     /// LISTEN connection.
     pub pool_size: usize,
+    /// `database.query_timeout` (default 30s): longest a journal query may take before its
+    /// connection is discarded, so that a silently dead connection cannot hang a reader.
+    pub query_timeout: Duration,
+    /// `database.health_interval` (default 5s): how often the listener checks its
+    /// connection with a NOTIFY to itself; one that does not come back within another
+    /// interval marks the connection dead.
+    pub health_interval: Duration,
     /// `server.listen` (default `127.0.0.1:8080`).
     pub listen: SocketAddr,
     /// `server.heartbeat` (default 15s): comment line sent on idle streams so that proxies
@@ -186,6 +201,12 @@ pub struct Config {
     pub retention: Duration,
     /// `journal.batch_size` (default 500): changes per journal read, bounding memory.
     pub batch_size: usize,
+    /// `journal.batch_bytes` (default 8388608): stored row-image bytes after which a journal
+    /// read stops early, so huge rows are read a few at a time.
+    pub batch_bytes: usize,
+    /// `journal.prune_interval` (default 1m): how often a replica tries to prune changes
+    /// older than `journal.retention`.
+    pub prune_interval: Duration,
 }
 
 /// How subscribers are authenticated.
@@ -311,6 +332,18 @@ impl Config {
         Ok(Config {
             database_url,
             pool_size: positive("database.pool_size", file.database.pool_size, 8, 1000)?,
+            query_timeout: duration(
+                "database.query_timeout",
+                &file.database.query_timeout,
+                "30s",
+                true,
+            )?,
+            health_interval: duration(
+                "database.health_interval",
+                &file.database.health_interval,
+                "5s",
+                true,
+            )?,
             listen,
             heartbeat: duration("server.heartbeat", &file.server.heartbeat, "15s", true)?,
             shutdown_grace: duration(
@@ -329,6 +362,18 @@ impl Config {
             },
             retention: duration("journal.retention", &file.journal.retention, "24h", true)?,
             batch_size: positive("journal.batch_size", file.journal.batch_size, 500, 100_000)?,
+            batch_bytes: positive(
+                "journal.batch_bytes",
+                file.journal.batch_bytes,
+                8 << 20,
+                1 << 30,
+            )?,
+            prune_interval: duration(
+                "journal.prune_interval",
+                &file.journal.prune_interval,
+                "1m",
+                true,
+            )?,
         })
     }
 }

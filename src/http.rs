@@ -111,6 +111,15 @@ impl From<Forbidden> for ApiError {
     }
 }
 
+fn unavailable(err: crate::journal::JournalError) -> ApiError {
+    tracing::warn!(cause = %err, "reading the head position failed");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the database is not reachable",
+    )
+}
+
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(value.to_string())).boxed_unsync());
     *response.status_mut() = status;
@@ -192,7 +201,7 @@ async fn route(state: &AppState, req: Request<Incoming>) -> Response<Body> {
         "/healthz" => Ok(json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))),
         "/readyz" => Ok(readyz(state)),
         "/v1/position" => position(state, &req).await,
-        _ => stream(state, &req),
+        _ => stream(state, &req).await,
     };
     result.unwrap_or_else(ApiError::into_response)
 }
@@ -230,21 +239,14 @@ fn token<'a>(req: &'a Request<Incoming>, query: &'a StreamQuery) -> Result<&'a s
 async fn position(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let query = StreamQuery::parse(req.uri().query().unwrap_or(""))?;
     state.auth.authenticate(token(req, &query)?)?;
-    let head = state.journal.head().await.map_err(|err| {
-        tracing::warn!(cause = %err, "reading the head position failed");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the database is not reachable",
-        )
-    })?;
+    let head = state.journal.head().await.map_err(unavailable)?;
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({ "position": head.to_string() }),
     ))
 }
 
-fn stream(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn stream(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let query = StreamQuery::parse(req.uri().query().unwrap_or(""))?;
     let principal = state.auth.authenticate(token(req, &query)?)?;
     let selection = Selection::new(&principal, &query)?;
@@ -269,6 +271,19 @@ fn stream(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, A
         }
         None => query.last_event_id,
     };
+    if let Some(from) = resume_from {
+        // Positions come from this database, so one beyond its head is from elsewhere
+        // (another database, or a schema that was reinstalled): refuse it rather than
+        // wait silently for the numbers to catch up.
+        let head = state.journal.head().await.map_err(unavailable)?;
+        if from > head {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unknown_position",
+                format!("position {from} is not from this database (its newest is {head})"),
+            ));
+        }
+    }
     let format = match req
         .headers()
         .get(header::ACCEPT)

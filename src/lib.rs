@@ -64,7 +64,14 @@ pub async fn serve(
         let client = pool.get().await.map_err(ServeError::Pool)?;
         schema::check(&client).await?;
     }
-    let journal = journal::Journal::new(pool, config.batch_size);
+    let journal = journal::Journal::new(
+        pool,
+        journal::Limits {
+            batch_size: config.batch_size,
+            batch_bytes: config.batch_bytes,
+            query_timeout: config.query_timeout,
+        },
+    );
     let head = journal.head().await?;
     let hub = Arc::new(fanout::Hub::new(head, config.live_buffer));
 
@@ -77,9 +84,16 @@ pub async fn serve(
             journal: journal.clone(),
             hub: Arc::clone(&hub),
             readiness: Arc::clone(&readiness),
+            health_interval: config.health_interval,
         }
         .run(shutdown.child_token()),
     );
+
+    tracker.spawn(journal.clone().prune_periodically(
+        config.retention,
+        config.prune_interval,
+        shutdown.child_token(),
+    ));
 
     // Phase 4: HTTP, until shutdown.
     let state = Arc::new(http::AppState {

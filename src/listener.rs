@@ -37,6 +37,10 @@ pub enum ListenerError {
     /// The server closed the connection.
     #[error("the LISTEN connection was closed by the server")]
     Closed,
+    /// The health check's NOTIFY did not come back in time: the connection is silently
+    /// dead (a network partition, a frozen peer).
+    #[error("the LISTEN connection stopped answering (health check timed out)")]
+    Unresponsive,
     /// Reading the announced changes failed.
     #[error("cannot read the journal")]
     Journal(#[source] JournalError),
@@ -67,6 +71,8 @@ pub struct Listener {
     pub hub: Arc<Hub>,
     /// Set while connected and caught up.
     pub readiness: Arc<Readiness>,
+    /// How often the connection is checked with a NOTIFY to itself.
+    pub health_interval: Duration,
 }
 
 impl Listener {
@@ -98,20 +104,29 @@ impl Listener {
         backoff: &mut Backoff,
         shutdown: &CancellationToken,
     ) -> Result<(), ListenerError> {
-        let (client, mut connection) = self
-            .config
-            .connect(NoTls)
+        let connect = tokio::time::timeout(self.health_interval * 2, self.config.connect(NoTls));
+        let (client, mut connection) = connect
             .await
+            .map_err(|_| ListenerError::Unresponsive)?
             .map_err(ListenerError::Connect)?;
+        // A channel of our own for the health check, so other replicas never hear it.
+        let health_channel = format!("pgfeed_health_{:016x}", rand::random::<u64>());
         let bell = Arc::new(Notify::new());
+        let echo = Arc::new(Notify::new());
         let (lost_tx, mut lost_rx) = oneshot::channel();
-        let ring = Arc::clone(&bell);
+        let (ring, answer, own) = (Arc::clone(&bell), Arc::clone(&echo), health_channel.clone());
+        // The session's tasks; dropping the set when the session ends aborts them, so a
+        // connection that went silent is not kept alive by a task waiting on it.
+        let mut tasks = tokio::task::JoinSet::new();
         // Drives the connection and drains notifications as fast as they come, whatever
         // the rest of the gateway is doing, so PostgreSQL's notification queue never
-        // fills because of us. Ends when the client is dropped.
-        tokio::spawn(async move {
+        // fills because of us.
+        tasks.spawn(async move {
             let outcome = loop {
                 match poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(n))) if n.channel() == own => {
+                        answer.notify_one()
+                    }
                     Some(Ok(AsyncMessage::Notification(_))) => ring.notify_one(),
                     Some(Ok(_)) => {}
                     Some(Err(err)) => break ListenerError::Connection(err),
@@ -121,9 +136,11 @@ impl Listener {
             let _ = lost_tx.send(outcome);
         });
 
-        client
-            .batch_execute(&format!("LISTEN {CHANNEL}"))
+        let client = Arc::new(client);
+        let listen_sql = format!("LISTEN {CHANNEL}; LISTEN {health_channel}");
+        tokio::time::timeout(self.health_interval * 2, client.batch_execute(&listen_sql))
             .await
+            .map_err(|_| ListenerError::Unresponsive)?
             .map_err(ListenerError::Connect)?;
         // Everything committed before LISTEN took effect is in the journal: read it now.
         let caught_up = self.catch_up(last).await?;
@@ -131,6 +148,9 @@ impl Listener {
         backoff.reset();
         tracing::info!(position = %last, changes = caught_up, "listener connected and caught up");
 
+        let mut health = tokio::time::interval(self.health_interval);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut awaiting_echo = false;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -139,6 +159,20 @@ impl Listener {
                 }
                 _ = bell.notified() => {
                     self.catch_up(last).await?;
+                }
+                _ = echo.notified() => awaiting_echo = false,
+                _ = health.tick() => {
+                    if awaiting_echo {
+                        return Err(ListenerError::Unresponsive);
+                    }
+                    while tasks.try_join_next().is_some() {}
+                    // Not awaited here: its reply and the echo both come back through the
+                    // connection driver, or neither does.
+                    let (client, sql) = (Arc::clone(&client), format!("NOTIFY {health_channel}"));
+                    tasks.spawn(async move {
+                        let _ = client.batch_execute(&sql).await;
+                    });
+                    awaiting_echo = true;
                 }
             }
         }
@@ -153,13 +187,18 @@ impl Listener {
                 .read_after(*last, Scope::All)
                 .await
                 .map_err(ListenerError::Journal)?;
-            let Some(newest) = batch.last() else {
+            if batch.pruned > *last {
+                // Only possible when the listener was away for longer than the retention:
+                // subscribers that were connected throughout have a gap they cannot see.
+                tracing::error!(position = %last, pruned = %batch.pruned, "changes were pruned before the listener published them");
+            }
+            let Some(newest) = batch.changes.last() else {
                 return Ok(total);
             };
             *last = newest.position;
-            total += batch.len();
-            self.hub.publish(&batch);
-            if batch.len() < self.journal.batch_size() {
+            total += batch.changes.len();
+            self.hub.publish(&batch.changes);
+            if !batch.more {
                 return Ok(total);
             }
         }

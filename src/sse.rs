@@ -193,12 +193,14 @@ impl EventStream {
                             return None;
                         }
                     };
+                    if batch.pruned > self.last {
+                        return self.reset().await;
+                    }
                     let mut buf = BytesMut::new();
-                    let reached_end = batch.len() < self.journal.batch_size();
-                    for change in &batch {
+                    for change in &batch.changes {
                         self.take(change, &mut buf);
                     }
-                    if reached_end {
+                    if !batch.more {
                         self.mode = Mode::Live;
                         if announce {
                             buf.extend_from_slice(&self.live_frame());
@@ -251,6 +253,31 @@ impl EventStream {
                 Err(TryRecvError::Empty | TryRecvError::Closed) => return,
             }
         }
+    }
+
+    /// The subscriber's position is older than the journal keeps: tell it to refetch its
+    /// state and continue from the head, which this stream then follows.
+    async fn reset(&mut self) -> Option<Bytes> {
+        let head = match self.journal.head().await {
+            Ok(head) => head,
+            Err(err) => {
+                tracing::warn!(cause = %err, "reading the head for a reset failed; ending the stream");
+                self.done = true;
+                return None;
+            }
+        };
+        let frame = control_frame(
+            self.format,
+            "reset",
+            Some(head),
+            &serde_json::json!({
+                "reason": "the requested position is older than the journal keeps; refetch your state, then continue from `position`",
+                "position": head.to_string(),
+            }),
+        );
+        self.last = head;
+        self.mode = Mode::Replay { announce: true };
+        Some(frame)
     }
 
     fn finish_shutdown(&mut self) -> Option<Bytes> {
