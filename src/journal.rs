@@ -94,11 +94,14 @@ const READ_AFTER: &str = "
     LEFT JOIN page AS p ON p.running - p.size < $5
     ORDER BY p.seq, p.ord";
 
+// The newest change, or the pruning watermark when everything was pruned.
 const HEAD: &str = "
-    SELECT c.seq, (SELECT max(ch.ord) FROM pgfeed.changes AS ch WHERE ch.xid = c.xid)
-    FROM pgfeed.commits AS c
-    ORDER BY c.seq DESC
-    LIMIT 1";
+    SELECT c.seq, (SELECT max(ch.ord) FROM pgfeed.changes AS ch WHERE ch.xid = c.xid),
+           w.commit_seq, w.ord
+    FROM pgfeed.pruned AS w
+    LEFT JOIN LATERAL (
+        SELECT seq, xid FROM pgfeed.commits ORDER BY seq DESC LIMIT 1
+    ) AS c ON true";
 
 /// Settings for journal reads.
 #[derive(Debug, Clone, Copy)]
@@ -144,15 +147,20 @@ impl Journal {
         }
     }
 
-    /// The position of the newest committed change (`0.0` when there is none).
+    /// The position of the newest committed change (`0.0` when there never was one).
     pub async fn head(&self) -> Result<Position, JournalError> {
         let row = self
-            .with_client(|client| Box::pin(async move { client.query_opt(HEAD, &[]).await }))
+            .with_client(|client| Box::pin(async move { client.query_one(HEAD, &[]).await }))
             .await?;
-        Ok(row.map_or(Position::ZERO, |r| Position {
-            commit: r.get(0),
-            ord: r.get::<_, Option<i32>>(1).unwrap_or(0),
-        }))
+        let newest = Position {
+            commit: row.get::<_, Option<i64>>(0).unwrap_or(0),
+            ord: row.get::<_, Option<i32>>(1).unwrap_or(0),
+        };
+        let pruned = Position {
+            commit: row.get(2),
+            ord: row.get(3),
+        };
+        Ok(newest.max(pruned))
     }
 
     /// Changes after `after`, in commit order, at most `batch_size` of them and stopping

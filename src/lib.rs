@@ -80,7 +80,7 @@ pub async fn serve(
     let readiness = Arc::new(listener::Readiness::default());
     tracker.spawn(
         listener::Listener {
-            config: pg,
+            config: listener::connection_config(&pg),
             journal: journal.clone(),
             hub: Arc::clone(&hub),
             readiness: Arc::clone(&readiness),

@@ -46,6 +46,20 @@ pub enum ListenerError {
     Journal(#[source] JournalError),
 }
 
+/// `application_name` of the LISTEN connection, so operators (and `pgfeed status`) can
+/// tell it from pooled connections in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "pgfeed-listener";
+
+/// The LISTEN connection's settings: the pool's, named [`APPLICATION_NAME`] unless the
+/// operator chose a name.
+pub fn connection_config(pool_config: &tokio_postgres::Config) -> tokio_postgres::Config {
+    let mut config = pool_config.clone();
+    if config.get_application_name() == Some("pgfeed") {
+        config.application_name(APPLICATION_NAME);
+    }
+    config
+}
+
 /// Whether the listener is connected and caught up (`/readyz`).
 #[derive(Debug, Default)]
 pub struct Readiness(AtomicBool);

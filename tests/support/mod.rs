@@ -845,3 +845,137 @@ pub async fn tenant_table(db: &TestDb, name: &str) {
     .await
     .unwrap();
 }
+
+/// Terminates the gateway's LISTEN connection(s) on `db`; returns how many were ended.
+pub async fn terminate_listener(db: &TestDb) -> i64 {
+    let admin = connect(&server().url("postgres")).await;
+    admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = $1 AND application_name = $2",
+            &[&db.name, &pgfeed::listener::APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Resident memory of this process, in KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until `check` returns true, polling every 20 ms, for at most [`SOON`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + SOON;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A TCP proxy in front of PostgreSQL that can freeze its connections: bytes stop flowing
+/// but the sockets stay open, as in a network partition that sends no reset.
+pub struct Proxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    /// Connections accepted before this generation are frozen.
+    frozen_before: tokio::sync::watch::Sender<u64>,
+    /// Generation of the next accepted connection.
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Proxy {
+    /// A proxy to the server behind `url`.
+    pub async fn start(url: &str) -> Proxy {
+        let config: tokio_postgres::Config = url.parse().unwrap();
+        let host = match &config.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            #[allow(unreachable_patterns)]
+            _ => panic!("the proxy needs a TCP host"),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let upstream = format!("{host}:{port}");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (frozen_before, _) = tokio::sync::watch::channel(0u64);
+        let generation = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
+        let (tx, gen_counter) = (frozen_before.clone(), generation.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let my_gen = gen_counter.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pipe(cr, sw, tx.subscribe(), my_gen));
+                tokio::spawn(pipe(sr, cw, tx.subscribe(), my_gen));
+            }
+        });
+        Proxy {
+            addr,
+            frozen_before,
+            generation,
+        }
+    }
+
+    /// `url` with its host and port replaced by the proxy's.
+    pub fn url(&self, url: &str) -> String {
+        let config: tokio_postgres::Config = url.parse().unwrap();
+        let user = config.get_user().unwrap_or("postgres");
+        let db = config.get_dbname().unwrap_or("postgres");
+        format!("postgres://{user}@{}/{db}", self.addr)
+    }
+
+    /// Freezes every connection open now; later ones flow normally.
+    pub fn freeze_existing(&self) {
+        let current = self.generation.load(Ordering::SeqCst);
+        self.frozen_before.send_replace(current);
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen_before: tokio::sync::watch::Receiver<u64>,
+    generation: u64,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if *frozen_before.borrow() > generation {
+            // Hold both sockets open and move nothing, forever.
+            std::future::pending::<()>().await;
+        }
+        tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if *frozen_before.borrow() > generation {
+                        continue;
+                    }
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            changed = frozen_before.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
