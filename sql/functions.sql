@@ -33,6 +33,58 @@ LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT jsonb_object_agg(c, j -> c) FROM unnest(cols) AS c $$;
 
+-- Refuses to capture a table whose rows to_jsonb() would render through a cast to json or
+-- jsonb that a non-superuser defined: to_jsonb() calls such casts, and inside a SECURITY
+-- DEFINER capture function that code would run with pgfeed's privileges and could forge
+-- journal rows. Casts from superusers (extensions such as PostGIS) are trusted. The common
+-- case (no such cast anywhere) costs one scan of the small pg_cast catalog.
+CREATE OR REPLACE FUNCTION pgfeed._check_casts(tbl oid) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    bad text;
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_cast AS c
+        JOIN pg_proc AS p ON p.oid = c.castfunc
+        JOIN pg_roles AS r ON r.oid = p.proowner
+        WHERE c.casttarget IN ('json'::regtype, 'jsonb'::regtype) AND NOT r.rolsuper
+    ) THEN
+        RETURN;
+    END IF;
+    WITH RECURSIVE reached(typ) AS (
+        SELECT a.atttypid FROM pg_attribute AS a
+        WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+        UNION
+        SELECT x.typ
+        FROM reached
+        JOIN pg_type AS t ON t.oid = reached.typ
+        CROSS JOIN LATERAL (
+            SELECT t.typbasetype WHERE t.typtype = 'd'
+            UNION ALL SELECT t.typelem WHERE t.typelem <> 0 AND t.typcategory = 'A'
+            UNION ALL SELECT a.atttypid FROM pg_attribute AS a
+                WHERE t.typrelid <> 0 AND a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+            UNION ALL SELECT r.rngsubtype FROM pg_range AS r
+                WHERE r.rngtypid = t.oid OR r.rngmultitypid = t.oid
+        ) AS x(typ)
+    )
+    SELECT format_type(c.castsource, NULL) INTO bad
+    FROM reached
+    JOIN pg_cast AS c ON c.castsource = reached.typ
+    JOIN pg_proc AS p ON p.oid = c.castfunc
+    JOIN pg_roles AS r ON r.oid = p.proowner
+    WHERE c.casttarget IN ('json'::regtype, 'jsonb'::regtype) AND NOT r.rolsuper
+    LIMIT 1;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfeed: refusing to capture changes of %: its type % has a cast to json defined by a non-superuser', tbl::regclass, bad
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Capture renders rows with to_jsonb(), which would run that cast with pgfeed''s privileges. '
+                      || 'Drop the cast, or unwatch the table.';
+    END IF;
+END
+$$;
+
 -- Trigger arguments, fixed by pgfeed.watch():
 --   TG_ARGV[0] tenant column ('' for a public table)
 --   TG_ARGV[1] public ('true' / 'false')
@@ -51,6 +103,7 @@ DECLARE
     base       integer := pgfeed._ord();
     n          integer;
 BEGIN
+    PERFORM pgfeed._check_casts(TG_RELID);
     INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
     SELECT pg_current_xact_id(), base + (row_number() OVER ())::integer,
            TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'insert',
@@ -58,6 +111,9 @@ BEGIN
            pgfeed._pick(j, pk_cols), j - excl
     FROM (SELECT to_jsonb(r) AS j FROM pgfeed_new AS r) AS s;
     GET DIAGNOSTICS n = ROW_COUNT;
+    -- Again after rendering: a cast created concurrently, between the first check and
+    -- to_jsonb(), fails the statement here, and everything it did is rolled back with it.
+    PERFORM pgfeed._check_casts(TG_RELID);
     PERFORM pgfeed._advance(base, n);
     RETURN NULL;
 END
@@ -81,6 +137,7 @@ DECLARE
     tbl        text    := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
     n          integer;
 BEGIN
+    PERFORM pgfeed._check_casts(TG_RELID);
     WITH pairs AS (
         SELECT o.i, o.j AS oj, nw.j AS nj,
                CASE WHEN is_public THEN NULL ELSE o.j ->> tenant_col END AS old_tenant,
@@ -114,6 +171,9 @@ BEGIN
     FROM events AS ev
     WHERE ev.op <> 'update' OR cardinality(ev.changed) > 0;
     GET DIAGNOSTICS n = ROW_COUNT;
+    -- Again after rendering: a cast created concurrently, between the first check and
+    -- to_jsonb(), fails the statement here, and everything it did is rolled back with it.
+    PERFORM pgfeed._check_casts(TG_RELID);
     PERFORM pgfeed._advance(base, n);
     RETURN NULL;
 END
@@ -131,6 +191,7 @@ DECLARE
     base       integer := pgfeed._ord();
     n          integer;
 BEGIN
+    PERFORM pgfeed._check_casts(TG_RELID);
     INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, old)
     SELECT pg_current_xact_id(), base + (row_number() OVER ())::integer,
            TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'delete',
@@ -138,6 +199,9 @@ BEGIN
            pgfeed._pick(j, pk_cols), j - excl
     FROM (SELECT to_jsonb(r) AS j FROM pgfeed_old AS r) AS s;
     GET DIAGNOSTICS n = ROW_COUNT;
+    -- Again after rendering: a cast created concurrently, between the first check and
+    -- to_jsonb(), fails the statement here, and everything it did is rolled back with it.
+    PERFORM pgfeed._check_casts(TG_RELID);
     PERFORM pgfeed._advance(base, n);
     RETURN NULL;
 END
@@ -247,6 +311,7 @@ BEGIN
         END IF;
     END LOOP;
 
+    PERFORM pgfeed._check_casts(tbl);
     PERFORM pgfeed._drop_triggers(tbl);
     args := format('%L, %L, %L, %L', coalesce(tenant_column::text, ''),
                    coalesce(public, false)::text, pk::text, excl::text);
@@ -270,6 +335,8 @@ BEGIN
             public = excluded.public,
             pk_columns = excluded.pk_columns,
             watched_at = now();
+    -- Gateways reload their catalog of tables and columns on this payload.
+    PERFORM pg_notify('pgfeed', 'watch');
 END
 $$;
 
@@ -299,6 +366,7 @@ BEGIN
     END IF;
     PERFORM pgfeed._drop_triggers(tbl);
     DELETE FROM pgfeed.watched AS w WHERE w.tbl = unwatch.tbl;
+    PERFORM pg_notify('pgfeed', 'watch');
 END
 $$;
 
@@ -354,3 +422,42 @@ $$;
 REVOKE ALL ON SCHEMA pgfeed FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgfeed FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA pgfeed FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA pgfeed FROM PUBLIC;
+
+-- The capture and seal functions run as pgfeed_capture, a role that can do nothing but
+-- append to the journal: whatever runs inside them runs with that little, not with the
+-- installer's privileges. Creating the role needs CREATEROLE (or a superuser); without
+-- it, the functions stay owned by the installer and install says so.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgfeed_capture') THEN
+        BEGIN
+            CREATE ROLE pgfeed_capture NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT;
+        EXCEPTION
+            WHEN duplicate_object OR unique_violation THEN NULL;
+            WHEN insufficient_privilege THEN NULL;
+        END;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgfeed_capture') THEN
+        RAISE WARNING 'pgfeed: cannot create role pgfeed_capture (needs CREATEROLE); the capture functions run as %, the installing role', current_user
+            USING HINT = 'Install as a role with CREATEROLE, or create pgfeed_capture (NOLOGIN) first, so that capture runs with the least privilege.';
+        RETURN;
+    END IF;
+    GRANT USAGE ON SCHEMA pgfeed TO pgfeed_capture;
+    GRANT INSERT ON pgfeed.changes, pgfeed.commits TO pgfeed_capture;
+    GRANT SELECT, INSERT, DELETE ON pgfeed.seal TO pgfeed_capture;
+    GRANT USAGE ON SEQUENCE pgfeed.commit_seq TO pgfeed_capture;
+    GRANT EXECUTE ON FUNCTION pgfeed._ord(), pgfeed._advance(integer, integer),
+        pgfeed._pick(jsonb, text[]), pgfeed._check_casts(oid) TO pgfeed_capture;
+    BEGIN
+        ALTER FUNCTION pgfeed._capture_insert() OWNER TO pgfeed_capture;
+        ALTER FUNCTION pgfeed._capture_update() OWNER TO pgfeed_capture;
+        ALTER FUNCTION pgfeed._capture_delete() OWNER TO pgfeed_capture;
+        ALTER FUNCTION pgfeed._capture_truncate() OWNER TO pgfeed_capture;
+        ALTER FUNCTION pgfeed._seal() OWNER TO pgfeed_capture;
+    EXCEPTION WHEN insufficient_privilege THEN
+        RAISE WARNING 'pgfeed: cannot hand the capture functions to pgfeed_capture (not a member); they run as %', current_user
+            USING HINT = 'GRANT pgfeed_capture TO the installing role, then run pgfeed install again.';
+    END;
+END
+$$;

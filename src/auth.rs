@@ -1,17 +1,25 @@
 //! Turns a request's credentials into a [`Principal`]: the tenant it may see and,
 //! optionally, the tables it is limited to.
 //!
-//! Tokens are JWTs verified with a fixed algorithm taken from configuration, never from
-//! the token's header, so `alg: none` and algorithm confusion are rejected. `exp` is
-//! required and `nbf` enforced. This module never logs a token or a claim value.
+//! In `jwt` mode the token comes from `Authorization: Bearer`, the configured cookie or the
+//! `access_token` query parameter, and is verified with the one algorithm that the
+//! configured key implies (HS256 for a secret; RS256, ES256 or EdDSA for a PEM key or a
+//! JWKS entry), never with the algorithm the token's header asks for: `alg: none` and
+//! algorithm confusion are rejected. `exp` is required; `nbf`, `iss` and `aud` are
+//! enforced. This module never logs a token or a claim value.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use hyper::HeaderMap;
+use hyper::header::{self, HeaderName};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::Value;
 
-use crate::config::{AuthConfig, ConfigError};
+use crate::config::{AuthConfig, AuthMode, ConfigError};
 
 /// Who a subscriber is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,8 +35,10 @@ pub struct Principal {
 /// Why a request was not authenticated. Messages are safe to return to the client.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
-    /// No token in the header or the query.
-    #[error("a token is required: send `Authorization: Bearer <token>` or `access_token=<token>`")]
+    /// No credentials at all.
+    #[error(
+        "a token is required: send `Authorization: Bearer <token>`, the auth cookie, or `access_token=<token>`"
+    )]
     Missing,
     /// The token has expired.
     #[error("the token has expired")]
@@ -42,13 +52,41 @@ pub enum AuthError {
     /// The tables claim is not a list of table names.
     #[error("the token's `{0}` claim must be an array of table names")]
     BadTables(String),
+    /// `trusted_header` / `none` mode without the tenant header.
+    #[error("the `{0}` header naming the tenant is required")]
+    NoTenantHeader(String),
 }
 
-/// Verifies tokens.
+/// Credentials found in a request.
+#[derive(Debug, Default)]
+pub struct Credentials<'a> {
+    /// Request headers (Authorization, Cookie, the tenant header).
+    pub headers: Option<&'a HeaderMap>,
+    /// The `access_token` query parameter.
+    pub access_token: Option<&'a str>,
+    /// The `tenant` query parameter (`none` mode only).
+    pub tenant: Option<&'a str>,
+}
+
+/// Verifies requests according to `auth.mode`.
 pub struct Authenticator {
-    /// The HS256 key.
-    key: DecodingKey,
-    /// Algorithm, leeway and required claims.
+    /// The mode and its state.
+    mode: Mode,
+    /// Cookie that may carry the token.
+    cookie: Option<String>,
+}
+
+enum Mode {
+    Jwt(JwtVerifier),
+    TrustedHeader(HeaderName),
+    None(HeaderName),
+}
+
+/// JWT verification state.
+struct JwtVerifier {
+    /// Where keys come from.
+    keys: KeySource,
+    /// Leeway, issuer, audience; the algorithm is set per key.
     validation: Validation,
     /// Claim naming the tenant.
     tenant_claim: String,
@@ -56,37 +94,326 @@ pub struct Authenticator {
     tables_claim: Option<String>,
 }
 
+enum KeySource {
+    /// One key with its algorithm (a secret or a PEM file).
+    Fixed(DecodingKey, Algorithm),
+    /// A JWKS file, reloaded when it changes.
+    Jwks(Mutex<JwksCache>),
+}
+
+/// A loaded JWKS file.
+struct JwksCache {
+    path: PathBuf,
+    keys: Vec<(Option<String>, DecodingKey, Algorithm)>,
+    modified: Option<SystemTime>,
+    checked: Instant,
+}
+
+/// How often a JWKS file's modification time is checked.
+const JWKS_CHECK: Duration = Duration::from_secs(1);
+
+fn config_err(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// The algorithm a PEM public key implies, with the key.
+fn pem_key(path: &Path) -> Result<(DecodingKey, Algorithm), ConfigError> {
+    let pem = std::fs::read(path).map_err(|e| {
+        config_err(
+            "auth.public_key_file",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
+        return Ok((key, Algorithm::RS256));
+    }
+    if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+        return Ok((key, Algorithm::ES256));
+    }
+    if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
+        return Ok((key, Algorithm::EdDSA));
+    }
+    Err(config_err(
+        "auth.public_key_file",
+        format!(
+            "{} is not a PEM public key of a supported kind (RSA, EC P-256, Ed25519)",
+            path.display()
+        ),
+    ))
+}
+
+/// Loads a JWKS file: every RSA, P-256 and Ed25519 key, with the algorithm it implies.
+fn load_jwks(path: &Path) -> Result<Vec<(Option<String>, DecodingKey, Algorithm)>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let set: JwkSet = serde_json::from_str(&text)
+        .map_err(|e| format!("{} is not a JWKS document: {e}", path.display()))?;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        let implied = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => Algorithm::RS256,
+            AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => {
+                Algorithm::ES256
+            }
+            AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+                Algorithm::EdDSA
+            }
+            // Symmetric and other keys have no place in a public key set.
+            _ => continue,
+        };
+        let declared = match jwk.common.key_algorithm {
+            None => Some(implied),
+            Some(KeyAlgorithm::RS256) => Some(Algorithm::RS256),
+            Some(KeyAlgorithm::ES256) => Some(Algorithm::ES256),
+            Some(KeyAlgorithm::EdDSA) => Some(Algorithm::EdDSA),
+            Some(_) => None,
+        };
+        if declared != Some(implied) {
+            continue;
+        }
+        let Ok(key) = DecodingKey::from_jwk(jwk) else {
+            continue;
+        };
+        keys.push((jwk.common.key_id.clone(), key, implied));
+    }
+    if keys.is_empty() {
+        return Err(format!(
+            "{} has no usable key (RSA for RS256, EC P-256 for ES256, OKP Ed25519 for EdDSA)",
+            path.display()
+        ));
+    }
+    Ok(keys)
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+impl JwksCache {
+    /// Reloads the file if it changed since the last check (at most once a second). A
+    /// file that became unreadable or invalid keeps the previous keys.
+    fn refresh(&mut self) {
+        if self.checked.elapsed() < JWKS_CHECK {
+            return;
+        }
+        self.checked = Instant::now();
+        let now = modified(&self.path);
+        if now == self.modified {
+            return;
+        }
+        match load_jwks(&self.path) {
+            Ok(keys) => {
+                self.keys = keys;
+                self.modified = now;
+                tracing::info!(path = %self.path.display(), keys = self.keys.len(), "reloaded the JWKS file");
+            }
+            Err(err) => {
+                tracing::warn!(cause = %err, "the JWKS file changed but cannot be loaded; keeping the previous keys")
+            }
+        }
+    }
+}
+
 impl Authenticator {
-    /// An authenticator for `auth` settings.
+    /// An authenticator for `auth` settings; in `jwt` mode exactly one key source must be
+    /// configured.
     pub fn new(auth: &AuthConfig) -> Result<Authenticator, ConfigError> {
-        let secret = auth.secret()?;
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = auth.leeway.as_secs();
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
+        let header = |name: &str| {
+            HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| config_err("auth.tenant_header", "is not a header name"))
+        };
+        let mode = match auth.mode {
+            AuthMode::TrustedHeader => Mode::TrustedHeader(header(&auth.tenant_header)?),
+            AuthMode::None => Mode::None(header(&auth.tenant_header)?),
+            AuthMode::Jwt => {
+                let keys = match (&auth.secret, &auth.public_key_file, &auth.jwks_file) {
+                    (Some(secret), None, None) => KeySource::Fixed(
+                        DecodingKey::from_secret(secret.expose().as_bytes()),
+                        Algorithm::HS256,
+                    ),
+                    (None, Some(path), None) => {
+                        let (key, alg) = pem_key(path)?;
+                        KeySource::Fixed(key, alg)
+                    }
+                    (None, None, Some(path)) => {
+                        let keys = load_jwks(path).map_err(|e| config_err("auth.jwks_file", e))?;
+                        KeySource::Jwks(Mutex::new(JwksCache {
+                            path: path.clone(),
+                            keys,
+                            modified: modified(path),
+                            checked: Instant::now(),
+                        }))
+                    }
+                    (None, None, None) => {
+                        return Err(config_err(
+                            "auth.secret",
+                            "jwt mode needs a key: set auth.secret (HS256), auth.public_key_file or auth.jwks_file",
+                        ));
+                    }
+                    _ => {
+                        return Err(config_err(
+                            "auth.secret",
+                            "only one of auth.secret, auth.public_key_file and auth.jwks_file may be set",
+                        ));
+                    }
+                };
+                let mut validation = Validation::new(Algorithm::HS256);
+                validation.leeway = auth.leeway.as_secs();
+                validation.validate_nbf = true;
+                let mut required = vec!["exp"];
+                if let Some(iss) = &auth.issuer {
+                    validation.set_issuer(&[iss]);
+                    required.push("iss");
+                }
+                match &auth.audience {
+                    Some(aud) => {
+                        validation.set_audience(&[aud]);
+                        required.push("aud");
+                    }
+                    None => validation.validate_aud = false,
+                }
+                validation.set_required_spec_claims(&required);
+                Mode::Jwt(JwtVerifier {
+                    keys,
+                    validation,
+                    tenant_claim: auth.tenant_claim.clone(),
+                    tables_claim: auth.tables_claim.clone(),
+                })
+            }
+        };
         Ok(Authenticator {
-            key: DecodingKey::from_secret(secret.expose().as_bytes()),
-            validation,
-            tenant_claim: auth.tenant_claim.clone(),
-            tables_claim: auth.tables_claim.clone(),
+            mode,
+            cookie: auth.cookie.clone(),
         })
     }
 
-    /// Verifies `token` and extracts the principal.
-    pub fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
-        use jsonwebtoken::errors::ErrorKind;
-        let data = jsonwebtoken::decode::<Value>(token, &self.key, &self.validation).map_err(
-            |e| match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::ImmatureSignature => AuthError::Invalid("not valid yet (nbf)"),
-                ErrorKind::InvalidSignature => AuthError::Invalid("bad signature"),
-                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                    AuthError::Invalid("algorithm not allowed")
-                }
-                ErrorKind::MissingRequiredClaim(_) => AuthError::Invalid("missing exp claim"),
-                _ => AuthError::Invalid("malformed token"),
+    /// Authenticates a request's credentials.
+    pub fn authenticate_request(&self, creds: &Credentials<'_>) -> Result<Principal, AuthError> {
+        match &self.mode {
+            Mode::Jwt(verifier) => verifier.verify(self.token(creds)?),
+            Mode::TrustedHeader(name) => tenant_from_header(creds.headers, name),
+            Mode::None(name) => match creds.tenant {
+                Some(t) if !t.is_empty() => Ok(Principal {
+                    tenant: t.to_string(),
+                    tables: None,
+                    expires_at: None,
+                }),
+                _ => tenant_from_header(creds.headers, name),
             },
-        )?;
+        }
+    }
+
+    /// Verifies a bare token (jwt mode).
+    pub fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        self.authenticate_request(&Credentials {
+            access_token: Some(token),
+            ..Default::default()
+        })
+    }
+
+    /// The token: `Authorization: Bearer`, else the cookie, else `access_token`.
+    fn token<'a>(&self, creds: &Credentials<'a>) -> Result<&'a str, AuthError> {
+        if let Some(headers) = creds.headers {
+            if let Some(value) = headers.get(header::AUTHORIZATION) {
+                let value = value
+                    .to_str()
+                    .map_err(|_| AuthError::Invalid("malformed Authorization header"))?;
+                let (scheme, token) = value
+                    .split_once(' ')
+                    .ok_or(AuthError::Invalid("Authorization must be `Bearer <token>`"))?;
+                if !scheme.eq_ignore_ascii_case("bearer") {
+                    return Err(AuthError::Invalid("Authorization must be `Bearer <token>`"));
+                }
+                return Ok(token.trim());
+            }
+            if let Some(name) = &self.cookie
+                && let Some(token) = cookie(headers, name)
+            {
+                return Ok(token);
+            }
+        }
+        creds.access_token.ok_or(AuthError::Missing)
+    }
+}
+
+/// The value of cookie `name`, if the request carries it.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
+        .filter(|v| !v.is_empty())
+}
+
+fn tenant_from_header(
+    headers: Option<&HeaderMap>,
+    name: &HeaderName,
+) -> Result<Principal, AuthError> {
+    let tenant = headers
+        .and_then(|h| h.get(name))
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| AuthError::NoTenantHeader(name.to_string()))?;
+    Ok(Principal {
+        tenant: tenant.to_string(),
+        tables: None,
+        expires_at: None,
+    })
+}
+
+impl JwtVerifier {
+    fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        use jsonwebtoken::errors::ErrorKind;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Invalid("malformed token"))?;
+        let (key, alg) = match &self.keys {
+            KeySource::Fixed(key, alg) => (key.clone(), *alg),
+            KeySource::Jwks(cache) => {
+                let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+                cache.refresh();
+                let found = match &header.kid {
+                    Some(kid) => cache
+                        .keys
+                        .iter()
+                        .find(|(id, _, _)| id.as_deref() == Some(kid.as_str())),
+                    None if cache.keys.len() == 1 => cache.keys.first(),
+                    None => None,
+                };
+                let (_, key, alg) = found.ok_or(AuthError::Invalid("no key with that kid"))?;
+                (key.clone(), *alg)
+            }
+        };
+        // The header's algorithm must be the key's: this rejects `none`, HS256 signed with
+        // a public key's bytes, and any other substitution.
+        if header.alg != alg {
+            return Err(AuthError::Invalid("algorithm not allowed"));
+        }
+        let mut validation = self.validation.clone();
+        validation.algorithms = vec![alg];
+        let data = jsonwebtoken::decode::<Value>(token, &key, &validation).map_err(|e| match e
+            .kind()
+        {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::Invalid("not valid yet (nbf)"),
+            ErrorKind::InvalidSignature => AuthError::Invalid("bad signature"),
+            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                AuthError::Invalid("algorithm not allowed")
+            }
+            ErrorKind::MissingRequiredClaim(_) => {
+                AuthError::Invalid("missing a required claim (exp, iss or aud)")
+            }
+            ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer"),
+            ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience"),
+            _ => AuthError::Invalid("malformed token"),
+        })?;
         let claims = data.claims;
         let tenant = match claims.get(&self.tenant_claim) {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
@@ -144,14 +471,19 @@ pub fn mint(
     claims.insert(auth.tenant_claim.clone(), Value::from(tenant));
     claims.insert("iat".into(), Value::from(now));
     claims.insert("exp".into(), Value::from(now + ttl.as_secs().max(1)));
+    if let Some(iss) = &auth.issuer {
+        claims.insert("iss".into(), Value::from(iss.as_str()));
+    }
+    if let Some(aud) = &auth.audience {
+        claims.insert("aud".into(), Value::from(aud.as_str()));
+    }
     if let Some(tables) = tables {
-        let claim = auth
-            .tables_claim
-            .clone()
-            .ok_or_else(|| ConfigError::Invalid {
-                key: "auth.tables_claim",
-                message: "must be set to mint a token limited to tables".into(),
-            })?;
+        let claim = auth.tables_claim.clone().ok_or_else(|| {
+            config_err(
+                "auth.tables_claim",
+                "must be set to mint a token limited to tables",
+            )
+        })?;
         claims.insert(claim, Value::from(tables.to_vec()));
     }
     let token = jsonwebtoken::encode(
@@ -166,16 +498,13 @@ pub fn mint(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Secret;
     use base64::Engine;
 
     fn auth() -> AuthConfig {
-        AuthConfig {
-            secret: Some(Secret::new("0123456789abcdef0123")),
-            tenant_claim: "tenant_id".into(),
-            tables_claim: Some("tables".into()),
-            leeway: Duration::from_secs(0),
-        }
+        let mut a = AuthConfig::hs256("0123456789abcdef0123");
+        a.tables_claim = Some("tables".into());
+        a.leeway = Duration::from_secs(0);
+        a
     }
 
     fn sign(claims: Value, secret: &str) -> String {
@@ -261,5 +590,107 @@ mod tests {
             b64.encode(good.to_string())
         );
         assert!(a.authenticate(&none).is_err());
+        // Another HMAC algorithm with the right secret.
+        let hs512 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS512),
+            &good,
+            &EncodingKey::from_secret(b"0123456789abcdef0123"),
+        )
+        .unwrap();
+        assert_eq!(
+            a.authenticate(&hs512),
+            Err(AuthError::Invalid("algorithm not allowed"))
+        );
+    }
+
+    #[test]
+    fn issuer_and_audience_are_checked_when_configured() {
+        let mut cfg = auth();
+        cfg.issuer = Some("https://auth.example".into());
+        cfg.audience = Some("pgfeed".into());
+        let a = Authenticator::new(&cfg).unwrap();
+        let secret = "0123456789abcdef0123";
+        let ok = serde_json::json!({"tenant_id": "t", "exp": now() + 60, "iss": "https://auth.example", "aud": "pgfeed"});
+        assert!(a.authenticate(&sign(ok, secret)).is_ok());
+        let wrong_iss = serde_json::json!({"tenant_id": "t", "exp": now() + 60, "iss": "https://evil", "aud": "pgfeed"});
+        assert_eq!(
+            a.authenticate(&sign(wrong_iss, secret)),
+            Err(AuthError::Invalid("wrong issuer"))
+        );
+        let wrong_aud = serde_json::json!({"tenant_id": "t", "exp": now() + 60, "iss": "https://auth.example", "aud": "x"});
+        assert_eq!(
+            a.authenticate(&sign(wrong_aud, secret)),
+            Err(AuthError::Invalid("wrong audience"))
+        );
+        let missing = serde_json::json!({"tenant_id": "t", "exp": now() + 60});
+        assert!(a.authenticate(&sign(missing, secret)).is_err());
+        // Minted tokens carry the configured issuer and audience.
+        assert!(
+            a.authenticate(&mint(&cfg, "t", None, Duration::from_secs(60)).unwrap())
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn token_sources_in_order_of_preference() {
+        let mut cfg = auth();
+        cfg.cookie = Some("pgfeed_token".into());
+        let a = Authenticator::new(&cfg).unwrap();
+        let good = mint(&cfg, "from-cookie", None, Duration::from_secs(60)).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            format!("theme=dark; pgfeed_token={good}").parse().unwrap(),
+        );
+        let creds = Credentials {
+            headers: Some(&headers),
+            access_token: Some("ignored-when-a-cookie-is-present"),
+            tenant: None,
+        };
+        assert_eq!(
+            a.authenticate_request(&creds).unwrap().tenant,
+            "from-cookie"
+        );
+        headers.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
+        let creds = Credentials {
+            headers: Some(&headers),
+            ..Default::default()
+        };
+        assert!(matches!(
+            a.authenticate_request(&creds),
+            Err(AuthError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn header_modes_take_the_tenant_from_the_header() {
+        let mut cfg = auth();
+        cfg.mode = AuthMode::TrustedHeader;
+        let a = Authenticator::new(&cfg).unwrap();
+        let mut headers = HeaderMap::new();
+        let creds = Credentials {
+            headers: Some(&headers),
+            tenant: Some("query-is-ignored"),
+            ..Default::default()
+        };
+        assert_eq!(
+            a.authenticate_request(&creds),
+            Err(AuthError::NoTenantHeader("x-tenant-id".into()))
+        );
+        headers.insert("x-tenant-id", "acme".parse().unwrap());
+        let creds = Credentials {
+            headers: Some(&headers),
+            tenant: Some("query-is-ignored"),
+            ..Default::default()
+        };
+        assert_eq!(a.authenticate_request(&creds).unwrap().tenant, "acme");
+
+        cfg.mode = AuthMode::None;
+        let a = Authenticator::new(&cfg).unwrap();
+        let creds = Credentials {
+            tenant: Some("dev"),
+            ..Default::default()
+        };
+        assert_eq!(a.authenticate_request(&creds).unwrap().tenant, "dev");
     }
 }

@@ -145,6 +145,8 @@ pub struct Change {
     pub committed_at: String,
     /// Encoded frames, built on first use: [sse full, sse keys, ndjson full, ndjson keys].
     frames: [OnceLock<Bytes>; 4],
+    /// `new` and `old` parsed, on first use by a row filter; shared by every subscriber.
+    rows: [OnceLock<Option<serde_json::Value>>; 2],
 }
 
 /// The `data:` object of a change event.
@@ -195,7 +197,30 @@ impl Change {
             changed,
             committed_at,
             frames: Default::default(),
+            rows: Default::default(),
         }
+    }
+
+    /// `new` as JSON, parsed once (for row filters).
+    pub fn new_row(&self) -> Option<&serde_json::Value> {
+        self.rows[0]
+            .get_or_init(|| {
+                self.new
+                    .as_deref()
+                    .and_then(|r| serde_json::from_str(r.get()).ok())
+            })
+            .as_ref()
+    }
+
+    /// `old` as JSON, parsed once (for row filters).
+    pub fn old_row(&self) -> Option<&serde_json::Value> {
+        self.rows[1]
+            .get_or_init(|| {
+                self.old
+                    .as_deref()
+                    .and_then(|r| serde_json::from_str(r.get()).ok())
+            })
+            .as_ref()
     }
 
     /// The encoded frame for this change, built once per (format, payload) and shared.

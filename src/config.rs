@@ -25,11 +25,22 @@ pub const KEYS: &[(&str, Kind)] = &[
     ("server.shutdown_grace", Kind::Str),
     ("server.retry", Kind::Str),
     ("server.live_buffer", Kind::Int),
+    ("server.max_subscribers", Kind::Int),
+    ("server.max_subscribers_per_tenant", Kind::Int),
+    ("server.max_stream_rate", Kind::Int),
     ("auth.mode", Kind::Str),
     ("auth.secret", Kind::Str),
+    ("auth.public_key_file", Kind::Str),
+    ("auth.jwks_file", Kind::Str),
+    ("auth.issuer", Kind::Str),
+    ("auth.audience", Kind::Str),
     ("auth.tenant_claim", Kind::Str),
     ("auth.tables_claim", Kind::Str),
     ("auth.leeway", Kind::Str),
+    ("auth.cookie", Kind::Str),
+    ("auth.tenant_header", Kind::Str),
+    ("auth.allow_remote", Kind::Bool),
+    ("cors.allowed_origins", Kind::List),
     ("journal.retention", Kind::Str),
     ("journal.batch_size", Kind::Int),
     ("journal.batch_bytes", Kind::Int),
@@ -43,6 +54,10 @@ pub enum Kind {
     Str,
     /// An integer.
     Int,
+    /// `true` or `false`.
+    Bool,
+    /// A list of strings (comma-separated in the environment).
+    List,
 }
 
 /// A setting that must never be printed.
@@ -126,6 +141,14 @@ struct FileConfig {
     auth: AuthSection,
     #[serde(default)]
     journal: JournalSection,
+    #[serde(default)]
+    cors: CorsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CorsSection {
+    allowed_origins: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +168,9 @@ struct ServerSection {
     shutdown_grace: Option<String>,
     retry: Option<String>,
     live_buffer: Option<i64>,
+    max_subscribers: Option<i64>,
+    max_subscribers_per_tenant: Option<i64>,
+    max_stream_rate: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -152,9 +178,16 @@ struct ServerSection {
 struct AuthSection {
     mode: Option<String>,
     secret: Option<Secret>,
+    public_key_file: Option<PathBuf>,
+    jwks_file: Option<PathBuf>,
+    issuer: Option<String>,
+    audience: Option<String>,
     tenant_claim: Option<String>,
     tables_claim: Option<String>,
     leeway: Option<String>,
+    cookie: Option<String>,
+    tenant_header: Option<String>,
+    allow_remote: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -195,8 +228,19 @@ pub struct Config {
     /// `server.live_buffer` (default 1024): events buffered per tenant for live delivery;
     /// a subscriber further behind is caught up from the journal.
     pub live_buffer: usize,
+    /// `server.max_subscribers` (default 10000): open streams at most; more get 503.
+    pub max_subscribers: usize,
+    /// `server.max_subscribers_per_tenant` (default 1000): open streams per tenant at
+    /// most; more get 429.
+    pub max_subscribers_per_tenant: usize,
+    /// `server.max_stream_rate` (default 50): new streams per tenant per second (bursts of
+    /// twice that); more get 429.
+    pub max_stream_rate: u32,
     /// The `auth` section.
     pub auth: AuthConfig,
+    /// `cors.allowed_origins` (default `[]`): origins allowed to read responses from a
+    /// browser; `"*"` allows any.
+    pub cors_origins: Vec<String>,
     /// `journal.retention` (default 24h): how long changes can be replayed.
     pub retention: Duration,
     /// `journal.batch_size` (default 500): changes per journal read, bounding memory.
@@ -212,23 +256,69 @@ pub struct Config {
 /// How subscribers are authenticated.
 #[derive(Clone, Debug)]
 pub struct AuthConfig {
-    /// `auth.secret`: the HS256 key. Required in `jwt` mode: see [`AuthConfig::secret`].
+    /// `auth.mode` (default `jwt`).
+    pub mode: AuthMode,
+    /// `auth.secret`: the HS256 key; see [`AuthConfig::secret`].
     pub secret: Option<Secret>,
+    /// `auth.public_key_file`: a PEM public key (RSA for RS256, P-256 for ES256, Ed25519
+    /// for EdDSA).
+    pub public_key_file: Option<PathBuf>,
+    /// `auth.jwks_file`: a JWKS file of public keys, chosen by `kid`, reloaded when the
+    /// file changes.
+    pub jwks_file: Option<PathBuf>,
+    /// `auth.issuer` (default none): the required `iss`.
+    pub issuer: Option<String>,
+    /// `auth.audience` (default none): the required `aud`.
+    pub audience: Option<String>,
     /// `auth.tenant_claim` (default `tenant_id`): the claim naming the tenant.
     pub tenant_claim: String,
     /// `auth.tables_claim` (default none): a claim listing the tables a token may see.
     pub tables_claim: Option<String>,
     /// `auth.leeway` (default 5s): clock skew tolerated on `exp` and `nbf`.
     pub leeway: Duration,
+    /// `auth.cookie` (default none): a cookie that may carry the token.
+    pub cookie: Option<String>,
+    /// `auth.tenant_header` (default `X-Tenant-Id`): the header naming the tenant in
+    /// `trusted_header` (and `none`) mode.
+    pub tenant_header: String,
+}
+
+/// `auth.mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Verified JWTs.
+    Jwt,
+    /// The tenant from a header set by the application's own proxy.
+    TrustedHeader,
+    /// No authentication (development only): the tenant from the `tenant` query
+    /// parameter or the tenant header.
+    None,
 }
 
 impl AuthConfig {
+    /// HS256 settings with `secret` and every other setting at its default.
+    pub fn hs256(secret: &str) -> AuthConfig {
+        AuthConfig {
+            mode: AuthMode::Jwt,
+            secret: Some(Secret::new(secret)),
+            public_key_file: None,
+            jwks_file: None,
+            issuer: None,
+            audience: None,
+            tenant_claim: "tenant_id".into(),
+            tables_claim: None,
+            leeway: Duration::from_secs(5),
+            cookie: None,
+            tenant_header: "X-Tenant-Id".into(),
+        }
+    }
+
     /// The HS256 secret, or the error that says how to set it.
     pub fn secret(&self) -> Result<&Secret, ConfigError> {
         self.secret.as_ref().ok_or_else(|| {
             invalid(
                 "auth.secret",
-                "is required in jwt mode (the HS256 signing secret): set it in the config file or PGFEED_AUTH_SECRET",
+                "is required to sign tokens (the HS256 secret): set it in the config file or PGFEED_AUTH_SECRET",
             )
         })
     }
@@ -308,16 +398,45 @@ impl Config {
             )
         })?;
         let auth = &file.auth;
-        let mode = auth.mode.as_deref().unwrap_or("jwt");
-        if mode != "jwt" {
+        let mode = match auth.mode.as_deref().unwrap_or("jwt") {
+            "jwt" => AuthMode::Jwt,
+            "trusted_header" => AuthMode::TrustedHeader,
+            "none" => AuthMode::None,
+            other => {
+                return Err(invalid(
+                    "auth.mode",
+                    format!("{other:?} is not one of \"jwt\", \"trusted_header\", \"none\""),
+                ));
+            }
+        };
+        if mode != AuthMode::Jwt
+            && !listen.ip().is_loopback()
+            && !auth.allow_remote.unwrap_or(false)
+        {
             return Err(invalid(
                 "auth.mode",
-                format!("{mode:?} is not supported; this version supports \"jwt\""),
+                format!(
+                    "{:?} trusts whoever can reach the port, so it is refused on the non-loopback \
+                     address {listen}; listen on 127.0.0.1 behind your proxy, or set \
+                     auth.allow_remote = true if only that proxy can reach this address",
+                    auth.mode.as_deref().unwrap_or_default()
+                ),
             ));
         }
         let secret = auth.secret.clone();
         if secret.as_ref().is_some_and(|s| s.expose().len() < 16) {
             return Err(invalid("auth.secret", "must be at least 16 bytes long"));
+        }
+        let sources = [
+            secret.is_some(),
+            auth.public_key_file.is_some(),
+            auth.jwks_file.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() > 1 {
+            return Err(invalid(
+                "auth.secret",
+                "only one of auth.secret, auth.public_key_file and auth.jwks_file may be set",
+            ));
         }
         let tenant_claim = auth
             .tenant_claim
@@ -328,6 +447,39 @@ impl Config {
         }
         if auth.tables_claim.as_deref() == Some("") {
             return Err(invalid("auth.tables_claim", "must not be empty when set"));
+        }
+        let tenant_header = auth
+            .tenant_header
+            .clone()
+            .unwrap_or_else(|| "X-Tenant-Id".into());
+        if hyper::header::HeaderName::from_bytes(tenant_header.as_bytes()).is_err() {
+            return Err(invalid(
+                "auth.tenant_header",
+                format!("{tenant_header:?} is not a header name"),
+            ));
+        }
+        if let Some(cookie) = &auth.cookie
+            && (cookie.is_empty() || cookie.contains([';', '=', ' ', ',']))
+        {
+            return Err(invalid(
+                "auth.cookie",
+                format!("{cookie:?} is not a cookie name"),
+            ));
+        }
+        let cors_origins = file.cors.allowed_origins.clone().unwrap_or_default();
+        for origin in &cors_origins {
+            let ok = origin == "*"
+                || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.ends_with('/')
+                    && hyper::header::HeaderValue::from_str(origin).is_ok());
+            if !ok {
+                return Err(invalid(
+                    "cors.allowed_origins",
+                    format!(
+                        "{origin:?} is not an origin like \"https://app.example.com\" (no path, no trailing slash) or \"*\""
+                    ),
+                ));
+            }
         }
         Ok(Config {
             database_url,
@@ -354,12 +506,38 @@ impl Config {
             )?,
             retry: duration("server.retry", &file.server.retry, "2s", true)?,
             live_buffer: positive("server.live_buffer", file.server.live_buffer, 1024, 1 << 20)?,
+            max_subscribers: positive(
+                "server.max_subscribers",
+                file.server.max_subscribers,
+                10_000,
+                10_000_000,
+            )?,
+            max_subscribers_per_tenant: positive(
+                "server.max_subscribers_per_tenant",
+                file.server.max_subscribers_per_tenant,
+                1000,
+                10_000_000,
+            )?,
+            max_stream_rate: positive(
+                "server.max_stream_rate",
+                file.server.max_stream_rate,
+                50,
+                1_000_000,
+            )? as u32,
             auth: AuthConfig {
+                mode,
                 secret,
+                public_key_file: auth.public_key_file.clone(),
+                jwks_file: auth.jwks_file.clone(),
+                issuer: auth.issuer.clone(),
+                audience: auth.audience.clone(),
                 tenant_claim,
                 tables_claim: auth.tables_claim.clone(),
                 leeway: duration("auth.leeway", &auth.leeway, "5s", false)?,
+                cookie: auth.cookie.clone(),
+                tenant_header,
             },
+            cors_origins,
             retention: duration("journal.retention", &file.journal.retention, "24h", true)?,
             batch_size: positive("journal.batch_size", file.journal.batch_size, 500, 100_000)?,
             batch_bytes: positive(
@@ -436,6 +614,24 @@ fn set_key(
         .expect("flags and env only set known keys");
     let value = match kind {
         Kind::Str => toml::Value::String(value),
+        Kind::Bool => match value.trim() {
+            "true" | "1" | "yes" => toml::Value::Boolean(true),
+            "false" | "0" | "no" => toml::Value::Boolean(false),
+            _ => {
+                return Err(ConfigError::Source {
+                    origin: origin.to_string(),
+                    message: format!("`{key}` must be true or false, got {value:?}"),
+                });
+            }
+        },
+        Kind::List => toml::Value::Array(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(|v| toml::Value::String(v.to_string()))
+                .collect(),
+        ),
         Kind::Int => {
             toml::Value::Integer(value.trim().parse().map_err(|_| ConfigError::Source {
                 origin: origin.to_string(),
@@ -634,8 +830,10 @@ mod tests {
             let line = line.trim();
             if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
                 section = name;
-            } else if let Some((key, _)) = line.trim_start_matches("# ").split_once(" = ") {
-                documented.push(format!("{section}.{}", key.trim()));
+            } else if let Some((key, _)) = line.trim_start_matches("# ").split_once(" = ")
+                && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            {
+                documented.push(format!("{section}.{key}"));
             }
         }
         for (key, _) in KEYS {

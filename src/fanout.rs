@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use tokio::sync::broadcast;
 
@@ -17,11 +18,48 @@ use crate::change::{Change, Position};
 
 /// The live feed's routing table.
 pub struct Hub {
-    /// Channels by tenant, and the last published position, under one lock so that a new
-    /// subscriber's receiver and starting position agree.
+    /// Channels by tenant, the last published position and the subscriber counts, under
+    /// one lock so that a new subscriber's receiver, starting position and admission agree.
     inner: Mutex<Inner>,
     /// Buffer of each tenant's channel (`server.live_buffer`).
     capacity: usize,
+    /// Admission limits.
+    limits: Limits,
+}
+
+/// Admission limits for new subscribers.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Open streams at most (`server.max_subscribers`).
+    pub max_total: usize,
+    /// Open streams per tenant at most (`server.max_subscribers_per_tenant`).
+    pub max_per_tenant: usize,
+    /// New streams per tenant per second (`server.max_stream_rate`); bursts of twice that.
+    pub rate_per_tenant: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_total: usize::MAX,
+            max_per_tenant: usize::MAX,
+            rate_per_tenant: u32::MAX,
+        }
+    }
+}
+
+/// Why a subscriber was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// The gateway holds `server.max_subscribers` streams.
+    #[error("the gateway is at its limit of open streams; try again later")]
+    Full,
+    /// The tenant holds `server.max_subscribers_per_tenant` streams.
+    #[error("this tenant is at its limit of open streams")]
+    TenantFull,
+    /// The tenant opens streams faster than `server.max_stream_rate`.
+    #[error("this tenant opens streams too fast; retry after a second")]
+    TooFast,
 }
 
 struct Inner {
@@ -30,25 +68,56 @@ struct Inner {
     /// Position of the last change published: a receiver created now sees exactly the
     /// changes after it.
     head: Position,
+    /// Open subscriptions in all.
+    total: usize,
+    /// Open subscriptions per tenant.
+    per_tenant: HashMap<Arc<str>, usize>,
+    /// Token buckets for new streams per tenant: (tokens, last refill).
+    buckets: HashMap<Arc<str>, (f64, Instant)>,
 }
 
-/// A subscriber's live registration.
+/// A subscriber's live registration; dropping it releases its place.
 pub struct Subscription {
     /// Live changes of the tenant (and public ones), after `from`.
     pub receiver: broadcast::Receiver<Arc<Change>>,
     /// Everything up to this position was published before the receiver existed.
     pub from: Position,
+    /// Releases the admission counts on drop.
+    _place: Place,
+}
+
+/// A counted place in the hub.
+struct Place {
+    hub: Arc<Hub>,
+    tenant: Arc<str>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut inner = self.hub.lock();
+        inner.total -= 1;
+        if let Some(n) = inner.per_tenant.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                inner.per_tenant.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 impl Hub {
     /// A hub whose feed continues after `head`, buffering `capacity` changes per tenant.
-    pub fn new(head: Position, capacity: usize) -> Hub {
+    pub fn new(head: Position, capacity: usize, limits: Limits) -> Hub {
         Hub {
             inner: Mutex::new(Inner {
                 channels: HashMap::new(),
                 head,
+                total: 0,
+                per_tenant: HashMap::new(),
+                buckets: HashMap::new(),
             }),
             capacity,
+            limits,
         }
     }
 
@@ -58,19 +127,75 @@ impl Hub {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Registers a live receiver for `tenant`.
-    pub fn subscribe(&self, tenant: &str) -> Subscription {
+    /// Admits and registers a live receiver for `tenant`.
+    pub fn subscribe(self: &Arc<Self>, tenant: &str) -> Result<Subscription, Refused> {
         let mut inner = self.lock();
+        if inner.total >= self.limits.max_total {
+            return Err(Refused::Full);
+        }
+        let key: Arc<str> = match inner.channels.get_key_value(tenant) {
+            Some((k, _)) => Arc::clone(k),
+            None => Arc::from(tenant),
+        };
+        if inner.per_tenant.get(&key).copied().unwrap_or(0) >= self.limits.max_per_tenant {
+            return Err(Refused::TenantFull);
+        }
+        if !self.take_token(&mut inner, &key) {
+            return Err(Refused::TooFast);
+        }
+        inner.total += 1;
+        *inner.per_tenant.entry(Arc::clone(&key)).or_insert(0) += 1;
         let from = inner.head;
-        let receiver = match inner.channels.get(tenant) {
+        let receiver = match inner.channels.get(&key) {
             Some(sender) => sender.subscribe(),
             None => {
                 let (sender, receiver) = broadcast::channel(self.capacity);
-                inner.channels.insert(Arc::from(tenant), sender);
+                inner.channels.insert(Arc::clone(&key), sender);
                 receiver
             }
         };
-        Subscription { receiver, from }
+        Ok(Subscription {
+            receiver,
+            from,
+            _place: Place {
+                hub: Arc::clone(self),
+                tenant: key,
+            },
+        })
+    }
+
+    /// Takes one token from the tenant's bucket, refilled at `rate_per_tenant` per second
+    /// up to twice that.
+    fn take_token(&self, inner: &mut Inner, tenant: &Arc<str>) -> bool {
+        if self.limits.rate_per_tenant == u32::MAX {
+            return true;
+        }
+        let rate = f64::from(self.limits.rate_per_tenant);
+        let burst = rate * 2.0;
+        let now = Instant::now();
+        if inner.buckets.len() > 100_000 {
+            // Forget tenants whose buckets are full again: they are as good as new.
+            inner.buckets.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
+            });
+        }
+        let (tokens, at) = inner
+            .buckets
+            .entry(Arc::clone(tenant))
+            .or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Open subscriptions, in all.
+    pub fn subscribers(&self) -> usize {
+        self.lock().total
     }
 
     /// The position of the last published change.
@@ -131,9 +256,9 @@ mod tests {
 
     #[test]
     fn routes_by_tenant_and_public_to_all() {
-        let hub = Hub::new(Position::ZERO, 16);
-        let mut a = hub.subscribe("a");
-        let mut b = hub.subscribe("b");
+        let hub = Arc::new(Hub::new(Position::ZERO, 16, Limits::default()));
+        let mut a = hub.subscribe("a").unwrap();
+        let mut b = hub.subscribe("b").unwrap();
         hub.publish(&[
             change(1, Some("a")),
             change(2, Some("b")),
@@ -148,17 +273,52 @@ mod tests {
         assert_eq!(got(&mut a.receiver), vec![1, 3]);
         assert_eq!(got(&mut b.receiver), vec![2, 3]);
         assert_eq!(hub.head(), Position { commit: 4, ord: 1 });
-        let late = hub.subscribe("a");
+        let late = hub.subscribe("a").unwrap();
         assert_eq!(late.from, Position { commit: 4, ord: 1 });
     }
 
     #[test]
     fn drops_channels_without_subscribers() {
-        let hub = Hub::new(Position::ZERO, 16);
-        drop(hub.subscribe("a"));
-        let _b = hub.subscribe("b");
+        let hub = Arc::new(Hub::new(Position::ZERO, 16, Limits::default()));
+        drop(hub.subscribe("a").unwrap());
+        let _b = hub.subscribe("b").unwrap();
         assert_eq!(hub.channel_count(), 2);
         hub.publish(&[change(1, None)]);
         assert_eq!(hub.channel_count(), 1);
+    }
+
+    #[test]
+    fn admission_limits() {
+        let limits = Limits {
+            max_total: 3,
+            max_per_tenant: 2,
+            rate_per_tenant: 1000,
+        };
+        let hub = Arc::new(Hub::new(Position::ZERO, 16, limits));
+        let a1 = hub.subscribe("a").unwrap();
+        let _a2 = hub.subscribe("a").unwrap();
+        assert_eq!(hub.subscribe("a").err(), Some(Refused::TenantFull));
+        let _b = hub.subscribe("b").unwrap();
+        assert_eq!(hub.subscribe("c").err(), Some(Refused::Full));
+        drop(a1);
+        assert_eq!(hub.subscribers(), 2);
+        assert!(hub.subscribe("a").is_ok());
+
+        let hub = Arc::new(Hub::new(
+            Position::ZERO,
+            16,
+            Limits {
+                rate_per_tenant: 2,
+                ..Limits::default()
+            },
+        ));
+        let kept: Vec<_> = (0..4).map(|_| hub.subscribe("a").unwrap()).collect();
+        assert_eq!(
+            hub.subscribe("a").err(),
+            Some(Refused::TooFast),
+            "a burst of twice the rate, then refused"
+        );
+        assert!(hub.subscribe("b").is_ok(), "other tenants are not affected");
+        drop(kept);
     }
 }

@@ -5,13 +5,15 @@
 //! touches the database. Tenant isolation is not decided here but in the router and the
 //! stream; a selection can only narrow what a principal may see.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::auth::{Principal, qualify};
+use crate::catalog::TableInfo;
 use crate::change::{Change, Op, Payload, Position};
+use crate::rowfilter::RowFilter;
 
 /// The parsed query of `/v1/stream`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct StreamQuery {
     /// `tables=`: qualified names; `None` means all the caller may see.
     pub tables: Option<BTreeSet<String>>,
@@ -23,6 +25,10 @@ pub struct StreamQuery {
     pub last_event_id: Option<Position>,
     /// `access_token=`.
     pub access_token: Option<String>,
+    /// `filter=` (repeatable; all must hold).
+    pub filters: Vec<RowFilter>,
+    /// `tenant=` (only in `auth.mode = "none"`).
+    pub tenant: Option<String>,
 }
 
 /// A query string that cannot be honoured.
@@ -30,7 +36,7 @@ pub struct StreamQuery {
 pub enum QueryError {
     /// A parameter this endpoint does not know.
     #[error(
-        "unknown query parameter `{0}` (known: tables, ops, payload, last_event_id, access_token)"
+        "unknown query parameter `{0}` (known: tables, ops, filter, payload, last_event_id, access_token)"
     )]
     Unknown(String),
     /// A parameter given twice.
@@ -45,6 +51,9 @@ pub enum QueryError {
         message: String,
     },
 }
+
+/// Most `filter=` parameters on one stream.
+const MAX_FILTERS: usize = 16;
 
 fn invalid(param: &'static str, message: impl Into<String>) -> QueryError {
     QueryError::Invalid {
@@ -71,7 +80,7 @@ impl StreamQuery {
         let mut q = StreamQuery::default();
         let mut seen = BTreeSet::new();
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-            if !seen.insert(key.to_string()) {
+            if key != "filter" && !seen.insert(key.to_string()) {
                 return Err(QueryError::Repeated(key.chars().take(64).collect()));
             }
             match &*key {
@@ -124,6 +133,18 @@ impl StreamQuery {
                     )?)
                 }
                 "access_token" => q.access_token = Some(value.into_owned()),
+                "tenant" => q.tenant = Some(value.into_owned()),
+                "filter" => {
+                    if q.filters.len() >= MAX_FILTERS {
+                        return Err(invalid(
+                            "filter",
+                            format!("at most {MAX_FILTERS} filters are allowed"),
+                        ));
+                    }
+                    q.filters.push(value.parse().map_err(
+                        |e: crate::rowfilter::FilterParseError| invalid("filter", e.to_string()),
+                    )?)
+                }
                 other => return Err(QueryError::Unknown(other.chars().take(64).collect())),
             }
         }
@@ -140,33 +161,73 @@ pub struct Selection {
     pub tables: Option<BTreeSet<String>>,
     /// Ops it receives; `None` means all.
     pub ops: Option<Vec<Op>>,
+    /// Row filters; a change of a table with filters is received only if all hold.
+    pub filters: Vec<RowFilter>,
     /// How much of each change.
     pub payload: Payload,
 }
 
-/// The subscriber asked for a table its credentials do not allow.
+/// A selection that cannot be granted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("the token does not allow table `{0}`")]
-pub struct Forbidden(pub String);
+pub enum SelectionError {
+    /// A table outside the token's tables (403).
+    #[error("the token does not allow table `{0}`")]
+    Forbidden(String),
+    /// A table that is not watched (400).
+    #[error("table `{0}` is not watched")]
+    UnknownTable(String),
+    /// A filter on a column events do not carry (400).
+    #[error("table `{table}` has no column `{column}` that events carry (filter)")]
+    UnknownColumn {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+    },
+    /// A filter on a table the stream does not receive (400).
+    #[error("the filter names table `{0}`, which is not among the stream's tables")]
+    FilterOutsideTables(String),
+}
 
 impl Selection {
     /// Combines the principal's rights with the query: asking for a table outside the
-    /// principal's tables is refused; omitting `tables` gives the allowed ones.
-    pub fn new(principal: &Principal, query: &StreamQuery) -> Result<Selection, Forbidden> {
-        let tables = match (&principal.tables, &query.tables) {
-            (None, asked) => asked.clone(),
-            (Some(allowed), None) => Some(allowed.clone()),
-            (Some(allowed), Some(asked)) => {
-                if let Some(outside) = asked.iter().find(|t| !allowed.contains(*t)) {
-                    return Err(Forbidden(outside.clone()));
-                }
-                Some(asked.clone())
+    /// principal's tables is refused; omitting `tables` gives the allowed ones. Tables
+    /// and filter columns are checked against the catalog of watched tables.
+    pub fn new(
+        principal: &Principal,
+        query: &StreamQuery,
+        catalog: &HashMap<String, TableInfo>,
+    ) -> Result<Selection, SelectionError> {
+        if let Some(asked) = &query.tables {
+            if let Some(allowed) = &principal.tables
+                && let Some(outside) = asked.iter().find(|t| !allowed.contains(*t))
+            {
+                return Err(SelectionError::Forbidden(outside.clone()));
             }
-        };
+            if let Some(unknown) = asked.iter().find(|t| !catalog.contains_key(*t)) {
+                return Err(SelectionError::UnknownTable(unknown.clone()));
+            }
+        }
+        let tables = query.tables.clone().or_else(|| principal.tables.clone());
+        for filter in &query.filters {
+            if tables.as_ref().is_some_and(|t| !t.contains(&filter.table)) {
+                return Err(SelectionError::FilterOutsideTables(filter.table.clone()));
+            }
+            let info = catalog
+                .get(&filter.table)
+                .ok_or_else(|| SelectionError::UnknownTable(filter.table.clone()))?;
+            if !info.columns.contains(&filter.column) {
+                return Err(SelectionError::UnknownColumn {
+                    table: filter.table.clone(),
+                    column: filter.column.clone(),
+                });
+            }
+        }
         Ok(Selection {
             tenant: principal.tenant.clone(),
             tables,
             ops: query.ops.clone(),
+            filters: query.filters.clone(),
             payload: query.payload,
         })
     }
@@ -180,6 +241,35 @@ impl Selection {
                 .as_ref()
                 .is_none_or(|t| t.contains(&change.table))
             && self.ops.as_ref().is_none_or(|ops| ops.contains(&change.op))
+            && self.rows_match(change)
+    }
+
+    /// Row filters: on `new` for inserts, `old` for deletes, either for updates (so that
+    /// an update moving a row out of the filter still reaches the client, which can then
+    /// drop the row). A truncate affects every row and always passes.
+    fn rows_match(&self, change: &Change) -> bool {
+        let mut filters = self
+            .filters
+            .iter()
+            .filter(|f| f.table == change.table)
+            .peekable();
+        if filters.peek().is_none() {
+            return true;
+        }
+        let all = |row: Option<&serde_json::Value>| {
+            row.is_some_and(|row| {
+                self.filters
+                    .iter()
+                    .filter(|f| f.table == change.table)
+                    .all(|f| f.matches_row(row))
+            })
+        };
+        match change.op {
+            Op::Insert => all(change.new_row()),
+            Op::Delete => all(change.old_row()),
+            Op::Update => all(change.new_row()) || all(change.old_row()),
+            Op::Truncate => true,
+        }
     }
 }
 
@@ -217,6 +307,20 @@ mod tests {
         }
     }
 
+    fn catalog() -> HashMap<String, TableInfo> {
+        let info = |cols: &[&str]| TableInfo {
+            columns: cols.iter().map(|c| c.to_string()).collect(),
+            public: false,
+        };
+        HashMap::from([
+            (
+                "public.orders".to_string(),
+                info(&["id", "tenant", "status"]),
+            ),
+            ("public.invoices".to_string(), info(&["id", "tenant"])),
+        ])
+    }
+
     #[test]
     fn tables_claim_narrows_and_forbids() {
         let principal = Principal {
@@ -224,12 +328,36 @@ mod tests {
             tables: Some(["public.orders".to_string()].into()),
             expires_at: None,
         };
-        let all = Selection::new(&principal, &StreamQuery::default()).unwrap();
+        let all = Selection::new(&principal, &StreamQuery::default(), &catalog()).unwrap();
         assert_eq!(all.tables, principal.tables);
         let q = StreamQuery::parse("tables=invoices").unwrap();
         assert_eq!(
-            Selection::new(&principal, &q).unwrap_err(),
-            Forbidden("public.invoices".into())
+            Selection::new(&principal, &q, &catalog()).unwrap_err(),
+            SelectionError::Forbidden("public.invoices".into())
+        );
+    }
+
+    #[test]
+    fn tables_and_filters_are_checked_against_the_catalog() {
+        let principal = Principal {
+            tenant: "acme".into(),
+            tables: None,
+            expires_at: None,
+        };
+        let sel = |q: &str| Selection::new(&principal, &StreamQuery::parse(q).unwrap(), &catalog());
+        assert!(sel("tables=orders&filter=orders:status=eq.paid").is_ok());
+        assert!(sel("filter=orders:status=eq.paid&filter=invoices:id=gt.3").is_ok());
+        assert_eq!(
+            sel("tables=nope").unwrap_err(),
+            SelectionError::UnknownTable("public.nope".into())
+        );
+        assert!(matches!(
+            sel("filter=orders:secret=eq.x").unwrap_err(),
+            SelectionError::UnknownColumn { .. }
+        ));
+        assert_eq!(
+            sel("tables=orders&filter=invoices:id=eq.1").unwrap_err(),
+            SelectionError::FilterOutsideTables("public.invoices".into())
         );
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! Every error leaves through [`ApiError`] as `{"error":{"code","message"}}`, and a stream
 //! only starts once every check has passed, so a client never receives a 200 that turns
-//! into an error. Requests are checked (query, token, tables) before any database work.
-//! URLs are never logged, since they may carry `access_token`.
+//! into an error. Requests are checked (sizes, query, credentials, tables, limits) before
+//! any database work. CORS is answered here for the configured origins. URLs are never
+//! logged, since they may carry `access_token`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,10 +22,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{AuthError, Authenticator};
+use crate::auth::{AuthError, Authenticator, Credentials};
+use crate::catalog::Catalog;
 use crate::change::{Format, Position};
-use crate::fanout::Hub;
-use crate::filter::{Forbidden, QueryError, Selection, StreamQuery};
+use crate::fanout::{Hub, Refused};
+use crate::filter::{QueryError, Selection, SelectionError, StreamQuery};
 use crate::journal::Journal;
 use crate::listener::Readiness;
 use crate::sse::{EventStream, StreamSettings};
@@ -32,8 +34,15 @@ use crate::sse::{EventStream, StreamSettings};
 /// Response body type: a full JSON document or an endless stream.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
-/// Most bytes of request head hyper buffers; larger heads are refused (431).
-const MAX_HEAD: usize = 16 * 1024;
+/// Most bytes of request head hyper buffers; a larger head is cut off by hyper itself
+/// with a bare 431.
+const MAX_BUFFER: usize = 64 * 1024;
+
+/// Most bytes of request headers accepted; more is a JSON 431.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Most bytes of query string accepted; more is a JSON 414.
+pub const MAX_QUERY_BYTES: usize = 8 * 1024;
 
 /// What every request handler shares.
 pub struct AppState {
@@ -43,6 +52,12 @@ pub struct AppState {
     pub journal: Journal,
     /// Token verification.
     pub auth: Authenticator,
+    /// Whether `tenant=` is accepted (`auth.mode = "none"`).
+    pub tenant_param: bool,
+    /// Watched tables and their columns.
+    pub catalog: Arc<Catalog>,
+    /// Origins allowed by CORS (`"*"` for any).
+    pub cors_origins: Vec<String>,
     /// Listener state for `/readyz`.
     pub readiness: Arc<Readiness>,
     /// Heartbeat and retry.
@@ -105,9 +120,25 @@ impl From<QueryError> for ApiError {
     }
 }
 
-impl From<Forbidden> for ApiError {
-    fn from(err: Forbidden) -> Self {
-        ApiError::new(StatusCode::FORBIDDEN, "forbidden", err.to_string())
+impl From<SelectionError> for ApiError {
+    fn from(err: SelectionError) -> Self {
+        match err {
+            SelectionError::Forbidden(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, "forbidden", err.to_string())
+            }
+            _ => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", err.to_string()),
+        }
+    }
+}
+
+impl From<Refused> for ApiError {
+    fn from(err: Refused) -> Self {
+        let (status, code) = match err {
+            Refused::Full => (StatusCode::SERVICE_UNAVAILABLE, "too_many_streams"),
+            Refused::TenantFull => (StatusCode::TOO_MANY_REQUESTS, "too_many_streams"),
+            Refused::TooFast => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        };
+        ApiError::new(status, code, err.to_string())
     }
 }
 
@@ -164,7 +195,7 @@ pub async fn run(
             });
             let mut builder = http1::Builder::new();
             builder
-                .max_buf_size(MAX_HEAD.max(8192))
+                .max_buf_size(MAX_BUFFER)
                 .timer(hyper_util::rt::TokioTimer::new());
             builder.header_read_timeout(std::time::Duration::from_secs(30));
             let connection = builder.serve_connection(TokioIo::new(socket), service);
@@ -184,10 +215,43 @@ pub async fn run(
 }
 
 async fn route(state: &AppState, req: Request<Incoming>) -> Response<Body> {
+    let origin = allowed_origin(state, &req);
+    let mut response = answer(state, &req, origin.is_some()).await;
+    if let Some(origin) = origin {
+        let headers = response.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+    }
+    if !state.cors_origins.is_empty() {
+        response
+            .headers_mut()
+            .append(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    response
+}
+
+/// The request's `Origin`, if CORS allows it.
+fn allowed_origin(state: &AppState, req: &Request<Incoming>) -> Option<HeaderValue> {
+    let origin = req.headers().get(header::ORIGIN)?;
+    let text = origin.to_str().ok()?;
+    state
+        .cors_origins
+        .iter()
+        .any(|o| o == "*" || o == text)
+        .then(|| origin.clone())
+}
+
+async fn answer(state: &AppState, req: &Request<Incoming>, cors_allowed: bool) -> Response<Body> {
     let path = req.uri().path();
     let known = matches!(path, "/v1/stream" | "/v1/position" | "/healthz" | "/readyz");
     if !known {
         return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route").into_response();
+    }
+    if req.method() == Method::OPTIONS {
+        return preflight(req, cors_allowed);
     }
     if req.method() != Method::GET {
         return ApiError::new(
@@ -197,13 +261,71 @@ async fn route(state: &AppState, req: Request<Incoming>) -> Response<Body> {
         )
         .into_response();
     }
+    if let Err(err) = check_sizes(req) {
+        return err.into_response();
+    }
     let result = match path {
         "/healthz" => Ok(json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))),
         "/readyz" => Ok(readyz(state)),
-        "/v1/position" => position(state, &req).await,
-        _ => stream(state, &req).await,
+        "/v1/position" => position(state, req).await,
+        _ => stream(state, req).await,
     };
     result.unwrap_or_else(ApiError::into_response)
+}
+
+/// Answers a CORS preflight.
+fn preflight(req: &Request<Incoming>, cors_allowed: bool) -> Response<Body> {
+    if !cors_allowed {
+        let message = if req.headers().contains_key(header::ORIGIN) {
+            "this origin is not in cors.allowed_origins"
+        } else {
+            "OPTIONS is only answered for CORS preflight requests from allowed origins"
+        };
+        return ApiError::new(StatusCode::FORBIDDEN, "origin_not_allowed", message).into_response();
+    }
+    let mut response = Response::new(Full::new(Bytes::new()).boxed_unsync());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, OPTIONS"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static(
+            "Authorization, Last-Event-ID, Accept, Cache-Control, Content-Type",
+        ),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    response
+}
+
+/// Refuses oversized requests with a JSON error before any other work.
+fn check_sizes(req: &Request<Incoming>) -> Result<(), ApiError> {
+    let query = req.uri().query().map_or(0, str::len);
+    if query > MAX_QUERY_BYTES {
+        return Err(ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!("the query string is longer than {MAX_QUERY_BYTES} bytes"),
+        ));
+    }
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if headers > MAX_HEADER_BYTES {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!("the request headers are larger than {MAX_HEADER_BYTES} bytes"),
+        ));
+    }
+    Ok(())
 }
 
 fn readyz(state: &AppState) -> Response<Body> {
@@ -219,26 +341,29 @@ fn readyz(state: &AppState) -> Response<Body> {
     }
 }
 
-/// The token from `Authorization: Bearer`, else the `access_token` query parameter.
-fn token<'a>(req: &'a Request<Incoming>, query: &'a StreamQuery) -> Result<&'a str, AuthError> {
-    if let Some(value) = req.headers().get(header::AUTHORIZATION) {
-        let value = value
-            .to_str()
-            .map_err(|_| AuthError::Invalid("malformed Authorization header"))?;
-        let (scheme, token) = value
-            .split_once(' ')
-            .ok_or(AuthError::Invalid("Authorization must be `Bearer <token>`"))?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(AuthError::Invalid("Authorization must be `Bearer <token>`"));
-        }
-        return Ok(token.trim());
+/// Parses the query and authenticates the request.
+fn authenticate(
+    state: &AppState,
+    req: &Request<Incoming>,
+) -> Result<(StreamQuery, crate::auth::Principal), ApiError> {
+    let query = StreamQuery::parse(req.uri().query().unwrap_or(""))?;
+    if query.tenant.is_some() && !state.tenant_param {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "query parameter `tenant` is only accepted with auth.mode = \"none\"",
+        ));
     }
-    query.access_token.as_deref().ok_or(AuthError::Missing)
+    let principal = state.auth.authenticate_request(&Credentials {
+        headers: Some(req.headers()),
+        access_token: query.access_token.as_deref(),
+        tenant: query.tenant.as_deref(),
+    })?;
+    Ok((query, principal))
 }
 
 async fn position(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let query = StreamQuery::parse(req.uri().query().unwrap_or(""))?;
-    state.auth.authenticate(token(req, &query)?)?;
+    authenticate(state, req)?;
     let head = state.journal.head().await.map_err(unavailable)?;
     Ok(json(
         StatusCode::OK,
@@ -247,11 +372,14 @@ async fn position(state: &AppState, req: &Request<Incoming>) -> Result<Response<
 }
 
 async fn stream(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let query = StreamQuery::parse(req.uri().query().unwrap_or(""))?;
-    let principal = state.auth.authenticate(token(req, &query)?)?;
-    let selection = Selection::new(&principal, &query)?;
+    let (query, principal) = authenticate(state, req)?;
+    let selection = Selection::new(&principal, &query, &state.catalog.tables())?;
     // EventSource sends Last-Event-ID on reconnect with the original URL, so the header
     // (newer) wins over the query parameter (where the client started).
+    // Registered before the response starts: a change committed after the client has the
+    // headers is in this receiver or, if older, in the replay. Admission limits are
+    // checked here, before any database work.
+    let subscription = state.hub.subscribe(&selection.tenant)?;
     let resume_from = match req.headers().get("last-event-id") {
         Some(value) => {
             let text = value.to_str().map_err(|_| {
@@ -292,9 +420,6 @@ async fn stream(state: &AppState, req: &Request<Incoming>) -> Result<Response<Bo
         Some(accept) if accept.contains("application/x-ndjson") => Format::Ndjson,
         _ => Format::Sse,
     };
-    // Registered before the response starts: a change committed after the client has the
-    // headers is in this receiver or, if older, in the replay.
-    let subscription = state.hub.subscribe(&selection.tenant);
     tracing::debug!(resume = ?resume_from.map(|p| p.to_string()), "stream opened");
     let body = EventStream::new(
         state.journal.clone(),

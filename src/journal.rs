@@ -147,6 +147,12 @@ impl Journal {
         }
     }
 
+    /// Runs a parameterless read (the catalog) within the query timeout.
+    pub async fn query(&self, sql: &'static str) -> Result<Vec<tokio_postgres::Row>, JournalError> {
+        self.with_client(move |client| Box::pin(async move { client.query(sql, &[]).await }))
+            .await
+    }
+
     /// The position of the newest committed change (`0.0` when there never was one).
     pub async fn head(&self) -> Result<Position, JournalError> {
         let row = self

@@ -7,6 +7,7 @@
 //! follows the live feed. [`serve`] runs the whole gateway; `main.rs` is a thin wrapper.
 
 pub mod auth;
+pub mod catalog;
 pub mod change;
 pub mod cli;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod filter;
 pub mod http;
 pub mod journal;
 pub mod listener;
+pub mod rowfilter;
 pub mod schema;
 pub mod sse;
 
@@ -73,7 +75,17 @@ pub async fn serve(
         },
     );
     let head = journal.head().await?;
-    let hub = Arc::new(fanout::Hub::new(head, config.live_buffer));
+    let catalog = Arc::new(catalog::Catalog::default());
+    catalog.reload(&journal).await?;
+    let hub = Arc::new(fanout::Hub::new(
+        head,
+        config.live_buffer,
+        fanout::Limits {
+            max_total: config.max_subscribers,
+            max_per_tenant: config.max_subscribers_per_tenant,
+            rate_per_tenant: config.max_stream_rate,
+        },
+    ));
 
     // Phase 3: the listener, which catches up from `head` once connected.
     let tracker = TaskTracker::new();
@@ -85,6 +97,7 @@ pub async fn serve(
             hub: Arc::clone(&hub),
             readiness: Arc::clone(&readiness),
             health_interval: config.health_interval,
+            catalog: Arc::clone(&catalog),
         }
         .run(shutdown.child_token()),
     );
@@ -100,6 +113,9 @@ pub async fn serve(
         hub,
         journal,
         auth,
+        tenant_param: config.auth.mode == config::AuthMode::None,
+        catalog,
+        cors_origins: config.cors_origins.clone(),
         readiness,
         stream: sse::StreamSettings {
             heartbeat: config.heartbeat,

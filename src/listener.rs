@@ -18,6 +18,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
+use crate::catalog::Catalog;
 use crate::change::Position;
 use crate::fanout::Hub;
 use crate::journal::{Journal, JournalError, Scope};
@@ -87,7 +88,12 @@ pub struct Listener {
     pub readiness: Arc<Readiness>,
     /// How often the connection is checked with a NOTIFY to itself.
     pub health_interval: Duration,
+    /// Reloaded on connect, on a `watch` doorbell and every [`CATALOG_REFRESH`].
+    pub catalog: Arc<Catalog>,
 }
+
+/// How often the catalog is reloaded even without a `watch` doorbell (for `ALTER TABLE`).
+pub const CATALOG_REFRESH: Duration = Duration::from_secs(30);
 
 impl Listener {
     /// Runs until `shutdown`, reconnecting after every failure.
@@ -127,6 +133,8 @@ impl Listener {
         let health_channel = format!("pgfeed_health_{:016x}", rand::random::<u64>());
         let bell = Arc::new(Notify::new());
         let echo = Arc::new(Notify::new());
+        let watch_bell = Arc::new(Notify::new());
+        let rewatch = Arc::clone(&watch_bell);
         let (lost_tx, mut lost_rx) = oneshot::channel();
         let (ring, answer, own) = (Arc::clone(&bell), Arc::clone(&echo), health_channel.clone());
         // The session's tasks; dropping the set when the session ends aborts them, so a
@@ -140,6 +148,9 @@ impl Listener {
                 match poll_fn(|cx| connection.poll_message(cx)).await {
                     Some(Ok(AsyncMessage::Notification(n))) if n.channel() == own => {
                         answer.notify_one()
+                    }
+                    Some(Ok(AsyncMessage::Notification(n))) if n.payload() == "watch" => {
+                        rewatch.notify_one()
                     }
                     Some(Ok(AsyncMessage::Notification(_))) => ring.notify_one(),
                     Some(Ok(_)) => {}
@@ -157,6 +168,10 @@ impl Listener {
             .map_err(|_| ListenerError::Unresponsive)?
             .map_err(ListenerError::Connect)?;
         // Everything committed before LISTEN took effect is in the journal: read it now.
+        self.catalog
+            .reload(&self.journal)
+            .await
+            .map_err(ListenerError::Journal)?;
         let caught_up = self.catch_up(last).await?;
         self.readiness.set(true);
         backoff.reset();
@@ -165,6 +180,10 @@ impl Listener {
         let mut health = tokio::time::interval(self.health_interval);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut awaiting_echo = false;
+        let mut refresh = tokio::time::interval_at(
+            tokio::time::Instant::now() + CATALOG_REFRESH,
+            CATALOG_REFRESH,
+        );
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -175,6 +194,12 @@ impl Listener {
                     self.catch_up(last).await?;
                 }
                 _ = echo.notified() => awaiting_echo = false,
+                _ = watch_bell.notified() => {
+                    self.catalog.reload(&self.journal).await.map_err(ListenerError::Journal)?;
+                }
+                _ = refresh.tick() => {
+                    self.catalog.reload(&self.journal).await.map_err(ListenerError::Journal)?;
+                }
                 _ = health.tick() => {
                     if awaiting_echo {
                         return Err(ListenerError::Unresponsive);

@@ -132,6 +132,14 @@ impl EventStream {
         control_frame(self.format, event, None, &data)
     }
 
+    /// An idle-stream heartbeat: an SSE comment, or an NDJSON line clients can skip.
+    fn keepalive(&self) -> Bytes {
+        match self.format {
+            Format::Sse => Bytes::from_static(b": keepalive\n\n"),
+            Format::Ndjson => Bytes::from_static(b"{\"event\":\"keepalive\"}\n"),
+        }
+    }
+
     fn live_frame(&self) -> Bytes {
         self.control(
             "live",
@@ -216,7 +224,7 @@ impl EventStream {
                         _ = self.shutdown.cancelled() => return self.finish_shutdown(),
                         _ = expiry => return self.finish_expired(),
                         received = self.receiver.recv() => received,
-                        _ = self.heartbeat.tick() => return Some(Bytes::from_static(b": keepalive\n\n")),
+                        _ = self.heartbeat.tick() => return Some(self.keepalive()),
                     };
                     match received {
                         Ok(change) => {

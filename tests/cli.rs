@@ -268,12 +268,7 @@ async fn serve_streams_and_stops_on_sigterm_within_the_grace() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let token = pgfeed::auth::mint(
-        &pgfeed::config::AuthConfig {
-            secret: Some(pgfeed::config::Secret::new(SECRET)),
-            tenant_claim: "tenant_id".into(),
-            tables_claim: None,
-            leeway: Duration::from_secs(5),
-        },
+        &pgfeed::config::AuthConfig::hs256(SECRET),
         "acme",
         None,
         Duration::from_secs(600),
