@@ -77,7 +77,7 @@ pub struct Authenticator {
 }
 
 enum Mode {
-    Jwt(JwtVerifier),
+    Jwt(Box<JwtVerifier>),
     TrustedHeader(HeaderName),
     None(HeaderName),
 }
@@ -276,12 +276,12 @@ impl Authenticator {
                     None => validation.validate_aud = false,
                 }
                 validation.set_required_spec_claims(&required);
-                Mode::Jwt(JwtVerifier {
+                Mode::Jwt(Box::new(JwtVerifier {
                     keys,
                     validation,
                     tenant_claim: auth.tenant_claim.clone(),
                     tables_claim: auth.tables_claim.clone(),
-                })
+                }))
             }
         };
         Ok(Authenticator {

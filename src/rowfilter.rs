@@ -180,7 +180,10 @@ fn compare(value: &Value, literal: &str) -> Option<Ordering> {
         },
         Value::Null => None,
         // Objects and arrays only compare equal to their exact JSON text.
-        other => (other.to_string() == literal).then_some(Ordering::Equal),
+        other => {
+            let text = other.to_string();
+            (text == literal).then_some(Ordering::Equal)
+        }
     }
 }
 
