@@ -28,7 +28,8 @@ async fn postgres_restart_loses_and_duplicates_nothing() {
         tokio::spawn(async move {
             let mut i = 0;
             while !stop.is_cancelled() {
-                let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+                let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                else {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
@@ -36,9 +37,12 @@ async fn postgres_restart_loses_and_duplicates_nothing() {
                 while !stop.is_cancelled() {
                     i += 1;
                     let body = format!("w{i}");
-                    if c.execute("INSERT INTO orders (tenant, body) VALUES ('acme', $1)", &[&body])
-                        .await
-                        .is_err()
+                    if c.execute(
+                        "INSERT INTO orders (tenant, body) VALUES ('acme', $1)",
+                        &[&body],
+                    )
+                    .await
+                    .is_err()
                     {
                         break;
                     }
@@ -52,7 +56,10 @@ async fn postgres_restart_loses_and_duplicates_nothing() {
     let mut received = Vec::new();
     let mut take = |e: serde_json::Value, received: &mut Vec<String>| {
         let p: pgfeed::change::Position = e["position"].as_str().unwrap().parse().unwrap();
-        assert!(last.is_none_or(|l| p > l), "position {p} out of order or duplicated");
+        assert!(
+            last.is_none_or(|l| p > l),
+            "position {p} out of order or duplicated"
+        );
         last = Some(p);
         received.push(e["new"]["body"].as_str().unwrap().to_string());
     };
@@ -60,15 +67,20 @@ async fn postgres_restart_loses_and_duplicates_nothing() {
         take(s.next_change().await, &mut received);
     }
 
-    let restart = tokio::task::spawn_blocking(|| support::server().cluster.as_ref().unwrap().restart());
+    let restart =
+        tokio::task::spawn_blocking(|| support::server().cluster.as_ref().unwrap().restart());
     // While PostgreSQL is down the gateway must say so.
     eventually("/readyz reports the outage", || async {
-        support::get(gw.addr, "/readyz", &[]).await.is_ok_and(|r| r.status == 503)
+        support::get(gw.addr, "/readyz", &[])
+            .await
+            .is_ok_and(|r| r.status == 503)
     })
     .await;
     restart.await.unwrap().expect("pg_ctl restart");
     eventually("the gateway is ready again", || async {
-        support::get(gw.addr, "/readyz", &[]).await.is_ok_and(|r| r.status == 200)
+        support::get(gw.addr, "/readyz", &[])
+            .await
+            .is_ok_and(|r| r.status == 200)
     })
     .await;
     // Some writes after the restart, then stop the writer.
@@ -81,7 +93,10 @@ async fn postgres_restart_loses_and_duplicates_nothing() {
 
     let c = db.client().await;
     let expected: Vec<String> = c
-        .query("SELECT body FROM orders WHERE tenant = 'acme' ORDER BY id", &[])
+        .query(
+            "SELECT body FROM orders WHERE tenant = 'acme' ORDER BY id",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -90,7 +105,10 @@ async fn postgres_restart_loses_and_duplicates_nothing() {
     while received.len() < expected.len() {
         take(s.next_change().await, &mut received);
     }
-    assert_eq!(received, expected, "every committed row exactly once, in commit order");
+    assert_eq!(
+        received, expected,
+        "every committed row exactly once, in commit order"
+    );
     s.assert_quiet(Duration::from_millis(300)).await;
     gw.stop().await;
 }
