@@ -128,8 +128,11 @@ impl EventStream {
         StreamBody::new(stream).boxed_unsync()
     }
 
+    /// A control event. It carries `id:` (the stream's position) so that an EventSource
+    /// that has seen no change yet still resumes from here when it reconnects: browsers
+    /// send Last-Event-ID only after some event had an id.
     fn control(&self, event: &str, data: serde_json::Value) -> Bytes {
-        control_frame(self.format, event, None, &data)
+        control_frame(self.format, event, Some(self.last), &data)
     }
 
     /// An idle-stream heartbeat: an SSE comment, or an NDJSON line clients can skip.
