@@ -85,6 +85,9 @@ BEGIN
 END
 $$;
 
+-- Row images are rendered in subqueries fenced with OFFSET 0: without the fence the
+-- planner inlines to_jsonb(r) into every use and renders each row several times.
+
 -- Trigger arguments, fixed by pgfeed.watch():
 --   TG_ARGV[0] tenant column ('' for a public table)
 --   TG_ARGV[1] public ('true' / 'false')
@@ -109,7 +112,7 @@ BEGIN
            TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'insert',
            CASE WHEN is_public THEN NULL ELSE j ->> tenant_col END, is_public,
            pgfeed._pick(j, pk_cols), j - excl
-    FROM (SELECT to_jsonb(r) AS j FROM pgfeed_new AS r) AS s;
+    FROM (SELECT to_jsonb(r) AS j FROM pgfeed_new AS r OFFSET 0) AS s;
     GET DIAGNOSTICS n = ROW_COUNT;
     -- Again after rendering: a cast created concurrently, between the first check and
     -- to_jsonb(), fails the statement here, and everything it did is rolled back with it.
@@ -142,8 +145,8 @@ BEGIN
         SELECT o.i, o.j AS oj, nw.j AS nj,
                CASE WHEN is_public THEN NULL ELSE o.j ->> tenant_col END AS old_tenant,
                CASE WHEN is_public THEN NULL ELSE nw.j ->> tenant_col END AS new_tenant
-        FROM (SELECT row_number() OVER () AS i, to_jsonb(r) - excl AS j FROM pgfeed_old AS r) AS o
-        JOIN (SELECT row_number() OVER () AS i, to_jsonb(r) - excl AS j FROM pgfeed_new AS r) AS nw
+        FROM (SELECT row_number() OVER () AS i, to_jsonb(r) - excl AS j FROM pgfeed_old AS r OFFSET 0) AS o
+        JOIN (SELECT row_number() OVER () AS i, to_jsonb(r) - excl AS j FROM pgfeed_new AS r OFFSET 0) AS nw
           USING (i)
     ),
     events AS (
@@ -197,7 +200,7 @@ BEGIN
            TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'delete',
            CASE WHEN is_public THEN NULL ELSE j ->> tenant_col END, is_public,
            pgfeed._pick(j, pk_cols), j - excl
-    FROM (SELECT to_jsonb(r) AS j FROM pgfeed_old AS r) AS s;
+    FROM (SELECT to_jsonb(r) AS j FROM pgfeed_old AS r OFFSET 0) AS s;
     GET DIAGNOSTICS n = ROW_COUNT;
     -- Again after rendering: a cast created concurrently, between the first check and
     -- to_jsonb(), fails the statement here, and everything it did is rolled back with it.

@@ -143,6 +143,8 @@ pub struct Change {
     pub changed: Option<Vec<String>>,
     /// Commit time, RFC 3339 in UTC with microseconds.
     pub committed_at: String,
+    /// Commit time in seconds since the epoch, for latency metrics.
+    pub committed_epoch: f64,
     /// Encoded frames, built on first use: [sse full, sse keys, ndjson full, ndjson keys].
     frames: [OnceLock<Bytes>; 4],
     /// `new` and `old` parsed, on first use by a row filter; shared by every subscriber.
@@ -184,6 +186,7 @@ impl Change {
         old: Option<Box<RawValue>>,
         changed: Option<Vec<String>>,
         committed_at: String,
+        committed_epoch: f64,
     ) -> Change {
         Change {
             position,
@@ -196,6 +199,7 @@ impl Change {
             old,
             changed,
             committed_at,
+            committed_epoch,
             frames: Default::default(),
             rows: Default::default(),
         }
@@ -365,6 +369,7 @@ mod tests {
             raw(r#"{"id": 1, "n": 1}"#),
             Some(vec!["n".into()]),
             "2026-11-23T14:03:01.123456Z".into(),
+            0.0,
         );
         let frame = std::str::from_utf8(c.frame(Format::Sse, Payload::Full))
             .unwrap()

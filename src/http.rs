@@ -58,6 +58,8 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     /// Origins allowed by CORS (`"*"` for any).
     pub cors_origins: Vec<String>,
+    /// What `/metrics` reports.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Listener state for `/readyz`.
     pub readiness: Arc<Readiness>,
     /// Heartbeat and retry.
@@ -246,7 +248,10 @@ fn allowed_origin(state: &AppState, req: &Request<Incoming>) -> Option<HeaderVal
 
 async fn answer(state: &AppState, req: &Request<Incoming>, cors_allowed: bool) -> Response<Body> {
     let path = req.uri().path();
-    let known = matches!(path, "/v1/stream" | "/v1/position" | "/healthz" | "/readyz");
+    let known = matches!(
+        path,
+        "/v1/stream" | "/v1/position" | "/healthz" | "/readyz" | "/metrics"
+    );
     if !known {
         return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route").into_response();
     }
@@ -268,7 +273,10 @@ async fn answer(state: &AppState, req: &Request<Incoming>, cors_allowed: bool) -
         "/healthz" => Ok(json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))),
         "/readyz" => Ok(readyz(state)),
         "/v1/position" => position(state, req).await,
-        _ => stream(state, req).await,
+        "/metrics" => Ok(metrics(state).await),
+        _ => stream(state, req)
+            .await
+            .inspect_err(|err| state.metrics.rejected(err.code)),
     };
     result.unwrap_or_else(ApiError::into_response)
 }
@@ -326,6 +334,28 @@ fn check_sizes(req: &Request<Incoming>) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// Prometheus text. Gauges are read at scrape time; the notification queue usage costs one
+/// short query (skipped, keeping the last value, if the database does not answer).
+async fn metrics(state: &AppState) -> Response<Body> {
+    let m = &state.metrics;
+    m.subscribers.set(state.hub.subscribers() as i64);
+    m.listener_ready.set(i64::from(state.readiness.is_ready()));
+    if let Ok(rows) = state
+        .journal
+        .query("SELECT pg_notification_queue_usage()")
+        .await
+        && let Some(row) = rows.first()
+    {
+        m.notification_queue_usage.set(row.get::<_, f64>(0));
+    }
+    let mut response = Response::new(Full::new(Bytes::from(m.render())).boxed_unsync());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
 }
 
 fn readyz(state: &AppState) -> Response<Body> {
@@ -430,6 +460,7 @@ async fn stream(state: &AppState, req: &Request<Incoming>) -> Result<Response<Bo
         principal.expires_at,
         &state.stream,
         state.shutdown.clone(),
+        Arc::clone(&state.metrics),
     )
     .into_body();
     let content_type = match format {

@@ -89,7 +89,8 @@ const READ_AFTER: &str = "
            p.pk::text, p.new::text, p.old::text, p.changed,
            to_char(p.committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
            (SELECT count(*) FROM page) AS fetched,
-           w.commit_seq, w.ord
+           w.commit_seq, w.ord,
+           extract(epoch FROM p.committed_at)::float8
     FROM pgfeed.pruned AS w
     LEFT JOIN page AS p ON p.running - p.size < $5
     ORDER BY p.seq, p.ord";
@@ -248,6 +249,7 @@ impl Journal {
         self,
         retention: Duration,
         interval: Duration,
+        metrics: Arc<crate::metrics::Metrics>,
         shutdown: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(interval);
@@ -261,6 +263,8 @@ impl Journal {
             loop {
                 match self.prune(retention, PRUNE_BATCH).await {
                     Ok(Some(removed)) => {
+                        metrics.prune_runs.inc();
+                        metrics.pruned_commits.inc_by(u64::from(removed));
                         total += u64::from(removed);
                         if removed < PRUNE_BATCH as u32 || shutdown.is_cancelled() {
                             break;
@@ -304,5 +308,6 @@ fn to_change(row: &tokio_postgres::Row) -> Result<Arc<Change>, JournalError> {
         raw(row.get(8))?,
         row.get(9),
         row.get(10),
+        row.get(14),
     )))
 }

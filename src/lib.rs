@@ -17,6 +17,7 @@ pub mod filter;
 pub mod http;
 pub mod journal;
 pub mod listener;
+pub mod metrics;
 pub mod rowfilter;
 pub mod schema;
 pub mod sse;
@@ -87,6 +88,8 @@ pub async fn serve(
         },
     ));
 
+    let metrics = Arc::new(metrics::Metrics::new());
+
     // Phase 3: the listener, which catches up from `head` once connected.
     let tracker = TaskTracker::new();
     let readiness = Arc::new(listener::Readiness::default());
@@ -98,6 +101,7 @@ pub async fn serve(
             readiness: Arc::clone(&readiness),
             health_interval: config.health_interval,
             catalog: Arc::clone(&catalog),
+            metrics: Arc::clone(&metrics),
         }
         .run(shutdown.child_token()),
     );
@@ -105,6 +109,7 @@ pub async fn serve(
     tracker.spawn(journal.clone().prune_periodically(
         config.retention,
         config.prune_interval,
+        Arc::clone(&metrics),
         shutdown.child_token(),
     ));
 
@@ -116,6 +121,7 @@ pub async fn serve(
         tenant_param: config.auth.mode == config::AuthMode::None,
         catalog,
         cors_origins: config.cors_origins.clone(),
+        metrics,
         readiness,
         stream: sse::StreamSettings {
             heartbeat: config.heartbeat,

@@ -90,6 +90,8 @@ pub struct Listener {
     pub health_interval: Duration,
     /// Reloaded on connect, on a `watch` doorbell and every [`CATALOG_REFRESH`].
     pub catalog: Arc<Catalog>,
+    /// Reconnects, reads, events and dispatch latency are counted here.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// How often the catalog is reloaded even without a `watch` doorbell (for `ALTER TABLE`).
@@ -106,6 +108,7 @@ impl Listener {
             match result {
                 Ok(()) => return,
                 Err(err) => {
+                    self.metrics.listener_reconnects.inc();
                     tracing::warn!(cause = %err, source = ?std::error::Error::source(&err), "listener lost; reconnecting");
                 }
             }
@@ -221,6 +224,7 @@ impl Listener {
     async fn catch_up(&self, last: &mut Position) -> Result<usize, ListenerError> {
         let mut total = 0;
         loop {
+            self.metrics.journal_read("listener");
             let batch = self
                 .journal
                 .read_after(*last, Scope::All)
@@ -236,6 +240,7 @@ impl Listener {
             };
             *last = newest.position;
             total += batch.changes.len();
+            self.metrics.published(&batch.changes);
             self.hub.publish(&batch.changes);
             if !batch.more {
                 return Ok(total);

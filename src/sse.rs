@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use http_body_util::StreamBody;
 use hyper::body::Frame;
-use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +23,7 @@ use crate::change::{Change, Format, Position, control_frame};
 use crate::fanout::Subscription;
 use crate::filter::Selection;
 use crate::journal::{Journal, Scope};
+use crate::metrics::Metrics;
 
 /// Most bytes gathered into one chunk before it is handed to the socket.
 const MAX_CHUNK: usize = 256 * 1024;
@@ -49,8 +50,16 @@ enum Mode {
 pub struct EventStream {
     /// For replay and catch-up.
     journal: Journal,
-    /// Live changes of the subscriber's tenant.
-    receiver: broadcast::Receiver<Arc<Change>>,
+    /// Live changes of the tenant, and the stream's counted place in the hub.
+    subscription: Subscription,
+    /// Where deliveries, lag and catch-ups are counted.
+    metrics: Arc<Metrics>,
+    /// When the stream opened, for the close log line.
+    opened: std::time::Instant,
+    /// Change frames written so far.
+    delivered: u64,
+    /// Change frames in the chunk being built, not yet counted in `metrics`.
+    pending: u64,
     /// What the subscriber receives.
     selection: Selection,
     /// SSE or NDJSON.
@@ -87,6 +96,7 @@ impl EventStream {
         expires_at: Option<u64>,
         settings: &StreamSettings,
         shutdown: CancellationToken,
+        metrics: Arc<Metrics>,
     ) -> EventStream {
         let (last, mode) = match resume_from {
             Some(p) => (p, Mode::Replay { announce: true }),
@@ -102,9 +112,20 @@ impl EventStream {
                 .as_secs();
             Instant::now() + Duration::from_secs(exp.saturating_sub(now))
         });
+        metrics.streams_opened.inc();
+        tracing::info!(
+            tenant = %selection.tenant,
+            format = ?format,
+            resume = ?resume_from.map(|p| p.to_string()),
+            "stream opened"
+        );
         EventStream {
             journal,
-            receiver: subscription.receiver,
+            subscription,
+            metrics,
+            opened: std::time::Instant::now(),
+            delivered: 0,
+            pending: 0,
             selection,
             format,
             last,
@@ -158,11 +179,25 @@ impl EventStream {
         self.last = change.position;
         if self.selection.matches(change) {
             buf.extend_from_slice(change.frame(self.format, self.selection.payload));
+            self.pending += 1;
         }
     }
 
     /// The next chunk to write, or `None` when the stream ends.
     pub async fn next_chunk(&mut self) -> Option<Bytes> {
+        let chunk = self.produce().await;
+        if let Some(chunk) = &chunk {
+            self.metrics.bytes_written.inc_by(chunk.len() as u64);
+        }
+        if self.pending > 0 {
+            self.metrics.deliveries.inc_by(self.pending);
+            self.delivered += self.pending;
+            self.pending = 0;
+        }
+        chunk
+    }
+
+    async fn produce(&mut self) -> Option<Bytes> {
         if self.done {
             return None;
         }
@@ -193,7 +228,10 @@ impl EventStream {
                         biased;
                         _ = self.shutdown.cancelled() => return self.finish_shutdown(),
                         _ = expiry => return self.finish_expired(),
-                        read = self.journal.read_after(self.last, Scope::Tenant(&self.selection.tenant)) => read,
+                        read = self.journal.read_after(self.last, Scope::Tenant(&self.selection.tenant)) => {
+                            self.metrics.journal_read(if announce { "replay" } else { "catchup" });
+                            read
+                        }
                     };
                     let batch = match read {
                         Ok(batch) => batch,
@@ -226,7 +264,7 @@ impl EventStream {
                         biased;
                         _ = self.shutdown.cancelled() => return self.finish_shutdown(),
                         _ = expiry => return self.finish_expired(),
-                        received = self.receiver.recv() => received,
+                        received = self.subscription.receiver.recv() => received,
                         _ = self.heartbeat.tick() => return Some(self.keepalive()),
                     };
                     match received {
@@ -239,6 +277,8 @@ impl EventStream {
                             }
                         }
                         Err(RecvError::Lagged(missed)) => {
+                            self.metrics.lagged.inc();
+                            self.metrics.catchups.inc();
                             tracing::debug!(missed, position = %self.last, "subscriber lagged; catching up from the journal");
                             self.mode = Mode::Replay { announce: false };
                         }
@@ -255,9 +295,12 @@ impl EventStream {
     /// Appends whatever else is already waiting, up to [`MAX_CHUNK`].
     fn drain(&mut self, buf: &mut BytesMut) {
         while buf.len() < MAX_CHUNK {
-            match self.receiver.try_recv() {
+            match self.subscription.receiver.try_recv() {
                 Ok(change) => self.take(&change, buf),
-                Err(TryRecvError::Lagged(_)) => {
+                Err(TryRecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, position = %self.last, "subscriber lagged; catching up from the journal");
+                    self.metrics.lagged.inc();
+                    self.metrics.catchups.inc();
                     self.mode = Mode::Replay { announce: false };
                     return;
                 }
@@ -286,6 +329,7 @@ impl EventStream {
                 "position": head.to_string(),
             }),
         );
+        self.metrics.resets.inc();
         self.last = head;
         self.mode = Mode::Replay { announce: true };
         Some(frame)
@@ -305,5 +349,17 @@ impl EventStream {
             "expired",
             serde_json::json!({ "reason": "token expired; reconnect with a fresh token", "position": self.last.to_string() }),
         ))
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        tracing::info!(
+            tenant = %self.selection.tenant,
+            duration_ms = self.opened.elapsed().as_millis() as u64,
+            events = self.delivered,
+            position = %self.last,
+            "stream closed"
+        );
     }
 }
