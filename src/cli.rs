@@ -37,6 +37,9 @@ pub enum Command {
         /// Address to listen on (overrides `server.listen`).
         #[arg(long, value_name = "ADDR")]
         listen: Option<String>,
+        /// Validate the configuration (keys, values, key files) and exit without starting.
+        #[arg(long)]
+        check_config: bool,
     },
     /// Install or upgrade the pgfeed schema (idempotent).
     Install,
@@ -79,6 +82,19 @@ pub enum Command {
         #[arg(long, default_value = "1h")]
         ttl: String,
     },
+    /// Try pgfeed: a throwaway PostgreSQL (unless a database is configured), a watched
+    /// demo table, the gateway and a live page, with `psql` and `curl` lines to try.
+    Demo {
+        /// Address of the gateway (overrides `server.listen`).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// Address of the live page (default: the gateway's next port).
+        #[arg(long, value_name = "ADDR")]
+        page_listen: Option<std::net::SocketAddr>,
+        /// Lifetime of the tokens the demo mints, like `1h` or `30s`.
+        #[arg(long, default_value = "1h")]
+        token_ttl: String,
+    },
 }
 
 /// A command failed.
@@ -96,6 +112,9 @@ pub enum CliError {
     /// The gateway.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// `pgfeed demo`.
+    #[error(transparent)]
+    Demo(#[from] crate::demo::DemoError),
     /// A bad argument.
     #[error("invalid argument `{arg}`: {message}")]
     Argument {
@@ -133,18 +152,42 @@ async fn client(config: &Config) -> Result<tokio_postgres::Client, CliError> {
     Ok(db::connect(&pg).await?)
 }
 
+/// Starts logging to stderr: the level from `PGFEED_LOG` (default `info`), the format
+/// from `log.format`. Safe to call more than once (later calls do nothing).
+pub fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PGFEED_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
-    let command = cli
-        .command
-        .as_ref()
-        .unwrap_or(&Command::Serve { listen: None });
+    let command = cli.command.as_ref().unwrap_or(&Command::Serve {
+        listen: None,
+        check_config: false,
+    });
     let listen = match command {
-        Command::Serve { listen } => listen.as_deref(),
+        Command::Serve { listen, .. } | Command::Demo { listen, .. } => listen.as_deref(),
         _ => None,
     };
     let config = Config::load(&cli.sources(listen))?;
+    init_logging(config.log_json);
     match command {
+        Command::Serve {
+            check_config: true, ..
+        } => {
+            crate::auth::Authenticator::new(&config.auth)?;
+            db::parse_url(config.database_url()?)?;
+            eprintln!("configuration is valid");
+            Ok(())
+        }
         Command::Serve { .. } => serve(config).await,
         Command::Install => {
             let mut client = client(&config).await?;
@@ -194,6 +237,32 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Status { json } => status(&config, *json).await,
+        Command::Demo {
+            page_listen,
+            token_ttl,
+            ..
+        } => {
+            let token_ttl = humantime::parse_duration(token_ttl)
+                .ok()
+                .filter(|ttl| *ttl >= Duration::from_secs(1))
+                .ok_or_else(|| CliError::Argument {
+                    arg: "--token-ttl",
+                    message: format!("{token_ttl:?} is not a duration of at least 1s, like \"1h\""),
+                })?;
+            let shutdown = CancellationToken::new();
+            let trigger = shutdown.clone();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                tracing::info!("shutting down");
+                trigger.cancel();
+            });
+            let options = crate::demo::Options {
+                page_listen: *page_listen,
+                token_ttl,
+            };
+            crate::demo::run(config, options, shutdown).await?;
+            Ok(())
+        }
         Command::Token {
             tenant,
             tables,
@@ -255,13 +324,31 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
     let row = client
         .query_one(
             "SELECT (SELECT count(*) FROM pgfeed.changes),
-                    (SELECT min(seq) FROM pgfeed.commits), (SELECT max(seq) FROM pgfeed.commits)",
+                    (SELECT count(*) FROM pgfeed.commits),
+                    (SELECT min(seq) FROM pgfeed.commits), (SELECT max(seq) FROM pgfeed.commits),
+                    (SELECT min(committed_at)::text FROM pgfeed.commits),
+                    pg_total_relation_size('pgfeed.changes') + pg_total_relation_size('pgfeed.commits'),
+                    pg_notification_queue_usage()",
             &[],
         )
         .await
         .map_err(SchemaError::from)?;
-    let (changes, oldest, newest): (i64, Option<i64>, Option<i64>) =
-        (row.get(0), row.get(1), row.get(2));
+    let changes: i64 = row.get(0);
+    let commits: i64 = row.get(1);
+    let (oldest, newest): (Option<i64>, Option<i64>) = (row.get(2), row.get(3));
+    let oldest_at: Option<String> = row.get(4);
+    let bytes: i64 = row.get(5);
+    let queue: f64 = row.get(6);
+    let gateways = client
+        .query(
+            "SELECT client_addr::text, backend_start::text FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = $1 ORDER BY backend_start",
+            &[&crate::listener::APPLICATION_NAME],
+        )
+        .await
+        .map_err(SchemaError::from)?;
+    let gateways: Vec<(Option<String>, Option<String>)> =
+        gateways.iter().map(|r| (r.get(0), r.get(1))).collect();
     if json {
         let tables: Vec<_> = watched
             .iter()
@@ -272,21 +359,42 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
                 })
             })
             .collect();
+        let gateways: Vec<_> = gateways
+            .iter()
+            .map(|(addr, since)| serde_json::json!({ "client_addr": addr, "connected_since": since }))
+            .collect();
         let out = serde_json::json!({
             "schema_version": schema::VERSION,
             "watched": tables,
-            "journal": { "changes": changes, "oldest_commit": oldest, "newest_commit": newest },
+            "journal": {
+                "changes": changes, "commits": commits,
+                "oldest_commit": oldest, "newest_commit": newest,
+                "oldest_committed_at": oldest_at, "bytes": bytes,
+            },
+            "gateways": gateways,
+            "notification_queue_usage": queue,
         });
         println!("{out}");
         return Ok(());
     }
-    println!("schema version  {}", schema::VERSION);
+    println!("schema version      {}", schema::VERSION);
     println!(
-        "journal         {changes} changes, commits {} to {}",
+        "journal             {changes} changes in {commits} commits ({}), commits {} to {}, oldest {}",
+        human_bytes(bytes),
         opt(oldest),
-        opt(newest)
+        opt(newest),
+        oldest_at.as_deref().unwrap_or("-")
     );
-    println!("watched tables  {}", watched.len());
+    println!("notification queue  {:.4}% used", queue * 100.0);
+    println!("gateways listening  {}", gateways.len());
+    for (addr, since) in &gateways {
+        println!(
+            "  {} since {}",
+            addr.as_deref().unwrap_or("local socket"),
+            since.as_deref().unwrap_or("?")
+        );
+    }
+    println!("watched tables      {}", watched.len());
     for w in &watched {
         let who = match &w.tenant_column {
             Some(col) => format!("tenant column {col}"),
@@ -300,6 +408,17 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
         println!("  {}  ({who}{excluded})", w.table);
     }
     Ok(())
+}
+
+fn human_bytes(n: i64) -> String {
+    let n = n as f64;
+    if n >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1} GiB", n / (1024.0 * 1024.0 * 1024.0))
+    } else if n >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", n / (1024.0 * 1024.0))
+    } else {
+        format!("{:.0} KiB", n / 1024.0)
+    }
 }
 
 fn opt(v: Option<i64>) -> String {

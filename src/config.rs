@@ -41,6 +41,7 @@ pub const KEYS: &[(&str, Kind)] = &[
     ("auth.tenant_header", Kind::Str),
     ("auth.allow_remote", Kind::Bool),
     ("cors.allowed_origins", Kind::List),
+    ("log.format", Kind::Str),
     ("journal.retention", Kind::Str),
     ("journal.batch_size", Kind::Int),
     ("journal.batch_bytes", Kind::Int),
@@ -143,6 +144,14 @@ struct FileConfig {
     journal: JournalSection,
     #[serde(default)]
     cors: CorsSection,
+    #[serde(default)]
+    log: LogSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogSection {
+    format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -241,6 +250,8 @@ pub struct Config {
     /// `cors.allowed_origins` (default `[]`): origins allowed to read responses from a
     /// browser; `"*"` allows any.
     pub cors_origins: Vec<String>,
+    /// `log.format` (default `text`): `text` for people, `json` for log pipelines.
+    pub log_json: bool,
     /// `journal.retention` (default 24h): how long changes can be replayed.
     pub retention: Duration,
     /// `journal.batch_size` (default 500): changes per journal read, bounding memory.
@@ -538,6 +549,16 @@ impl Config {
                 tenant_header,
             },
             cors_origins,
+            log_json: match file.log.format.as_deref().unwrap_or("text") {
+                "text" => false,
+                "json" => true,
+                other => {
+                    return Err(invalid(
+                        "log.format",
+                        format!("{other:?} is not \"text\" or \"json\""),
+                    ));
+                }
+            },
             retention: duration("journal.retention", &file.journal.retention, "24h", true)?,
             batch_size: positive("journal.batch_size", file.journal.batch_size, 500, 100_000)?,
             batch_bytes: positive(

@@ -1,18 +1,13 @@
-//! The `pgfeed` binary: parse flags, start logging, run the command.
+//! The `pgfeed` binary: parse flags, run the command (which starts logging once the
+//! configuration is known), report errors.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = pgfeed::cli::Cli::parse();
-    let filter = EnvFilter::try_from_env("PGFEED_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
     match pgfeed::cli::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
