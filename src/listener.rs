@@ -188,15 +188,18 @@ impl Listener {
             CATALOG_REFRESH,
         );
         loop {
+            // Biased: an echo that arrived while a long catch-up ran is seen before the
+            // health tick that would otherwise call the connection dead.
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => return Ok(()),
                 lost = &mut lost_rx => {
                     return Err(lost.unwrap_or(ListenerError::Closed));
                 }
+                _ = echo.notified() => awaiting_echo = false,
                 _ = bell.notified() => {
                     self.catch_up(last).await?;
                 }
-                _ = echo.notified() => awaiting_echo = false,
                 _ = watch_bell.notified() => {
                     self.catalog.reload(&self.journal).await.map_err(ListenerError::Journal)?;
                 }
@@ -240,8 +243,8 @@ impl Listener {
             };
             *last = newest.position;
             total += batch.changes.len();
-            self.metrics.published(&batch.changes);
             self.hub.publish(&batch.changes);
+            self.metrics.published(&batch.changes);
             if !batch.more {
                 return Ok(total);
             }

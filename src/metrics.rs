@@ -57,7 +57,7 @@ pub struct Metrics {
     pub bytes_written: Counter,
     /// Times a subscriber fell behind the live buffer.
     pub lagged: Counter,
-    /// Subscribers caught up from the journal after lagging.
+    /// Catch-ups of lagged subscribers completed (back to live).
     pub catchups: Counter,
     /// Journal reads, by kind.
     pub journal_reads: Family<KindLabel, Counter>,
@@ -136,7 +136,7 @@ impl Metrics {
         );
         registry.register(
             "catchups",
-            "Journal catch-ups of lagged subscribers",
+            "Lagged subscribers caught up from the journal and live again",
             m.catchups.clone(),
         );
         registry.register(

@@ -171,7 +171,8 @@ impl EventStream {
         )
     }
 
-    /// Appends `change` if it is new and selected; returns whether it was new.
+    /// Appends `change` if it is new and selected; a change at or before `last` is a
+    /// duplicate from the replay/live seam and is dropped.
     fn take(&mut self, change: &Change, buf: &mut BytesMut) {
         if change.position <= self.last {
             return;
@@ -253,6 +254,8 @@ impl EventStream {
                         self.mode = Mode::Live;
                         if announce {
                             buf.extend_from_slice(&self.live_frame());
+                        } else {
+                            self.metrics.catchups.inc();
                         }
                     }
                     if !buf.is_empty() {
@@ -276,12 +279,7 @@ impl EventStream {
                                 return Some(buf.freeze());
                             }
                         }
-                        Err(RecvError::Lagged(missed)) => {
-                            self.metrics.lagged.inc();
-                            self.metrics.catchups.inc();
-                            tracing::debug!(missed, position = %self.last, "subscriber lagged; catching up from the journal");
-                            self.mode = Mode::Replay { announce: false };
-                        }
+                        Err(RecvError::Lagged(missed)) => self.lagged(missed),
                         Err(RecvError::Closed) => {
                             self.done = true;
                             return None;
@@ -292,16 +290,21 @@ impl EventStream {
         }
     }
 
+    /// The subscriber fell behind the live buffer: catch up from the journal after `last`,
+    /// then rejoin live (duplicates are dropped by position).
+    fn lagged(&mut self, missed: u64) {
+        tracing::debug!(missed, position = %self.last, "subscriber lagged; catching up from the journal");
+        self.metrics.lagged.inc();
+        self.mode = Mode::Replay { announce: false };
+    }
+
     /// Appends whatever else is already waiting, up to [`MAX_CHUNK`].
     fn drain(&mut self, buf: &mut BytesMut) {
         while buf.len() < MAX_CHUNK {
             match self.subscription.receiver.try_recv() {
                 Ok(change) => self.take(&change, buf),
                 Err(TryRecvError::Lagged(missed)) => {
-                    tracing::debug!(missed, position = %self.last, "subscriber lagged; catching up from the journal");
-                    self.metrics.lagged.inc();
-                    self.metrics.catchups.inc();
-                    self.mode = Mode::Replay { announce: false };
+                    self.lagged(missed);
                     return;
                 }
                 Err(TryRecvError::Empty | TryRecvError::Closed) => return,
