@@ -4,6 +4,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY sql ./sql
+COPY examples ./examples
 RUN cargo build --release --locked --bin pgfeed
 
 FROM debian:bookworm-slim

@@ -36,7 +36,10 @@ pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// Most bytes of request head hyper buffers; a larger head is cut off by hyper itself
 /// with a bare 431.
-const MAX_BUFFER: usize = 64 * 1024;
+pub(crate) const MAX_BUFFER: usize = 64 * 1024;
+
+/// How long a client may take to send its request head.
+pub(crate) const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Most bytes of request headers accepted; more is a JSON 431.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -74,7 +77,7 @@ pub struct ApiError {
     /// HTTP status.
     status: StatusCode,
     /// Stable machine-readable code.
-    code: &'static str,
+    pub(crate) code: &'static str,
     /// Human-readable explanation, safe to show (no secrets).
     message: String,
 }
@@ -88,7 +91,8 @@ impl ApiError {
         }
     }
 
-    fn into_response(self) -> Response<Body> {
+    /// The error as a complete response.
+    pub(crate) fn into_response(self) -> Response<Body> {
         let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
         let mut response = json(self.status, &body);
         if self.status == StatusCode::UNAUTHORIZED {
@@ -99,7 +103,14 @@ impl ApiError {
         if self.status == StatusCode::METHOD_NOT_ALLOWED {
             response
                 .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET"));
+                .insert(header::ALLOW, HeaderValue::from_static("GET, OPTIONS"));
+        }
+        if self.status == StatusCode::TOO_MANY_REQUESTS
+            || self.status == StatusCode::SERVICE_UNAVAILABLE
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }
@@ -108,7 +119,7 @@ impl ApiError {
 impl From<AuthError> for ApiError {
     fn from(err: AuthError) -> Self {
         let code = match err {
-            AuthError::Missing => "unauthorized",
+            AuthError::Missing | AuthError::NoTenantHeader(_) => "unauthorized",
             AuthError::Expired => "token_expired",
             _ => "invalid_token",
         };
@@ -191,36 +202,50 @@ pub async fn run(
         let state = Arc::clone(&state);
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            let service = service_fn(move |req| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(route(&state, req).await) }
-            });
-            let mut builder = http1::Builder::new();
-            builder
-                .max_buf_size(MAX_BUFFER)
-                .timer(hyper_util::rt::TokioTimer::new());
-            builder.header_read_timeout(std::time::Duration::from_secs(30));
-            let connection = builder.serve_connection(TokioIo::new(socket), service);
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                _ = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(err) = result {
-                tracing::debug!(cause = %err, "connection ended with an error");
+            // A connection that opens with GET /v1/stream is served on the socket itself;
+            // any other goes to hyper with the bytes already read.
+            if let Some(io) = crate::streamconn::serve(socket, &state, &shutdown).await {
+                serve_hyper(io, state, shutdown).await;
             }
         });
     }
 }
 
-async fn route(state: &AppState, req: Request<Incoming>) -> Response<Body> {
-    let origin = allowed_origin(state, &req);
-    let mut response = answer(state, &req, origin.is_some()).await;
+/// Serves a connection with hyper until it closes or `shutdown`.
+pub(crate) async fn serve_hyper<T>(io: T, state: Arc<AppState>, shutdown: CancellationToken)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let state = Arc::clone(&state);
+        async move { Ok::<_, Infallible>(route(&state, req).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .max_buf_size(MAX_BUFFER)
+        .timer(hyper_util::rt::TokioTimer::new());
+    builder.header_read_timeout(HEADER_READ_TIMEOUT);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(err) = result {
+        tracing::debug!(cause = %err, "connection ended with an error");
+    }
+}
+
+/// Adds the CORS response headers for an allowed origin.
+pub(crate) fn cors_headers(
+    state: &AppState,
+    origin: Option<HeaderValue>,
+    headers: &mut hyper::HeaderMap,
+) {
     if let Some(origin) = origin {
-        let headers = response.headers_mut();
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
         headers.insert(
             header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
@@ -228,15 +253,19 @@ async fn route(state: &AppState, req: Request<Incoming>) -> Response<Body> {
         );
     }
     if !state.cors_origins.is_empty() {
-        response
-            .headers_mut()
-            .append(header::VARY, HeaderValue::from_static("Origin"));
+        headers.append(header::VARY, HeaderValue::from_static("Origin"));
     }
+}
+
+async fn route(state: &AppState, req: Request<Incoming>) -> Response<Body> {
+    let origin = allowed_origin(state, &req);
+    let mut response = answer(state, &req, origin.is_some()).await;
+    cors_headers(state, origin, response.headers_mut());
     response
 }
 
 /// The request's `Origin`, if CORS allows it.
-fn allowed_origin(state: &AppState, req: &Request<Incoming>) -> Option<HeaderValue> {
+pub(crate) fn allowed_origin<B>(state: &AppState, req: &Request<B>) -> Option<HeaderValue> {
     let origin = req.headers().get(header::ORIGIN)?;
     let text = origin.to_str().ok()?;
     state
@@ -269,12 +298,15 @@ async fn answer(state: &AppState, req: &Request<Incoming>, cors_allowed: bool) -
     if let Err(err) = check_sizes(req) {
         return err.into_response();
     }
+    // The handlers' futures are boxed: hyper keeps the request future's allocation for
+    // the whole life of the connection, and a stream's connection lives for hours, so
+    // only a small future should stay behind.
     let result = match path {
         "/healthz" => Ok(json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))),
         "/readyz" => Ok(readyz(state)),
-        "/v1/position" => position(state, req).await,
-        "/metrics" => Ok(metrics(state).await),
-        _ => stream(state, req)
+        "/v1/position" => Box::pin(position(state, req)).await,
+        "/metrics" => Ok(Box::pin(metrics(state)).await),
+        _ => Box::pin(stream(state, req))
             .await
             .inspect_err(|err| state.metrics.rejected(err.code)),
     };
@@ -312,7 +344,7 @@ fn preflight(req: &Request<Incoming>, cors_allowed: bool) -> Response<Body> {
 }
 
 /// Refuses oversized requests with a JSON error before any other work.
-fn check_sizes(req: &Request<Incoming>) -> Result<(), ApiError> {
+pub(crate) fn check_sizes<B>(req: &Request<B>) -> Result<(), ApiError> {
     let query = req.uri().query().map_or(0, str::len);
     if query > MAX_QUERY_BYTES {
         return Err(ApiError::new(
@@ -372,9 +404,9 @@ fn readyz(state: &AppState) -> Response<Body> {
 }
 
 /// Parses the query and authenticates the request.
-fn authenticate(
+fn authenticate<B>(
     state: &AppState,
-    req: &Request<Incoming>,
+    req: &Request<B>,
 ) -> Result<(StreamQuery, crate::auth::Principal), ApiError> {
     let query = StreamQuery::parse(req.uri().query().unwrap_or(""))?;
     if query.tenant.is_some() && !state.tenant_param {
@@ -402,14 +434,37 @@ async fn position(state: &AppState, req: &Request<Incoming>) -> Result<Response<
 }
 
 async fn stream(state: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let (body, format) = open_stream(state, req).await?;
+    let mut response = Response::new(body.into_body());
+    stream_headers(format, response.headers_mut());
+    Ok(response)
+}
+
+/// The response headers of a stream.
+pub(crate) fn stream_headers(format: Format, headers: &mut hyper::HeaderMap) {
+    let content_type = match format {
+        Format::Sse => "text/event-stream",
+        Format::Ndjson => "application/x-ndjson",
+    };
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Tells nginx-style proxies not to buffer the stream.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+}
+
+/// Checks a stream request and registers its subscriber: everything but writing.
+pub(crate) async fn open_stream<B>(
+    state: &AppState,
+    req: &Request<B>,
+) -> Result<(EventStream, Format), ApiError> {
     let (query, principal) = authenticate(state, req)?;
     let selection = Selection::new(&principal, &query, &state.catalog.tables())?;
-    // EventSource sends Last-Event-ID on reconnect with the original URL, so the header
-    // (newer) wins over the query parameter (where the client started).
     // Registered before the response starts: a change committed after the client has the
     // headers is in this receiver or, if older, in the replay. Admission limits are
     // checked here, before any database work.
     let subscription = state.hub.subscribe(&selection.tenant)?;
+    // EventSource sends Last-Event-ID on reconnect with the original URL, so the header
+    // (newer) wins over the query parameter (where the client started).
     let resume_from = match req.headers().get("last-event-id") {
         Some(value) => {
             let text = value.to_str().map_err(|_| {
@@ -450,8 +505,7 @@ async fn stream(state: &AppState, req: &Request<Incoming>) -> Result<Response<Bo
         Some(accept) if accept.contains("application/x-ndjson") => Format::Ndjson,
         _ => Format::Sse,
     };
-    tracing::debug!(resume = ?resume_from.map(|p| p.to_string()), "stream opened");
-    let body = EventStream::new(
+    let stream = EventStream::new(
         state.journal.clone(),
         subscription,
         selection,
@@ -461,17 +515,6 @@ async fn stream(state: &AppState, req: &Request<Incoming>) -> Result<Response<Bo
         &state.stream,
         state.shutdown.clone(),
         Arc::clone(&state.metrics),
-    )
-    .into_body();
-    let content_type = match format {
-        Format::Sse => "text/event-stream",
-        Format::Ndjson => "application/x-ndjson",
-    };
-    let mut response = Response::new(body);
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    // Tells nginx-style proxies not to buffer the stream.
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    );
+    Ok((stream, format))
 }

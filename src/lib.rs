@@ -12,6 +12,7 @@ pub mod change;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod fanout;
 pub mod filter;
 pub mod http;
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod rowfilter;
 pub mod schema;
 pub mod sse;
+mod streamconn;
 
 use std::sync::Arc;
 

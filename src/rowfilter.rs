@@ -87,6 +87,9 @@ fn list_items(text: &str) -> Result<Vec<String>, FilterParseError> {
         .strip_prefix('(')
         .and_then(|t| t.strip_suffix(')'))
         .ok_or_else(|| err("`in` takes a list in parentheses, like in.(a,b)"))?;
+    if inner.is_empty() {
+        return Err(err("`in` needs at least one value"));
+    }
     let mut items = Vec::new();
     let mut current = String::new();
     let mut quoted = false;
@@ -105,9 +108,6 @@ fn list_items(text: &str) -> Result<Vec<String>, FilterParseError> {
         return Err(err("an unterminated `\"` in the `in` list"));
     }
     items.push(current);
-    if items.len() == 1 && items[0].is_empty() {
-        return Err(err("`in` needs at least one value"));
-    }
     Ok(items)
 }
 
@@ -165,13 +165,29 @@ fn short(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
+/// A literal as a number, if it is written as one: digits with an optional sign, point and
+/// exponent. Rust's float parser alone would also take `inf` and `NaN`.
+fn number(literal: &str) -> Option<f64> {
+    let t = literal.trim();
+    let body = t.strip_prefix(['+', '-']).unwrap_or(t);
+    let (mantissa, exponent) = match body.split_once(['e', 'E']) {
+        Some((m, e)) => (m, Some(e.strip_prefix(['+', '-']).unwrap_or(e))),
+        None => (body, None),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    let ok = !(int.is_empty() && frac.is_empty())
+        && digits(int)
+        && digits(frac)
+        && exponent.is_none_or(|e| !e.is_empty() && digits(e));
+    if ok { t.parse().ok() } else { None }
+}
+
 /// Orders a JSON value against a literal, by the value's type; `None` when they cannot be
 /// compared (null, a literal that is not a number for a numeric column, ...).
 fn compare(value: &Value, literal: &str) -> Option<Ordering> {
     match value {
-        Value::Number(n) => n
-            .as_f64()?
-            .partial_cmp(&literal.trim().parse::<f64>().ok()?),
+        Value::Number(n) => n.as_f64()?.partial_cmp(&number(literal)?),
         Value::String(s) => Some(s.as_str().cmp(literal)),
         Value::Bool(b) => match literal {
             "true" => Some(b.cmp(&true)),
@@ -289,5 +305,11 @@ mod tests {
             "null matches nothing"
         );
         assert!(f("t:big=gt.1e29").matches_row(&row));
+        assert!(
+            !f("t:n=lt.inf").matches_row(&row) && !f("t:n=neq.NaN").matches_row(&row),
+            "not numbers"
+        );
+        assert!(f("t:n=eq.+1e1").matches_row(&row) && f("t:n=gt.-.5").matches_row(&row));
+        assert_eq!(f(r#"t:s=in.("")"#).cond, Cond::In(vec![String::new()]));
     }
 }

@@ -229,7 +229,9 @@ impl EventStream {
                         biased;
                         _ = self.shutdown.cancelled() => return self.finish_shutdown(),
                         _ = expiry => return self.finish_expired(),
-                        read = self.journal.read_after(self.last, Scope::Tenant(&self.selection.tenant)) => {
+                        // Boxed: the read's state lives on the heap only while it runs,
+                        // instead of enlarging every stream's state machine.
+                        read = Box::pin(self.journal.read_after(self.last, Scope::Tenant(&self.selection.tenant))) => {
                             self.metrics.journal_read(if announce { "replay" } else { "catchup" });
                             read
                         }
@@ -315,7 +317,7 @@ impl EventStream {
     /// The subscriber's position is older than the journal keeps: tell it to refetch its
     /// state and continue from the head, which this stream then follows.
     async fn reset(&mut self) -> Option<Bytes> {
-        let head = match self.journal.head().await {
+        let head = match Box::pin(self.journal.head()).await {
             Ok(head) => head,
             Err(err) => {
                 tracing::warn!(cause = %err, "reading the head for a reset failed; ending the stream");

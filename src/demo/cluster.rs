@@ -234,7 +234,10 @@ impl Cluster {
         self.stopped = true;
         let data = self.data.display().to_string();
         let stopped = if self.data.join("postmaster.pid").exists() {
-            self.run("pg_ctl", &["stop", "-w", "-t", "60", "-m", "fast", "-D", &data])
+            self.run(
+                "pg_ctl",
+                &["stop", "-w", "-t", "60", "-m", "fast", "-D", &data],
+            )
         } else {
             Ok(())
         };

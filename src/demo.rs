@@ -1,0 +1,510 @@
+//! `pgfeed demo`: the first run. With no database configured it starts a throwaway
+//! PostgreSQL ([`cluster`]); then it installs the schema, creates and watches a demo
+//! table, runs the gateway and a small live page ([`app`]) side by side, and prints the
+//! `psql` and `curl` lines to try.
+//!
+//! The gateway it runs is the ordinary one ([`crate::serve`]) with the configured
+//! settings; the demo only fills in what a first run lacks (a database, an HS256 secret,
+//! the page's origin in `cors.allowed_origins`). When it stops it stops everything it
+//! started, and removes the throwaway cluster. It never alters a table of yours: with a
+//! database configured it only creates `demo_orders` (and its touch trigger) if absent.
+
+pub mod app;
+pub mod cluster;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AuthMode, Config, ConfigError, Secret};
+use crate::schema::{self, SchemaError, WatchSpec};
+use crate::{ServeError, db};
+
+use self::cluster::{Cluster, ClusterError, Search};
+
+/// The demo table, created with seed rows when it does not exist yet. The touch trigger
+/// keeps `updated_at` current; its `WHEN` keeps an update that changes nothing a no-op,
+/// as pgfeed treats it.
+const CREATE_TABLE: &str = "
+CREATE TABLE public.demo_orders (
+    id         serial PRIMARY KEY,
+    tenant     text NOT NULL,
+    item       text,
+    status     text NOT NULL DEFAULT 'new',
+    amount     numeric(10, 2) NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE FUNCTION public.demo_orders_touch() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.updated_at := now();
+    RETURN NEW;
+END $$;
+CREATE TRIGGER demo_orders_touch BEFORE UPDATE ON public.demo_orders
+    FOR EACH ROW WHEN (OLD.* IS DISTINCT FROM NEW.*) EXECUTE FUNCTION public.demo_orders_touch();
+INSERT INTO public.demo_orders (tenant, item, status, amount) VALUES
+    ('acme',   'Standing desk',        'paid',      499.00),
+    ('acme',   'Ergonomic chair',      'shipped',   289.00),
+    ('acme',   'Monitor arm',          'new',        79.90),
+    ('acme',   'USB-C dock',           'delivered', 129.00),
+    ('globex', 'Label printer',        'paid',      219.00),
+    ('globex', 'Barcode scanner',      'new',        64.50),
+    ('globex', 'Thermal labels (500)', 'shipped',    18.75);
+";
+
+/// What the command line adds to the settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where the live page listens; default: the gateway's address with the next port
+    /// (any free port when the gateway's is 0).
+    pub page_listen: Option<SocketAddr>,
+    /// Lifetime of the tokens the demo mints (printed for `curl`, handed to the page).
+    pub token_ttl: Duration,
+}
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A setting the demo cannot work with.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The throwaway cluster.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    /// Connecting to the database.
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    /// Installing the schema or watching the table.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// Creating the demo table.
+    #[error("creating the demo table demo_orders: {message}")]
+    Table {
+        /// PostgreSQL's message, detail and hint.
+        message: String,
+        /// The error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The gateway.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// An address could not be bound.
+    #[error("cannot listen on {addr} for the {what}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// `gateway` or `live page (choose another with --page-listen)`.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A background task panicked.
+    #[error("the demo's {what} task failed")]
+    Task {
+        /// Which one.
+        what: &'static str,
+        /// The panic.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+/// Runs the demo until `shutdown` is cancelled, then stops the gateway and the page and
+/// removes the throwaway cluster, if it started one.
+pub async fn run(
+    mut config: Config,
+    options: Options,
+    shutdown: CancellationToken,
+) -> Result<(), DemoError> {
+    // Phase 1: settings, and both ports, before the slow work, so that a taken port fails
+    // at once.
+    prepare_auth(&mut config)?;
+    let gateway_listener = bind(config.listen, "gateway").await?;
+    let page_addr = options
+        .page_listen
+        .unwrap_or_else(|| default_page_addr(config.listen));
+    let page_listener = bind(page_addr, "live page (choose another with --page-listen)").await?;
+    let page_addr = page_listener
+        .local_addr()
+        .map_err(|source| DemoError::Bind {
+            addr: page_addr,
+            what: "live page",
+            source,
+        })?;
+    config
+        .cors_origins
+        .extend(page_origins(page_addr, &config.cors_origins));
+    if !page_addr.ip().is_loopback() {
+        tracing::warn!(page = %page_addr, "the demo page hands out tokens for any tenant to whoever can reach it; keep it on a loopback address");
+    }
+
+    // Phase 2: the database, throwaway unless one is configured.
+    let mut throwaway = None;
+    let url = match config.database_url.as_ref() {
+        Some(url) => url.expose().to_string(),
+        None => {
+            eprintln!("No database configured: starting a throwaway PostgreSQL...");
+            let cluster = tokio::task::spawn_blocking(|| Cluster::start(&Search::local()))
+                .await
+                .map_err(|source| DemoError::Task {
+                    what: "cluster start",
+                    source,
+                })??;
+            let url = cluster.url();
+            throwaway = Some(cluster);
+            config.database_url = Some(Secret::new(url.clone()));
+            url
+        }
+    };
+    let result = run_with_database(
+        config,
+        &options,
+        gateway_listener,
+        page_listener,
+        &url,
+        throwaway.as_ref(),
+        shutdown,
+    )
+    .await;
+    if let Some(cluster) = throwaway {
+        let dir = cluster.dir().display().to_string();
+        let stopped = tokio::task::spawn_blocking(move || cluster.stop())
+            .await
+            .map_err(|source| DemoError::Task {
+                what: "cluster stop",
+                source,
+            })
+            .and_then(|r| r.map_err(DemoError::from));
+        match (&result, stopped) {
+            (_, Ok(())) => eprintln!("Stopped and removed the throwaway PostgreSQL ({dir})."),
+            (Ok(()), Err(err)) => return Err(err),
+            (Err(_), Err(err)) => {
+                tracing::warn!(cause = %err, "stopping the throwaway PostgreSQL failed")
+            }
+        }
+    }
+    result
+}
+
+async fn run_with_database(
+    config: Config,
+    options: &Options,
+    gateway_listener: TcpListener,
+    page_listener: TcpListener,
+    url: &str,
+    throwaway: Option<&Cluster>,
+    shutdown: CancellationToken,
+) -> Result<(), DemoError> {
+    if shutdown.is_cancelled() {
+        // Ctrl-C while the throwaway cluster was starting.
+        return Ok(());
+    }
+    let pg = db::parse_url(config.database_url()?)?;
+    let mut client = db::connect(&pg).await?;
+    schema::install(&mut client).await?;
+    let created = create_table(&mut client).await?;
+    schema::watch(
+        &client,
+        &WatchSpec {
+            table: app::TABLE.into(),
+            tenant_column: Some("tenant".into()),
+            ..WatchSpec::default()
+        },
+    )
+    .await?;
+    drop(client);
+    if !created {
+        tracing::info!("using the existing table demo_orders");
+    }
+
+    let gateway_addr = gateway_listener
+        .local_addr()
+        .expect("a bound listener has an address");
+    let page_addr = page_listener
+        .local_addr()
+        .expect("a bound listener has an address");
+    let psql = psql_target(url, throwaway.is_some());
+    let app = Arc::new(app::App {
+        pool: db::pool(&pg, 2)?,
+        auth: config.auth.clone(),
+        token_ttl: options.token_ttl,
+        gateway: (!gateway_addr.ip().is_unspecified())
+            .then(|| format!("http://{}", browser_addr(gateway_addr))),
+        gateway_port: gateway_addr.port(),
+        psql: psql.clone(),
+    });
+    let curl_token = crate::auth::mint(&config.auth, "acme", None, options.token_ttl)?;
+
+    let gateway = tokio::spawn(crate::serve(
+        config.clone(),
+        gateway_listener,
+        shutdown.child_token(),
+    ));
+    let page = tokio::spawn(app::run(page_listener, app, shutdown.child_token()));
+
+    let database = match throwaway {
+        Some(cluster) => format!(
+            "{url}  (throwaway cluster in {}; removed when the demo stops)",
+            cluster.dir().display()
+        ),
+        None => format!(
+            "{psql}  (demo_orders {})",
+            if created { "created" } else { "found" }
+        ),
+    };
+    print_banner(&Banner {
+        page: format!("http://{}/", browser_addr(page_addr)),
+        gateway: format!("http://{}", browser_addr(gateway_addr)),
+        database,
+        psql,
+        token: curl_token,
+        token_ttl: options.token_ttl,
+    });
+
+    // Until Ctrl-C, or until the gateway gives up on its own.
+    let mut gateway = gateway;
+    let served = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        result = &mut gateway => Some(result),
+    };
+    shutdown.cancel();
+    let served = match served {
+        Some(result) => result,
+        None => gateway.await,
+    };
+    let paged = page.await;
+    served.map_err(|source| DemoError::Task {
+        what: "gateway",
+        source,
+    })??;
+    paged.map_err(|source| DemoError::Task {
+        what: "live page",
+        source,
+    })?;
+    Ok(())
+}
+
+/// The demo mints tokens, so it needs an HS256 secret: the configured one, or a random one
+/// for this run.
+fn prepare_auth(config: &mut Config) -> Result<(), DemoError> {
+    let auth = &mut config.auth;
+    if auth.mode != AuthMode::Jwt {
+        return Err(ConfigError::Invalid {
+            key: "auth.mode",
+            message: "`pgfeed demo` mints tokens, so it needs \"jwt\" (the default)".into(),
+        }
+        .into());
+    }
+    if auth.public_key_file.is_some() || auth.jwks_file.is_some() {
+        return Err(ConfigError::Invalid {
+            key: "auth.secret",
+            message: "`pgfeed demo` mints HS256 tokens, so it needs auth.secret rather than \
+                      auth.public_key_file or auth.jwks_file"
+                .into(),
+        }
+        .into());
+    }
+    if auth.secret.is_none() {
+        let bytes: [u8; 32] = rand::random();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        auth.secret = Some(Secret::new(hex));
+    }
+    Ok(())
+}
+
+/// The page's address when none is given: the gateway's, with the next port (8081 next
+/// to the default 8080), or any free port when the gateway's was chosen by the system.
+fn default_page_addr(gateway: SocketAddr) -> SocketAddr {
+    let port = match gateway.port() {
+        0 | u16::MAX => 0,
+        p => p + 1,
+    };
+    SocketAddr::new(gateway.ip(), port)
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, DemoError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| DemoError::Bind { addr, what, source })
+}
+
+/// Creates the demo table with its seed rows if it does not exist; returns whether it did.
+async fn create_table(client: &mut tokio_postgres::Client) -> Result<bool, DemoError> {
+    let failed = |source: tokio_postgres::Error| DemoError::Table {
+        message: db::describe(&source),
+        source,
+    };
+    let tx = client.transaction().await.map_err(failed)?;
+    // Two demos starting at once on one database: the second waits, then finds the table.
+    tx.batch_execute("SELECT pg_advisory_xact_lock(1885824612, 7)")
+        .await
+        .map_err(failed)?;
+    let exists: bool = tx
+        .query_one("SELECT to_regclass('public.demo_orders') IS NOT NULL", &[])
+        .await
+        .map_err(failed)?
+        .get(0);
+    if !exists {
+        tx.batch_execute(CREATE_TABLE).await.map_err(failed)?;
+    }
+    tx.commit().await.map_err(failed)?;
+    Ok(!exists)
+}
+
+/// Origins the page is reached from, for CORS: its address, and for a loopback address
+/// the other loopback names too.
+fn page_origins(page: SocketAddr, existing: &[String]) -> Vec<String> {
+    let port = page.port();
+    let mut origins = if page.ip().is_unspecified() {
+        // Reached through any of the machine's addresses: which one is not known here.
+        vec!["*".to_string()]
+    } else {
+        vec![format!("http://{}", browser_addr(page))]
+    };
+    if page.ip().is_loopback() {
+        origins.extend([
+            format!("http://localhost:{port}"),
+            format!("http://127.0.0.1:{port}"),
+            format!("http://[::1]:{port}"),
+        ]);
+    }
+    let mut unique = Vec::new();
+    for origin in origins {
+        if !existing.contains(&origin) && !unique.contains(&origin) {
+            unique.push(origin);
+        }
+    }
+    unique
+}
+
+/// The address as a browser would write it: an unspecified address becomes 127.0.0.1.
+fn browser_addr(addr: SocketAddr) -> String {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => format!("127.0.0.1:{}", addr.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() => format!("[::1]:{}", addr.port()),
+        _ => addr.to_string(),
+    }
+}
+
+/// What `psql` is pointed at in the printed lines. A configured URL is not echoed if it
+/// carries a password: `$DATABASE_URL` stands for it when that variable holds it.
+fn psql_target(url: &str, throwaway: bool) -> String {
+    if throwaway {
+        return url.to_string();
+    }
+    if std::env::var("DATABASE_URL").is_ok_and(|v| v == url) {
+        return "$DATABASE_URL".into();
+    }
+    redact_password(url)
+}
+
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        // A key=value string.
+        return url
+            .split_whitespace()
+            .map(|kv| {
+                if kv.starts_with("password=") {
+                    "password=***"
+                } else {
+                    kv
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        _ => url.to_string(),
+    }
+}
+
+struct Banner {
+    page: String,
+    gateway: String,
+    database: String,
+    psql: String,
+    token: String,
+    token_ttl: Duration,
+}
+
+fn print_banner(b: &Banner) {
+    let psql = format!("psql \"{}\" -c", b.psql);
+    let ttl = humantime::format_duration(b.token_ttl);
+    println!(
+        "
+pgfeed demo is running. Open the live page:
+
+    {page}
+
+Gateway   {gateway}   (tenants acme and globex, table public.demo_orders)
+Database  {database}
+
+Change rows and watch the page follow (it shows tenant acme; switch tenants at the top):
+
+    {psql} \"INSERT INTO demo_orders (tenant, item, status, amount) VALUES ('acme', 'Walnut monitor stand', 'new', 84.00)\"
+    {psql} \"UPDATE demo_orders SET status = 'shipped' WHERE tenant = 'acme' AND status = 'paid'\"
+    {psql} \"DELETE FROM demo_orders WHERE id = (SELECT max(id) FROM demo_orders WHERE tenant = 'acme')\"
+
+Follow tenant acme's raw stream (this token is valid for {ttl}):
+
+    curl -N -H \"Authorization: Bearer {token}\" {gateway}/v1/stream
+
+Stop with Ctrl-C.
+",
+        page = b.page,
+        gateway = b.gateway,
+        database = b.database,
+        token = b.token,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_not_echoed() {
+        assert_eq!(
+            redact_password("postgres://app:s3cret@db.example.com:5432/app?sslmode=require"),
+            "postgres://app:***@db.example.com:5432/app?sslmode=require"
+        );
+        assert_eq!(
+            redact_password("postgres://app@db/app"),
+            "postgres://app@db/app"
+        );
+        assert_eq!(
+            redact_password("host=db user=app password=s3cret dbname=app"),
+            "host=db user=app password=*** dbname=app"
+        );
+    }
+
+    #[test]
+    fn the_page_listens_next_to_the_gateway() {
+        let page = |g: &str| default_page_addr(g.parse().unwrap()).to_string();
+        assert_eq!(page("127.0.0.1:8080"), "127.0.0.1:8081");
+        assert_eq!(page("[::1]:9000"), "[::1]:9001");
+        assert_eq!(page("127.0.0.1:65535"), "127.0.0.1:0");
+    }
+
+    #[test]
+    fn the_page_origin_is_allowed_once() {
+        let page: SocketAddr = "127.0.0.1:8081".parse().unwrap();
+        let origins = page_origins(page, &["http://localhost:8081".to_string()]);
+        assert_eq!(
+            origins,
+            ["http://127.0.0.1:8081", "http://[::1]:8081"].map(String::from)
+        );
+        let any: SocketAddr = "0.0.0.0:8081".parse().unwrap();
+        assert_eq!(page_origins(any, &[]), ["*"]);
+    }
+}
