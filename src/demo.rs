@@ -1,5 +1,5 @@
 //! `pgfeed demo`: the first run. With no database configured it starts a throwaway
-//! PostgreSQL ([`cluster`]); then it installs the schema, creates and watches a demo
+//! PostgreSQL ([`crate::cluster`]); then it installs the schema, creates and watches a demo
 //! table, runs the gateway and a small live page ([`app`]) side by side, and prints the
 //! `psql` and `curl` lines to try.
 //!
@@ -10,7 +10,6 @@
 //! database configured it only creates `demo_orders` (and its touch trigger) if absent.
 
 pub mod app;
-pub mod cluster;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -23,7 +22,7 @@ use crate::config::{AuthMode, Config, ConfigError, Secret};
 use crate::schema::{self, SchemaError, WatchSpec};
 use crate::{ServeError, db};
 
-use self::cluster::{Cluster, ClusterError, Search};
+use crate::cluster::{Cluster, ClusterError, Search};
 
 /// The demo table, created with seed rows when it does not exist yet. The touch trigger
 /// keeps `updated_at` current; its `WHEN` keeps an update that changes nothing a no-op,

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod catalog;
 pub mod change;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod db;
 pub mod demo;

@@ -2,20 +2,19 @@
 //! test, the gateway in-process on port 0, and a small HTTP/SSE client over a raw socket
 //! (so tests control exactly when they read).
 //!
-//! The cluster is started with the local `initdb`/`pg_ctl` (as the `postgres` user when
-//! run as root) unless `PGFEED_TEST_DATABASE_URL` points at an existing server. A watchdog
-//! process stops and removes the cluster when the test binary exits. If neither works the
-//! tests fail with a message saying what to install: they never skip.
+//! The cluster is [`pgfeed::cluster`]'s throwaway cluster (the local `initdb`/`pg_ctl`, as
+//! the `postgres` user when run as root) unless `PGFEED_TEST_DATABASE_URL` points at an
+//! existing server. Its watchdog stops and removes it when the test binary exits. If
+//! neither works the tests fail with a message saying what to install: they never skip.
 
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use pgfeed::cluster::{Cluster, Search};
 use pgfeed::config::{Config, Sources};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -35,22 +34,11 @@ pub struct Server {
     pub cluster: Option<Cluster>,
 }
 
-/// A cluster started by the tests.
-pub struct Cluster {
-    /// `bin` directory of the PostgreSQL installation.
-    pub bindir: PathBuf,
-    /// Data directory.
-    pub data: PathBuf,
-    /// TCP port on 127.0.0.1.
-    pub port: u16,
-    /// Whether commands must run as the `postgres` user.
-    as_postgres: bool,
-}
-
 static SERVER: OnceLock<Server> = OnceLock::new();
 static DB_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// The server for this test binary, started on first use.
+/// The server for this test binary, started on first use: the library's throwaway
+/// cluster (stopped and removed by its watchdog when the test binary exits).
 pub fn server() -> &'static Server {
     SERVER.get_or_init(|| match std::env::var("PGFEED_TEST_DATABASE_URL") {
         Ok(url) if !url.is_empty() => Server {
@@ -58,9 +46,13 @@ pub fn server() -> &'static Server {
             cluster: None,
         },
         _ => {
-            let cluster = Cluster::start().unwrap_or_else(|e| panic!("{e}"));
+            let cluster = Cluster::start_with(
+                &Search::local(),
+                "max_connections = 300\nshared_buffers = 64MB",
+            )
+            .unwrap_or_else(|e| panic!("cannot start the test cluster: {e}"));
             Server {
-                url_template: format!("postgres://postgres@127.0.0.1:{}/{{db}}", cluster.port),
+                url_template: format!("postgres://postgres@127.0.0.1:{}/{{db}}", cluster.port()),
                 cluster: Some(cluster),
             }
         }
@@ -86,227 +78,6 @@ impl Server {
     /// URL of database `db`.
     pub fn url(&self, db: &str) -> String {
         self.url_template.replace("{db}", db)
-    }
-}
-
-fn find_bindir() -> Option<PathBuf> {
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
-        && out.status.success()
-    {
-        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if dir.join("initdb").exists() {
-            return Some(dir);
-        }
-    }
-    if let Ok(path) = std::env::var("PATH") {
-        for dir in std::env::split_paths(&path) {
-            if dir.join("initdb").exists() && dir.join("pg_ctl").exists() {
-                return Some(dir);
-            }
-        }
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-        .filter(|p| p.join("initdb").exists())
-        .collect();
-    found.sort();
-    found.pop()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-impl Cluster {
-    fn start() -> Result<Cluster, String> {
-        let bindir = find_bindir().ok_or(
-            "PostgreSQL server binaries (initdb, pg_ctl) were not found via pg_config, PATH or \
-             /usr/lib/postgresql/*/bin. Install them (Debian/Ubuntu: `apt-get install postgresql`) \
-             or set PGFEED_TEST_DATABASE_URL to an existing server's URL (a superuser).",
-        )?;
-        let as_postgres = is_root();
-        let dir = std::env::temp_dir().join(format!(
-            "pgfeed-test-{}-{}",
-            std::process::id(),
-            Instant::now().elapsed().as_nanos() ^ (free_port() as u128)
-        ));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        if as_postgres {
-            let status = Command::new("chown")
-                .args(["postgres:", &dir.display().to_string()])
-                .status()
-                .map_err(|e| format!("chown: {e}"))?;
-            if !status.success() {
-                return Err(
-                    "initdb refuses to run as root and chown to the `postgres` user failed: \
-                            create a `postgres` user (installing the postgresql package does) or \
-                            set PGFEED_TEST_DATABASE_URL"
-                        .into(),
-                );
-            }
-        }
-        let data = dir.join("data");
-        let mut cluster = Cluster {
-            bindir,
-            data,
-            port: 0,
-            as_postgres,
-        };
-        cluster.run(
-            "initdb",
-            &[
-                "-D",
-                &cluster.data.display().to_string(),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ],
-        )?;
-        let conf = "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 300\n\
-                    listen_addresses = '127.0.0.1'\nshared_buffers = 64MB\n";
-        let conf_path = cluster.data.join("postgresql.auto.conf");
-        let mut existing = std::fs::read_to_string(&conf_path).unwrap_or_default();
-        existing.push_str(conf);
-        std::fs::write(&conf_path, existing)
-            .map_err(|e| format!("writing postgresql.auto.conf: {e}"))?;
-        // The port might be taken between choosing and binding: try a few.
-        let mut last_err = String::new();
-        for _ in 0..5 {
-            cluster.port = free_port();
-            match cluster.pg_ctl_start() {
-                Ok(()) => {
-                    cluster.spawn_watchdog(&dir);
-                    return Ok(cluster);
-                }
-                Err(e) => last_err = e,
-            }
-        }
-        Err(format!("could not start the test cluster: {last_err}"))
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let path = self.bindir.join(program);
-        if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(path);
-            c
-        } else {
-            Command::new(path)
-        }
-    }
-
-    fn run(&self, program: &str, args: &[&str]) -> Result<(), String> {
-        let out = self
-            .command(program)
-            .args(args)
-            .current_dir("/")
-            .output()
-            .map_err(|e| format!("running {program}: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{program} failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
-    }
-
-    fn pg_ctl_start(&self) -> Result<(), String> {
-        let opts = format!("-p {} -k {}", self.port, self.data.display());
-        let log = self.data.join("server.log").display().to_string();
-        self.run(
-            "pg_ctl",
-            &[
-                "start",
-                "-w",
-                "-t",
-                "60",
-                "-D",
-                &self.data.display().to_string(),
-                "-o",
-                &opts,
-                "-l",
-                &log,
-            ],
-        )
-    }
-
-    /// Restarts the cluster (`pg_ctl restart -m fast`): every connection is cut.
-    pub fn restart(&self) -> Result<(), String> {
-        let opts = format!("-p {} -k {}", self.port, self.data.display());
-        let log = self.data.join("server.log").display().to_string();
-        self.run(
-            "pg_ctl",
-            &[
-                "restart",
-                "-w",
-                "-t",
-                "60",
-                "-m",
-                "fast",
-                "-D",
-                &self.data.display().to_string(),
-                "-o",
-                &opts,
-                "-l",
-                &log,
-            ],
-        )
-    }
-
-    /// Stops and removes the cluster once this test process is gone.
-    fn spawn_watchdog(&self, dir: &Path) {
-        let pg_ctl = self.bindir.join("pg_ctl");
-        let stop = if self.as_postgres {
-            format!(
-                "runuser -u postgres -- {} stop -D {} -m immediate",
-                pg_ctl.display(),
-                self.data.display()
-            )
-        } else {
-            format!(
-                "{} stop -D {} -m immediate",
-                pg_ctl.display(),
-                self.data.display()
-            )
-        };
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
-            pid = std::process::id(),
-            dir = dir.display()
-        );
-        let _ = Command::new("setsid")
-            .args(["sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .current_dir("/")
-            .spawn()
-            .or_else(|_| {
-                Command::new("sh")
-                    .args(["-c", &script])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-            });
     }
 }
 

@@ -1,11 +1,12 @@
-//! A throwaway PostgreSQL cluster for `pgfeed demo`: `initdb` into a temporary directory,
-//! `pg_ctl start` on a free port of 127.0.0.1, and stop-and-remove when the demo ends.
+//! A throwaway PostgreSQL cluster: `initdb` into a temporary directory, `pg_ctl start` on a
+//! free port of 127.0.0.1, and stop-and-remove at the end. `pgfeed demo`, the test suite and
+//! the benchmark all start their clusters here.
 //!
 //! It uses the local installation only (found through `pg_config --bindir`, `PATH` or
 //! `/usr/lib/postgresql/*/bin`) and never touches an existing cluster. initdb refuses to
 //! run as root, so as root every command runs as the `postgres` user through `runuser`.
 //! Besides [`Cluster::stop`], a detached watchdog stops and removes the cluster if the
-//! demo process dies without cleaning up. Nothing here knows about pgfeed's schema.
+//! process dies without cleaning up. Nothing here knows about pgfeed's schema.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,18 +16,18 @@ use std::process::{Child, Command, Stdio};
 pub enum ClusterError {
     /// No PostgreSQL server binaries on this machine.
     #[error(
-        "PostgreSQL is not installed: `pgfeed demo` needs the server programs initdb and pg_ctl \
-         (looked in `pg_config --bindir`, PATH and /usr/lib/postgresql/*/bin). Install them \
-         (Debian/Ubuntu: `sudo apt-get install postgresql`; Fedora: `sudo dnf install \
-         postgresql-server`; macOS: `brew install postgresql`), or point the demo at an \
-         existing database with DATABASE_URL"
+        "PostgreSQL is not installed: a throwaway cluster needs the server programs initdb and \
+         pg_ctl (looked in `pg_config --bindir`, PATH and /usr/lib/postgresql/*/bin). Install \
+         them (Debian/Ubuntu: `sudo apt-get install postgresql`; Fedora: `sudo dnf install \
+         postgresql-server`; macOS: `brew install postgresql`), or use an existing database \
+         (DATABASE_URL for the demo, PGFEED_TEST_DATABASE_URL for the tests)"
     )]
     NotInstalled,
     /// Running as root, and the directory could not be handed to the `postgres` user.
     #[error(
         "initdb refuses to run as root, and handing {dir} to the `postgres` user failed: \
-         create that user (installing the Debian package `postgresql` does), run the demo as \
-         an ordinary user, or set DATABASE_URL"
+         create that user (installing the Debian package `postgresql` does), run as an \
+         ordinary user, or use an existing database"
     )]
     NoPostgresUser {
         /// The cluster directory.
@@ -129,6 +130,11 @@ impl Cluster {
     /// Creates and starts a cluster in a fresh temporary directory. Blocking: run it on a
     /// blocking thread.
     pub fn start(search: &Search) -> Result<Cluster, ClusterError> {
+        Cluster::start_with(search, "")
+    }
+
+    /// [`Cluster::start`] with extra `postgresql.conf` lines (e.g. `max_connections = 300`).
+    pub fn start_with(search: &Search, extra_conf: &str) -> Result<Cluster, ClusterError> {
         let bindir = search.bindir().ok_or(ClusterError::NotInstalled)?;
         let as_postgres = is_root();
         let dir = std::env::temp_dir().join(format!(
@@ -179,12 +185,14 @@ impl Cluster {
                 "--no-sync",
             ],
         )?;
-        // A demo cluster holds nothing worth an fsync; keep it fast and local-only.
+        // A throwaway cluster holds nothing worth an fsync; keep it fast and local-only.
         let conf = "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
                     listen_addresses = '127.0.0.1'\n";
         let conf_path = cluster.data.join("postgresql.auto.conf");
         let mut text = std::fs::read_to_string(&conf_path).unwrap_or_default();
         text.push_str(conf);
+        text.push_str(extra_conf);
+        text.push('\n');
         std::fs::write(&conf_path, text).map_err(|source| ClusterError::Io {
             what: format!("writing {}", conf_path.display()),
             source,
@@ -196,19 +204,41 @@ impl Cluster {
                 what: "finding a free port".into(),
                 source,
             })?;
-            let opts = format!("-p {} -k {}", cluster.port, data);
-            let log = cluster.data.join("server.log").display().to_string();
-            match cluster.run(
-                "pg_ctl",
-                &[
-                    "start", "-w", "-t", "60", "-D", &data, "-o", &opts, "-l", &log,
-                ],
-            ) {
+            match cluster.pg_ctl("start") {
                 Ok(()) => return Ok(cluster),
                 Err(err) => last = Some(err),
             }
         }
         Err(last.expect("at least one attempt"))
+    }
+
+    /// `pg_ctl start` or `restart` (fast: open connections are cut), waiting until the
+    /// server accepts connections.
+    fn pg_ctl(&self, action: &str) -> Result<(), ClusterError> {
+        let data = self.data.display().to_string();
+        let opts = format!("-p {} -k {}", self.port, data);
+        let log = self.data.join("server.log").display().to_string();
+        self.run(
+            "pg_ctl",
+            &[
+                action, "-w", "-t", "60", "-m", "fast", "-D", &data, "-o", &opts, "-l", &log,
+            ],
+        )
+    }
+
+    /// Restarts the server: every connection is cut. Blocking.
+    pub fn restart(&self) -> Result<(), ClusterError> {
+        self.pg_ctl("restart")
+    }
+
+    /// The TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The `bin` directory of the PostgreSQL installation used (pgbench lives there too).
+    pub fn bindir(&self) -> &Path {
+        &self.bindir
     }
 
     /// The superuser URL of the cluster's `postgres` database.
