@@ -836,3 +836,48 @@ async fn a_token_that_expires_ends_its_stream() {
     assert_eq!(lasting.next_change().await["new"]["body"], "after expiry");
     gw.stop().await;
 }
+
+/// A connection whose first request is not a stream goes to hyper with the bytes already
+/// read (here a pipelined second request too), and hyper serves a stream on it as well.
+#[tokio::test]
+async fn a_stream_after_another_request_on_the_same_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "orders").await;
+    let gw = Gateway::start(&db).await;
+    let token = gw.token("acme");
+    let mut socket = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let requests = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n\
+         GET /v1/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    socket.write_all(requests.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let deadline = tokio::time::Instant::now() + support::SOON;
+    while !String::from_utf8_lossy(&received).contains("event: live") {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, socket.read(&mut buf))
+            .await
+            .expect("both responses in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed early: {}",
+            String::from_utf8_lossy(&received)
+        );
+        received.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&received);
+    let first = text.find("HTTP/1.1 200").unwrap();
+    assert!(text[first..].contains(r#"{"status":"ok"}"#), "{text}");
+    let second = text[first + 1..]
+        .find("HTTP/1.1 200")
+        .expect("a second response")
+        + first
+        + 1;
+    assert!(
+        text[second..].contains("content-type: text/event-stream"),
+        "{text}"
+    );
+    gw.stop().await;
+}
