@@ -234,8 +234,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// `server.retry` (default 2s): the reconnect delay sent to EventSource clients.
     pub retry: Duration,
-    /// `server.live_buffer` (default 1024): events buffered per tenant for live delivery;
-    /// a subscriber further behind is caught up from the journal.
+    /// `server.live_buffer` (default 256): events buffered per tenant for live delivery;
+    /// a subscriber further behind is caught up from the journal. Each tenant with
+    /// streams preallocates this many slots (about 32 bytes each).
     pub live_buffer: usize,
     /// `server.max_subscribers` (default 10000): open streams at most; more get 503.
     pub max_subscribers: usize,
@@ -254,7 +255,8 @@ pub struct Config {
     pub log_json: bool,
     /// `journal.retention` (default 24h): how long changes can be replayed.
     pub retention: Duration,
-    /// `journal.batch_size` (default 500): changes per journal read, bounding memory.
+    /// `journal.batch_size` (default 5000): changes per journal read (memory is bounded by
+    /// `journal.batch_bytes` too).
     pub batch_size: usize,
     /// `journal.batch_bytes` (default 8388608): stored row-image bytes after which a journal
     /// read stops early, so huge rows are read a few at a time.
@@ -516,7 +518,7 @@ impl Config {
                 false,
             )?,
             retry: duration("server.retry", &file.server.retry, "2s", true)?,
-            live_buffer: positive("server.live_buffer", file.server.live_buffer, 1024, 1 << 20)?,
+            live_buffer: positive("server.live_buffer", file.server.live_buffer, 256, 1 << 20)?,
             max_subscribers: positive(
                 "server.max_subscribers",
                 file.server.max_subscribers,
@@ -560,7 +562,7 @@ impl Config {
                 }
             },
             retention: duration("journal.retention", &file.journal.retention, "24h", true)?,
-            batch_size: positive("journal.batch_size", file.journal.batch_size, 500, 100_000)?,
+            batch_size: positive("journal.batch_size", file.journal.batch_size, 5000, 100_000)?,
             batch_bytes: positive(
                 "journal.batch_bytes",
                 file.journal.batch_bytes,

@@ -39,6 +39,16 @@ pub fn parse_url(url: &Secret) -> Result<tokio_postgres::Config, DbError> {
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
     }
+    // The journal read is one small keyset query run thousands of times: JIT compilation
+    // (triggered by inflated estimates once the journal is large) cost ~17 ms per read,
+    // and custom re-planning cost more than executing it (measured by pgfeed-bench, see
+    // BENCHMARKS.md). Settings the operator put in the URL's options come after ours.
+    let mut options = String::from("-c jit=off -c plan_cache_mode=force_generic_plan");
+    if let Some(theirs) = config.get_options() {
+        options.push(' ');
+        options.push_str(theirs);
+    }
+    config.options(&options);
     Ok(config)
 }
 
