@@ -28,6 +28,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, ValueEnum};
 use futures_util::future::poll_fn;
 use memchr::memmem;
+use pgfeed::cluster::{Cluster, Search};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -303,14 +304,6 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
 /// Nearest-rank percentile of sorted values.
 fn percentile(sorted: &[u32], p: f64) -> Option<f64> {
     if sorted.is_empty() {
@@ -424,203 +417,34 @@ fn tree_cpu_s(pid: u32) -> f64 {
 }
 
 // ---------------------------------------------------------------------------------------
-// A throwaway PostgreSQL (the same approach as tests/support, kept separate on purpose)
+// A throwaway PostgreSQL: the library's (src/cluster.rs), with the benchmark's settings
 // ---------------------------------------------------------------------------------------
 
-struct Cluster {
-    bindir: PathBuf,
-    dir: PathBuf,
-    data: PathBuf,
-    port: u16,
-    as_postgres: bool,
+/// Starts the library's throwaway cluster with the benchmark's settings: durable unless
+/// `fsync` is false (later lines of postgresql.auto.conf override the cluster's own
+/// non-durable defaults), room for many connections, and the `--pg-conf` lines.
+fn start_cluster(fsync: bool, extra: &[String]) -> Result<Cluster> {
+    let durable = if fsync { "on" } else { "off" };
+    let mut conf = format!(
+        "fsync = {durable}\nsynchronous_commit = {durable}\nfull_page_writes = {durable}\n\
+         max_connections = 300\nshared_buffers = 256MB\nmax_wal_size = 4GB\n"
+    );
+    for line in extra {
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--pg-conf {line:?} is not KEY=VALUE"))?;
+        conf.push_str(&format!(
+            "{} = '{}'\n",
+            k.trim(),
+            v.trim().trim_matches('\'')
+        ));
+    }
+    Cluster::start_with(&Search::local(), &conf)
+        .map_err(|e| anyhow!("{e} (or pass --database-url)"))
 }
 
-fn find_bindir() -> Option<PathBuf> {
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
-        && out.status.success()
-    {
-        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if dir.join("initdb").exists() {
-            return Some(dir);
-        }
-    }
-    if let Ok(path) = std::env::var("PATH") {
-        for dir in std::env::split_paths(&path) {
-            if dir.join("initdb").exists() && dir.join("pg_ctl").exists() {
-                return Some(dir);
-            }
-        }
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-        .filter(|p| p.join("initdb").exists())
-        .collect();
-    found.sort();
-    found.pop()
-}
-
-impl Cluster {
-    fn start(fsync: bool, extra: &[String]) -> Result<Cluster> {
-        let bindir = find_bindir().ok_or_else(|| {
-            anyhow!(
-                "PostgreSQL server binaries (initdb, pg_ctl) were not found via pg_config, PATH \
-                 or /usr/lib/postgresql/*/bin. Install them (Debian/Ubuntu: `apt-get install \
-                 postgresql`) or pass --database-url"
-            )
-        })?;
-        let as_postgres = is_root();
-        let dir =
-            std::env::temp_dir().join(format!("pgfeed-bench-{}-{}", std::process::id(), now_us()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        if as_postgres {
-            let ok = Command::new("chown")
-                .args(["postgres:", &dir.display().to_string()])
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                bail!(
-                    "initdb refuses to run as root and chown to the `postgres` user failed: \
-                     create a `postgres` user or pass --database-url"
-                );
-            }
-        }
-        let mut cluster = Cluster {
-            bindir,
-            data: dir.join("data"),
-            dir,
-            port: 0,
-            as_postgres,
-        };
-        let data = cluster.data.display().to_string();
-        cluster.run(
-            "initdb",
-            &[
-                "-D",
-                &data,
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ],
-        )?;
-        let durable = if fsync { "on" } else { "off" };
-        let mut conf = format!(
-            "fsync = {durable}\nsynchronous_commit = {durable}\nfull_page_writes = {durable}\n\
-             max_connections = 300\nlisten_addresses = '127.0.0.1'\nshared_buffers = 256MB\n\
-             max_wal_size = 4GB\n"
-        );
-        for line in extra {
-            let (k, v) = line
-                .split_once('=')
-                .ok_or_else(|| anyhow!("--pg-conf {line:?} is not KEY=VALUE"))?;
-            conf.push_str(&format!(
-                "{} = '{}'\n",
-                k.trim(),
-                v.trim().trim_matches('\'')
-            ));
-        }
-        let conf_path = cluster.data.join("postgresql.auto.conf");
-        let mut existing = std::fs::read_to_string(&conf_path).unwrap_or_default();
-        existing.push_str(&conf);
-        std::fs::write(&conf_path, existing).context("writing postgresql.auto.conf")?;
-        let mut last_err = anyhow!("no attempt");
-        for _ in 0..5 {
-            cluster.port = free_port()?;
-            let opts = format!("-p {} -k {}", cluster.port, cluster.data.display());
-            let log = cluster.data.join("server.log").display().to_string();
-            match cluster.run(
-                "pg_ctl",
-                &[
-                    "start", "-w", "-t", "60", "-D", &data, "-o", &opts, "-l", &log,
-                ],
-            ) {
-                Ok(()) => {
-                    cluster.spawn_watchdog();
-                    return Ok(cluster);
-                }
-                Err(e) => last_err = e,
-            }
-        }
-        Err(last_err.context("could not start the throwaway cluster"))
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let path = self.bindir.join(program);
-        if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(path);
-            c
-        } else {
-            Command::new(path)
-        }
-    }
-
-    fn run(&self, program: &str, args: &[&str]) -> Result<()> {
-        let out = self
-            .command(program)
-            .args(args)
-            .current_dir("/")
-            .output()
-            .with_context(|| format!("running {program}"))?;
-        if !out.status.success() {
-            bail!(
-                "{program} failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
-    }
-
-    /// Stops and removes the cluster if this process dies without cleaning up.
-    fn spawn_watchdog(&self) {
-        let stop = format!(
-            "{}{} stop -D {} -m immediate",
-            if self.as_postgres {
-                "runuser -u postgres -- "
-            } else {
-                ""
-            },
-            self.bindir.join("pg_ctl").display(),
-            self.data.display()
-        );
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
-            pid = std::process::id(),
-            dir = self.dir.display()
-        );
-        let _ = Command::new("sh")
-            .args(["-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-    }
-
-    fn postmaster_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.data.join("postmaster.pid"))
-            .ok()?
-            .lines()
-            .next()?
-            .trim()
-            .parse()
-            .ok()
-    }
-
-    fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let data = self.data.display().to_string();
-        let _ = self.run("pg_ctl", &["stop", "-D", &data, "-m", "fast", "-t", "60"]);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+fn cluster_url(cluster: &Cluster, db: &str) -> String {
+    format!("postgres://postgres@127.0.0.1:{}/{db}", cluster.port())
 }
 
 /// Where the benchmark's database is.
@@ -684,11 +508,11 @@ impl Database {
             None => {
                 let extra = args.pg_conf.clone();
                 let cluster =
-                    tokio::task::spawn_blocking(move || Cluster::start(fsync, &extra)).await??;
-                let admin = connect(&cluster.url("postgres")).await?;
+                    tokio::task::spawn_blocking(move || start_cluster(fsync, &extra)).await??;
+                let admin = connect(&cluster.url()).await?;
                 admin.batch_execute("CREATE DATABASE pgfeed_bench").await?;
                 Ok(Database {
-                    url: cluster.url("pgfeed_bench"),
+                    url: cluster_url(&cluster, "pgfeed_bench"),
                     cluster: Some(cluster),
                     created: None,
                 })
@@ -2494,7 +2318,7 @@ fn pgbench_binary(args: &Args) -> Result<PathBuf> {
     if let Some(b) = &args.pgbench_bin {
         return Ok(b.clone());
     }
-    if let Some(dir) = find_bindir()
+    if let Some(dir) = Search::local().bindir()
         && dir.join("pgbench").exists()
     {
         return Ok(dir.join("pgbench"));
