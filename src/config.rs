@@ -771,6 +771,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(c.listen.port(), 3);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -828,6 +829,7 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("listen_addr"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -888,5 +890,6 @@ mod tests {
         })
         .unwrap();
         assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
