@@ -259,14 +259,7 @@ async fn serve_streams_and_stops_on_sigterm_within_the_grace() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + support::SOON;
-    while !support::get(addr, "/readyz", &[])
-        .await
-        .is_ok_and(|r| r.status == 200)
-    {
-        assert!(Instant::now() < deadline, "serve did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::wait_until_ready(addr).await;
     let token = pgfeed::auth::mint(
         &pgfeed::config::AuthConfig::hs256(SECRET),
         "acme",

@@ -5,7 +5,7 @@
 mod support;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::{Gateway, SECRET, SseClient, TestDb, eventually};
 
@@ -314,14 +314,7 @@ async fn json_logs_record_streams_and_never_the_token() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + support::SOON;
-    while !support::get(addr, "/readyz", &[])
-        .await
-        .is_ok_and(|r| r.status == 200)
-    {
-        assert!(Instant::now() < deadline, "serve did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::wait_until_ready(addr).await;
     let token = pgfeed::auth::mint(
         &pgfeed::config::AuthConfig::hs256(SECRET),
         "acme",

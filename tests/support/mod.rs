@@ -175,6 +175,22 @@ pub fn sources(db: &TestDb) -> Sources {
     }
 }
 
+/// Waits until the gateway at `addr` (in-process or a `pgfeed serve` child) answers
+/// `/readyz` with 200, for at most [`SOON`].
+pub async fn wait_until_ready(addr: SocketAddr) {
+    let deadline = Instant::now() + SOON;
+    while !get(addr, "/readyz", &[])
+        .await
+        .is_ok_and(|r| r.status == 200)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "gateway at {addr} not ready within {SOON:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A gateway running in-process.
 pub struct Gateway {
     /// Where it listens.
