@@ -4,41 +4,29 @@
 -- Capture functions are SECURITY DEFINER with a fixed search_path: application roles need
 -- no privilege on schema pgfeed and cannot write journal rows themselves.
 
--- Transaction-local counter of changes captured so far ('' or NULL when none).
-CREATE OR REPLACE FUNCTION pgfeed._ord() RETURNS integer
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$ SELECT coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer $$;
+-- The ordinal counter: the transaction-local setting pgfeed.ord holds how many changes the
+-- transaction has captured so far (NULL before the first, or '' in a session where an
+-- earlier transaction set it: custom settings keep an empty value afterwards). Each capture
+-- numbers its rows from there and advances it with set_config(..., true), which a rolled
+-- back savepoint undoes together with the journal rows. The expression is written out in
+-- every function below rather than called: a helper function cost a call setup, and a
+-- fresh plan, in every transaction.
+--
+-- The seal: a transaction's first journal row (ord = 1) queues the deferred constraint
+-- trigger `seal` on pgfeed.changes, which numbers the commit at commit time (_seal below).
 
--- After a statement captured n changes: the first ones of the transaction insert the seal
--- marker (whose deferred trigger fires once, at commit), and the counter advances.
--- set_config(..., true) is rolled back with a savepoint, as are the journal rows.
-CREATE OR REPLACE FUNCTION pgfeed._advance(base integer, n integer) RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF n > 0 THEN
-        IF base = 0 THEN
-            INSERT INTO pgfeed.seal (xid) VALUES (pg_current_xact_id());
-        END IF;
-        PERFORM set_config('pgfeed.ord', (base + n)::text, true);
-    END IF;
-END
-$$;
-
--- The primary key columns of a row, as a JSON object.
-CREATE OR REPLACE FUNCTION pgfeed._pick(j jsonb, cols text[]) RETURNS jsonb
-LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
-AS $$ SELECT jsonb_object_agg(c, j -> c) FROM unnest(cols) AS c $$;
+-- Casts to json or jsonb with a function, created after initdb (oid 16384 and up). When
+-- there are none, as in most databases, capture skips _check_casts: this is one probe of
+-- pg_cast's oid index. INOUT and binary casts run no user code.
+CREATE OR REPLACE VIEW pgfeed.json_casts_since_initdb AS
+    SELECT c.oid FROM pg_catalog.pg_cast AS c
+    WHERE c.oid >= 16384 AND c.casttarget IN (114, 3802) AND c.castfunc <> 0;
 
 -- Refuses to capture a table whose rows to_jsonb() would render through a cast to json or
 -- jsonb that a non-superuser defined: to_jsonb() calls such casts, and inside a SECURITY
 -- DEFINER capture function that code would run with pgfeed's privileges and could forge
--- journal rows. Casts from superusers (extensions such as PostGIS) are trusted. The common
--- case (no user-created cast to json at all) costs one scan of the small pg_cast catalog;
--- it was about 13 % of a watched single-row insert before this fast path.
+-- journal rows. Casts from superusers (extensions such as PostGIS) are trusted. Capture
+-- calls it only when pgfeed.json_casts_since_initdb is not empty.
 CREATE OR REPLACE FUNCTION pgfeed._check_casts(tbl oid) RETURNS void
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -46,15 +34,6 @@ AS $$
 DECLARE
     bad text;
 BEGIN
-    -- Fast path, run on every captured statement: no cast to json/jsonb with a function
-    -- was created after initdb (oid 16384 and up) at all. INOUT and binary casts run no
-    -- user code.
-    IF NOT EXISTS (
-        SELECT 1 FROM pg_cast AS c
-        WHERE c.casttarget IN (114, 3802) AND c.castfunc <> 0 AND c.oid >= 16384
-    ) THEN
-        RETURN;
-    END IF;
     IF NOT EXISTS (
         SELECT 1 FROM pg_cast AS c
         JOIN pg_proc AS p ON p.oid = c.castfunc
@@ -113,21 +92,27 @@ DECLARE
     is_public  boolean := TG_ARGV[1]::boolean;
     pk_cols    text[]  := TG_ARGV[2]::text[];
     excl       text[]  := TG_ARGV[3]::text[];
-    base       integer := pgfeed._ord();
+    base       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
     n          integer;
 BEGIN
-    PERFORM pgfeed._check_casts(TG_RELID);
+    IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
+        PERFORM pgfeed._check_casts(TG_RELID);
+    END IF;
     INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
     SELECT pg_current_xact_id(), base + (row_number() OVER ())::integer,
            TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'insert',
            CASE WHEN is_public THEN NULL ELSE j ->> tenant_col END, is_public,
-           pgfeed._pick(j, pk_cols), j - excl
+           (SELECT jsonb_object_agg(c, j -> c) FROM unnest(pk_cols) AS c), j - excl
     FROM (SELECT to_jsonb(r) AS j FROM pgfeed_new AS r OFFSET 0) AS s;
     GET DIAGNOSTICS n = ROW_COUNT;
     -- Again after rendering: a cast created concurrently, between the first check and
     -- to_jsonb(), fails the statement here, and everything it did is rolled back with it.
-    PERFORM pgfeed._check_casts(TG_RELID);
-    PERFORM pgfeed._advance(base, n);
+    IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
+        PERFORM pgfeed._check_casts(TG_RELID);
+    END IF;
+    IF n > 0 THEN
+        PERFORM set_config('pgfeed.ord', (base + n)::text, true);
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -146,11 +131,13 @@ DECLARE
     is_public  boolean := TG_ARGV[1]::boolean;
     pk_cols    text[]  := TG_ARGV[2]::text[];
     excl       text[]  := TG_ARGV[3]::text[];
-    base       integer := pgfeed._ord();
+    base       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
     tbl        text    := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
     n          integer;
 BEGIN
-    PERFORM pgfeed._check_casts(TG_RELID);
+    IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
+        PERFORM pgfeed._check_casts(TG_RELID);
+    END IF;
     WITH pairs AS (
         SELECT o.i, o.j AS oj, nw.j AS nj,
                CASE WHEN is_public THEN NULL ELSE o.j ->> tenant_col END AS old_tenant,
@@ -162,19 +149,19 @@ BEGIN
     events AS (
         -- same tenant: an update, unless no (captured) column changed
         SELECT p.i, 0 AS k, 'update' AS op, p.new_tenant AS tenant,
-               pgfeed._pick(p.nj, pk_cols) AS pk, p.nj AS new, p.oj AS old,
+               (SELECT jsonb_object_agg(c, p.nj -> c) FROM unnest(pk_cols) AS c) AS pk, p.nj AS new, p.oj AS old,
                ARRAY(SELECT e.key FROM jsonb_each(p.nj) AS e
                      WHERE e.value IS DISTINCT FROM p.oj -> e.key ORDER BY e.key) AS changed
         FROM pairs AS p
         WHERE p.old_tenant IS NOT DISTINCT FROM p.new_tenant
         UNION ALL
         -- tenant moved: the old tenant sees the row leave ...
-        SELECT p.i, 0, 'delete', p.old_tenant, pgfeed._pick(p.oj, pk_cols), NULL, p.oj, NULL
+        SELECT p.i, 0, 'delete', p.old_tenant, (SELECT jsonb_object_agg(c, p.oj -> c) FROM unnest(pk_cols) AS c), NULL, p.oj, NULL
         FROM pairs AS p
         WHERE p.old_tenant IS DISTINCT FROM p.new_tenant
         UNION ALL
         -- ... and the new tenant sees it arrive
-        SELECT p.i, 1, 'insert', p.new_tenant, pgfeed._pick(p.nj, pk_cols), p.nj, NULL, NULL
+        SELECT p.i, 1, 'insert', p.new_tenant, (SELECT jsonb_object_agg(c, p.nj -> c) FROM unnest(pk_cols) AS c), p.nj, NULL, NULL
         FROM pairs AS p
         WHERE p.old_tenant IS DISTINCT FROM p.new_tenant
     )
@@ -186,8 +173,12 @@ BEGIN
     GET DIAGNOSTICS n = ROW_COUNT;
     -- Again after rendering: a cast created concurrently, between the first check and
     -- to_jsonb(), fails the statement here, and everything it did is rolled back with it.
-    PERFORM pgfeed._check_casts(TG_RELID);
-    PERFORM pgfeed._advance(base, n);
+    IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
+        PERFORM pgfeed._check_casts(TG_RELID);
+    END IF;
+    IF n > 0 THEN
+        PERFORM set_config('pgfeed.ord', (base + n)::text, true);
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -201,21 +192,27 @@ DECLARE
     is_public  boolean := TG_ARGV[1]::boolean;
     pk_cols    text[]  := TG_ARGV[2]::text[];
     excl       text[]  := TG_ARGV[3]::text[];
-    base       integer := pgfeed._ord();
+    base       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
     n          integer;
 BEGIN
-    PERFORM pgfeed._check_casts(TG_RELID);
+    IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
+        PERFORM pgfeed._check_casts(TG_RELID);
+    END IF;
     INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, old)
     SELECT pg_current_xact_id(), base + (row_number() OVER ())::integer,
            TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'delete',
            CASE WHEN is_public THEN NULL ELSE j ->> tenant_col END, is_public,
-           pgfeed._pick(j, pk_cols), j - excl
+           (SELECT jsonb_object_agg(c, j -> c) FROM unnest(pk_cols) AS c), j - excl
     FROM (SELECT to_jsonb(r) AS j FROM pgfeed_old AS r OFFSET 0) AS s;
     GET DIAGNOSTICS n = ROW_COUNT;
     -- Again after rendering: a cast created concurrently, between the first check and
     -- to_jsonb(), fails the statement here, and everything it did is rolled back with it.
-    PERFORM pgfeed._check_casts(TG_RELID);
-    PERFORM pgfeed._advance(base, n);
+    IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
+        PERFORM pgfeed._check_casts(TG_RELID);
+    END IF;
+    IF n > 0 THEN
+        PERFORM set_config('pgfeed.ord', (base + n)::text, true);
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -226,17 +223,17 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    base integer := pgfeed._ord();
+    base integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
 BEGIN
     INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public)
     VALUES (pg_current_xact_id(), base + 1, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
             'truncate', NULL, true);
-    PERFORM pgfeed._advance(base, 1);
+    PERFORM set_config('pgfeed.ord', (base + 1)::text, true);
     RETURN NULL;
 END
 $$;
 
--- Runs once per transaction, at commit (deferred constraint trigger on the seal marker).
+-- Runs once per transaction, at commit: queued by the transaction's first journal row.
 -- The advisory lock is held until the commit completes, so commit numbers are drawn in
 -- commit order. The NOTIFY is only a doorbell: "<seq>:<count>", never row data.
 CREATE OR REPLACE FUNCTION pgfeed._seal() RETURNS trigger
@@ -245,24 +242,23 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     seq bigint;
-    n   integer := pgfeed._ord();
+    n   integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
 BEGIN
     PERFORM pg_advisory_xact_lock(1885824612, 1);
     seq := nextval('pgfeed.commit_seq');
     INSERT INTO pgfeed.commits (seq, xid, n, committed_at)
     VALUES (seq, NEW.xid, n, clock_timestamp());
-    DELETE FROM pgfeed.seal WHERE xid = NEW.xid;
     PERFORM pg_notify('pgfeed', seq::text || ':' || n::text);
     RETURN NULL;
 END
 $$;
 
 SET LOCAL client_min_messages = warning;
-DROP TRIGGER IF EXISTS seal ON pgfeed.seal;
+DROP TRIGGER IF EXISTS seal ON pgfeed.changes;
 RESET client_min_messages;
-CREATE CONSTRAINT TRIGGER seal AFTER INSERT ON pgfeed.seal
+CREATE CONSTRAINT TRIGGER seal AFTER INSERT ON pgfeed.changes
     DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW EXECUTE FUNCTION pgfeed._seal();
+    FOR EACH ROW WHEN (NEW.ord = 1) EXECUTE FUNCTION pgfeed._seal();
 
 -- pgfeed.watch: attach capture triggers to a table. Re-running it replaces the settings.
 CREATE OR REPLACE FUNCTION pgfeed.watch(
@@ -458,10 +454,9 @@ BEGIN
     END IF;
     GRANT USAGE ON SCHEMA pgfeed TO pgfeed_capture;
     GRANT INSERT ON pgfeed.changes, pgfeed.commits TO pgfeed_capture;
-    GRANT SELECT, INSERT, DELETE ON pgfeed.seal TO pgfeed_capture;
+    GRANT SELECT ON pgfeed.json_casts_since_initdb TO pgfeed_capture;
     GRANT USAGE ON SEQUENCE pgfeed.commit_seq TO pgfeed_capture;
-    GRANT EXECUTE ON FUNCTION pgfeed._ord(), pgfeed._advance(integer, integer),
-        pgfeed._pick(jsonb, text[]), pgfeed._check_casts(oid) TO pgfeed_capture;
+    GRANT EXECUTE ON FUNCTION pgfeed._check_casts(oid) TO pgfeed_capture;
     BEGIN
         ALTER FUNCTION pgfeed._capture_insert() OWNER TO pgfeed_capture;
         ALTER FUNCTION pgfeed._capture_update() OWNER TO pgfeed_capture;

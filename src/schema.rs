@@ -9,10 +9,13 @@
 use tokio_postgres::Client;
 
 /// The schema version this binary expects: the number of the newest migration.
-pub const VERSION: i32 = 1;
+pub const VERSION: i32 = 2;
 
 /// Table migrations, applied in order, each once.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../sql/001_journal.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../sql/001_journal.sql")),
+    (2, include_str!("../sql/002_lighter_capture.sql")),
+];
 
 /// Functions and triggers, re-applied by every install.
 const FUNCTIONS: &str = include_str!("../sql/functions.sql");

@@ -197,12 +197,39 @@ async fn only_committed_changes_are_captured() {
     .unwrap();
     tx.commit().await.unwrap();
 
+    // The transaction's first capture is rolled back with its savepoint: the commit is
+    // still sealed (once), by the first change that stays.
+    let tx = c.transaction().await.unwrap();
+    tx.batch_execute(
+        "SAVEPOINT s;
+         INSERT INTO notes (tenant, body) VALUES ('acme', 'undone first');
+         ROLLBACK TO SAVEPOINT s;
+         INSERT INTO notes (tenant, body) VALUES ('acme', 'kept 3'), ('acme', 'kept 4');",
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
     let a = s.next_change().await;
     let b = s.next_change().await;
     assert_eq!(a["new"]["body"], "kept 1");
     assert_eq!(b["new"]["body"], "kept 2");
+    let third = s.next_change().await;
+    let fourth = s.next_change().await;
+    assert_eq!(third["new"]["body"], "kept 3");
+    assert_eq!(fourth["new"]["body"], "kept 4");
     s.assert_quiet(Duration::from_millis(300)).await;
     assert!(!s.raw.contains("rolled back") && !s.raw.contains("undone"));
+    // One commit row per committed transaction that captured something, counting what
+    // stayed; nothing for the rolled-back one.
+    let commits: Vec<i32> = c
+        .query("SELECT n FROM pgfeed.commits ORDER BY seq", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(commits, vec![2, 2]);
     gw.stop().await;
 }
 

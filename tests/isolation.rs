@@ -647,8 +647,8 @@ async fn application_roles_need_no_privilege_on_schema_pgfeed() {
         "SELECT pgfeed.watch('notes', public => true)",
         "SELECT pgfeed.unwatch('notes')",
         "INSERT INTO pgfeed.commits (seq, xid, n, committed_at) VALUES (999, pg_current_xact_id(), 1, now())",
-        "INSERT INTO pgfeed.seal (xid) VALUES (pg_current_xact_id())",
-        "SELECT pgfeed._advance(0, 1)",
+        "SELECT * FROM pgfeed.json_casts_since_initdb",
+        "SELECT pgfeed._check_casts('notes'::regclass)",
         "SELECT nextval('pgfeed.commit_seq')",
     ] {
         let err = a.batch_execute(sql).await.expect_err(sql);
