@@ -9,6 +9,7 @@
 //! applying the subscriber's [`Selection`].
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,8 +17,8 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-use tokio::time::{Instant, Interval, MissedTickBehavior};
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::change::{Change, Format, Position, control_frame};
 use crate::fanout::Subscription;
@@ -69,12 +70,17 @@ pub struct EventStream {
     last: Position,
     /// Replay or live.
     mode: Mode,
-    /// Heartbeat timer.
-    heartbeat: Interval,
+    /// One timer for both the next heartbeat and the token's expiry, whichever is
+    /// first. It and `shutdown` live as long as the stream: creating them anew for every
+    /// wait registered and removed a timer entry and a waiter per delivery, under locks
+    /// the runtime's threads share.
+    timer: Pin<Box<Sleep>>,
+    /// Interval of heartbeats.
+    heartbeat: Duration,
     /// Reconnect delay for the first frame.
     retry: Duration,
-    /// Ends the stream when the server shuts down.
-    shutdown: CancellationToken,
+    /// Completes when the server shuts down.
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     /// When the subscriber's token expires.
     expires: Option<Instant>,
     /// Whether the first frame (`retry:`) went out.
@@ -102,9 +108,6 @@ impl EventStream {
             Some(p) => (p, Mode::Replay { announce: true }),
             None => (subscription.from, Mode::Live),
         };
-        let mut heartbeat =
-            tokio::time::interval_at(Instant::now() + settings.heartbeat, settings.heartbeat);
-        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let expires = expires_at.map(|exp| {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -112,6 +115,10 @@ impl EventStream {
                 .as_secs();
             Instant::now() + Duration::from_secs(exp.saturating_sub(now))
         });
+        let timer = Box::pin(tokio::time::sleep_until(next_timer(
+            Instant::now() + settings.heartbeat,
+            expires,
+        )));
         metrics.streams_opened.inc();
         tracing::info!(
             tenant = %selection.tenant,
@@ -130,9 +137,10 @@ impl EventStream {
             format,
             last,
             mode,
-            heartbeat,
+            timer,
+            heartbeat: settings.heartbeat,
             retry: settings.retry,
-            shutdown,
+            shutdown: Box::pin(shutdown.cancelled_owned()),
             expires,
             started: false,
             done: false,
@@ -216,18 +224,20 @@ impl EventStream {
             }
         }
         loop {
-            let expires = self.expires;
-            let expiry = async move {
-                match expires {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
             match self.mode {
                 Mode::Replay { announce } => {
+                    // A heartbeat would interrupt the read, and replay sends data anyway:
+                    // only the expiry counts here.
+                    let expires = self.expires;
+                    let expiry = async move {
+                        match expires {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     let read = tokio::select! {
                         biased;
-                        _ = self.shutdown.cancelled() => return self.finish_shutdown(),
+                        _ = &mut self.shutdown => return self.finish_shutdown(),
                         _ = expiry => return self.finish_expired(),
                         // Boxed: the read's state lives on the heap only while it runs,
                         // instead of enlarging every stream's state machine.
@@ -267,10 +277,9 @@ impl EventStream {
                 Mode::Live => {
                     let received = tokio::select! {
                         biased;
-                        _ = self.shutdown.cancelled() => return self.finish_shutdown(),
-                        _ = expiry => return self.finish_expired(),
+                        _ = &mut self.shutdown => return self.finish_shutdown(),
+                        _ = &mut self.timer => return self.on_timer(),
                         received = self.subscription.receiver.recv() => received,
-                        _ = self.heartbeat.tick() => return Some(self.keepalive()),
                     };
                     match received {
                         Ok(change) => {
@@ -290,6 +299,17 @@ impl EventStream {
                 }
             }
         }
+    }
+
+    /// The timer fired: the token expired, or a heartbeat is due (and the next one is set).
+    fn on_timer(&mut self) -> Option<Bytes> {
+        let now = Instant::now();
+        if self.expires.is_some_and(|at| at <= now) {
+            return self.finish_expired();
+        }
+        let deadline = next_timer(now + self.heartbeat, self.expires);
+        self.timer.as_mut().reset(deadline);
+        Some(self.keepalive())
     }
 
     /// The subscriber fell behind the live buffer: catch up from the journal after `last`,
@@ -355,6 +375,11 @@ impl EventStream {
             serde_json::json!({ "reason": "token expired; reconnect with a fresh token", "position": self.last.to_string() }),
         ))
     }
+}
+
+/// The earlier of the next heartbeat and the expiry.
+fn next_timer(heartbeat: Instant, expires: Option<Instant>) -> Instant {
+    expires.map_or(heartbeat, |at| at.min(heartbeat))
 }
 
 impl Drop for EventStream {

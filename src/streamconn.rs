@@ -9,7 +9,7 @@
 //! request, or anything unusual (a body, a head that does not parse), goes to hyper with
 //! the bytes already read, so hyper stays the one HTTP implementation for everything else.
 
-use std::io;
+use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -169,8 +169,14 @@ async fn stream(mut socket: TcpStream, state: &AppState, request: Request<()>) {
             return;
         };
         let written = if chunked {
-            let size = format!("{:x}\r\n", chunk.len());
-            let mut framed = Bytes::from(size).chain(chunk).chain(&b"\r\n"[..]);
+            // Size line, data and trailer go out in one vectored write.
+            let mut size = [0u8; 20];
+            let len = {
+                let mut cursor = io::Cursor::new(&mut size[..]);
+                let _ = write!(cursor, "{:x}\r\n", chunk.len());
+                cursor.position() as usize
+            };
+            let mut framed = (&size[..len]).chain(chunk).chain(&b"\r\n"[..]);
             socket.write_all_buf(&mut framed).await
         } else {
             let mut chunk = chunk;
