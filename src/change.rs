@@ -173,6 +173,15 @@ struct EventData<'a> {
 }
 
 impl Change {
+    /// Roughly what the change occupies in memory with its frames encoded: the row images
+    /// twice (parsed text and frames) plus fixed overhead.
+    pub fn approx_bytes(&self) -> usize {
+        let raw = |v: &Option<Box<RawValue>>| v.as_ref().map_or(0, |v| v.get().len());
+        let rows = raw(&self.pk) + raw(&self.new) + raw(&self.old);
+        let names = self.table.len() + self.tenant.as_ref().map_or(0, String::len);
+        512 + 2 * (rows + names)
+    }
+
     /// Assembles a change from journal columns.
     #[allow(clippy::too_many_arguments)]
     pub fn new(

@@ -25,6 +25,7 @@ pub const KEYS: &[(&str, Kind)] = &[
     ("server.shutdown_grace", Kind::Str),
     ("server.retry", Kind::Str),
     ("server.live_buffer", Kind::Int),
+    ("server.replay_memory", Kind::Int),
     ("server.max_subscribers", Kind::Int),
     ("server.max_subscribers_per_tenant", Kind::Int),
     ("server.max_stream_rate", Kind::Int),
@@ -177,6 +178,7 @@ struct ServerSection {
     shutdown_grace: Option<String>,
     retry: Option<String>,
     live_buffer: Option<i64>,
+    replay_memory: Option<i64>,
     max_subscribers: Option<i64>,
     max_subscribers_per_tenant: Option<i64>,
     max_stream_rate: Option<i64>,
@@ -238,6 +240,10 @@ pub struct Config {
     /// a subscriber further behind is caught up from the journal. Each tenant with
     /// streams preallocates this many slots (about 32 bytes each).
     pub live_buffer: usize,
+    /// `server.replay_memory` (default 16777216): bytes of the most recent changes kept in
+    /// memory, so that a stream that fell behind, or resumes from a recent position, is
+    /// served without a journal query; 0 turns it off.
+    pub replay_memory: usize,
     /// `server.max_subscribers` (default 10000): open streams at most; more get 503.
     pub max_subscribers: usize,
     /// `server.max_subscribers_per_tenant` (default 1000): open streams per tenant at
@@ -519,6 +525,11 @@ impl Config {
             )?,
             retry: duration("server.retry", &file.server.retry, "2s", true)?,
             live_buffer: positive("server.live_buffer", file.server.live_buffer, 256, 1 << 20)?,
+            replay_memory: bytes(
+                "server.replay_memory",
+                file.server.replay_memory,
+                crate::fanout::RECENT_BYTES,
+            )?,
             max_subscribers: positive(
                 "server.max_subscribers",
                 file.server.max_subscribers,
@@ -709,6 +720,19 @@ fn positive(
         Some(v) => Err(invalid(
             key,
             format!("must be between 1 and {max}, got {v}"),
+        )),
+    }
+}
+
+/// A byte count: 0 or more, at most 1 TiB.
+fn bytes(key: &'static str, value: Option<i64>, default: usize) -> Result<usize, ConfigError> {
+    const MAX: i64 = 1 << 40;
+    match value {
+        None => Ok(default),
+        Some(v) if (0..=MAX).contains(&v) => Ok(v as usize),
+        Some(v) => Err(invalid(
+            key,
+            format!("must be between 0 and {MAX} bytes, got {v}"),
         )),
     }
 }

@@ -5,10 +5,11 @@
 //! The listener publishes in commit order; a subscriber registers here before its response
 //! starts and learns the position the live feed continues from, so that the journal can
 //! fill anything before it. A channel's buffer bounds memory whatever a subscriber does: a
-//! receiver that falls behind gets `Lagged` and is caught up from the journal by its
-//! stream (see `sse`). This module never reads the database and never blocks on a client.
+//! receiver that falls behind gets `Lagged` and is caught up by its stream (see `sse`),
+//! from the hub's memory of recent changes when that still reaches back far enough, else
+//! from the journal. This module never reads the database and never blocks on a client.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -23,6 +24,10 @@ pub struct Hub {
     inner: Mutex<Inner>,
     /// Buffer of each tenant's channel (`server.live_buffer`).
     capacity: usize,
+    /// The most recently published changes, all tenants, for catch-ups and resumes.
+    recent: Mutex<Recent>,
+    /// Bytes `recent` may hold (estimated).
+    recent_budget: usize,
     /// Admission limits.
     limits: Limits,
 }
@@ -76,6 +81,21 @@ struct Inner {
     buckets: HashMap<Arc<str>, (f64, Instant)>,
 }
 
+/// How much of the recent feed the hub keeps in memory by default: a stream that lagged
+/// (a burst larger than its channel's buffer, typically a bulk statement of its tenant's)
+/// catches up from here instead of each such stream querying the journal for the same
+/// rows at once.
+pub const RECENT_BYTES: usize = 16 << 20;
+
+/// The recent feed: every change published after `floor`, in order, within a byte budget.
+struct Recent {
+    changes: VecDeque<Arc<Change>>,
+    /// Estimated bytes held.
+    bytes: usize,
+    /// Every change published after this position is in `changes`.
+    floor: Position,
+}
+
 /// A subscriber's live registration; dropping it releases its place.
 pub struct Subscription {
     /// Live changes of the tenant (and public ones), after `from`.
@@ -83,7 +103,14 @@ pub struct Subscription {
     /// Everything up to this position was published before the receiver existed.
     pub from: Position,
     /// Releases the admission counts on drop.
-    _place: Place,
+    place: Place,
+}
+
+impl Subscription {
+    /// [`Hub::recent_after`] for this subscription's tenant.
+    pub fn recent_after(&self, after: Position, max: usize) -> Option<(Vec<Arc<Change>>, bool)> {
+        self.place.hub.recent_after(after, &self.place.tenant, max)
+    }
 }
 
 /// A counted place in the hub.
@@ -117,8 +144,62 @@ impl Hub {
                 buckets: HashMap::new(),
             }),
             capacity,
+            recent: Mutex::new(Recent {
+                changes: VecDeque::new(),
+                bytes: 0,
+                floor: head,
+            }),
+            recent_budget: RECENT_BYTES,
             limits,
         }
+    }
+
+    /// Keeps at most about `bytes` of recent changes in memory (0: none).
+    pub fn with_recent_bytes(mut self, bytes: usize) -> Hub {
+        self.recent_budget = bytes;
+        self
+    }
+
+    fn lock_recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        // As for `lock`: plain data, updated in steps that cannot panic halfway.
+        self.recent.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The changes of `tenant` (and public ones) published after `after`, from memory, at
+    /// most `max` of them, and whether more follow. `None` when memory no longer reaches
+    /// back to `after`: the caller reads the journal instead.
+    pub fn recent_after(
+        &self,
+        after: Position,
+        tenant: &str,
+        max: usize,
+    ) -> Option<(Vec<Arc<Change>>, bool)> {
+        let recent = self.lock_recent();
+        if after < recent.floor {
+            return None;
+        }
+        let start = recent.changes.partition_point(|c| c.position <= after);
+        let mut found = Vec::new();
+        for change in recent.changes.range(start..) {
+            if change.public || change.tenant.as_deref() == Some(tenant) {
+                if found.len() == max {
+                    return Some((found, true));
+                }
+                found.push(Arc::clone(change));
+            }
+        }
+        Some((found, false))
+    }
+
+    /// Forgets the recent feed: what follows is not continuous with it (the listener found
+    /// changes pruned before it could publish them), so catch-ups must ask the journal,
+    /// which can tell a gap.
+    pub fn forget_recent(&self) {
+        let head = self.head();
+        let mut recent = self.lock_recent();
+        recent.changes.clear();
+        recent.bytes = 0;
+        recent.floor = head;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -157,7 +238,7 @@ impl Hub {
         Ok(Subscription {
             receiver,
             from,
-            _place: Place {
+            place: Place {
                 hub: Arc::clone(self),
                 tenant: key,
             },
@@ -208,6 +289,22 @@ impl Hub {
     pub fn publish(&self, changes: &[Arc<Change>]) {
         let Some(last) = changes.last() else { return };
         let mut inner = self.lock();
+        // Into memory first, then to the channels: a receiver that lagged and reads memory
+        // must find there every change its channel already dropped. (What it then also
+        // receives live is a duplicate, dropped by position.)
+        {
+            let mut recent = self.lock_recent();
+            for change in changes {
+                recent.bytes += change.approx_bytes();
+                recent.changes.push_back(Arc::clone(change));
+            }
+            while recent.bytes > self.recent_budget
+                && let Some(old) = recent.changes.pop_front()
+            {
+                recent.bytes -= old.approx_bytes();
+                recent.floor = old.position;
+            }
+        }
         let mut orphaned = false;
         for change in changes {
             if change.public {
@@ -276,6 +373,128 @@ mod tests {
         assert_eq!(hub.head(), Position { commit: 4, ord: 1 });
         let late = hub.subscribe("a").unwrap();
         assert_eq!(late.from, Position { commit: 4, ord: 1 });
+    }
+
+    fn commits(found: Option<(Vec<Arc<Change>>, bool)>) -> Option<(Vec<i64>, bool)> {
+        found.map(|(changes, more)| (changes.iter().map(|c| c.position.commit).collect(), more))
+    }
+
+    #[test]
+    fn recent_changes_serve_catch_ups_while_memory_reaches_back() {
+        let at = |commit| Position { commit, ord: 1 };
+        let one = change(1, Some("a")).approx_bytes();
+        // Room for three changes: the fourth evicts the first.
+        let hub = Hub::new(at(10), 16, Limits::default()).with_recent_bytes(3 * one);
+        // Nothing published yet: memory reaches back to the starting head, not before.
+        assert_eq!(
+            commits(hub.recent_after(at(10), "a", 10)),
+            Some((vec![], false))
+        );
+        assert_eq!(commits(hub.recent_after(at(9), "a", 10)), None);
+        hub.publish(&[
+            change(11, Some("a")),
+            change(12, Some("b")),
+            change(13, None),
+        ]);
+        // By tenant, public changes to everyone, strictly after the position.
+        assert_eq!(
+            commits(hub.recent_after(at(10), "a", 10)),
+            Some((vec![11, 13], false))
+        );
+        assert_eq!(
+            commits(hub.recent_after(at(11), "b", 10)),
+            Some((vec![12, 13], false))
+        );
+        assert_eq!(
+            commits(hub.recent_after(at(13), "a", 10)),
+            Some((vec![], false))
+        );
+        // At most `max`, and says so.
+        assert_eq!(
+            commits(hub.recent_after(at(10), "a", 1)),
+            Some((vec![11], true))
+        );
+        // Commit 11 leaves memory: positions before it must go to the journal.
+        hub.publish(&[change(14, Some("a"))]);
+        assert_eq!(commits(hub.recent_after(at(10), "a", 10)), None);
+        assert_eq!(
+            commits(hub.recent_after(at(11), "a", 10)),
+            Some((vec![13, 14], false))
+        );
+        // A gap in the feed forgets everything before the head.
+        hub.forget_recent();
+        assert_eq!(commits(hub.recent_after(at(13), "a", 10)), None);
+        assert_eq!(
+            commits(hub.recent_after(at(14), "a", 10)),
+            Some((vec![], false))
+        );
+        // Turned off: always the journal, except at the head itself.
+        let off = Hub::new(at(0), 16, Limits::default()).with_recent_bytes(0);
+        off.publish(&[change(1, Some("a"))]);
+        assert_eq!(commits(off.recent_after(at(0), "a", 10)), None);
+    }
+
+    /// A receiver that lags while another thread publishes, and catches up from memory the
+    /// way a stream does, sees every change exactly once: memory already holds whatever its
+    /// channel dropped.
+    #[test]
+    fn catch_ups_from_memory_miss_nothing_under_concurrent_publishing() {
+        const N: i64 = 200_000;
+        let hub =
+            Arc::new(Hub::new(Position::ZERO, 2, Limits::default()).with_recent_bytes(usize::MAX));
+        let mut sub = hub.subscribe("a").unwrap();
+        let publisher = {
+            let hub = Arc::clone(&hub);
+            std::thread::spawn(move || {
+                let mut next = 1;
+                while next <= N {
+                    let batch: Vec<_> = (next..=(next + next % 61).min(N))
+                        .map(|c| change(c, Some("a")))
+                        .collect();
+                    next += batch.len() as i64;
+                    hub.publish(&batch);
+                }
+            })
+        };
+        let mut last = 0;
+        let mut lags = 0;
+        let take = |c: &Change, last: &mut i64| {
+            if c.position.commit > *last {
+                assert_eq!(c.position.commit, *last + 1, "a change was skipped");
+                *last = c.position.commit;
+            }
+        };
+        while last < N {
+            match sub.receiver.blocking_recv() {
+                Ok(c) => take(&c, &mut last),
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    lags += 1;
+                    loop {
+                        let (found, more) = sub
+                            .recent_after(
+                                Position {
+                                    commit: last,
+                                    ord: 1,
+                                },
+                                64,
+                            )
+                            .expect("memory reaches back");
+                        for c in &found {
+                            take(c, &mut last);
+                        }
+                        if !more {
+                            break;
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => panic!("closed"),
+            }
+        }
+        publisher.join().unwrap();
+        assert!(
+            lags > 0,
+            "the receiver never lagged; the test proved nothing"
+        );
     }
 
     #[test]

@@ -81,15 +81,18 @@ pub async fn serve(
     let head = journal.head().await?;
     let catalog = Arc::new(catalog::Catalog::default());
     catalog.reload(&journal).await?;
-    let hub = Arc::new(fanout::Hub::new(
-        head,
-        config.live_buffer,
-        fanout::Limits {
-            max_total: config.max_subscribers,
-            max_per_tenant: config.max_subscribers_per_tenant,
-            rate_per_tenant: config.max_stream_rate,
-        },
-    ));
+    let hub = Arc::new(
+        fanout::Hub::new(
+            head,
+            config.live_buffer,
+            fanout::Limits {
+                max_total: config.max_subscribers,
+                max_per_tenant: config.max_subscribers_per_tenant,
+                rate_per_tenant: config.max_stream_rate,
+            },
+        )
+        .with_recent_bytes(config.replay_memory),
+    );
 
     let metrics = Arc::new(metrics::Metrics::new());
 

@@ -136,7 +136,7 @@ impl Metrics {
         );
         registry.register(
             "catchups",
-            "Lagged subscribers caught up from the journal and live again",
+            "Lagged subscribers caught up (from memory or the journal) and live again",
             m.catchups.clone(),
         );
         registry.register(

@@ -3,7 +3,8 @@
 //!
 //! The stream is a pull-based state machine polled by hyper only when the socket can take
 //! more, so a client that stops reading costs no memory beyond its hub receiver: it simply
-//! falls behind, gets `Lagged`, and is caught up from the journal when it reads again.
+//! falls behind, gets `Lagged`, and is caught up when it reads again: from the hub's
+//! memory of recent changes while that reaches back far enough, else from the journal.
 //! Duplicates at the replay/live seam are dropped by position. Frames that are ready are
 //! written together in one chunk. This module never decides who may see what beyond
 //! applying the subscriber's [`Selection`].
@@ -23,7 +24,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use crate::change::{Change, Format, Position, control_frame};
 use crate::fanout::Subscription;
 use crate::filter::Selection;
-use crate::journal::{Journal, Scope};
+use crate::journal::{Batch, Journal, Scope};
 use crate::metrics::Metrics;
 
 /// Most bytes gathered into one chunk before it is handed to the socket.
@@ -36,6 +37,19 @@ pub struct StreamSettings {
     pub heartbeat: Duration,
     /// Reconnect delay announced with `retry:`.
     pub retry: Duration,
+}
+
+/// Most changes taken from the hub's memory for one chunk of a catch-up or replay.
+const RECENT_BATCH: usize = 1024;
+
+/// What a journal read for a replay or catch-up came to.
+enum Read {
+    /// Changes after the stream's position.
+    Batch(Batch),
+    /// The position is older than the journal keeps.
+    Reset,
+    /// The stream ends, with this last frame if any.
+    End(Option<Bytes>),
 }
 
 /// Where the stream is.
@@ -226,43 +240,26 @@ impl EventStream {
         loop {
             match self.mode {
                 Mode::Replay { announce } => {
-                    // A heartbeat would interrupt the read, and replay sends data anyway:
-                    // only the expiry counts here.
-                    let expires = self.expires;
-                    let expiry = async move {
-                        match expires {
-                            Some(at) => tokio::time::sleep_until(at).await,
-                            None => std::future::pending().await,
-                        }
+                    // A catch-up (not a client's resume, which the journal answers, with
+                    // `reset` when the position is older than it keeps) is served from the
+                    // hub's memory while that still holds everything after `last`.
+                    let recent = match announce {
+                        true => None,
+                        false => self.subscription.recent_after(self.last, RECENT_BATCH),
                     };
-                    let read = tokio::select! {
-                        biased;
-                        _ = &mut self.shutdown => return self.finish_shutdown(),
-                        _ = expiry => return self.finish_expired(),
-                        // Boxed: the read's state lives on the heap only while it runs,
-                        // instead of enlarging every stream's state machine.
-                        read = Box::pin(self.journal.read_after(self.last, Scope::Tenant(&self.selection.tenant))) => {
-                            self.metrics.journal_read(if announce { "replay" } else { "catchup" });
-                            read
-                        }
+                    let (changes, more) = match recent {
+                        Some(found) => found,
+                        None => match self.read_journal(announce).await {
+                            Read::Batch(batch) => (batch.changes, batch.more),
+                            Read::Reset => return self.reset().await,
+                            Read::End(frame) => return frame,
+                        },
                     };
-                    let batch = match read {
-                        Ok(batch) => batch,
-                        Err(err) => {
-                            // The client reconnects with its Last-Event-ID and resumes.
-                            tracing::warn!(cause = %err, "journal read failed; ending the stream");
-                            self.done = true;
-                            return None;
-                        }
-                    };
-                    if batch.pruned > self.last {
-                        return self.reset().await;
-                    }
                     let mut buf = BytesMut::new();
-                    for change in &batch.changes {
+                    for change in &changes {
                         self.take(change, &mut buf);
                     }
-                    if !batch.more {
+                    if !more {
                         self.mode = Mode::Live;
                         if announce {
                             buf.extend_from_slice(&self.live_frame());
@@ -297,6 +294,40 @@ impl EventStream {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Reads the journal after `last` for a replay or catch-up, ending the stream on
+    /// shutdown, expiry or a failed read. A heartbeat would interrupt the read, and replay
+    /// sends data anyway: only the expiry counts here.
+    async fn read_journal(&mut self, announce: bool) -> Read {
+        let expires = self.expires;
+        let expiry = async move {
+            match expires {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let read = tokio::select! {
+            biased;
+            _ = &mut self.shutdown => return Read::End(self.finish_shutdown()),
+            _ = expiry => return Read::End(self.finish_expired()),
+            // Boxed: the read's state lives on the heap only while it runs, instead of
+            // enlarging every stream's state machine.
+            read = Box::pin(self.journal.read_after(self.last, Scope::Tenant(&self.selection.tenant))) => {
+                self.metrics.journal_read(if announce { "replay" } else { "catchup" });
+                read
+            }
+        };
+        match read {
+            Ok(batch) if batch.pruned > self.last => Read::Reset,
+            Ok(batch) => Read::Batch(batch),
+            Err(err) => {
+                // The client reconnects with its Last-Event-ID and resumes.
+                tracing::warn!(cause = %err, "journal read failed; ending the stream");
+                self.done = true;
+                Read::End(None)
             }
         }
     }

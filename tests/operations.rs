@@ -7,26 +7,7 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{Gateway, SECRET, SseClient, TestDb, eventually};
-
-/// The value of the sample named `name` (with its labels, exactly as rendered).
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.split_once(' ').is_some_and(|(n, _)| n == name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-async fn scrape(gw: &Gateway) -> String {
-    let r = support::get(gw.addr, "/metrics", &[]).await.unwrap();
-    assert_eq!(r.status, 200);
-    assert!(
-        r.header("content-type").unwrap().contains("openmetrics"),
-        "{:?}",
-        r.headers
-    );
-    r.body
-}
+use support::{Gateway, SECRET, SseClient, TestDb, eventually, sample, scrape};
 
 #[tokio::test]
 async fn metrics_move_as_events_flow() {

@@ -548,6 +548,20 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LagCounter {
 
 #[tokio::test]
 async fn lagged_subscriber_is_caught_up_from_the_journal() {
+    // No recent changes kept in memory: every catch-up reads the journal.
+    lagged_subscriber_is_caught_up(0, "catchup").await;
+}
+
+#[tokio::test]
+async fn lagged_subscriber_is_caught_up_from_memory() {
+    // Room for all of them in memory: no catch-up needs a query.
+    lagged_subscriber_is_caught_up(1 << 30, "memory").await;
+}
+
+/// A subscriber that stops reading while 500 large changes commit lags behind its live
+/// buffer, is caught up from where `replay_memory` says (`expect` "catchup": the journal,
+/// "memory": the hub), and receives everything exactly once, in order.
+async fn lagged_subscriber_is_caught_up(replay_memory: usize, expect: &str) {
     use tracing_subscriber::layer::SubscriberExt;
     const N: usize = 500;
     // Big enough that the 500 changes cannot all wait in the socket buffers, so the
@@ -568,8 +582,13 @@ async fn lagged_subscriber_is_caught_up_from_the_journal() {
     sources
         .env
         .push(("PGFEED_JOURNAL_BATCH_SIZE".into(), "7".into()));
+    sources.env.push((
+        "PGFEED_SERVER_REPLAY_MEMORY".into(),
+        replay_memory.to_string(),
+    ));
     let gw = Gateway::start_with(sources).await;
     assert_eq!(gw.config.live_buffer, 4);
+    assert_eq!(gw.config.replay_memory, replay_memory);
     assert_eq!(gw.config.batch_size, 7);
 
     let mut s = gw.stream("acme", "").await;
@@ -612,6 +631,24 @@ async fn lagged_subscriber_is_caught_up_from_the_journal() {
         "the scenario must make the subscriber lag (no `lagged` log event was seen); \
          with a larger socket buffer, raise FILLER"
     );
+
+    // The catch-ups came from where they should: journal reads of kind "catchup" only
+    // when memory is off.
+    let metrics = support::scrape(&gw).await;
+    let catchups = support::sample(&metrics, "pgfeed_catchups_total").unwrap_or(0.0);
+    let journal =
+        support::sample(&metrics, "pgfeed_journal_reads_total{kind=\"catchup\"}").unwrap_or(0.0);
+    assert!(catchups > 0.0, "no catch-up was counted:\n{metrics}");
+    match expect {
+        "catchup" => assert!(
+            journal >= catchups,
+            "{journal} journal reads for {catchups} catch-ups"
+        ),
+        _ => assert_eq!(
+            journal, 0.0,
+            "catch-ups read the journal although memory held the changes"
+        ),
+    }
 
     // And it is live again afterwards.
     insert(&c, "acme", "after catch-up").await;

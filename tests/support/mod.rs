@@ -320,6 +320,26 @@ pub async fn get(
     })
 }
 
+/// The value of the metrics sample named `name` (with its labels, exactly as rendered).
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.split_once(' ').is_some_and(|(n, _)| n == name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The gateway's `/metrics` page.
+pub async fn scrape(gw: &Gateway) -> String {
+    let r = get(gw.addr, "/metrics", &[]).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("content-type").unwrap().contains("openmetrics"),
+        "{:?}",
+        r.headers
+    );
+    r.body
+}
+
 /// An HTTP/1.1 connection read by hand.
 struct RawConn {
     stream: TcpStream,
