@@ -9,6 +9,13 @@
 -- The small helpers _ord, _advance and _pick are now written out inside the capture
 -- functions: as separate functions, each call paid a function-call setup and, for the SQL
 -- ones, a fresh plan in every transaction.
+--
+-- The journal tables are locked first, in the order capture takes them (changes, then
+-- seal), so that a transaction that is capturing while this runs finishes before the
+-- migration goes on instead of deadlocking with it. Writes to watched tables wait
+-- meanwhile; after 30 s of waiting, install gives up (run it again when it is quieter).
+SET LOCAL lock_timeout = '30s';
+LOCK TABLE pgfeed.changes, pgfeed.seal IN ACCESS EXCLUSIVE MODE;
 DROP TABLE pgfeed.seal;
 ALTER TABLE pgfeed.changes DROP CONSTRAINT changes_op_check;
 -- (IF EXISTS: a fresh install runs this before functions.sql has ever created them.)

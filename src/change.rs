@@ -173,13 +173,19 @@ struct EventData<'a> {
 }
 
 impl Change {
-    /// Roughly what the change occupies in memory with its frames encoded: the row images
-    /// twice (parsed text and frames) plus fixed overhead.
+    /// Roughly what the change occupies in memory once delivered: the row text and about
+    /// as much again for each of the frames typically encoded (full and keys payloads),
+    /// plus fixed overhead. Rows parsed for row filters come on top.
     pub fn approx_bytes(&self) -> usize {
         let raw = |v: &Option<Box<RawValue>>| v.as_ref().map_or(0, |v| v.get().len());
         let rows = raw(&self.pk) + raw(&self.new) + raw(&self.old);
-        let names = self.table.len() + self.tenant.as_ref().map_or(0, String::len);
-        512 + 2 * (rows + names)
+        let names = self.table.len()
+            + self.tenant.as_ref().map_or(0, String::len)
+            + self
+                .changed
+                .as_ref()
+                .map_or(0, |c| c.iter().map(|n| n.len() + 8).sum());
+        1024 + 3 * (rows + names)
     }
 
     /// Assembles a change from journal columns.

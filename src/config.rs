@@ -240,9 +240,9 @@ pub struct Config {
     /// a subscriber further behind is caught up from the journal. Each tenant with
     /// streams preallocates this many slots (about 32 bytes each).
     pub live_buffer: usize,
-    /// `server.replay_memory` (default 16777216): bytes of the most recent changes kept in
-    /// memory, so that a stream that fell behind, or resumes from a recent position, is
-    /// served without a journal query; 0 turns it off.
+    /// `server.replay_memory` (default 16777216): about how many bytes of the most recent
+    /// changes are kept in memory, so that a stream that fell behind its live buffer is
+    /// caught up without a journal query; 0 turns it off. Client resumes read the journal.
     pub replay_memory: usize,
     /// `server.max_subscribers` (default 10000): open streams at most; more get 503.
     pub max_subscribers: usize,

@@ -81,10 +81,10 @@ struct Inner {
     buckets: HashMap<Arc<str>, (f64, Instant)>,
 }
 
-/// How much of the recent feed the hub keeps in memory by default: a stream that lagged
-/// (a burst larger than its channel's buffer, typically a bulk statement of its tenant's)
-/// catches up from here instead of each such stream querying the journal for the same
-/// rows at once.
+/// How much of the recent feed the hub keeps in memory by default (`server.replay_memory`):
+/// a stream that lagged (a burst larger than its channel's buffer, typically a bulk
+/// statement of its tenant's) catches up from here instead of each such stream querying
+/// the journal for the same rows at once. Client resumes read the journal.
 pub const RECENT_BYTES: usize = 16 << 20;
 
 /// The recent feed: every change published after `floor`, in order, within a byte budget.
@@ -108,8 +108,15 @@ pub struct Subscription {
 
 impl Subscription {
     /// [`Hub::recent_after`] for this subscription's tenant.
-    pub fn recent_after(&self, after: Position, max: usize) -> Option<(Vec<Arc<Change>>, bool)> {
-        self.place.hub.recent_after(after, &self.place.tenant, max)
+    pub fn recent_after(
+        &self,
+        after: Position,
+        max: usize,
+        max_bytes: usize,
+    ) -> Option<(Vec<Arc<Change>>, bool)> {
+        self.place
+            .hub
+            .recent_after(after, &self.place.tenant, max, max_bytes)
     }
 }
 
@@ -166,13 +173,14 @@ impl Hub {
     }
 
     /// The changes of `tenant` (and public ones) published after `after`, from memory, at
-    /// most `max` of them, and whether more follow. `None` when memory no longer reaches
-    /// back to `after`: the caller reads the journal instead.
+    /// most `max` of them and about `max_bytes` (at least one), and whether more follow.
+    /// `None` when memory no longer reaches back to `after`: the caller reads the journal.
     pub fn recent_after(
         &self,
         after: Position,
         tenant: &str,
         max: usize,
+        max_bytes: usize,
     ) -> Option<(Vec<Arc<Change>>, bool)> {
         let recent = self.lock_recent();
         if after < recent.floor {
@@ -180,26 +188,29 @@ impl Hub {
         }
         let start = recent.changes.partition_point(|c| c.position <= after);
         let mut found = Vec::new();
+        let mut bytes = 0;
         for change in recent.changes.range(start..) {
             if change.public || change.tenant.as_deref() == Some(tenant) {
-                if found.len() == max {
+                if found.len() == max || (bytes >= max_bytes && !found.is_empty()) {
                     return Some((found, true));
                 }
+                bytes += change.approx_bytes();
                 found.push(Arc::clone(change));
             }
         }
         Some((found, false))
     }
 
-    /// Forgets the recent feed: what follows is not continuous with it (the listener found
-    /// changes pruned before it could publish them), so catch-ups must ask the journal,
-    /// which can tell a gap.
-    pub fn forget_recent(&self) {
+    /// Forgets the recent feed up to `pruned`: the listener found changes pruned before
+    /// it could publish them, so what follows is not continuous with what it published.
+    /// A catch-up from a position before `pruned` must ask the journal, which tells the
+    /// gap (`reset`).
+    pub fn forget_recent(&self, pruned: Position) {
         let head = self.head();
         let mut recent = self.lock_recent();
         recent.changes.clear();
         recent.bytes = 0;
-        recent.floor = head;
+        recent.floor = head.max(pruned);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -387,10 +398,10 @@ mod tests {
         let hub = Hub::new(at(10), 16, Limits::default()).with_recent_bytes(3 * one);
         // Nothing published yet: memory reaches back to the starting head, not before.
         assert_eq!(
-            commits(hub.recent_after(at(10), "a", 10)),
+            commits(hub.recent_after(at(10), "a", 10, usize::MAX)),
             Some((vec![], false))
         );
-        assert_eq!(commits(hub.recent_after(at(9), "a", 10)), None);
+        assert_eq!(commits(hub.recent_after(at(9), "a", 10, usize::MAX)), None);
         hub.publish(&[
             change(11, Some("a")),
             change(12, Some("b")),
@@ -398,40 +409,50 @@ mod tests {
         ]);
         // By tenant, public changes to everyone, strictly after the position.
         assert_eq!(
-            commits(hub.recent_after(at(10), "a", 10)),
+            commits(hub.recent_after(at(10), "a", 10, usize::MAX)),
             Some((vec![11, 13], false))
         );
         assert_eq!(
-            commits(hub.recent_after(at(11), "b", 10)),
+            commits(hub.recent_after(at(11), "b", 10, usize::MAX)),
             Some((vec![12, 13], false))
         );
         assert_eq!(
-            commits(hub.recent_after(at(13), "a", 10)),
+            commits(hub.recent_after(at(13), "a", 10, usize::MAX)),
             Some((vec![], false))
         );
         // At most `max`, and says so.
         assert_eq!(
-            commits(hub.recent_after(at(10), "a", 1)),
+            commits(hub.recent_after(at(10), "a", 1, usize::MAX)),
             Some((vec![11], true))
         );
         // Commit 11 leaves memory: positions before it must go to the journal.
         hub.publish(&[change(14, Some("a"))]);
-        assert_eq!(commits(hub.recent_after(at(10), "a", 10)), None);
+        assert_eq!(commits(hub.recent_after(at(10), "a", 10, usize::MAX)), None);
         assert_eq!(
-            commits(hub.recent_after(at(11), "a", 10)),
+            commits(hub.recent_after(at(11), "a", 10, usize::MAX)),
             Some((vec![13, 14], false))
         );
-        // A gap in the feed forgets everything before the head.
-        hub.forget_recent();
-        assert_eq!(commits(hub.recent_after(at(13), "a", 10)), None);
+        // About `max_bytes`, but at least one.
         assert_eq!(
-            commits(hub.recent_after(at(14), "a", 10)),
+            commits(hub.recent_after(at(11), "a", 10, 1)),
+            Some((vec![13], true))
+        );
+        assert_eq!(
+            commits(hub.recent_after(at(11), "a", 10, one + 1)),
+            Some((vec![13, 14], false))
+        );
+        // A gap in the feed: the listener found everything up to commit 20 pruned. Memory
+        // no longer answers for anything before it, not even for the old head.
+        hub.forget_recent(at(20));
+        assert_eq!(commits(hub.recent_after(at(14), "a", 10, usize::MAX)), None);
+        assert_eq!(
+            commits(hub.recent_after(at(20), "a", 10, usize::MAX)),
             Some((vec![], false))
         );
         // Turned off: always the journal, except at the head itself.
         let off = Hub::new(at(0), 16, Limits::default()).with_recent_bytes(0);
         off.publish(&[change(1, Some("a"))]);
-        assert_eq!(commits(off.recent_after(at(0), "a", 10)), None);
+        assert_eq!(commits(off.recent_after(at(0), "a", 10, usize::MAX)), None);
     }
 
     /// A receiver that lags while another thread publishes, and catches up from memory the
@@ -477,6 +498,7 @@ mod tests {
                                     ord: 1,
                                 },
                                 64,
+                                usize::MAX,
                             )
                             .expect("memory reaches back");
                         for c in &found {

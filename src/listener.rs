@@ -238,7 +238,7 @@ impl Listener {
                 // subscribers that were connected throughout have a gap they cannot see.
                 tracing::error!(position = %last, pruned = %batch.pruned, "changes were pruned before the listener published them");
                 // Catch-ups from the hub's memory would not see the gap; the journal does.
-                self.hub.forget_recent();
+                self.hub.forget_recent(batch.pruned);
             }
             let Some(newest) = batch.changes.last() else {
                 return Ok(total);

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt as _;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
@@ -245,7 +246,19 @@ impl EventStream {
                     // hub's memory while that still holds everything after `last`.
                     let recent = match announce {
                         true => None,
-                        false => self.subscription.recent_after(self.last, RECENT_BATCH),
+                        false => {
+                            // Nothing here waits, so shutdown and expiry are checked by
+                            // hand: a client reading just fast enough to stay in catch-up
+                            // must not outlive its token or the server.
+                            if (&mut self.shutdown).now_or_never().is_some() {
+                                return self.finish_shutdown();
+                            }
+                            if self.expires.is_some_and(|at| at <= Instant::now()) {
+                                return self.finish_expired();
+                            }
+                            self.subscription
+                                .recent_after(self.last, RECENT_BATCH, MAX_CHUNK)
+                        }
                     };
                     let (changes, more) = match recent {
                         Some(found) => found,
