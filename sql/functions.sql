@@ -74,8 +74,33 @@ BEGIN
 END
 $$;
 
--- Row images are rendered in subqueries fenced with OFFSET 0: without the fence the
--- planner inlines to_jsonb(r) into every use and renders each row several times.
+-- Fails the capturing statement: rendering a row of `tbl` wrote to the journal, which only
+-- code run by to_jsonb() can have done (see "Rendering" below).
+CREATE OR REPLACE FUNCTION pgfeed._rendering_wrote(tbl oid) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION 'pgfeed: refusing to capture changes of %: rendering its rows wrote to the pgfeed journal', tbl::regclass
+        USING ERRCODE = 'insufficient_privilege',
+              DETAIL = 'Code that to_jsonb() ran for one of its column types, most likely a cast to json or jsonb, inserted into pgfeed.changes or pgfeed.commits.',
+              HINT = 'Drop that cast, or unwatch the table.';
+END
+$$;
+
+-- Rendering. Row images are rendered with to_jsonb() in a statement of their own, before
+-- anything is journaled, and the functions check that rendering wrote nothing to the
+-- journal: to_jsonb() runs a type's cast to json if there is one, and inside these
+-- SECURITY DEFINER functions that cast would run as pgfeed_capture, which may append to
+-- pgfeed.changes and pgfeed.commits. _check_casts refuses such tables up front with a
+-- clear error, but it reads pg_cast through the transaction's snapshot, while to_jsonb()
+-- finds casts through the catalog cache: a REPEATABLE READ transaction whose snapshot
+-- predates a cast passes the check and still runs the cast. So the journal's insert
+-- counters of this transaction (pg_stat_get_xact_tuples_inserted, which only grow within
+-- a statement and cannot be reset by it) are compared before and after rendering; any
+-- difference fails the statement, and with it everything the cast did. (With track_counts
+-- off, which only a superuser can set, the counters stay still and only _check_casts
+-- protects.)
 
 -- Trigger arguments, fixed by pgfeed.watch():
 --   TG_ARGV[0] tenant column ('' for a public table)
@@ -93,23 +118,26 @@ DECLARE
     pk_cols    text[]  := TG_ARGV[2]::text[];
     excl       text[]  := TG_ARGV[3]::text[];
     base       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
+    journaled  bigint  := pg_stat_get_xact_tuples_inserted('pgfeed.changes'::regclass)
+                        + pg_stat_get_xact_tuples_inserted('pgfeed.commits'::regclass);
+    rows       jsonb[];
     n          integer;
 BEGIN
     IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
         PERFORM pgfeed._check_casts(TG_RELID);
     END IF;
-    INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
-    SELECT pg_current_xact_id(), base + (row_number() OVER ())::integer,
-           TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'insert',
-           CASE WHEN is_public THEN NULL ELSE j ->> tenant_col END, is_public,
-           (SELECT jsonb_object_agg(c, j -> c) FROM unnest(pk_cols) AS c), j - excl
-    FROM (SELECT to_jsonb(r) AS j FROM pgfeed_new AS r OFFSET 0) AS s;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    -- Again after rendering: a cast created concurrently, between the first check and
-    -- to_jsonb(), fails the statement here, and everything it did is rolled back with it.
-    IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
-        PERFORM pgfeed._check_casts(TG_RELID);
+    rows := ARRAY(SELECT to_jsonb(r) FROM pgfeed_new AS r);
+    IF pg_stat_get_xact_tuples_inserted('pgfeed.changes'::regclass)
+       + pg_stat_get_xact_tuples_inserted('pgfeed.commits'::regclass) <> journaled THEN
+        PERFORM pgfeed._rendering_wrote(TG_RELID);
     END IF;
+    INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
+    SELECT pg_current_xact_id(), base + s.i::integer,
+           TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'insert',
+           CASE WHEN is_public THEN NULL ELSE s.j ->> tenant_col END, is_public,
+           (SELECT jsonb_object_agg(c, s.j -> c) FROM unnest(pk_cols) AS c), s.j - excl
+    FROM unnest(rows) WITH ORDINALITY AS s(j, i);
+    GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
         PERFORM set_config('pgfeed.ord', (base + n)::text, true);
     END IF;
@@ -133,35 +161,49 @@ DECLARE
     excl       text[]  := TG_ARGV[3]::text[];
     base       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
     tbl        text    := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+    journaled  bigint  := pg_stat_get_xact_tuples_inserted('pgfeed.changes'::regclass)
+                        + pg_stat_get_xact_tuples_inserted('pgfeed.commits'::regclass);
+    olds       jsonb[];
+    news       jsonb[];
     n          integer;
 BEGIN
     IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
         PERFORM pgfeed._check_casts(TG_RELID);
     END IF;
+    olds := ARRAY(SELECT to_jsonb(r) - excl FROM pgfeed_old AS r);
+    news := ARRAY(SELECT to_jsonb(r) - excl FROM pgfeed_new AS r);
+    IF pg_stat_get_xact_tuples_inserted('pgfeed.changes'::regclass)
+       + pg_stat_get_xact_tuples_inserted('pgfeed.commits'::regclass) <> journaled THEN
+        PERFORM pgfeed._rendering_wrote(TG_RELID);
+    END IF;
     WITH pairs AS (
         SELECT o.i, o.j AS oj, nw.j AS nj,
                CASE WHEN is_public THEN NULL ELSE o.j ->> tenant_col END AS old_tenant,
                CASE WHEN is_public THEN NULL ELSE nw.j ->> tenant_col END AS new_tenant
-        FROM (SELECT row_number() OVER () AS i, to_jsonb(r) - excl AS j FROM pgfeed_old AS r OFFSET 0) AS o
-        JOIN (SELECT row_number() OVER () AS i, to_jsonb(r) - excl AS j FROM pgfeed_new AS r OFFSET 0) AS nw
-          USING (i)
+        FROM unnest(olds) WITH ORDINALITY AS o(j, i)
+        JOIN unnest(news) WITH ORDINALITY AS nw(j, i) USING (i)
     ),
     events AS (
         -- same tenant: an update, unless no (captured) column changed
         SELECT p.i, 0 AS k, 'update' AS op, p.new_tenant AS tenant,
-               (SELECT jsonb_object_agg(c, p.nj -> c) FROM unnest(pk_cols) AS c) AS pk, p.nj AS new, p.oj AS old,
+               (SELECT jsonb_object_agg(c, p.nj -> c) FROM unnest(pk_cols) AS c) AS pk,
+               p.nj AS new, p.oj AS old,
                ARRAY(SELECT e.key FROM jsonb_each(p.nj) AS e
                      WHERE e.value IS DISTINCT FROM p.oj -> e.key ORDER BY e.key) AS changed
         FROM pairs AS p
         WHERE p.old_tenant IS NOT DISTINCT FROM p.new_tenant
         UNION ALL
         -- tenant moved: the old tenant sees the row leave ...
-        SELECT p.i, 0, 'delete', p.old_tenant, (SELECT jsonb_object_agg(c, p.oj -> c) FROM unnest(pk_cols) AS c), NULL, p.oj, NULL
+        SELECT p.i, 0, 'delete', p.old_tenant,
+               (SELECT jsonb_object_agg(c, p.oj -> c) FROM unnest(pk_cols) AS c),
+               NULL, p.oj, NULL
         FROM pairs AS p
         WHERE p.old_tenant IS DISTINCT FROM p.new_tenant
         UNION ALL
         -- ... and the new tenant sees it arrive
-        SELECT p.i, 1, 'insert', p.new_tenant, (SELECT jsonb_object_agg(c, p.nj -> c) FROM unnest(pk_cols) AS c), p.nj, NULL, NULL
+        SELECT p.i, 1, 'insert', p.new_tenant,
+               (SELECT jsonb_object_agg(c, p.nj -> c) FROM unnest(pk_cols) AS c),
+               p.nj, NULL, NULL
         FROM pairs AS p
         WHERE p.old_tenant IS DISTINCT FROM p.new_tenant
     )
@@ -171,11 +213,6 @@ BEGIN
     FROM events AS ev
     WHERE ev.op <> 'update' OR cardinality(ev.changed) > 0;
     GET DIAGNOSTICS n = ROW_COUNT;
-    -- Again after rendering: a cast created concurrently, between the first check and
-    -- to_jsonb(), fails the statement here, and everything it did is rolled back with it.
-    IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
-        PERFORM pgfeed._check_casts(TG_RELID);
-    END IF;
     IF n > 0 THEN
         PERFORM set_config('pgfeed.ord', (base + n)::text, true);
     END IF;
@@ -193,23 +230,26 @@ DECLARE
     pk_cols    text[]  := TG_ARGV[2]::text[];
     excl       text[]  := TG_ARGV[3]::text[];
     base       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
+    journaled  bigint  := pg_stat_get_xact_tuples_inserted('pgfeed.changes'::regclass)
+                        + pg_stat_get_xact_tuples_inserted('pgfeed.commits'::regclass);
+    rows       jsonb[];
     n          integer;
 BEGIN
     IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
         PERFORM pgfeed._check_casts(TG_RELID);
     END IF;
-    INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, old)
-    SELECT pg_current_xact_id(), base + (row_number() OVER ())::integer,
-           TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'delete',
-           CASE WHEN is_public THEN NULL ELSE j ->> tenant_col END, is_public,
-           (SELECT jsonb_object_agg(c, j -> c) FROM unnest(pk_cols) AS c), j - excl
-    FROM (SELECT to_jsonb(r) AS j FROM pgfeed_old AS r OFFSET 0) AS s;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    -- Again after rendering: a cast created concurrently, between the first check and
-    -- to_jsonb(), fails the statement here, and everything it did is rolled back with it.
-    IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
-        PERFORM pgfeed._check_casts(TG_RELID);
+    rows := ARRAY(SELECT to_jsonb(r) FROM pgfeed_old AS r);
+    IF pg_stat_get_xact_tuples_inserted('pgfeed.changes'::regclass)
+       + pg_stat_get_xact_tuples_inserted('pgfeed.commits'::regclass) <> journaled THEN
+        PERFORM pgfeed._rendering_wrote(TG_RELID);
     END IF;
+    INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, old)
+    SELECT pg_current_xact_id(), base + s.i::integer,
+           TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'delete',
+           CASE WHEN is_public THEN NULL ELSE s.j ->> tenant_col END, is_public,
+           (SELECT jsonb_object_agg(c, s.j -> c) FROM unnest(pk_cols) AS c), s.j - excl
+    FROM unnest(rows) WITH ORDINALITY AS s(j, i);
+    GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
         PERFORM set_config('pgfeed.ord', (base + n)::text, true);
     END IF;
@@ -456,7 +496,8 @@ BEGIN
     GRANT INSERT ON pgfeed.changes, pgfeed.commits TO pgfeed_capture;
     GRANT SELECT ON pgfeed.json_casts_since_initdb TO pgfeed_capture;
     GRANT USAGE ON SEQUENCE pgfeed.commit_seq TO pgfeed_capture;
-    GRANT EXECUTE ON FUNCTION pgfeed._check_casts(oid) TO pgfeed_capture;
+    GRANT EXECUTE ON FUNCTION pgfeed._check_casts(oid), pgfeed._rendering_wrote(oid)
+        TO pgfeed_capture;
     BEGIN
         ALTER FUNCTION pgfeed._capture_insert() OWNER TO pgfeed_capture;
         ALTER FUNCTION pgfeed._capture_update() OWNER TO pgfeed_capture;

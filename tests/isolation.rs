@@ -820,3 +820,83 @@ async fn a_table_owner_cannot_forge_journal_rows_through_the_capture_trigger() {
     gw.stop().await;
     drop_role(&db, &owner).await;
 }
+
+#[tokio::test]
+async fn a_cast_created_after_a_repeatable_read_snapshot_cannot_forge_journal_rows() {
+    // The cast check reads pg_cast through the transaction's snapshot, but to_jsonb()
+    // finds casts through the catalog cache, which sees every committed cast. A
+    // REPEATABLE READ transaction whose snapshot predates the cast therefore passes the
+    // check and still runs the cast as the capture role; the capture statement must then
+    // notice that the journal was written behind its back, and fail.
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "notes").await;
+    let owner = role_name(&db, "rr_owner");
+    create_role(&db, &owner).await;
+    let admin = db.client().await;
+    admin
+        .batch_execute(&format!("CREATE SCHEMA app AUTHORIZATION {owner}"))
+        .await
+        .unwrap();
+    let o = connect_as(&db, &owner).await;
+    o.batch_execute(
+        "CREATE TYPE app.mood AS ENUM ('calm');
+         CREATE TABLE app.direct (id int PRIMARY KEY, tenant text NOT NULL, v app.mood);",
+    )
+    .await
+    .unwrap();
+    admin
+        .batch_execute("SELECT pgfeed.watch('app.direct', 'tenant')")
+        .await
+        .unwrap();
+    let gw = Gateway::start(&db).await;
+    let mut globex = gw.stream("globex", "").await;
+    globex.until_live().await;
+
+    let mut writer = connect_as(&db, &owner).await;
+    let tx = writer
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .unwrap();
+    // Takes the snapshot: the cast created next is invisible to it.
+    tx.batch_execute("SELECT 1").await.unwrap();
+    o.batch_execute(
+        r#"CREATE FUNCTION app.mood_json(m app.mood) RETURNS json LANGUAGE plpgsql AS $$
+           BEGIN
+               INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
+               VALUES (pg_current_xact_id(), 1000, 'public.payroll', 'insert', 'globex', false,
+                       '{"id": 1}', '{"id": 1, "body": "forged under repeatable read"}')
+               ON CONFLICT DO NOTHING;
+               RETURN to_json(m::text);
+           END $$;
+           CREATE CAST (app.mood AS json) WITH FUNCTION app.mood_json(app.mood);"#,
+    )
+    .await
+    .unwrap();
+    let outcome = tx
+        .batch_execute("INSERT INTO app.direct VALUES (1, 'acme', 'calm')")
+        .await;
+    let err = outcome.expect_err("the capture that ran a journal-writing cast must fail");
+    assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{err}");
+    drop(tx);
+
+    let forged: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pgfeed.changes WHERE table_name = 'public.payroll'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(forged, 0, "forged journal rows");
+    admin
+        .batch_execute("INSERT INTO notes (tenant, body) VALUES ('globex', 'real')")
+        .await
+        .unwrap();
+    let e = globex.next_change().await;
+    assert_eq!(e["new"]["body"], "real", "{e}");
+    drop(o);
+    gw.stop().await;
+    drop_role(&db, &owner).await;
+}
