@@ -89,18 +89,18 @@ END
 $$;
 
 -- Rendering. Row images are rendered with to_jsonb() in a statement of their own, before
--- anything is journaled, and the functions check that rendering wrote nothing to the
--- journal: to_jsonb() runs a type's cast to json if there is one, and inside these
--- SECURITY DEFINER functions that cast would run as pgfeed_capture, which may append to
--- pgfeed.changes and pgfeed.commits. _check_casts refuses such tables up front with a
--- clear error, but it reads pg_cast through the transaction's snapshot, while to_jsonb()
--- finds casts through the catalog cache: a REPEATABLE READ transaction whose snapshot
--- predates a cast passes the check and still runs the cast. So the journal's insert
--- counters of this transaction (pg_stat_get_xact_tuples_inserted, which only grow within
--- a statement and cannot be reset by it) are compared before and after rendering; any
--- difference fails the statement, and with it everything the cast did. (With track_counts
--- off, which only a superuser can set, the counters stay still and only _check_casts
--- protects.)
+-- anything is journaled. to_jsonb() runs a type's cast to json if there is one, and inside
+-- these SECURITY DEFINER functions that cast runs as pgfeed_capture. _check_casts refuses
+-- such tables up front, but it reads pg_cast through the transaction's snapshot, while
+-- to_jsonb() finds casts through the catalog cache: a REPEATABLE READ transaction whose
+-- snapshot predates a cast passes the check and still runs the cast. As a partial
+-- backstop, the journal's insert counters of this transaction
+-- (pg_stat_get_xact_tuples_inserted, which only grow within a statement) are compared
+-- before and after rendering, and any difference fails the statement: a cast cannot
+-- append to the journal directly. It is NOT a complete defence: code running as
+-- pgfeed_capture can also alter the functions pgfeed_capture owns, or create objects
+-- (temporary functions, for one) that outlive the statement. Known limit, stated in the
+-- README; the sound fix is to never run such code as pgfeed_capture.
 
 -- Trigger arguments, fixed by pgfeed.watch():
 --   TG_ARGV[0] tenant column ('' for a public table)

@@ -827,7 +827,8 @@ async fn a_cast_created_after_a_repeatable_read_snapshot_cannot_forge_journal_ro
     // finds casts through the catalog cache, which sees every committed cast. A
     // REPEATABLE READ transaction whose snapshot predates the cast therefore passes the
     // check and still runs the cast as the capture role; the capture statement must then
-    // notice that the journal was written behind its back, and fail.
+    // notice that the journal was written behind its back, and fail. (A partial backstop
+    // only: the README states what such a cast can still do.)
     let db = TestDb::new().await;
     support::tenant_table(&db, "notes").await;
     let owner = role_name(&db, "rr_owner");
