@@ -88,6 +88,16 @@ BEGIN
 END
 $$;
 
+-- This transaction's inserts into the journal so far (see "Rendering" below). Plain SQL
+-- without SET, so that the planner inlines it where it is used.
+CREATE OR REPLACE FUNCTION pgfeed._journal_writes() RETURNS bigint
+LANGUAGE sql VOLATILE
+AS $$
+    SELECT pg_catalog.pg_stat_get_xact_tuples_inserted('pgfeed.changes'::pg_catalog.regclass)
+           OPERATOR(pg_catalog.+)
+           pg_catalog.pg_stat_get_xact_tuples_inserted('pgfeed.commits'::pg_catalog.regclass)
+$$;
+
 -- Rendering. Row images are rendered with to_jsonb() in a statement of their own, before
 -- anything is journaled. to_jsonb() runs a type's cast to json if there is one, and inside
 -- these SECURITY DEFINER functions that cast runs as pgfeed_capture. _check_casts refuses
@@ -118,8 +128,7 @@ DECLARE
     pk_cols    text[]  := TG_ARGV[2]::text[];
     excl       text[]  := TG_ARGV[3]::text[];
     base       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
-    journaled  bigint  := pg_stat_get_xact_tuples_inserted('pgfeed.changes'::regclass)
-                        + pg_stat_get_xact_tuples_inserted('pgfeed.commits'::regclass);
+    journaled  bigint  := pgfeed._journal_writes();
     rows       jsonb[];
     n          integer;
 BEGIN
@@ -127,8 +136,7 @@ BEGIN
         PERFORM pgfeed._check_casts(TG_RELID);
     END IF;
     rows := ARRAY(SELECT to_jsonb(r) FROM pgfeed_new AS r);
-    IF pg_stat_get_xact_tuples_inserted('pgfeed.changes'::regclass)
-       + pg_stat_get_xact_tuples_inserted('pgfeed.commits'::regclass) <> journaled THEN
+    IF pgfeed._journal_writes() <> journaled THEN
         PERFORM pgfeed._rendering_wrote(TG_RELID);
     END IF;
     INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
@@ -161,8 +169,7 @@ DECLARE
     excl       text[]  := TG_ARGV[3]::text[];
     base       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
     tbl        text    := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
-    journaled  bigint  := pg_stat_get_xact_tuples_inserted('pgfeed.changes'::regclass)
-                        + pg_stat_get_xact_tuples_inserted('pgfeed.commits'::regclass);
+    journaled  bigint  := pgfeed._journal_writes();
     olds       jsonb[];
     news       jsonb[];
     n          integer;
@@ -172,8 +179,7 @@ BEGIN
     END IF;
     olds := ARRAY(SELECT to_jsonb(r) - excl FROM pgfeed_old AS r);
     news := ARRAY(SELECT to_jsonb(r) - excl FROM pgfeed_new AS r);
-    IF pg_stat_get_xact_tuples_inserted('pgfeed.changes'::regclass)
-       + pg_stat_get_xact_tuples_inserted('pgfeed.commits'::regclass) <> journaled THEN
+    IF pgfeed._journal_writes() <> journaled THEN
         PERFORM pgfeed._rendering_wrote(TG_RELID);
     END IF;
     WITH pairs AS (
@@ -230,8 +236,7 @@ DECLARE
     pk_cols    text[]  := TG_ARGV[2]::text[];
     excl       text[]  := TG_ARGV[3]::text[];
     base       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
-    journaled  bigint  := pg_stat_get_xact_tuples_inserted('pgfeed.changes'::regclass)
-                        + pg_stat_get_xact_tuples_inserted('pgfeed.commits'::regclass);
+    journaled  bigint  := pgfeed._journal_writes();
     rows       jsonb[];
     n          integer;
 BEGIN
@@ -239,8 +244,7 @@ BEGIN
         PERFORM pgfeed._check_casts(TG_RELID);
     END IF;
     rows := ARRAY(SELECT to_jsonb(r) FROM pgfeed_old AS r);
-    IF pg_stat_get_xact_tuples_inserted('pgfeed.changes'::regclass)
-       + pg_stat_get_xact_tuples_inserted('pgfeed.commits'::regclass) <> journaled THEN
+    IF pgfeed._journal_writes() <> journaled THEN
         PERFORM pgfeed._rendering_wrote(TG_RELID);
     END IF;
     INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, old)
@@ -496,8 +500,8 @@ BEGIN
     GRANT INSERT ON pgfeed.changes, pgfeed.commits TO pgfeed_capture;
     GRANT SELECT ON pgfeed.json_casts_since_initdb TO pgfeed_capture;
     GRANT USAGE ON SEQUENCE pgfeed.commit_seq TO pgfeed_capture;
-    GRANT EXECUTE ON FUNCTION pgfeed._check_casts(oid), pgfeed._rendering_wrote(oid)
-        TO pgfeed_capture;
+    GRANT EXECUTE ON FUNCTION pgfeed._check_casts(oid), pgfeed._rendering_wrote(oid),
+        pgfeed._journal_writes() TO pgfeed_capture;
     BEGIN
         ALTER FUNCTION pgfeed._capture_insert() OWNER TO pgfeed_capture;
         ALTER FUNCTION pgfeed._capture_update() OWNER TO pgfeed_capture;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use pgfeed::change::Position;
 use serde_json::{Value, json};
-use support::{Gateway, SOON, SseClient, TestDb};
+use support::{Gateway, SOON, TestDb};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Notification};
 
@@ -142,13 +142,7 @@ async fn a_1_mb_row_is_delivered_complete() {
     s.assert_quiet(QUIET).await;
 
     // Replayed from the journal, just as complete.
-    let auth = format!("Bearer {}", gw.token("acme"));
-    let mut r = SseClient::open(
-        gw.addr,
-        "/v1/stream",
-        &[("Authorization", &auth), ("Last-Event-ID", &before)],
-    )
-    .await;
+    let mut r = gw.resume("acme", "", &before).await;
     let replayed = r.until_live().await;
     assert_eq!(replayed.len(), 2);
     assert!(body(&replayed[0], "new") == text, "replayed insert differs");

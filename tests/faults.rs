@@ -198,16 +198,7 @@ async fn gateway_restart_with_clients_resuming() {
     let resume_from = last.unwrap();
 
     let gw = Gateway::start(&db).await;
-    let token = gw.token("acme");
-    let mut b = SseClient::open(
-        gw.addr,
-        "/v1/stream",
-        &[
-            ("Authorization", &format!("Bearer {token}")),
-            ("Last-Event-ID", &resume_from.to_string()),
-        ],
-    )
-    .await;
+    let mut b = gw.resume("acme", "", &resume_from.to_string()).await;
     writer.await.unwrap();
     let expected = bodies(&db, "acme").await;
     let mut last = Some(resume_from);
@@ -299,16 +290,7 @@ async fn resuming_from_a_pruned_position_gets_reset() {
             == 0
     })
     .await;
-    let token = gw.token("acme");
-    let mut r = SseClient::open(
-        gw.addr,
-        "/v1/stream",
-        &[
-            ("Authorization", &format!("Bearer {token}")),
-            ("Last-Event-ID", &first),
-        ],
-    )
-    .await;
+    let mut r = gw.resume("acme", "", &first).await;
     assert_eq!(r.status, 200);
     let reset = r.next().await.unwrap();
     assert_eq!(reset.event, "reset", "{reset:?}");

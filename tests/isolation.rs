@@ -469,6 +469,35 @@ async fn connect_as(db: &TestDb, role: &str) -> tokio_postgres::Client {
     client
 }
 
+/// A role `what` that owns schema `app` (as an application running its own migrations
+/// would), an admin client, and a client connected as that role.
+async fn schema_owner(
+    db: &TestDb,
+    what: &str,
+) -> (String, tokio_postgres::Client, tokio_postgres::Client) {
+    let owner = role_name(db, what);
+    create_role(db, &owner).await;
+    let admin = db.client().await;
+    admin
+        .batch_execute(&format!("CREATE SCHEMA app AUTHORIZATION {owner}"))
+        .await
+        .unwrap();
+    let o = connect_as(db, &owner).await;
+    (owner, admin, o)
+}
+
+/// Journal rows of the table the forging casts below pretend to capture.
+async fn forged_rows(admin: &tokio_postgres::Client) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(*) FROM pgfeed.changes WHERE table_name = 'public.payroll'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Best-effort removal of a role created by a test (matters only on a shared server).
 async fn drop_role(db: &TestDb, role: &str) {
     let c = db.client().await;
@@ -684,14 +713,7 @@ async fn a_table_owner_cannot_forge_journal_rows_through_the_capture_trigger() {
     // migrations), and holds nothing on schema pgfeed. The operator watches its tables.
     let db = TestDb::new().await;
     support::tenant_table(&db, "notes").await;
-    let owner = role_name(&db, "owner");
-    create_role(&db, &owner).await;
-    let admin = db.client().await;
-    admin
-        .batch_execute(&format!("CREATE SCHEMA app AUTHORIZATION {owner}"))
-        .await
-        .unwrap();
-    let o = connect_as(&db, &owner).await;
+    let (owner, admin, o) = schema_owner(&db, "owner").await;
     // Its type reaches the row directly, in an array, through a domain and inside a
     // composite: to_jsonb() looks for a cast to json at every level.
     let variants = [
@@ -788,14 +810,7 @@ async fn a_table_owner_cannot_forge_journal_rows_through_the_capture_trigger() {
         "globex received a journal row forged by the owner of the app tables (the cast ran \
          as {seen:?}; writes: {outcomes:#?}): {e:?}"
     );
-    let forged: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM pgfeed.changes WHERE table_name = 'public.payroll'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let forged = forged_rows(&admin).await;
     assert_eq!(forged, 0, "forged journal rows (the cast ran as {seen:?})");
     // The root cause: code the table owner controls must never run with the privileges of
     // the capture functions' owner (here a superuser).
@@ -831,14 +846,7 @@ async fn a_cast_created_after_a_repeatable_read_snapshot_cannot_forge_journal_ro
     // only: the README states what such a cast can still do.)
     let db = TestDb::new().await;
     support::tenant_table(&db, "notes").await;
-    let owner = role_name(&db, "rr_owner");
-    create_role(&db, &owner).await;
-    let admin = db.client().await;
-    admin
-        .batch_execute(&format!("CREATE SCHEMA app AUTHORIZATION {owner}"))
-        .await
-        .unwrap();
-    let o = connect_as(&db, &owner).await;
+    let (owner, admin, o) = schema_owner(&db, "rr_owner").await;
     o.batch_execute(
         "CREATE TYPE app.mood AS ENUM ('calm');
          CREATE TABLE app.direct (id int PRIMARY KEY, tenant text NOT NULL, v app.mood);",
@@ -882,14 +890,7 @@ async fn a_cast_created_after_a_repeatable_read_snapshot_cannot_forge_journal_ro
     assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{err}");
     drop(tx);
 
-    let forged: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM pgfeed.changes WHERE table_name = 'public.payroll'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let forged = forged_rows(&admin).await;
     assert_eq!(forged, 0, "forged journal rows");
     admin
         .batch_execute("INSERT INTO notes (tenant, body) VALUES ('globex', 'real')")

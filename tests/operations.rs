@@ -212,16 +212,7 @@ async fn two_replicas_both_deliver_and_clients_resume_across_them() {
     )
     .await
     .unwrap();
-    let token = two.token("acme");
-    let mut resumed = SseClient::open(
-        two.addr,
-        "/v1/stream",
-        &[
-            ("Authorization", &format!("Bearer {token}")),
-            ("Last-Event-ID", &last),
-        ],
-    )
-    .await;
+    let mut resumed = two.resume("acme", "", &last).await;
     let replayed: Vec<String> = resumed
         .until_live()
         .await

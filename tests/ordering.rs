@@ -83,13 +83,7 @@ async fn live_position(s: &mut SseClient) -> Position {
 
 /// Opens the stream of `tenant` with `Last-Event-ID: last_event_id` and an optional query.
 async fn resume(gw: &Gateway, tenant: &str, query: &str, last_event_id: &str) -> SseClient {
-    let auth = format!("Bearer {}", gw.token(tenant));
-    let s = SseClient::open(
-        gw.addr,
-        &format!("/v1/stream?{query}"),
-        &[("Authorization", &auth), ("Last-Event-ID", last_event_id)],
-    )
-    .await;
+    let s = gw.resume(tenant, query, last_event_id).await;
     assert_eq!(s.status, 200, "resume with Last-Event-ID {last_event_id}");
     s
 }

@@ -263,6 +263,17 @@ impl Gateway {
         .await
     }
 
+    /// Opens the stream of `tenant` with `Last-Event-ID: last_event_id` and `query`.
+    pub async fn resume(&self, tenant: &str, query: &str, last_event_id: &str) -> SseClient {
+        let auth = format!("Bearer {}", self.token(tenant));
+        SseClient::open(
+            self.addr,
+            &format!("/v1/stream?{query}"),
+            &[("Authorization", &auth), ("Last-Event-ID", last_event_id)],
+        )
+        .await
+    }
+
     /// Shuts down and waits for `serve` to return.
     pub async fn stop(self) {
         self.shutdown.cancel();
