@@ -24,9 +24,10 @@ CREATE OR REPLACE VIEW pgfeed.json_casts_since_initdb AS
 
 -- Refuses to capture a table whose rows to_jsonb() would render through a cast to json or
 -- jsonb that a non-superuser defined: to_jsonb() calls such casts, and inside a SECURITY
--- DEFINER capture function that code would run with pgfeed's privileges and could forge
--- journal rows. Casts from superusers (extensions such as PostGIS) are trusted. Capture
--- calls it only when pgfeed.json_casts_since_initdb is not empty.
+-- DEFINER capture function that code would run as the capture role. Casts from
+-- superusers (extensions such as PostGIS) are trusted. Capture calls it only when
+-- pgfeed.json_casts_since_initdb is not empty. It reads the transaction's snapshot, so it
+-- is not the only line of defence: see "Rendering" below.
 CREATE OR REPLACE FUNCTION pgfeed._check_casts(tbl oid) RETURNS void
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -74,43 +75,35 @@ BEGIN
 END
 $$;
 
--- Fails the capturing statement: rendering a row of `tbl` wrote to the journal, which only
--- code run by to_jsonb() can have done (see "Rendering" below).
-CREATE OR REPLACE FUNCTION pgfeed._rendering_wrote(tbl oid) RETURNS void
+-- Rendering. to_jsonb() runs a type's cast to json if it has one, and inside these
+-- SECURITY DEFINER functions such a cast would run as pgfeed_capture. _check_casts refuses
+-- tables whose rows reach a cast defined by a non-superuser, but it reads pg_cast through
+-- the transaction's snapshot while to_jsonb() finds casts through the catalog cache: in a
+-- REPEATABLE READ or SERIALIZABLE transaction whose snapshot predates a cast, the check
+-- passes and to_jsonb() still runs the cast. So capture renders rows in a sandbox that
+-- does not depend on the check:
+--   * in a subtransaction (a BEGIN ... EXCEPTION block) that is always rolled back: the
+--     rendered rows are kept in a PL/pgSQL variable, which a rollback does not touch,
+--     while everything that code run by to_jsonb() did as pgfeed_capture is undone with
+--     the subtransaction: rows written, functions created or altered, privileges granted,
+--     settings changed, after-trigger events queued;
+--   * with the transaction read-only for the duration (transaction_read_only, set local
+--     to the subtransaction, so its rollback restores it): such code cannot write at all,
+--     nor draw from the commit sequence, whose nextval() no rollback undoes.
+-- The block ends by raising SQLSTATE PGFR0, which it catches. `rendered` is set only
+-- after rendering finished, so code that raises PGFR0 itself from within to_jsonb() does
+-- not pass for a finished rendering: the statement fails instead (_rendering_failed).
+CREATE OR REPLACE FUNCTION pgfeed._rendering_failed(tbl oid) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    RAISE EXCEPTION 'pgfeed: refusing to capture changes of %: rendering its rows wrote to the pgfeed journal', tbl::regclass
+    RAISE EXCEPTION 'pgfeed: refusing to capture changes of %: rendering its rows was interrupted', tbl::regclass
         USING ERRCODE = 'insufficient_privilege',
-              DETAIL = 'Code that to_jsonb() ran for one of its column types, most likely a cast to json or jsonb, inserted into pgfeed.changes or pgfeed.commits.',
+              DETAIL = 'Code that to_jsonb() ran for one of its column types, most likely a cast to json or jsonb, raised SQLSTATE PGFR0, which pgfeed reserves.',
               HINT = 'Drop that cast, or unwatch the table.';
 END
 $$;
-
--- This transaction's inserts into the journal so far (see "Rendering" below). Plain SQL
--- without SET, so that the planner inlines it where it is used.
-CREATE OR REPLACE FUNCTION pgfeed._journal_writes() RETURNS bigint
-LANGUAGE sql VOLATILE
-AS $$
-    SELECT pg_catalog.pg_stat_get_xact_tuples_inserted('pgfeed.changes'::pg_catalog.regclass)
-           OPERATOR(pg_catalog.+)
-           pg_catalog.pg_stat_get_xact_tuples_inserted('pgfeed.commits'::pg_catalog.regclass)
-$$;
-
--- Rendering. Row images are rendered with to_jsonb() in a statement of their own, before
--- anything is journaled. to_jsonb() runs a type's cast to json if there is one, and inside
--- these SECURITY DEFINER functions that cast runs as pgfeed_capture. _check_casts refuses
--- such tables up front, but it reads pg_cast through the transaction's snapshot, while
--- to_jsonb() finds casts through the catalog cache: a REPEATABLE READ transaction whose
--- snapshot predates a cast passes the check and still runs the cast. As a partial
--- backstop, the journal's insert counters of this transaction
--- (pg_stat_get_xact_tuples_inserted, which only grow within a statement) are compared
--- before and after rendering, and any difference fails the statement: a cast cannot
--- append to the journal directly. It is NOT a complete defence: code running as
--- pgfeed_capture can also alter the functions pgfeed_capture owns, or create objects
--- (temporary functions, for one) that outlive the statement. Known limit, stated in the
--- README; the sound fix is to never run such code as pgfeed_capture.
 
 -- Trigger arguments, fixed by pgfeed.watch():
 --   TG_ARGV[0] tenant column ('' for a public table)
@@ -128,16 +121,23 @@ DECLARE
     pk_cols    text[]  := TG_ARGV[2]::text[];
     excl       text[]  := TG_ARGV[3]::text[];
     base       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
-    journaled  bigint  := pgfeed._journal_writes();
+    rendered   boolean := false;
     rows       jsonb[];
     n          integer;
 BEGIN
     IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
         PERFORM pgfeed._check_casts(TG_RELID);
     END IF;
-    rows := ARRAY(SELECT to_jsonb(r) FROM pgfeed_new AS r);
-    IF pgfeed._journal_writes() <> journaled THEN
-        PERFORM pgfeed._rendering_wrote(TG_RELID);
+    BEGIN
+        PERFORM set_config('transaction_read_only', 'on', true);
+        rows := ARRAY(SELECT to_jsonb(r) FROM pgfeed_new AS r);
+        rendered := true;
+        RAISE SQLSTATE 'PGFR0';
+    EXCEPTION WHEN SQLSTATE 'PGFR0' THEN
+        NULL;
+    END;
+    IF NOT rendered THEN
+        PERFORM pgfeed._rendering_failed(TG_RELID);
     END IF;
     INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
     SELECT pg_current_xact_id(), base + s.i::integer,
@@ -169,7 +169,7 @@ DECLARE
     excl       text[]  := TG_ARGV[3]::text[];
     base       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
     tbl        text    := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
-    journaled  bigint  := pgfeed._journal_writes();
+    rendered   boolean := false;
     olds       jsonb[];
     news       jsonb[];
     n          integer;
@@ -177,10 +177,17 @@ BEGIN
     IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
         PERFORM pgfeed._check_casts(TG_RELID);
     END IF;
-    olds := ARRAY(SELECT to_jsonb(r) - excl FROM pgfeed_old AS r);
-    news := ARRAY(SELECT to_jsonb(r) - excl FROM pgfeed_new AS r);
-    IF pgfeed._journal_writes() <> journaled THEN
-        PERFORM pgfeed._rendering_wrote(TG_RELID);
+    BEGIN
+        PERFORM set_config('transaction_read_only', 'on', true);
+        olds := ARRAY(SELECT to_jsonb(r) - excl FROM pgfeed_old AS r);
+        news := ARRAY(SELECT to_jsonb(r) - excl FROM pgfeed_new AS r);
+        rendered := true;
+        RAISE SQLSTATE 'PGFR0';
+    EXCEPTION WHEN SQLSTATE 'PGFR0' THEN
+        NULL;
+    END;
+    IF NOT rendered THEN
+        PERFORM pgfeed._rendering_failed(TG_RELID);
     END IF;
     WITH pairs AS (
         SELECT o.i, o.j AS oj, nw.j AS nj,
@@ -236,16 +243,23 @@ DECLARE
     pk_cols    text[]  := TG_ARGV[2]::text[];
     excl       text[]  := TG_ARGV[3]::text[];
     base       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
-    journaled  bigint  := pgfeed._journal_writes();
+    rendered   boolean := false;
     rows       jsonb[];
     n          integer;
 BEGIN
     IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
         PERFORM pgfeed._check_casts(TG_RELID);
     END IF;
-    rows := ARRAY(SELECT to_jsonb(r) FROM pgfeed_old AS r);
-    IF pgfeed._journal_writes() <> journaled THEN
-        PERFORM pgfeed._rendering_wrote(TG_RELID);
+    BEGIN
+        PERFORM set_config('transaction_read_only', 'on', true);
+        rows := ARRAY(SELECT to_jsonb(r) FROM pgfeed_old AS r);
+        rendered := true;
+        RAISE SQLSTATE 'PGFR0';
+    EXCEPTION WHEN SQLSTATE 'PGFR0' THEN
+        NULL;
+    END;
+    IF NOT rendered THEN
+        PERFORM pgfeed._rendering_failed(TG_RELID);
     END IF;
     INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, old)
     SELECT pg_current_xact_id(), base + s.i::integer,
@@ -500,8 +514,8 @@ BEGIN
     GRANT INSERT ON pgfeed.changes, pgfeed.commits TO pgfeed_capture;
     GRANT SELECT ON pgfeed.json_casts_since_initdb TO pgfeed_capture;
     GRANT USAGE ON SEQUENCE pgfeed.commit_seq TO pgfeed_capture;
-    GRANT EXECUTE ON FUNCTION pgfeed._check_casts(oid), pgfeed._rendering_wrote(oid),
-        pgfeed._journal_writes() TO pgfeed_capture;
+    GRANT EXECUTE ON FUNCTION pgfeed._check_casts(oid), pgfeed._rendering_failed(oid)
+        TO pgfeed_capture;
     BEGIN
         ALTER FUNCTION pgfeed._capture_insert() OWNER TO pgfeed_capture;
         ALTER FUNCTION pgfeed._capture_update() OWNER TO pgfeed_capture;

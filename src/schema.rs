@@ -9,12 +9,13 @@
 use tokio_postgres::Client;
 
 /// The schema version this binary expects: the number of the newest migration.
-pub const VERSION: i32 = 2;
+pub const VERSION: i32 = 3;
 
 /// Table migrations, applied in order, each once.
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../sql/001_journal.sql")),
     (2, include_str!("../sql/002_lighter_capture.sql")),
+    (3, include_str!("../sql/003_render_sandbox.sql")),
 ];
 
 /// Functions and triggers, re-applied by every install.

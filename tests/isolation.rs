@@ -837,31 +837,56 @@ async fn a_table_owner_cannot_forge_journal_rows_through_the_capture_trigger() {
 }
 
 #[tokio::test]
-async fn a_cast_created_after_a_repeatable_read_snapshot_cannot_forge_journal_rows() {
+async fn a_cast_created_after_a_repeatable_read_snapshot_runs_in_a_sandbox() {
     // The cast check reads pg_cast through the transaction's snapshot, but to_jsonb()
     // finds casts through the catalog cache, which sees every committed cast. A
     // REPEATABLE READ transaction whose snapshot predates the cast therefore passes the
-    // check and still runs the cast as the capture role; the capture statement must then
-    // notice that the journal was written behind its back, and fail. (A partial backstop
-    // only: the README states what such a cast can still do.)
+    // check and runs the cast while capture renders its row. Capture renders in a
+    // read-only subtransaction that it always rolls back: whatever the cast tries as the
+    // capture role is refused, and what it may do (write a temporary table, queue a
+    // deferred trigger) is undone.
     let db = TestDb::new().await;
     support::tenant_table(&db, "notes").await;
     let (owner, admin, o) = schema_owner(&db, "rr_owner").await;
     o.batch_execute(
         "CREATE TYPE app.mood AS ENUM ('calm');
-         CREATE TABLE app.direct (id int PRIMARY KEY, tenant text NOT NULL, v app.mood);",
+         CREATE TYPE app.tone AS ENUM ('flat');
+         CREATE TABLE app.direct (id int PRIMARY KEY, tenant text NOT NULL, v app.mood);
+         CREATE TABLE app.other (id int PRIMARY KEY, tenant text NOT NULL, v app.tone);
+         CREATE TABLE app.seen (who text);
+         GRANT INSERT ON app.seen TO PUBLIC;
+         CREATE FUNCTION app.fired() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO app.seen VALUES (current_user);
+             RETURN NULL;
+         END $$;",
     )
     .await
     .unwrap();
-    admin
-        .batch_execute("SELECT pgfeed.watch('app.direct', 'tenant')")
-        .await
-        .unwrap();
+    for table in ["app.direct", "app.other"] {
+        admin
+            .batch_execute(&format!("SELECT pgfeed.watch('{table}', 'tenant')"))
+            .await
+            .unwrap();
+    }
     let gw = Gateway::start(&db).await;
+    let mut acme = gw.stream("acme", "").await;
     let mut globex = gw.stream("globex", "").await;
+    acme.until_live().await;
     globex.until_live().await;
 
     let mut writer = connect_as(&db, &owner).await;
+    // A temporary table with a deferred trigger, writable by the capture role: the one
+    // kind of write a read-only transaction still allows.
+    writer
+        .batch_execute(
+            "CREATE TEMP TABLE scratch (who text);
+             GRANT ALL ON scratch TO PUBLIC;
+             CREATE CONSTRAINT TRIGGER fired AFTER INSERT ON scratch
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION app.fired();",
+        )
+        .await
+        .unwrap();
     let tx = writer
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -870,28 +895,115 @@ async fn a_cast_created_after_a_repeatable_read_snapshot_cannot_forge_journal_ro
         .unwrap();
     // Takes the snapshot: the cast created next is invisible to it.
     tx.batch_execute("SELECT 1").await.unwrap();
+    // The cast tries each escalation and reports, as the value it renders, what happened.
     o.batch_execute(
         r#"CREATE FUNCTION app.mood_json(m app.mood) RETURNS json LANGUAGE plpgsql AS $$
+           DECLARE
+               report jsonb := '{}';
+               attempts text[] := ARRAY[
+                   'journal', $a$INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
+                       VALUES (pg_current_xact_id(), 1000, 'public.payroll', 'insert', 'globex', false,
+                               '{"id": 1}', '{"id": 1, "body": "forged under repeatable read"}')$a$,
+                   'alter', 'ALTER FUNCTION pgfeed._capture_insert() SECURITY INVOKER',
+                   'grant', format('GRANT INSERT ON pgfeed.changes TO %I', session_user),
+                   'function', 'CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql SECURITY DEFINER AS ''SELECT 1''',
+                   'sequence', 'SELECT nextval(''pgfeed.commit_seq'')',
+                   'scratch', 'INSERT INTO pg_temp.scratch VALUES (current_user)'];
            BEGIN
-               INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
-               VALUES (pg_current_xact_id(), 1000, 'public.payroll', 'insert', 'globex', false,
-                       '{"id": 1}', '{"id": 1, "body": "forged under repeatable read"}')
-               ON CONFLICT DO NOTHING;
-               RETURN to_json(m::text);
+               FOR i IN 1 .. array_length(attempts, 1) BY 2 LOOP
+                   BEGIN
+                       EXECUTE attempts[i + 1];
+                       report := report || jsonb_build_object(attempts[i], 'done');
+                   EXCEPTION WHEN OTHERS THEN
+                       report := report || jsonb_build_object(attempts[i], SQLERRM);
+                   END;
+               END LOOP;
+               RETURN report::json;
            END $$;
            CREATE CAST (app.mood AS json) WITH FUNCTION app.mood_json(app.mood);"#,
     )
     .await
     .unwrap();
-    let outcome = tx
-        .batch_execute("INSERT INTO app.direct VALUES (1, 'acme', 'calm')")
-        .await;
-    let err = outcome.expect_err("the capture that ran a journal-writing cast must fail");
+    tx.batch_execute("INSERT INTO app.direct VALUES (1, 'acme', 'calm')")
+        .await
+        .expect("capture renders the row in its sandbox");
+    tx.commit().await.unwrap();
+
+    // The row was captured, rendered through the cast: its value is the cast's report.
+    let change = acme.next_change().await;
+    assert_eq!(change["table"], "app.direct", "{change}");
+    let report = &change["new"]["v"];
+    for attempt in ["journal", "alter", "grant", "function", "sequence"] {
+        let outcome = report[attempt].as_str().unwrap_or_default();
+        assert!(
+            outcome.contains("read-only transaction"),
+            "{attempt} was not refused as a write: {report}"
+        );
+    }
+    assert_eq!(report["scratch"], "done", "{report}");
+    // Nothing of it outlived the rendering.
+    let scratch: i64 = writer
+        .query_one("SELECT count(*) FROM pg_temp.scratch", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(scratch, 0, "the cast's write to a temporary table was kept");
+    let fired: i64 = admin
+        .query_one("SELECT count(*) FROM app.seen", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        fired, 0,
+        "a deferred trigger the cast queued fired at commit"
+    );
+    let row = admin
+        .query_one(
+            "SELECT (SELECT prosecdef FROM pg_proc
+                      WHERE oid = 'pgfeed._capture_insert()'::regprocedure),
+                    has_table_privilege($1, 'pgfeed.changes', 'INSERT'),
+                    (SELECT last_value FROM pgfeed.commit_seq)
+                        = (SELECT count(*) FROM pgfeed.commits)",
+            &[&owner],
+        )
+        .await
+        .unwrap();
+    let (definer, can_insert, no_gap): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    assert!(definer, "the capture function was altered");
+    assert!(!can_insert, "the owner was granted INSERT on the journal");
+    assert!(no_gap, "the commit sequence has a number no commit used");
+    assert_eq!(forged_rows(&admin).await, 0, "forged journal rows");
+
+    // A cast that raises the sandbox's own SQLSTATE cannot pass for a finished rendering.
+    let tx = writer
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .unwrap();
+    tx.batch_execute("SELECT 1").await.unwrap();
+    o.batch_execute(
+        "CREATE FUNCTION app.tone_json(t app.tone) RETURNS json LANGUAGE plpgsql AS $$
+         BEGIN
+             RAISE SQLSTATE 'PGFR0';
+         END $$;
+         CREATE CAST (app.tone AS json) WITH FUNCTION app.tone_json(app.tone);",
+    )
+    .await
+    .unwrap();
+    let err = tx
+        .batch_execute("INSERT INTO app.other VALUES (1, 'acme', 'flat')")
+        .await
+        .expect_err("an interrupted rendering fails the statement");
     assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{err}");
+    let message = err.as_db_error().map(|e| e.message()).unwrap_or_default();
+    assert!(
+        message.contains("rendering its rows was interrupted"),
+        "{err:?}"
+    );
     drop(tx);
 
-    let forged = forged_rows(&admin).await;
-    assert_eq!(forged, 0, "forged journal rows");
+    // globex saw nothing but its own real change.
     admin
         .batch_execute("INSERT INTO notes (tenant, body) VALUES ('globex', 'real')")
         .await
@@ -899,6 +1011,7 @@ async fn a_cast_created_after_a_repeatable_read_snapshot_cannot_forge_journal_ro
     let e = globex.next_change().await;
     assert_eq!(e["new"]["body"], "real", "{e}");
     drop(o);
+    drop(writer);
     gw.stop().await;
     drop_role(&db, &owner).await;
 }

@@ -1,0 +1,15 @@
+-- pgfeed schema migration 3: capture renders rows in a sandbox.
+--
+-- Code that to_jsonb() runs while capture renders a row (a cast to json) used to run as
+-- pgfeed_capture with the power to write; a check of the journal's insert counters only
+-- stopped direct journal writes. functions.sql now renders inside a read-only
+-- subtransaction that is always rolled back (see "Rendering" there). No table changes:
+-- the version moves so that a gateway of this version refuses to run until `pgfeed
+-- install` has replaced the capture functions.
+--
+-- The counter check's helpers of version 2, pgfeed._journal_writes() and
+-- pgfeed._rendering_wrote(oid), are left in place in upgraded databases: a capture that
+-- is running while the upgrade commits still calls them, and dropping them here would fail
+-- that application's statement. Nothing calls them afterwards, and application roles have
+-- no privilege on them.
+SELECT 1;
