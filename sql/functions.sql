@@ -14,6 +14,14 @@
 --
 -- The seal: a transaction's first journal row (ord = 1) queues the deferred constraint
 -- trigger `seal` on pgfeed.changes, which numbers the commit at commit time (_seal below).
+--
+-- Capture runs once per watched statement, so its cost is counted in instructions
+-- (BENCHMARKS.md, "Where the time goes"). Two habits below come from that:
+--   * `ignored := f(...) IS NULL` instead of `PERFORM f(...)` for functions called for
+--     their effect: PL/pgSQL evaluates an assignment as a simple expression, while PERFORM
+--     runs a whole query through the executor;
+--   * a statement that changed one row, the common case, is journaled by an INSERT ...
+--     VALUES of PL/pgSQL variables; several rows by one INSERT ... SELECT over unnest().
 
 -- Casts to json or jsonb with a function, created after initdb (oid 16384 and up). When
 -- there are none, as in most databases, capture skips _check_casts: this is one probe of
@@ -122,14 +130,17 @@ DECLARE
     excl       text[]  := TG_ARGV[3]::text[];
     base       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
     rendered   boolean := false;
+    ignored    boolean;
     rows       jsonb[];
+    j          jsonb;
+    pk         jsonb;
     n          integer;
 BEGIN
     IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
         PERFORM pgfeed._check_casts(TG_RELID);
     END IF;
     BEGIN
-        PERFORM set_config('transaction_read_only', 'on', true);
+        ignored := set_config('transaction_read_only', 'on', true) IS NULL;
         rows := ARRAY(SELECT to_jsonb(r) FROM pgfeed_new AS r);
         rendered := true;
         RAISE SQLSTATE 'PGFR0';
@@ -139,15 +150,27 @@ BEGIN
     IF NOT rendered THEN
         PERFORM pgfeed._rendering_failed(TG_RELID);
     END IF;
-    INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
-    SELECT pg_current_xact_id(), base + s.i::integer,
-           TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'insert',
-           CASE WHEN is_public THEN NULL ELSE s.j ->> tenant_col END, is_public,
-           (SELECT jsonb_object_agg(c, s.j -> c) FROM unnest(pk_cols) AS c), s.j - excl
-    FROM unnest(rows) WITH ORDINALITY AS s(j, i);
-    GET DIAGNOSTICS n = ROW_COUNT;
+    n := cardinality(rows);
+    IF n = 1 THEN
+        j := rows[1];
+        IF cardinality(pk_cols) = 1 THEN
+            pk := jsonb_build_object(pk_cols[1], j -> pk_cols[1]);
+        ELSE
+            pk := (SELECT jsonb_object_agg(c, j -> c) FROM unnest(pk_cols) AS c);
+        END IF;
+        INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
+        VALUES (pg_current_xact_id(), base + 1, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'insert',
+                CASE WHEN is_public THEN NULL ELSE j ->> tenant_col END, is_public, pk, j - excl);
+    ELSIF n > 1 THEN
+        INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
+        SELECT pg_current_xact_id(), base + s.i::integer,
+               TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'insert',
+               CASE WHEN is_public THEN NULL ELSE s.j ->> tenant_col END, is_public,
+               (SELECT jsonb_object_agg(c, s.j -> c) FROM unnest(pk_cols) AS c), s.j - excl
+        FROM unnest(rows) WITH ORDINALITY AS s(j, i);
+    END IF;
     IF n > 0 THEN
-        PERFORM set_config('pgfeed.ord', (base + n)::text, true);
+        ignored := set_config('pgfeed.ord', (base + n)::text, true) IS NULL;
     END IF;
     RETURN NULL;
 END
@@ -170,6 +193,7 @@ DECLARE
     base       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
     tbl        text    := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
     rendered   boolean := false;
+    ignored    boolean;
     olds       jsonb[];
     news       jsonb[];
     n          integer;
@@ -178,7 +202,7 @@ BEGIN
         PERFORM pgfeed._check_casts(TG_RELID);
     END IF;
     BEGIN
-        PERFORM set_config('transaction_read_only', 'on', true);
+        ignored := set_config('transaction_read_only', 'on', true) IS NULL;
         olds := ARRAY(SELECT to_jsonb(r) - excl FROM pgfeed_old AS r);
         news := ARRAY(SELECT to_jsonb(r) - excl FROM pgfeed_new AS r);
         rendered := true;
@@ -227,7 +251,7 @@ BEGIN
     WHERE ev.op <> 'update' OR cardinality(ev.changed) > 0;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
-        PERFORM set_config('pgfeed.ord', (base + n)::text, true);
+        ignored := set_config('pgfeed.ord', (base + n)::text, true) IS NULL;
     END IF;
     RETURN NULL;
 END
@@ -244,14 +268,17 @@ DECLARE
     excl       text[]  := TG_ARGV[3]::text[];
     base       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
     rendered   boolean := false;
+    ignored    boolean;
     rows       jsonb[];
+    j          jsonb;
+    pk         jsonb;
     n          integer;
 BEGIN
     IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
         PERFORM pgfeed._check_casts(TG_RELID);
     END IF;
     BEGIN
-        PERFORM set_config('transaction_read_only', 'on', true);
+        ignored := set_config('transaction_read_only', 'on', true) IS NULL;
         rows := ARRAY(SELECT to_jsonb(r) FROM pgfeed_old AS r);
         rendered := true;
         RAISE SQLSTATE 'PGFR0';
@@ -261,15 +288,27 @@ BEGIN
     IF NOT rendered THEN
         PERFORM pgfeed._rendering_failed(TG_RELID);
     END IF;
-    INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, old)
-    SELECT pg_current_xact_id(), base + s.i::integer,
-           TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'delete',
-           CASE WHEN is_public THEN NULL ELSE s.j ->> tenant_col END, is_public,
-           (SELECT jsonb_object_agg(c, s.j -> c) FROM unnest(pk_cols) AS c), s.j - excl
-    FROM unnest(rows) WITH ORDINALITY AS s(j, i);
-    GET DIAGNOSTICS n = ROW_COUNT;
+    n := cardinality(rows);
+    IF n = 1 THEN
+        j := rows[1];
+        IF cardinality(pk_cols) = 1 THEN
+            pk := jsonb_build_object(pk_cols[1], j -> pk_cols[1]);
+        ELSE
+            pk := (SELECT jsonb_object_agg(c, j -> c) FROM unnest(pk_cols) AS c);
+        END IF;
+        INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, old)
+        VALUES (pg_current_xact_id(), base + 1, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'delete',
+                CASE WHEN is_public THEN NULL ELSE j ->> tenant_col END, is_public, pk, j - excl);
+    ELSIF n > 1 THEN
+        INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, old)
+        SELECT pg_current_xact_id(), base + s.i::integer,
+               TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'delete',
+               CASE WHEN is_public THEN NULL ELSE s.j ->> tenant_col END, is_public,
+               (SELECT jsonb_object_agg(c, s.j -> c) FROM unnest(pk_cols) AS c), s.j - excl
+        FROM unnest(rows) WITH ORDINALITY AS s(j, i);
+    END IF;
     IF n > 0 THEN
-        PERFORM set_config('pgfeed.ord', (base + n)::text, true);
+        ignored := set_config('pgfeed.ord', (base + n)::text, true) IS NULL;
     END IF;
     RETURN NULL;
 END
@@ -299,14 +338,15 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    seq bigint;
-    n   integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
+    seq     bigint;
+    n       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
+    ignored boolean;
 BEGIN
-    PERFORM pg_advisory_xact_lock(1885824612, 1);
+    ignored := pg_advisory_xact_lock(1885824612, 1) IS NULL;
     seq := nextval('pgfeed.commit_seq');
     INSERT INTO pgfeed.commits (seq, xid, n, committed_at)
     VALUES (seq, NEW.xid, n, clock_timestamp());
-    PERFORM pg_notify('pgfeed', seq::text || ':' || n::text);
+    ignored := pg_notify('pgfeed', seq::text || ':' || n::text) IS NULL;
     RETURN NULL;
 END
 $$;
