@@ -6,8 +6,8 @@
 #
 #   bench/capture-instructions.sh [statements]      (default 2000; needs valgrind)
 #
-# Uses ./target/release/pgfeed to install the schema and the PostgreSQL binaries from
-# PG_BIN (default: the newest /usr/lib/postgresql/*/bin). Run as root, it runs
+# Installs the schema with $PGFEED (default ./target/release/pgfeed) and uses the
+# PostgreSQL binaries from $PG_BIN (default: the newest /usr/lib/postgresql/*/bin). Run as root, it runs
 # PostgreSQL as the postgres user. Everything lives in a temporary directory, removed at
 # the end.
 set -euo pipefail
@@ -15,8 +15,8 @@ cd "$(dirname "$0")/.."
 
 n=${1:-2000}
 pg_bin=${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)}
-pgfeed=./target/release/pgfeed
-[ -x "$pgfeed" ] || { echo "build first: cargo build --release --bins" >&2; exit 1; }
+pgfeed=${PGFEED:-./target/release/pgfeed}
+[ -x "$pgfeed" ] || { echo "$pgfeed not found: cargo build --release --bins" >&2; exit 1; }
 command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 1; }
 
 dir=$(mktemp -d)

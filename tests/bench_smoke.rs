@@ -1,7 +1,7 @@
 //! The benchmark tool builds and runs: its smoke preset against a real PostgreSQL (a
 //! throwaway cluster, or a fresh database on `PGFEED_TEST_DATABASE_URL`) delivers every
-//! change exactly once to the right tenant. Correctness only: performance figures are never
-//! asserted in tests.
+//! change exactly once to the right tenant; the instruction-count script for capture runs.
+//! Correctness only: performance figures are never asserted in tests.
 
 use std::process::Command;
 
@@ -54,4 +54,38 @@ fn bench_smoke_preset_delivers_everything_once_to_the_right_tenant() {
         report["params"]["subscribers"].as_f64(),
         "every stream went live: {line}"
     );
+}
+
+#[test]
+fn capture_instruction_count_script_runs() {
+    // bench/capture-instructions.sh (BENCHMARKS.md, "Where the time goes") on a few
+    // statements: it must keep working and print both counts. Counts are not asserted
+    // beyond their presence and that capture does some work.
+    let out = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/bench/capture-instructions.sh"
+        ))
+        .arg("20")
+        .env("PGFEED", env!("CARGO_BIN_EXE_pgfeed"))
+        .output()
+        .expect("running bench/capture-instructions.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the script failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let count = |label: &str| -> u64 {
+        stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(label))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no `{label}` count in:\n{stdout}\n{stderr}"))
+    };
+    let (unwatched, watched) = (count("unwatched"), count("watched"));
+    assert!(unwatched > 0, "{stdout}");
+    assert!(watched > unwatched, "capture did no work?\n{stdout}");
 }
