@@ -18,7 +18,7 @@ use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use pgfeed::config::{Config, Sources};
 use serde_json::{Value, json};
-use support::{Gateway, Response, SOON, SseClient, TestDb};
+use support::{Gateway, Response, SOON, SseClient, TestDb, get_soon, request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn now() -> u64 {
@@ -220,89 +220,10 @@ fn sources_with(db: &TestDb, no_secret: bool, extra: &[(&str, &str)]) -> Sources
     sources
 }
 
-/// A plain GET, bounded in time: a request that wrongly started a stream would hang.
-async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Response {
-    tokio::time::timeout(SOON, support::get(addr, path, headers))
-        .await
-        .unwrap_or_else(|_| {
-            panic!("GET {path}: no complete response within {SOON:?} (a stream started?)")
-        })
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
-}
-
-/// Any request with an empty body, read until the server closes (`Connection: close`).
-async fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    wait: Duration,
-) -> Response {
-    let exchange = async {
-        let mut conn = tokio::net::TcpStream::connect(addr).await?;
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n"
-        );
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str("\r\n");
-        conn.write_all(head.as_bytes()).await?;
-        let mut bytes = Vec::new();
-        conn.read_to_end(&mut bytes).await?;
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&bytes).into_owned())
-    };
-    let text = tokio::time::timeout(wait, exchange)
-        .await
-        .unwrap_or_else(|_| panic!("{method} {path}: no complete response within {wait:?}"))
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("{method} {path}: no response head: {text:?}"));
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    assert!(
-        !headers
-            .iter()
-            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")),
-        "{method} {path}: not a stream"
-    );
-    Response {
-        status,
-        headers,
-        body: body.to_string(),
-    }
-}
-
 /// Asserts `r` is a JSON error with `status`; returns its code.
 #[track_caller]
 fn assert_error(r: &Response, status: u16, what: &str) -> String {
-    assert_eq!(r.status, status, "{what}: {r:?}");
-    assert_eq!(
-        r.header("content-type"),
-        Some("application/json"),
-        "{what}: {r:?}"
-    );
-    let body = r.json();
-    let error = body["error"]
-        .as_object()
-        .unwrap_or_else(|| panic!("{what}: no error object: {body}"));
-    assert_eq!(error.len(), 2, "{what}: exactly code and message: {body}");
-    let message = error["message"].as_str().unwrap_or_default();
-    assert!(!message.is_empty(), "{what}: {body}");
-    let code = error["code"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{what}: code is a string: {body}"));
-    assert!(!code.is_empty(), "{what}: {body}");
-    code.to_string()
+    support::assert_error(r, status, what).0
 }
 
 /// The error's message.
@@ -330,7 +251,7 @@ async fn assert_streams(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) 
 
 /// Status of `/v1/position` with `token`: a quick authentication probe that never streams.
 async fn probe(addr: SocketAddr, token: &str) -> u16 {
-    get(addr, "/v1/position", &[("Authorization", &bearer(token))])
+    get_soon(addr, "/v1/position", &[("Authorization", &bearer(token))])
         .await
         .status
 }
@@ -429,14 +350,14 @@ async fn pem_key_verifies_only_its_own_signatures(kind: Kind) {
     // Sanity: the tokens are well-formed and differ from the good one.
     for (what, token) in &bad {
         assert_ne!(token, &good, "{what}");
-        let r = get(gw.addr, "/v1/stream", &[("Authorization", &bearer(token))]).await;
+        let r = get_soon(gw.addr, "/v1/stream", &[("Authorization", &bearer(token))]).await;
         let code = assert_error(&r, 401, what);
         assert!(
             code == "invalid_token" || code == "token_expired",
             "{what}: {code}"
         );
         assert_eq!(r.header("www-authenticate"), Some("Bearer"), "{what}");
-        let r = get(gw.addr, &format!("/v1/stream?access_token={token}"), &[]).await;
+        let r = get_soon(gw.addr, &format!("/v1/stream?access_token={token}"), &[]).await;
         assert_error(&r, 401, what);
     }
     // Nothing those requests did reached the open streams, which still work.
@@ -561,7 +482,7 @@ async fn jwks_chooses_by_kid_and_follows_rotation() {
         ),
         ("alg: none", alg_none(&c)),
     ] {
-        let r = get(gw.addr, "/v1/stream", &[("Authorization", &bearer(&token))]).await;
+        let r = get_soon(gw.addr, "/v1/stream", &[("Authorization", &bearer(&token))]).await;
         assert_eq!(assert_error(&r, 401, what), "invalid_token", "{what}");
     }
 
@@ -675,7 +596,7 @@ async fn issuer_and_audience_are_required_when_configured() {
             token(json!({"iss": "https://auth.example/", "aud": "pgfeed"})),
         ),
     ] {
-        let r = get(gw.addr, "/v1/stream", &[("Authorization", &bearer(&t))]).await;
+        let r = get_soon(gw.addr, "/v1/stream", &[("Authorization", &bearer(&t))]).await;
         assert_eq!(assert_error(&r, 401, what), "invalid_token", "{what}");
         assert_eq!(probe(gw.addr, &t).await, 401, "{what} on /v1/position");
     }
@@ -731,7 +652,7 @@ async fn token_from_the_configured_cookie() {
             format!("pgfeed_token={}", alg_none(&claims("acme"))),
         ),
     ] {
-        let r = get(gw.addr, "/v1/stream", &[("Cookie", &value)]).await;
+        let r = get_soon(gw.addr, "/v1/stream", &[("Cookie", &value)]).await;
         assert_eq!(assert_error(&r, 401, what), "invalid_token", "{what}");
     }
     // Another cookie's name, or the token under a name that merely ends like ours, is no
@@ -741,11 +662,11 @@ async fn token_from_the_configured_cookie() {
         format!("xpgfeed_token={good}"),
         "pgfeed_token=".to_string(),
     ] {
-        let r = get(gw.addr, "/v1/stream", &[("Cookie", &value)]).await;
+        let r = get_soon(gw.addr, "/v1/stream", &[("Cookie", &value)]).await;
         assert_eq!(assert_error(&r, 401, &value), "unauthorized", "{value}");
     }
     // The Authorization header takes precedence over the cookie.
-    let r = get(
+    let r = get_soon(
         gw.addr,
         "/v1/stream",
         &[("Authorization", &bearer(&forged)), ("Cookie", &cookie)],
@@ -781,7 +702,7 @@ async fn tables_claim_limits_what_a_token_sees() {
         "tables=orders,invoices",
         "tables=nope",
     ] {
-        let r = get(
+        let r = get_soon(
             gw.addr,
             &format!("/v1/stream?{query}"),
             &[("Authorization", &auth)],
@@ -790,7 +711,7 @@ async fn tables_claim_limits_what_a_token_sees() {
         assert_eq!(assert_error(&r, 403, query), "forbidden", "{query}");
     }
     // A filter on a table outside the claim is refused too (400: not among its tables).
-    let r = get(
+    let r = get_soon(
         gw.addr,
         "/v1/stream?filter=invoices:body=eq.x",
         &[("Authorization", &auth)],
@@ -832,7 +753,7 @@ async fn tables_claim_limits_what_a_token_sees() {
         &json!({"tenant_id": "acme", "exp": now() + 600, "tables": "orders"}),
         support::SECRET.as_bytes(),
     );
-    let r = get(gw.addr, "/v1/stream", &[("Authorization", &bearer(&bad))]).await;
+    let r = get_soon(gw.addr, "/v1/stream", &[("Authorization", &bearer(&bad))]).await;
     assert_error(&r, 401, "tables claim not an array");
     drop((implied, asked, all));
     gw.stop().await;
@@ -860,10 +781,10 @@ async fn trusted_header_mode_takes_the_tenant_from_the_header() {
     assert_eq!(acme.next_change().await["new"]["body"], "for acme");
     assert_eq!(lower.next_change().await["new"]["body"], "for acme");
 
-    let r = get(gw.addr, "/v1/stream", &[]).await;
+    let r = get_soon(gw.addr, "/v1/stream", &[]).await;
     assert_error(&r, 401, "no tenant header");
     assert!(message(&r).contains("x-tenant-id"), "{}", message(&r));
-    let r = get(gw.addr, "/v1/stream", &[("X-Tenant-Id", "  ")]).await;
+    let r = get_soon(gw.addr, "/v1/stream", &[("X-Tenant-Id", "  ")]).await;
     assert_error(&r, 401, "a blank tenant header");
     // A token is no substitute for the header, and `tenant=` is for `none` mode only.
     let token = pgfeed::auth::mint(
@@ -873,9 +794,9 @@ async fn trusted_header_mode_takes_the_tenant_from_the_header() {
         Duration::from_secs(60),
     )
     .unwrap();
-    let r = get(gw.addr, "/v1/stream", &[("Authorization", &bearer(&token))]).await;
+    let r = get_soon(gw.addr, "/v1/stream", &[("Authorization", &bearer(&token))]).await;
     assert_error(&r, 401, "a token in trusted_header mode");
-    let r = get(
+    let r = get_soon(
         gw.addr,
         "/v1/stream?tenant=acme",
         &[("X-Tenant-Id", "globex")],
@@ -903,7 +824,7 @@ async fn trusted_header_mode_with_a_custom_header() {
     insert_note(&db, "globex", "no").await;
     insert_note(&db, "acme", "yes").await;
     assert_eq!(s.next_change().await["new"]["body"], "yes");
-    let r = get(gw.addr, "/v1/stream", &[("X-Tenant-Id", "acme")]).await;
+    let r = get_soon(gw.addr, "/v1/stream", &[("X-Tenant-Id", "acme")]).await;
     assert!(
         assert_error(&r, 401, "the default header when another is configured").len() > 1
             && message(&r).contains("x-org"),
@@ -972,7 +893,7 @@ async fn none_mode_takes_the_tenant_from_the_query() {
     assert_eq!(by_header.next_change().await["new"]["body"], "globex row");
     acme.assert_quiet(Duration::from_millis(200)).await;
     assert!(!acme.raw.contains("globex row"));
-    let r = get(gw.addr, "/v1/stream", &[]).await;
+    let r = get_soon(gw.addr, "/v1/stream", &[]).await;
     assert_error(&r, 401, "none mode without any tenant");
     drop((acme, by_header));
     gw.stop().await;
@@ -980,7 +901,7 @@ async fn none_mode_takes_the_tenant_from_the_query() {
     // In jwt mode, `tenant=` is refused even with a valid token.
     let gw = Gateway::start(&db).await;
     let auth = bearer(&gw.token("acme"));
-    let r = get(
+    let r = get_soon(
         gw.addr,
         "/v1/stream?tenant=acme",
         &[("Authorization", &auth)],
@@ -988,7 +909,7 @@ async fn none_mode_takes_the_tenant_from_the_query() {
     .await;
     assert_eq!(assert_error(&r, 400, "tenant= in jwt mode"), "bad_request");
     assert!(message(&r).contains("tenant"), "{}", message(&r));
-    let r = get(
+    let r = get_soon(
         gw.addr,
         "/v1/position?tenant=globex",
         &[("Authorization", &auth)],
@@ -1087,7 +1008,7 @@ async fn cors_answers_allowed_origins_only() {
     insert_note(&db, "acme", "cors").await;
     assert_eq!(s.next_change().await["new"]["body"], "cors");
     // Errors too, so that the page can read why.
-    let r = get(gw.addr, "/v1/stream", &[("Origin", "https://app.example")]).await;
+    let r = get_soon(gw.addr, "/v1/stream", &[("Origin", "https://app.example")]).await;
     assert_error(&r, 401, "no token from an allowed origin");
     assert_eq!(
         r.header("access-control-allow-origin"),
@@ -1180,7 +1101,7 @@ async fn per_tenant_stream_limit() {
     let auth = bearer(&gw.token("acme"));
     let a1 = assert_streams(gw.addr, "/v1/stream", &[("Authorization", &auth)]).await;
     let mut a2 = assert_streams(gw.addr, "/v1/stream", &[("Authorization", &auth)]).await;
-    let third = get(gw.addr, "/v1/stream", &[("Authorization", &auth)]).await;
+    let third = get_soon(gw.addr, "/v1/stream", &[("Authorization", &auth)]).await;
     assert_eq!(
         assert_error(&third, 429, "a third stream of one tenant"),
         "too_many_streams"
@@ -1201,7 +1122,7 @@ async fn per_tenant_stream_limit() {
     drop(a1);
     let mut a3 = until_accepted(&gw, "acme", 429, "after closing a stream").await;
     a3.until_live().await;
-    let again = get(gw.addr, "/v1/stream", &[("Authorization", &auth)]).await;
+    let again = get_soon(gw.addr, "/v1/stream", &[("Authorization", &auth)]).await;
     assert_error(&again, 429, "full again");
     drop((a2, a3, g));
     assert_retry_after(&third, "429 for a tenant at its limit");
@@ -1228,7 +1149,7 @@ async fn total_stream_limit() {
     let mut refused = Vec::new();
     for tenant in ["t4", "t1"] {
         let auth = bearer(&gw.token(tenant));
-        let r = get(gw.addr, "/v1/stream", &[("Authorization", &auth)]).await;
+        let r = get_soon(gw.addr, "/v1/stream", &[("Authorization", &auth)]).await;
         assert_eq!(
             assert_error(&r, 503, &format!("a fourth stream ({tenant})")),
             "too_many_streams"
@@ -1236,7 +1157,7 @@ async fn total_stream_limit() {
         refused.push(r);
     }
     // Other routes still answer.
-    let r = get(
+    let r = get_soon(
         gw.addr,
         "/v1/position",
         &[("Authorization", &bearer(&gw.token("t4")))],
@@ -1271,7 +1192,7 @@ async fn stream_rate_limit_per_tenant() {
             continue;
         }
         drop(s);
-        limited = Some(get(gw.addr, "/v1/stream", &[("Authorization", &auth)]).await);
+        limited = Some(get_soon(gw.addr, "/v1/stream", &[("Authorization", &auth)]).await);
         break;
     }
     let limited = limited.expect("rapid new streams of one tenant are rate limited");
@@ -1305,25 +1226,25 @@ async fn query_and_header_size_limits() {
     // Without a token: under the limits a request gets its ordinary error, over them it
     // is refused for its size first.
     let query_at = |len: usize| format!("/v1/stream?x={}", "a".repeat(len - 2));
-    let r = get(gw.addr, &query_at(8 * 1024 + 1), &[]).await;
+    let r = get_soon(gw.addr, &query_at(8 * 1024 + 1), &[]).await;
     assert_eq!(assert_error(&r, 414, "query over 8 KiB"), "uri_too_long");
     // Up to the HTTP layer's own bound (a head of 64 KiB), the refusal is still JSON.
-    let r = get(gw.addr, &query_at(60 * 1024), &[]).await;
+    let r = get_soon(gw.addr, &query_at(60 * 1024), &[]).await;
     assert_error(&r, 414, "query of 60 KiB");
-    let r = get(gw.addr, &query_at(8 * 1024), &[]).await;
+    let r = get_soon(gw.addr, &query_at(8 * 1024), &[]).await;
     assert_error(&r, 400, "query of exactly 8 KiB is parsed");
 
     // Header bytes counted as name + value + 4 per header: Host and Connection are sent
     // too, so a pad of 16 KiB is over and 15 KiB under.
     let pad = |len: usize| "p".repeat(len);
     let under = pad(15 * 1024);
-    let r = get(gw.addr, "/v1/stream", &[("X-Pad", &under)]).await;
+    let r = get_soon(gw.addr, "/v1/stream", &[("X-Pad", &under)]).await;
     assert_eq!(
         assert_error(&r, 401, "headers under 16 KiB"),
         "unauthorized"
     );
     let over = pad(16 * 1024);
-    let r = get(gw.addr, "/v1/stream", &[("X-Pad", &over)]).await;
+    let r = get_soon(gw.addr, "/v1/stream", &[("X-Pad", &over)]).await;
     assert_eq!(
         assert_error(&r, 431, "headers over 16 KiB"),
         "headers_too_large"
@@ -1334,14 +1255,14 @@ async fn query_and_header_size_limits() {
         .map(|i| (format!("X-Pad-{i}"), small.as_str()))
         .collect();
     let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    let r = get(gw.addr, "/v1/stream", &many).await;
+    let r = get_soon(gw.addr, "/v1/stream", &many).await;
     assert_error(&r, 431, "twenty 1 KB headers");
     let big = pad(40 * 1024);
-    let r = get(gw.addr, "/v1/position", &[("X-Pad", &big)]).await;
+    let r = get_soon(gw.addr, "/v1/position", &[("X-Pad", &big)]).await;
     assert_error(&r, 431, "40 KiB of headers on /v1/position");
     // Even with a valid token: size is checked before anything else.
     let auth = bearer(&gw.token("acme"));
-    let r = get(
+    let r = get_soon(
         gw.addr,
         "/v1/stream",
         &[("Authorization", &auth), ("X-Pad", &over)],
@@ -1350,7 +1271,7 @@ async fn query_and_header_size_limits() {
     assert_error(&r, 431, "a valid token with oversized headers");
     let mut long_query = query_at(9 * 1024);
     long_query = long_query.replacen("x=", "tables=", 1);
-    let r = get(gw.addr, &long_query, &[("Authorization", &auth)]).await;
+    let r = get_soon(gw.addr, &long_query, &[("Authorization", &auth)]).await;
     assert_error(&r, 414, "a valid token with an oversized query");
     gw.stop().await;
 }
@@ -1738,7 +1659,7 @@ async fn row_filters_end_to_end() {
         ("filter=orders:status", 400, "filter"),
         (many.as_str(), 400, "16"),
     ] {
-        let r = get(
+        let r = get_soon(
             gw.addr,
             &format!("/v1/stream?{query}"),
             &[("Authorization", &auth)],

@@ -12,8 +12,7 @@ use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use pgfeed::change::Position;
 use serde_json::{Value, json};
-use support::{Gateway, Response, SOON, SseClient, TestDb};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::{Gateway, Response, SOON, SseClient, TestDb, get_soon, request};
 
 fn now() -> u64 {
     SystemTime::now()
@@ -32,90 +31,10 @@ fn sign(alg: Algorithm, claims: &Value, secret: &str) -> String {
     .unwrap()
 }
 
-/// A plain GET, bounded in time: a request that wrongly started a stream would hang.
-async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Response {
-    tokio::time::timeout(SOON, support::get(addr, path, headers))
-        .await
-        .unwrap_or_else(|_| {
-            panic!("GET {path}: no complete response within {SOON:?} (a stream started?)")
-        })
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
-}
-
-/// Any request with an empty body, read until the server closes (`Connection: close`).
-async fn request(addr: SocketAddr, method: &str, path: &str) -> Response {
-    let exchange = async {
-        let mut conn = tokio::net::TcpStream::connect(addr).await?;
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        conn.write_all(head.as_bytes()).await?;
-        let mut bytes = Vec::new();
-        conn.read_to_end(&mut bytes).await?;
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&bytes).into_owned())
-    };
-    let text = tokio::time::timeout(SOON, exchange)
-        .await
-        .unwrap_or_else(|_| panic!("{method} {path}: no complete response within {SOON:?}"))
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no response head: {text:?}"));
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-    assert!(
-        !chunked,
-        "{method} {path}: an error response is not a stream"
-    );
-    Response {
-        status,
-        headers,
-        body: body.to_string(),
-    }
-}
-
 /// Asserts `r` is a JSON error with `status`, and returns its message.
 #[track_caller]
 fn assert_error(r: &Response, status: u16, what: &str) -> String {
-    assert_eq!(r.status, status, "{what}: {r:?}");
-    assert_eq!(
-        r.header("content-type"),
-        Some("application/json"),
-        "{what}: {r:?}"
-    );
-    let body = r.json();
-    let error = body["error"]
-        .as_object()
-        .unwrap_or_else(|| panic!("{what}: no error object: {body}"));
-    assert_eq!(
-        error.len(),
-        2,
-        "{what}: error has exactly code and message: {body}"
-    );
-    let code = error["code"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{what}: code is a string: {body}"));
-    assert!(!code.is_empty(), "{what}: {body}");
-    let message = error["message"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{what}: message is a string: {body}"));
-    assert!(!message.is_empty(), "{what}: {body}");
-    assert!(
-        !r.body.contains("event:") && !r.body.contains("retry:"),
-        "{what}: no stream frames: {body}"
-    );
-    message.to_string()
+    support::assert_error(r, status, what).1
 }
 
 /// Opens a stream and checks that it started: 200, SSE, and `live` first.
@@ -278,7 +197,7 @@ async fn auth_failures_are_401_json_and_never_stream() {
     let mut codes = std::collections::BTreeMap::new();
     for (what, headers, query) in &cases {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let r = get(gw.addr, &format!("/v1/stream?{query}"), &headers).await;
+        let r = get_soon(gw.addr, &format!("/v1/stream?{query}"), &headers).await;
         assert_error(&r, 401, what);
         assert!(
             !r.body.contains("acme"),
@@ -337,7 +256,7 @@ async fn bad_requests_are_400_json_naming_the_problem() {
         if let Some(id) = extra {
             headers.push(("Last-Event-ID", id));
         }
-        let r = get(gw.addr, &format!("/v1/stream?{query}"), &headers).await;
+        let r = get_soon(gw.addr, &format!("/v1/stream?{query}"), &headers).await;
         let message = assert_error(&r, 400, &format!("?{query} {extra:?}"));
         assert!(
             message.contains(names),
@@ -361,7 +280,7 @@ async fn unknown_routes_are_404_and_other_methods_405() {
         "/v2/stream",
         "/healthz/x",
     ] {
-        let r = get(gw.addr, path, &[("Authorization", &auth)]).await;
+        let r = get_soon(gw.addr, path, &[("Authorization", &auth)]).await;
         assert_error(&r, 404, path);
     }
     for (method, path) in [
@@ -370,7 +289,7 @@ async fn unknown_routes_are_404_and_other_methods_405() {
         ("DELETE", "/v1/position"),
         ("POST", "/healthz"),
     ] {
-        let r = request(gw.addr, method, path).await;
+        let r = request(gw.addr, method, path, &[], SOON).await;
         assert_error(&r, 405, &format!("{method} {path}"));
         let allow = r
             .header("allow")
@@ -381,7 +300,10 @@ async fn unknown_routes_are_404_and_other_methods_405() {
         );
     }
     // The same connection-level client gets a normal answer for GET: the helper is sound.
-    assert_eq!(request(gw.addr, "GET", "/healthz").await.status, 200);
+    assert_eq!(
+        request(gw.addr, "GET", "/healthz", &[], SOON).await.status,
+        200
+    );
     gw.stop().await;
 }
 
@@ -390,12 +312,12 @@ async fn health_readiness_and_position() {
     let db = TestDb::new().await;
     support::tenant_table(&db, "notes").await;
     let gw = Gateway::start(&db).await;
-    assert_eq!(get(gw.addr, "/healthz", &[]).await.status, 200);
-    assert_eq!(get(gw.addr, "/readyz", &[]).await.status, 200);
+    assert_eq!(get_soon(gw.addr, "/healthz", &[]).await.status, 200);
+    assert_eq!(get_soon(gw.addr, "/readyz", &[]).await.status, 200);
 
     // /v1/position needs a token.
     assert_error(
-        &get(gw.addr, "/v1/position", &[]).await,
+        &get_soon(gw.addr, "/v1/position", &[]).await,
         401,
         "position without a token",
     );
@@ -405,7 +327,7 @@ async fn health_readiness_and_position() {
         "not-the-secret-0123456",
     );
     assert_error(
-        &get(
+        &get_soon(
             gw.addr,
             "/v1/position",
             &[("Authorization", &format!("Bearer {bad}"))],
@@ -427,7 +349,7 @@ async fn health_readiness_and_position() {
             .parse()
             .unwrap_or_else(|e| panic!("position is <commit>.<ord>: {e}"))
     };
-    let before = position(get(gw.addr, "/v1/position", &[("Authorization", &auth)]).await);
+    let before = position(get_soon(gw.addr, "/v1/position", &[("Authorization", &auth)]).await);
 
     let mut s = gw.stream("acme", "").await;
     s.until_live().await;
@@ -447,7 +369,7 @@ async fn health_readiness_and_position() {
         s.next_change().await,
     ];
     let last: Position = changes[2]["position"].as_str().unwrap().parse().unwrap();
-    let after = position(get(gw.addr, "/v1/position", &[("Authorization", &auth)]).await);
+    let after = position(get_soon(gw.addr, "/v1/position", &[("Authorization", &auth)]).await);
     assert!(after > before, "{after} > {before}");
     assert_eq!(
         after, last,
@@ -455,7 +377,7 @@ async fn health_readiness_and_position() {
     );
     // The token may also come in the query; the answer is the same.
     let via_query =
-        position(get(gw.addr, &format!("/v1/position?access_token={token}"), &[]).await);
+        position(get_soon(gw.addr, &format!("/v1/position?access_token={token}"), &[]).await);
     assert_eq!(via_query, last);
 
     // A client that reads its data now and streams from that position misses nothing and

@@ -331,6 +331,103 @@ pub async fn get(
     })
 }
 
+/// Asserts `r` is pgfeed's JSON error with `status`: `{"error": {"code", "message"}}`,
+/// both non-empty strings and nothing else, and no stream frames. Returns (code, message).
+#[track_caller]
+pub fn assert_error(r: &Response, status: u16, what: &str) -> (String, String) {
+    assert_eq!(r.status, status, "{what}: {r:?}");
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json"),
+        "{what}: {r:?}"
+    );
+    let body = r.json();
+    let error = body["error"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{what}: no error object: {body}"));
+    assert_eq!(
+        error.len(),
+        2,
+        "{what}: error has exactly code and message: {body}"
+    );
+    let field = |name: &str| {
+        let value = error[name]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: {name} is a string: {body}"));
+        assert!(!value.is_empty(), "{what}: empty {name}: {body}");
+        value.to_string()
+    };
+    assert!(
+        !r.body.contains("event:") && !r.body.contains("retry:"),
+        "{what}: no stream frames: {body}"
+    );
+    (field("code"), field("message"))
+}
+
+/// A plain GET, bounded by [`SOON`]: a request that wrongly started a stream would hang.
+pub async fn get_soon(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Response {
+    tokio::time::timeout(SOON, get(addr, path, headers))
+        .await
+        .unwrap_or_else(|_| {
+            panic!("GET {path}: no complete response within {SOON:?} (a stream started?)")
+        })
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// Any request with an empty body and `headers`, read until the server closes
+/// (`Connection: close`) within `wait`. Not for streams: it asserts the response is not
+/// chunked.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    wait: Duration,
+) -> Response {
+    let exchange = async {
+        let mut conn = TcpStream::connect(addr).await?;
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n"
+        );
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        conn.write_all(head.as_bytes()).await?;
+        let mut bytes = Vec::new();
+        conn.read_to_end(&mut bytes).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    let text = tokio::time::timeout(wait, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path}: no complete response within {wait:?}"))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{method} {path}: no response head: {text:?}"));
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    assert!(
+        !headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")),
+        "{method} {path}: not a stream"
+    );
+    Response {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
 /// The value of the metrics sample named `name` (with its labels, exactly as rendered).
 pub fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
