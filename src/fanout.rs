@@ -107,6 +107,25 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// Replaces a receiver whose channel was closed by [`Hub::gap`] with one of the
+    /// tenant's current channel (created if needed), keeping this subscription's place.
+    /// Changes published from now on reach the new receiver; the caller catches up on
+    /// the rest.
+    pub fn resubscribe(&mut self) {
+        let hub = &self.place.hub;
+        let mut inner = hub.lock();
+        self.receiver = match inner.channels.get(&self.place.tenant) {
+            Some(sender) => sender.subscribe(),
+            None => {
+                let (sender, receiver) = broadcast::channel(hub.capacity);
+                inner
+                    .channels
+                    .insert(Arc::clone(&self.place.tenant), sender);
+                receiver
+            }
+        };
+    }
+
     /// [`Hub::recent_after`] for this subscription's tenant.
     pub fn recent_after(
         &self,
@@ -201,16 +220,22 @@ impl Hub {
         Some((found, false))
     }
 
-    /// Forgets the recent feed up to `pruned`: the listener found changes pruned before
-    /// it could publish them, so what follows is not continuous with what it published.
-    /// A catch-up from a position before `pruned` must ask the journal, which tells the
-    /// gap (`reset`).
-    pub fn forget_recent(&self, pruned: Position) {
-        let head = self.head();
-        let mut recent = self.lock_recent();
-        recent.changes.clear();
-        recent.bytes = 0;
-        recent.floor = head.max(pruned);
+    /// A gap in the feed: the listener found changes up to `pruned` removed from the
+    /// journal before it could publish them, so what follows is not continuous with what
+    /// it published. Forgets the recent feed (a catch-up from before `pruned` must ask the
+    /// journal, which tells the gap) and closes every channel: each live subscriber
+    /// receives what was already sent, then `Closed`, takes a fresh receiver
+    /// ([`Subscription::resubscribe`]) and catches up from the journal, which answers
+    /// `reset`.
+    pub fn gap(&self, pruned: Position) {
+        let mut inner = self.lock();
+        {
+            let mut recent = self.lock_recent();
+            recent.changes.clear();
+            recent.bytes = 0;
+            recent.floor = inner.head.max(pruned);
+        }
+        inner.channels.clear();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -346,6 +371,7 @@ impl Hub {
 mod tests {
     use super::*;
     use crate::change::Op;
+    use tokio::sync::broadcast::error::TryRecvError;
 
     fn change(commit: i64, tenant: Option<&str>) -> Arc<Change> {
         Arc::new(Change::new(
@@ -443,7 +469,7 @@ mod tests {
         );
         // A gap in the feed: the listener found everything up to commit 20 pruned. Memory
         // no longer answers for anything before it, not even for the old head.
-        hub.forget_recent(at(20));
+        hub.gap(at(20));
         assert_eq!(commits(hub.recent_after(at(14), "a", 10, usize::MAX)), None);
         assert_eq!(
             commits(hub.recent_after(at(20), "a", 10, usize::MAX)),
@@ -517,6 +543,30 @@ mod tests {
             lags > 0,
             "the receiver never lagged; the test proved nothing"
         );
+    }
+
+    #[test]
+    fn a_gap_closes_every_channel_and_resubscribing_follows_the_feed_again() {
+        let hub = Arc::new(Hub::new(Position::ZERO, 16, Limits::default()));
+        let mut a = hub.subscribe("a").unwrap();
+        let mut b = hub.subscribe("b").unwrap();
+        hub.publish(&[change(1, Some("a"))]);
+        hub.gap(Position { commit: 5, ord: 1 });
+        // What was sent before the gap is still delivered, then the channel is closed.
+        assert_eq!(a.receiver.try_recv().unwrap().position.commit, 1);
+        assert!(matches!(a.receiver.try_recv(), Err(TryRecvError::Closed)));
+        assert!(matches!(b.receiver.try_recv(), Err(TryRecvError::Closed)));
+        assert_eq!(hub.subscribers(), 2, "the subscriptions keep their places");
+        a.resubscribe();
+        hub.publish(&[change(6, Some("a")), change(7, None)]);
+        assert_eq!(a.receiver.try_recv().unwrap().position.commit, 6);
+        assert_eq!(a.receiver.try_recv().unwrap().position.commit, 7);
+        // b has not resubscribed yet: its old receiver stays closed, and the public change
+        // reaches it once it does only through the journal, not this channel.
+        assert!(matches!(b.receiver.try_recv(), Err(TryRecvError::Closed)));
+        b.resubscribe();
+        hub.publish(&[change(8, None)]);
+        assert_eq!(b.receiver.try_recv().unwrap().position.commit, 8);
     }
 
     #[test]

@@ -235,10 +235,10 @@ impl Listener {
                 .map_err(ListenerError::Journal)?;
             if batch.pruned > *last {
                 // Only possible when the listener was away for longer than the retention:
-                // subscribers that were connected throughout have a gap they cannot see.
-                tracing::error!(position = %last, pruned = %batch.pruned, "changes were pruned before the listener published them");
-                // Catch-ups from the hub's memory would not see the gap; the journal does.
-                self.hub.forget_recent(batch.pruned);
+                // subscribers connected throughout missed changes. The hub closes their
+                // channels, so each catches up from the journal and is sent `reset`.
+                tracing::error!(position = %last, pruned = %batch.pruned, "changes were pruned before the listener published them; live streams are sent reset");
+                self.hub.gap(batch.pruned);
             }
             let Some(newest) = batch.changes.last() else {
                 return Ok(total);

@@ -301,10 +301,7 @@ impl EventStream {
                             }
                         }
                         Err(RecvError::Lagged(missed)) => self.lagged(missed),
-                        Err(RecvError::Closed) => {
-                            self.done = true;
-                            return None;
-                        }
+                        Err(RecvError::Closed) => self.gap(),
                     }
                 }
             }
@@ -361,6 +358,15 @@ impl EventStream {
     fn lagged(&mut self, missed: u64) {
         tracing::debug!(missed, position = %self.last, "subscriber lagged; catching up from the journal");
         self.metrics.lagged.inc();
+        self.mode = Mode::Replay { announce: false };
+    }
+
+    /// The hub closed the channel: the feed has a gap (changes pruned before the listener
+    /// published them, [`crate::fanout::Hub::gap`]). Take a fresh receiver, then catch up
+    /// from the journal, which answers `reset` for a position older than it keeps.
+    fn gap(&mut self) {
+        tracing::debug!(position = %self.last, "the live feed has a gap; catching up from the journal");
+        self.subscription.resubscribe();
         self.mode = Mode::Replay { announce: false };
     }
 

@@ -308,6 +308,77 @@ async fn resuming_from_a_pruned_position_gets_reset() {
 }
 
 #[tokio::test]
+async fn streams_connected_while_the_listener_missed_pruned_changes_get_reset() {
+    // The listener away for longer than the retention: here its journal read is held
+    // back by a lock on the pruning watermark while the changes it has not read yet are
+    // pruned. Streams that stayed connected throughout missed them, and each must be told
+    // so with `reset`, then follow live again.
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "orders").await;
+    let gw = Gateway::start(&db).await;
+    let mut acme = gw.stream("acme", "").await;
+    let mut globex = gw.stream("globex", "").await;
+    acme.until_live().await;
+    globex.until_live().await;
+    write(&db, "acme", "before", 1).await;
+    assert_eq!(acme.next_change().await["new"]["body"], "before0");
+
+    let mut c = db.client().await;
+    let tx = c.transaction().await.unwrap();
+    // Every journal read also reads pgfeed.pruned: the listener's next read waits.
+    tx.batch_execute("LOCK TABLE pgfeed.pruned IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    write(&db, "acme", "lost", 2).await;
+    write(&db, "globex", "lost", 1).await;
+    let probe = db.client().await;
+    eventually("the listener's journal read waits for the lock", || async {
+        probe
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+    })
+    .await;
+    // A negative retention: everything committed so far, whatever this transaction's now().
+    let removed: i32 = tx
+        .query_one("SELECT pgfeed.prune('-1 hour', 1000)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        removed, 4,
+        "the one delivered commit and the three not yet read"
+    );
+    tx.commit().await.unwrap();
+
+    for s in [&mut acme, &mut globex] {
+        let reset = s.next().await.expect("stream open");
+        assert_eq!(reset.event, "reset", "{reset:?}\n{}", s.raw);
+        let head = reset.json()["position"].as_str().unwrap().to_string();
+        assert_eq!(reset.id.as_deref(), Some(head.as_str()));
+        assert_eq!(s.next().await.unwrap().event, "live");
+    }
+    write(&db, "acme", "after", 1).await;
+    write(&db, "globex", "after", 1).await;
+    assert_eq!(acme.next_change().await["new"]["body"], "after0");
+    assert_eq!(globex.next_change().await["new"]["body"], "after0");
+    for s in [&acme, &globex] {
+        assert!(
+            !s.raw.contains("lost"),
+            "a pruned change was delivered: {}",
+            s.raw
+        );
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn unknown_positions_are_refused() {
     let db = TestDb::new().await;
     support::tenant_table(&db, "orders").await;
