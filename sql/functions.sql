@@ -94,10 +94,14 @@ $$;
 --     rendered rows are kept in a PL/pgSQL variable, which a rollback does not touch,
 --     while everything that code run by to_jsonb() did as pgfeed_capture is undone with
 --     the subtransaction: rows written, functions created or altered, privileges granted,
---     settings changed, after-trigger events queued;
+--     settings changed, after-trigger events queued. This is the guarantee.
 --   * with the transaction read-only for the duration (transaction_read_only, set local
---     to the subtransaction, so its rollback restores it): such code cannot write at all,
---     nor draw from the commit sequence, whose nextval() no rollback undoes.
+--     to the subtransaction, so its rollback restores it): a first barrier only, since
+--     such code can RESET the setting (PostgreSQL checks SET, not RESET). Past it, what
+--     it writes is still undone; what no rollback undoes is nextval() of the commit
+--     sequence, which leaves unused commit numbers. Those are harmless: commits that fail
+--     after their seal (a serialization failure at commit) leave them too, and positions
+--     are only ever compared, never counted.
 -- The block ends by raising SQLSTATE PGFR0, which it catches. `rendered` is set only
 -- after rendering finished, so code that raises PGFR0 itself from within to_jsonb() does
 -- not pass for a finished rendering: the statement fails instead (_rendering_failed).

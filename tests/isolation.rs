@@ -842,9 +842,10 @@ async fn a_cast_created_after_a_repeatable_read_snapshot_runs_in_a_sandbox() {
     // finds casts through the catalog cache, which sees every committed cast. A
     // REPEATABLE READ transaction whose snapshot predates the cast therefore passes the
     // check and runs the cast while capture renders its row. Capture renders in a
-    // read-only subtransaction that it always rolls back: whatever the cast tries as the
-    // capture role is refused, and what it may do (write a temporary table, queue a
-    // deferred trigger) is undone.
+    // read-only subtransaction that it always rolls back: while read-only, what the cast
+    // tries as the capture role is refused; what it may still do (write a temporary
+    // table, queue a deferred trigger) and what it writes after resetting the read-only
+    // setting are undone.
     let db = TestDb::new().await;
     support::tenant_table(&db, "notes").await;
     let (owner, admin, o) = schema_owner(&db, "rr_owner").await;
@@ -918,6 +919,19 @@ async fn a_cast_created_after_a_repeatable_read_snapshot_runs_in_a_sandbox() {
                        report := report || jsonb_build_object(attempts[i], SQLERRM);
                    END;
                END LOOP;
+               -- PostgreSQL checks SET transaction_read_only, not RESET: past this line
+               -- only the sandbox's rollback stands between these writes and the journal.
+               RESET transaction_read_only;
+               report := report || jsonb_build_object('read_only_after_reset',
+                                                      current_setting('transaction_read_only'));
+               FOR i IN 1 .. 7 BY 2 LOOP
+                   BEGIN
+                       EXECUTE replace(attempts[i + 1], 'pg_temp.f()', 'pg_temp.g()');
+                       report := report || jsonb_build_object('reset_' || attempts[i], 'done');
+                   EXCEPTION WHEN OTHERS THEN
+                       report := report || jsonb_build_object('reset_' || attempts[i], SQLERRM);
+                   END;
+               END LOOP;
                RETURN report::json;
            END $$;
            CREATE CAST (app.mood AS json) WITH FUNCTION app.mood_json(app.mood);"#,
@@ -941,6 +955,10 @@ async fn a_cast_created_after_a_repeatable_read_snapshot_runs_in_a_sandbox() {
         );
     }
     assert_eq!(report["scratch"], "done", "{report}");
+    // Then the cast reset the read-only setting and wrote: the journal row, the altered
+    // function, the temporary function (its outcomes are reported, not required; what
+    // counts is below: none of it outlived the rendering).
+    assert!(report.get("reset_journal").is_some(), "{report}");
     // Nothing of it outlived the rendering.
     let scratch: i64 = writer
         .query_one("SELECT count(*) FROM pg_temp.scratch", &[])
@@ -948,6 +966,18 @@ async fn a_cast_created_after_a_repeatable_read_snapshot_runs_in_a_sandbox() {
         .unwrap()
         .get(0);
     assert_eq!(scratch, 0, "the cast's write to a temporary table was kept");
+    let temp_functions: i64 = writer
+        .query_one(
+            "SELECT count(*) FROM pg_proc WHERE pronamespace = pg_my_temp_schema()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        temp_functions, 0,
+        "a temporary function the cast created was kept"
+    );
     let fired: i64 = admin
         .query_one("SELECT count(*) FROM app.seen", &[])
         .await
