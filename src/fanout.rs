@@ -227,13 +227,16 @@ impl Hub {
     /// receives what was already sent, then `Closed`, takes a fresh receiver
     /// ([`Subscription::resubscribe`]) and catches up from the journal, which answers
     /// `reset`.
+    /// The head moves up to `pruned`: a stream that subscribes now starts there, not at a
+    /// position the journal no longer holds.
     pub fn gap(&self, pruned: Position) {
         let mut inner = self.lock();
+        inner.head = inner.head.max(pruned);
         {
             let mut recent = self.lock_recent();
             recent.changes.clear();
             recent.bytes = 0;
-            recent.floor = inner.head.max(pruned);
+            recent.floor = inner.head;
         }
         inner.channels.clear();
     }
@@ -552,6 +555,11 @@ mod tests {
         let mut b = hub.subscribe("b").unwrap();
         hub.publish(&[change(1, Some("a"))]);
         hub.gap(Position { commit: 5, ord: 1 });
+        assert_eq!(
+            hub.head(),
+            Position { commit: 5, ord: 1 },
+            "new streams start there"
+        );
         // What was sent before the gap is still delivered, then the channel is closed.
         assert_eq!(a.receiver.try_recv().unwrap().position.commit, 1);
         assert!(matches!(a.receiver.try_recv(), Err(TryRecvError::Closed)));

@@ -239,6 +239,9 @@ impl Listener {
                 // channels, so each catches up from the journal and is sent `reset`.
                 tracing::error!(position = %last, pruned = %batch.pruned, "changes were pruned before the listener published them; live streams are sent reset");
                 self.hub.gap(batch.pruned);
+                // Read on from the watermark, so that the gap is reported once, even when
+                // this batch is empty.
+                *last = (*last).max(batch.pruned);
             }
             let Some(newest) = batch.changes.last() else {
                 return Ok(total);

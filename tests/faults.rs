@@ -364,11 +364,17 @@ async fn streams_connected_while_the_listener_missed_pruned_changes_get_reset() 
         assert_eq!(reset.id.as_deref(), Some(head.as_str()));
         assert_eq!(s.next().await.unwrap().event, "live");
     }
+    // A stream opened after the gap, before anything new is published, starts after it.
+    let mut late = gw.stream("acme", "").await;
+    late.until_live().await;
     write(&db, "acme", "after", 1).await;
     write(&db, "globex", "after", 1).await;
     assert_eq!(acme.next_change().await["new"]["body"], "after0");
     assert_eq!(globex.next_change().await["new"]["body"], "after0");
-    for s in [&acme, &globex] {
+    let e = late.next().await.expect("stream open");
+    assert_eq!(e.event, "change", "{e:?}\n{}", late.raw);
+    assert_eq!(e.json()["new"]["body"], "after0");
+    for s in [&acme, &globex, &late] {
         assert!(
             !s.raw.contains("lost"),
             "a pruned change was delivered: {}",
