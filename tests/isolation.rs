@@ -498,6 +498,20 @@ async fn forged_rows(admin: &tokio_postgres::Client) -> i64 {
         .get(0)
 }
 
+/// A REPEATABLE READ transaction that has taken its snapshot.
+async fn repeatable_read_snapshot(
+    client: &mut tokio_postgres::Client,
+) -> tokio_postgres::Transaction<'_> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .unwrap();
+    tx.batch_execute("SELECT 1").await.unwrap();
+    tx
+}
+
 /// Best-effort removal of a role created by a test (matters only on a shared server).
 async fn drop_role(db: &TestDb, role: &str) {
     let c = db.client().await;
@@ -888,14 +902,8 @@ async fn a_cast_created_after_a_repeatable_read_snapshot_runs_in_a_sandbox() {
         )
         .await
         .unwrap();
-    let tx = writer
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .await
-        .unwrap();
-    // Takes the snapshot: the cast created next is invisible to it.
-    tx.batch_execute("SELECT 1").await.unwrap();
+    // The cast created next is invisible to this transaction's snapshot.
+    let tx = repeatable_read_snapshot(&mut writer).await;
     // The cast tries each escalation and reports, as the value it renders, what happened.
     o.batch_execute(
         r#"CREATE FUNCTION app.mood_json(m app.mood) RETURNS json LANGUAGE plpgsql AS $$
@@ -1005,13 +1013,7 @@ async fn a_cast_created_after_a_repeatable_read_snapshot_runs_in_a_sandbox() {
     assert_eq!(forged_rows(&admin).await, 0, "forged journal rows");
 
     // A cast that raises the sandbox's own SQLSTATE cannot pass for a finished rendering.
-    let tx = writer
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .await
-        .unwrap();
-    tx.batch_execute("SELECT 1").await.unwrap();
+    let tx = repeatable_read_snapshot(&mut writer).await;
     o.batch_execute(
         "CREATE FUNCTION app.tone_json(t app.tone) RETURNS json LANGUAGE plpgsql AS $$
          BEGIN

@@ -364,6 +364,22 @@ pub fn assert_error(r: &Response, status: u16, what: &str) -> (String, String) {
     (field("code"), field("message"))
 }
 
+/// The status code (0 when unreadable) and the headers (names lower-cased) of a response
+/// head, without its final blank line.
+fn parse_head(head: &str) -> (u16, Vec<(String, String)>) {
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers)
+}
+
 /// A plain GET, bounded by [`SOON`]: a request that wrongly started a stream would hang.
 pub async fn get_soon(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Response {
     tokio::time::timeout(SOON, get(addr, path, headers))
@@ -405,16 +421,7 @@ pub async fn request(
     let (head, body) = text
         .split_once("\r\n\r\n")
         .unwrap_or_else(|| panic!("{method} {path}: no response head: {text:?}"));
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
+    let (status, headers) = parse_head(head);
     assert!(
         !headers
             .iter()
@@ -500,16 +507,7 @@ impl RawConn {
         };
         let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
         self.buf.drain(..end + 4);
-        let mut lines = head.split("\r\n");
-        let status: u16 = lines
-            .next()
-            .and_then(|l| l.split(' ').nth(1))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-            .collect();
+        let (status, headers) = parse_head(&head);
         for (k, v) in &headers {
             if k == "transfer-encoding" && v.contains("chunked") {
                 self.chunked = true;
