@@ -227,6 +227,7 @@ impl Hub {
     /// receives what was already sent, then `Closed`, takes a fresh receiver
     /// ([`Subscription::resubscribe`]) and catches up from the journal, which answers
     /// `reset`.
+    ///
     /// The head moves up to `pruned`: a stream that subscribes now starts there, not at a
     /// position the journal no longer holds.
     pub fn gap(&self, pruned: Position) {

@@ -283,6 +283,24 @@ fn near_query() -> impl Strategy<Value = String> {
 // Pure parsers
 // ---------------------------------------------------------------------------------------
 
+/// A numeric tenant claim names the tenant its issuer wrote: the claim's number must be
+/// parsed exactly (serde_json's `float_roundtrip`), or a float off by its last bit names
+/// another tenant. Found by `signed_claims_are_judged_by_their_content`.
+#[test]
+fn numeric_tenant_claims_keep_every_bit() {
+    let a = authenticator();
+    for tenant in [-1.897_532_889_728_002_2e-169, 0.1 + 0.2, 1e300, 42.0] {
+        let claims = json!({"exp": 4_000_000_000u64, "tenant_id": tenant});
+        let p = a
+            .authenticate(&sign(&Header::new(Algorithm::HS256), &claims))
+            .unwrap_or_else(|e| panic!("{claims}: {e:?}"));
+        assert_eq!(
+            p.tenant,
+            serde_json::Number::from_f64(tenant).unwrap().to_string()
+        );
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: 512,
