@@ -23,6 +23,30 @@ async fn write(db: &TestDb, tenant: &str, prefix: &str, n: usize) {
     }
 }
 
+/// One row per statement, for [`write_in_background`].
+const ONE_ROW: &str = "INSERT INTO orders (tenant, body) VALUES ($1, $2)";
+
+/// Runs `sql` with `$1, $2` = `row(i)` (tenant, body) for `i` in `0..n`, one transaction
+/// each, on a connection of its own in the background.
+fn write_in_background(
+    url: String,
+    n: usize,
+    sql: &'static str,
+    row: fn(usize) -> (&'static str, String),
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let c = support::connect(&url).await;
+        for i in 0..n {
+            let (tenant, body) = row(i);
+            c.execute(sql, &[&tenant, &body]).await.unwrap();
+            if i % 50 == 25 {
+                // Lets the test's reader run between writes on a single-threaded runtime.
+                tokio::task::yield_now().await;
+            }
+        }
+    })
+}
+
 /// The bodies of `tenant`'s rows, in commit (= id, with one writer) order.
 async fn bodies(db: &TestDb, tenant: &str) -> Vec<String> {
     db.client()
@@ -68,23 +92,7 @@ async fn listener_terminated_repeatedly_loses_nothing() {
     let mut s = gw.stream("acme", "").await;
     s.until_live().await;
 
-    let writer = {
-        let url = db.url.clone();
-        tokio::spawn(async move {
-            let c = support::connect(&url).await;
-            for i in 0..300 {
-                c.execute(
-                    "INSERT INTO orders (tenant, body) VALUES ('acme', $1)",
-                    &[&format!("w{i}")],
-                )
-                .await
-                .unwrap();
-                if i % 50 == 25 {
-                    tokio::task::yield_now().await;
-                }
-            }
-        })
-    };
+    let writer = write_in_background(db.url.clone(), 300, ONE_ROW, |i| ("acme", format!("w{i}")));
     let mut last = None;
     let mut received = Vec::new();
     for _ in 0..5 {
@@ -93,12 +101,7 @@ async fn listener_terminated_repeatedly_loses_nothing() {
             support::terminate_listener(&db).await > 0
         })
         .await;
-        eventually("the gateway is ready again", || async {
-            support::get(gw.addr, "/readyz", &[])
-                .await
-                .is_ok_and(|r| r.status == 200)
-        })
-        .await;
+        support::until_readyz(gw.addr, 200).await;
     }
     writer.await.unwrap();
     let expected = bodies(&db, "acme").await;
@@ -136,18 +139,9 @@ async fn silently_dead_connection_is_detected_and_replaced() {
     // Every connection through the proxy goes silent; writes go straight to PostgreSQL.
     proxy.freeze_existing();
     write(&db, "acme", "during", 5).await;
-    eventually("/readyz reports the dead connection", || async {
-        support::get(gw.addr, "/readyz", &[])
-            .await
-            .is_ok_and(|r| r.status == 503)
-    })
-    .await;
-    eventually("the gateway is ready again", || async {
-        support::get(gw.addr, "/readyz", &[])
-            .await
-            .is_ok_and(|r| r.status == 200)
-    })
-    .await;
+    // /readyz reports the dead connection.
+    support::until_readyz(gw.addr, 503).await;
+    support::until_readyz(gw.addr, 200).await;
     write(&db, "acme", "after", 3).await;
     received.extend(read_bodies(&mut s, 8, &mut last).await);
     assert_eq!(received, bodies(&db, "acme").await);
@@ -163,21 +157,9 @@ async fn gateway_restart_with_clients_resuming() {
     let mut a = gw.stream("acme", "").await;
     a.until_live().await;
 
-    let writer = {
-        let url = db.url.clone();
-        tokio::spawn(async move {
-            let c = support::connect(&url).await;
-            for i in 0..400 {
-                let tenant = if i % 3 == 0 { "globex" } else { "acme" };
-                c.execute(
-                    "INSERT INTO orders (tenant, body) VALUES ($1, $2)",
-                    &[&tenant, &format!("r{i}")],
-                )
-                .await
-                .unwrap();
-            }
-        })
-    };
+    let writer = write_in_background(db.url.clone(), 400, ONE_ROW, |i| {
+        (if i % 3 == 0 { "globex" } else { "acme" }, format!("r{i}"))
+    });
     let mut last = None;
     let mut received = read_bodies(&mut a, 40, &mut last).await;
 
@@ -222,21 +204,13 @@ async fn stalled_subscriber_slows_nobody_and_is_caught_up() {
     let rss_before = support::rss_kib();
 
     // 20 000 changes in 200 commits, while `stalled` reads nothing.
-    let writer = {
-        let url = db.url.clone();
-        tokio::spawn(async move {
-            let c = support::connect(&url).await;
-            for i in 0..200 {
-                c.execute(
-                    "INSERT INTO orders (tenant, body)
-                     SELECT 'acme', $1 || '-' || g FROM generate_series(1, 100) AS g",
-                    &[&format!("b{i:03}")],
-                )
-                .await
-                .unwrap();
-            }
-        })
-    };
+    let writer = write_in_background(
+        db.url.clone(),
+        200,
+        "INSERT INTO orders (tenant, body)
+         SELECT $1, $2 || '-' || g FROM generate_series(1, 100) AS g",
+        |i| ("acme", format!("b{i:03}")),
+    );
     let mut last = None;
     let got = read_bodies(&mut reader, 20_000, &mut last).await;
     writer.await.unwrap();

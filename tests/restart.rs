@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Gateway, TestDb, eventually};
+use support::{Gateway, TestDb};
 
 #[tokio::test]
 async fn postgres_restart_loses_and_duplicates_nothing() {
@@ -70,19 +70,10 @@ async fn postgres_restart_loses_and_duplicates_nothing() {
     let restart =
         tokio::task::spawn_blocking(|| support::server().cluster.as_ref().unwrap().restart());
     // While PostgreSQL is down the gateway must say so.
-    eventually("/readyz reports the outage", || async {
-        support::get(gw.addr, "/readyz", &[])
-            .await
-            .is_ok_and(|r| r.status == 503)
-    })
-    .await;
+    // /readyz reports the outage.
+    support::until_readyz(gw.addr, 503).await;
     restart.await.unwrap().expect("pg_ctl restart");
-    eventually("the gateway is ready again", || async {
-        support::get(gw.addr, "/readyz", &[])
-            .await
-            .is_ok_and(|r| r.status == 200)
-    })
-    .await;
+    support::until_readyz(gw.addr, 200).await;
     // Some writes after the restart, then stop the writer.
     let after = received.len();
     while received.len() < after + 20 {

@@ -799,6 +799,17 @@ where
     }
 }
 
+/// Waits until the gateway at `addr` answers `/readyz` with `status` (200 ready, 503 not).
+pub async fn until_readyz(addr: SocketAddr, status: u16) {
+    let what = format!("/readyz answers {status}");
+    eventually(&what, || async {
+        get(addr, "/readyz", &[])
+            .await
+            .is_ok_and(|r| r.status == status)
+    })
+    .await;
+}
+
 /// A TCP proxy in front of PostgreSQL that can freeze its connections: bytes stop flowing
 /// but the sockets stay open, as in a network partition that sends no reset.
 pub struct Proxy {
