@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Instructions per single-row INSERT transaction on an unwatched and on a watched table,
+# Instructions per INSERT transaction on an unwatched and on a watched table,
 # counted by valgrind's callgrind in a single-user PostgreSQL backend (BENCHMARKS.md,
 # "Where the time goes"). Instruction counts do not drift with the virtual CPUs' speed,
 # so two builds of the capture functions can be compared exactly.
 #
 #   bench/capture-instructions.sh [statements]      (default 2000; needs valgrind)
+#   ROWS=50 bench/capture-instructions.sh 200       (50-row statements; default ROWS=1)
 #
 # Installs the schema with $PGFEED (default ./target/release/pgfeed) and uses the
 # PostgreSQL binaries from $PG_BIN (default: the newest /usr/lib/postgresql/*/bin). Run as root, it runs
@@ -14,6 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 n=${1:-2000}
+rows=${ROWS:-1}
+[[ "$rows" =~ ^[1-9][0-9]*$ ]] || { echo "ROWS must be a positive integer, not '$rows'" >&2; exit 1; }
 pg_bin=${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)}
 pgfeed=${PGFEED:-./target/release/pgfeed}
 [ -x "$pgfeed" ] || { echo "$pgfeed not found: cargo build --release --bins" >&2; exit 1; }
@@ -42,7 +45,11 @@ as_pg "$pg_bin/pg_ctl" -D "$dir/data" -w stop >/dev/null
 count() { # <table> <statements>
     local script="$dir/$1.sql"
     for ((i = 0; i < $2; i++)); do
-        echo "INSERT INTO $1 (tenant, pad) VALUES ('t$((i % 100))', repeat('x', 100));"
+        if [ "$rows" = 1 ]; then
+            echo "INSERT INTO $1 (tenant, pad) VALUES ('t$((i % 100))', repeat('x', 100));"
+        else
+            echo "INSERT INTO $1 (tenant, pad) SELECT 't' || (g % 100), repeat('x', 100) FROM generate_series(1, $rows) AS g;"
+        fi
     done >"$script"
     [ "$(id -u)" = 0 ] && chown postgres "$script"
     as_pg valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
@@ -53,6 +60,6 @@ count() { # <table> <statements>
 start=$(count plain 0)
 plain=$(( ($(count plain "$n") - start) / n ))
 watched=$(( ($(count watched "$n") - start) / n ))
-echo "instructions per single-row INSERT transaction ($n each, start-up of $start subtracted):"
+echo "instructions per $rows-row INSERT transaction ($n each, start-up of $start subtracted):"
 echo "  unwatched $plain"
 echo "  watched   $watched (+$((watched - plain)))"

@@ -138,6 +138,7 @@ DECLARE
     rows       jsonb[];
     j          jsonb;
     pk         jsonb;
+    not_pk     text[];
     n          integer;
 BEGIN
     IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
@@ -166,11 +167,19 @@ BEGIN
         VALUES (pg_current_xact_id(), base + 1, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'insert',
                 CASE WHEN is_public THEN NULL ELSE j ->> tenant_col END, is_public, pk, j - excl);
     ELSIF n > 1 THEN
+        -- Each row's key is the row less its other columns: one operator per row
+        -- instead of an aggregate (unless a key column is gone: renamed since watch()).
+        IF rows[1] ?& pk_cols THEN
+            not_pk := ARRAY(SELECT k FROM jsonb_object_keys(rows[1]) AS k WHERE k <> ALL (pk_cols));
+        END IF;
         INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
         SELECT pg_current_xact_id(), base + s.i::integer,
                TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'insert',
                CASE WHEN is_public THEN NULL ELSE s.j ->> tenant_col END, is_public,
-               (SELECT jsonb_object_agg(c, s.j -> c) FROM unnest(pk_cols) AS c), s.j - excl
+               CASE WHEN not_pk IS NULL
+                    THEN (SELECT jsonb_object_agg(c, s.j -> c) FROM unnest(pk_cols) AS c)
+                    ELSE s.j - not_pk
+               END, s.j - excl
         FROM unnest(rows) WITH ORDINALITY AS s(j, i);
     END IF;
     IF n > 0 THEN
@@ -200,6 +209,7 @@ DECLARE
     ignored    boolean;
     olds       jsonb[];
     news       jsonb[];
+    not_pk     text[];
     n          integer;
 BEGIN
     IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
@@ -217,6 +227,10 @@ BEGIN
     IF NOT rendered THEN
         PERFORM pgfeed._rendering_failed(TG_RELID);
     END IF;
+    -- As in _capture_insert: keys by subtraction for multi-row statements.
+    IF cardinality(news) > 1 AND news[1] ?& pk_cols THEN
+        not_pk := ARRAY(SELECT k FROM jsonb_object_keys(news[1]) AS k WHERE k <> ALL (pk_cols));
+    END IF;
     WITH pairs AS (
         SELECT o.i, o.j AS oj, nw.j AS nj,
                CASE WHEN is_public THEN NULL ELSE o.j ->> tenant_col END AS old_tenant,
@@ -227,7 +241,10 @@ BEGIN
     events AS (
         -- same tenant: an update, unless no (captured) column changed
         SELECT p.i, 0 AS k, 'update' AS op, p.new_tenant AS tenant,
-               (SELECT jsonb_object_agg(c, p.nj -> c) FROM unnest(pk_cols) AS c) AS pk,
+               CASE WHEN not_pk IS NULL
+                    THEN (SELECT jsonb_object_agg(c, p.nj -> c) FROM unnest(pk_cols) AS c)
+                    ELSE p.nj - not_pk
+               END AS pk,
                p.nj AS new, p.oj AS old,
                ARRAY(SELECT e.key FROM jsonb_each(p.nj) AS e
                      WHERE e.value IS DISTINCT FROM p.oj -> e.key ORDER BY e.key) AS changed
@@ -236,14 +253,20 @@ BEGIN
         UNION ALL
         -- tenant moved: the old tenant sees the row leave ...
         SELECT p.i, 0, 'delete', p.old_tenant,
-               (SELECT jsonb_object_agg(c, p.oj -> c) FROM unnest(pk_cols) AS c),
+               CASE WHEN not_pk IS NULL
+                    THEN (SELECT jsonb_object_agg(c, p.oj -> c) FROM unnest(pk_cols) AS c)
+                    ELSE p.oj - not_pk
+               END,
                NULL, p.oj, NULL
         FROM pairs AS p
         WHERE p.old_tenant IS DISTINCT FROM p.new_tenant
         UNION ALL
         -- ... and the new tenant sees it arrive
         SELECT p.i, 1, 'insert', p.new_tenant,
-               (SELECT jsonb_object_agg(c, p.nj -> c) FROM unnest(pk_cols) AS c),
+               CASE WHEN not_pk IS NULL
+                    THEN (SELECT jsonb_object_agg(c, p.nj -> c) FROM unnest(pk_cols) AS c)
+                    ELSE p.nj - not_pk
+               END,
                p.nj, NULL, NULL
         FROM pairs AS p
         WHERE p.old_tenant IS DISTINCT FROM p.new_tenant
@@ -276,6 +299,7 @@ DECLARE
     rows       jsonb[];
     j          jsonb;
     pk         jsonb;
+    not_pk     text[];
     n          integer;
 BEGIN
     IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
@@ -304,11 +328,19 @@ BEGIN
         VALUES (pg_current_xact_id(), base + 1, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'delete',
                 CASE WHEN is_public THEN NULL ELSE j ->> tenant_col END, is_public, pk, j - excl);
     ELSIF n > 1 THEN
+        -- Each row's key is the row less its other columns: one operator per row
+        -- instead of an aggregate (unless a key column is gone: renamed since watch()).
+        IF rows[1] ?& pk_cols THEN
+            not_pk := ARRAY(SELECT k FROM jsonb_object_keys(rows[1]) AS k WHERE k <> ALL (pk_cols));
+        END IF;
         INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, old)
         SELECT pg_current_xact_id(), base + s.i::integer,
                TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'delete',
                CASE WHEN is_public THEN NULL ELSE s.j ->> tenant_col END, is_public,
-               (SELECT jsonb_object_agg(c, s.j -> c) FROM unnest(pk_cols) AS c), s.j - excl
+               CASE WHEN not_pk IS NULL
+                    THEN (SELECT jsonb_object_agg(c, s.j -> c) FROM unnest(pk_cols) AS c)
+                    ELSE s.j - not_pk
+               END, s.j - excl
         FROM unnest(rows) WITH ORDINALITY AS s(j, i);
     END IF;
     IF n > 0 THEN

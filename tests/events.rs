@@ -341,5 +341,45 @@ async fn single_and_multi_row_statements_journal_the_same_shape() {
     ];
     assert_eq!(got, want);
     assert!(!s.raw.contains("s1") && !s.raw.contains("s2"), "{}", s.raw);
+
+    // Updates, one row and several; and a table whose key column was renamed after
+    // watch(): multi-row statements take each key by subtracting the other columns, and
+    // must fall back to the same keys as one-row statements when a key column is gone.
+    c.batch_execute(
+        "INSERT INTO lines VALUES ('eu', 'acme', 5, 'five', 's5'), ('us', 'acme', 5, 'six', 's6');
+         UPDATE lines SET note = 'FIVE' WHERE no = 5 AND region = 'eu';
+         UPDATE lines SET note = note || '!' WHERE no = 5;
+         CREATE TABLE renamed (id int PRIMARY KEY, tenant text NOT NULL, v text);
+         SELECT pgfeed.watch('renamed', 'tenant');
+         ALTER TABLE renamed RENAME COLUMN id TO ident;
+         INSERT INTO renamed VALUES (1, 'acme', 'a');
+         INSERT INTO renamed VALUES (2, 'acme', 'b'), (3, 'acme', 'c');
+         UPDATE renamed SET v = v || '!' WHERE ident = 1;
+         UPDATE renamed SET v = v || '?';",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..11 {
+        let e = s.next_change().await;
+        got.push(json!([e["table"], e["op"], e["pk"], e["changed"]]));
+    }
+    let eu5 = json!({"no": 5, "region": "eu"});
+    let us5 = json!({"no": 5, "region": "us"});
+    let gone = json!({"id": null});
+    let want = vec![
+        json!(["public.lines", "insert", eu5, null]),
+        json!(["public.lines", "insert", us5, null]),
+        json!(["public.lines", "update", eu5, ["note"]]),
+        json!(["public.lines", "update", eu5, ["note"]]),
+        json!(["public.lines", "update", us5, ["note"]]),
+        json!(["public.renamed", "insert", gone, null]),
+        json!(["public.renamed", "insert", gone, null]),
+        json!(["public.renamed", "insert", gone, null]),
+        json!(["public.renamed", "update", gone, ["v"]]),
+        json!(["public.renamed", "update", gone, ["v"]]),
+        json!(["public.renamed", "update", gone, ["v"]]),
+    ];
+    assert_eq!(got, want);
     gw.stop().await;
 }
