@@ -352,22 +352,24 @@ fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
 
 /// (utime + stime in clock ticks, parent pid) of a process.
 fn proc_stat(pid: u32) -> Option<(u64, u32)> {
-    let (user, sys, ppid) = proc_times(pid)?;
+    let (user, sys, ppid, _) = proc_times(pid)?;
     Some((user + sys, ppid))
 }
 
-/// (utime, stime in clock ticks, parent pid) of a process.
-fn proc_times(pid: u32) -> Option<(u64, u64, u32)> {
+/// (utime, stime, parent pid, cutime + cstime of reaped children; times in clock ticks)
+/// of a process.
+fn proc_times(pid: u32) -> Option<(u64, u64, u32, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &text[text.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ppid = f.get(1)?.parse().ok()?;
-    Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?, ppid))
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some((tick(11)?, tick(12)?, ppid, tick(13)? + tick(14)?))
 }
 
 /// Kernel CPU seconds used so far by `pid`.
 fn sys_cpu_s(pid: u32) -> f64 {
-    proc_times(pid).map_or(0.0, |(_, s, _)| s as f64 / *CLK_TCK)
+    proc_times(pid).map_or(0.0, |(_, s, _, _)| s as f64 / *CLK_TCK)
 }
 
 /// Busy CPU seconds of the whole machine so far (all cores; /proc/stat).
@@ -400,9 +402,12 @@ fn cpu_s(pid: u32) -> f64 {
     proc_stat(pid).map_or(0.0, |(t, _)| t as f64 / *CLK_TCK)
 }
 
-/// CPU seconds used so far by `pid` and its live children (a postmaster and its backends).
+/// CPU seconds used so far by `pid` and its children (a postmaster and its backends): the
+/// live ones, and those that exited and were reaped (the parent's `cutime` + `cstime`).
+/// Without the reaped ones, the writers' backends, which exit when the write phase ends,
+/// were left out of PostgreSQL's figure.
 fn tree_cpu_s(pid: u32) -> f64 {
-    let mut ticks = proc_stat(pid).map_or(0, |(t, _)| t);
+    let mut ticks = proc_times(pid).map_or(0, |t| t.0 + t.1 + t.3);
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
             if let Some(child) = entry.file_name().to_str().and_then(|s| s.parse().ok())
@@ -917,6 +922,7 @@ struct Reader {
 
 static EVENT_END: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\n\n"));
+static CRLF: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\r\n"));
 static HEAD_END: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\r\n\r\n"));
 static KEY_SEQ: LazyLock<memmem::Finder<'static>> =
@@ -1027,7 +1033,7 @@ impl Reader {
                     break;
                 }
                 Chunk::Size => {
-                    let Some(nl) = memchr::memmem::find(&self.raw[pos..], b"\r\n") else {
+                    let Some(nl) = CRLF.find(&self.raw[pos..]) else {
                         break;
                     };
                     let line = &self.raw[pos..pos + nl];
@@ -1206,10 +1212,13 @@ async fn subscriber(
         return res;
     }
     let mut reader = Reader::new(spec.tenant_name);
+    // One cancellation future for the stream's life: a new one per read registered and
+    // removed a waiter on the token all streams share, under its lock.
+    let mut stopped = std::pin::pin!(stop.cancelled());
     loop {
         tokio::select! {
             biased;
-            _ = stop.cancelled() => break,
+            _ = &mut stopped => break,
             ready = stream.readable() => if let Err(e) = ready {
                 fail(&mut res, format!("reading: {e}"));
                 break;
@@ -1243,7 +1252,7 @@ async fn subscriber(
                     shared.live.fetch_add(1, Ordering::Relaxed);
                     if spec.stall {
                         // A client that stops reading: hold the socket, read nothing.
-                        stop.cancelled().await;
+                        stopped.as_mut().await;
                         break;
                     }
                 }
