@@ -513,7 +513,10 @@ pub(crate) async fn open_stream<B>(
         resume_from,
         principal.expires_at,
         &state.stream,
-        state.shutdown.clone(),
+        // A token of its own: every poll of a cancellation future locks its token's
+        // node, and one node shared by all streams was a lock all runtime threads took
+        // on every delivery.
+        state.shutdown.child_token(),
         Arc::clone(&state.metrics),
     );
     Ok((stream, format))

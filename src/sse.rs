@@ -196,13 +196,13 @@ impl EventStream {
 
     /// Appends `change` if it is new and selected; a change at or before `last` is a
     /// duplicate from the replay/live seam and is dropped.
-    fn take(&mut self, change: &Change, buf: &mut BytesMut) {
+    fn take(&mut self, change: &Change, chunk: &mut Chunk) {
         if change.position <= self.last {
             return;
         }
         self.last = change.position;
         if self.selection.matches(change) {
-            buf.extend_from_slice(change.frame(self.format, self.selection.payload));
+            chunk.push(change.frame(self.format, self.selection.payload));
             self.pending += 1;
         }
     }
@@ -268,20 +268,20 @@ impl EventStream {
                             Read::End(frame) => return frame,
                         },
                     };
-                    let mut buf = BytesMut::new();
+                    let mut chunk = Chunk::default();
                     for change in &changes {
-                        self.take(change, &mut buf);
+                        self.take(change, &mut chunk);
                     }
                     if !more {
                         self.mode = Mode::Live;
                         if announce {
-                            buf.extend_from_slice(&self.live_frame());
+                            chunk.push(&self.live_frame());
                         } else {
                             self.metrics.catchups.inc();
                         }
                     }
-                    if !buf.is_empty() {
-                        return Some(buf.freeze());
+                    if let Some(bytes) = chunk.finish() {
+                        return Some(bytes);
                     }
                 }
                 Mode::Live => {
@@ -293,11 +293,11 @@ impl EventStream {
                     };
                     match received {
                         Ok(change) => {
-                            let mut buf = BytesMut::new();
-                            self.take(&change, &mut buf);
-                            self.drain(&mut buf);
-                            if !buf.is_empty() {
-                                return Some(buf.freeze());
+                            let mut chunk = Chunk::default();
+                            self.take(&change, &mut chunk);
+                            self.drain(&mut chunk);
+                            if let Some(bytes) = chunk.finish() {
+                                return Some(bytes);
                             }
                         }
                         Err(RecvError::Lagged(missed)) => self.lagged(missed),
@@ -371,10 +371,10 @@ impl EventStream {
     }
 
     /// Appends whatever else is already waiting, up to [`MAX_CHUNK`].
-    fn drain(&mut self, buf: &mut BytesMut) {
-        while buf.len() < MAX_CHUNK {
+    fn drain(&mut self, chunk: &mut Chunk) {
+        while chunk.len() < MAX_CHUNK {
             match self.subscription.receiver.try_recv() {
-                Ok(change) => self.take(&change, buf),
+                Ok(change) => self.take(&change, chunk),
                 Err(TryRecvError::Lagged(missed)) => {
                     self.lagged(missed);
                     return;
@@ -424,6 +424,49 @@ impl EventStream {
             "expired",
             serde_json::json!({ "reason": "token expired; reconnect with a fresh token", "position": self.last.to_string() }),
         ))
+    }
+}
+
+/// Frames gathered for one write. A lone frame is the change's own shared `Bytes` (no copy,
+/// no allocation: with many tenants most writes carry one change); a second frame starts
+/// a buffer holding both.
+#[derive(Default)]
+enum Chunk {
+    #[default]
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl Chunk {
+    fn push(&mut self, frame: &Bytes) {
+        match self {
+            Chunk::Empty => *self = Chunk::One(frame.clone()),
+            Chunk::One(first) => {
+                let mut buf = BytesMut::with_capacity((first.len() + frame.len()) * 2);
+                buf.extend_from_slice(first);
+                buf.extend_from_slice(frame);
+                *self = Chunk::Many(buf);
+            }
+            Chunk::Many(buf) => buf.extend_from_slice(frame),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Chunk::Empty => 0,
+            Chunk::One(frame) => frame.len(),
+            Chunk::Many(buf) => buf.len(),
+        }
+    }
+
+    /// The bytes to write, `None` when nothing was gathered.
+    fn finish(self) -> Option<Bytes> {
+        match self {
+            Chunk::Empty => None,
+            Chunk::One(frame) => Some(frame),
+            Chunk::Many(buf) => Some(buf.freeze()),
+        }
     }
 }
 
