@@ -123,6 +123,9 @@ pub enum CliError {
         /// What is wrong.
         message: String,
     },
+    /// Starting the async runtime.
+    #[error("cannot start the runtime")]
+    Runtime(#[source] std::io::Error),
     /// Binding the listen address.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -168,18 +171,27 @@ pub fn init_logging(json: bool) {
     };
 }
 
-/// Runs the parsed command line.
-pub async fn run(cli: Cli) -> Result<(), CliError> {
-    let command = cli.command.as_ref().unwrap_or(&Command::Serve {
+/// Runs the parsed command line on a runtime of `server.threads` worker threads.
+pub fn run(mut cli: Cli) -> Result<(), CliError> {
+    let command = cli.command.take().unwrap_or(Command::Serve {
         listen: None,
         check_config: false,
     });
-    let listen = match command {
+    let listen = match &command {
         Command::Serve { listen, .. } | Command::Demo { listen, .. } => listen.as_deref(),
         _ => None,
     };
     let config = Config::load(&cli.sources(listen))?;
     init_logging(config.log_json);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.threads)
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)?;
+    runtime.block_on(execute(&command, config))
+}
+
+async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
     match command {
         Command::Serve {
             check_config: true, ..

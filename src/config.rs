@@ -29,6 +29,7 @@ pub const KEYS: &[(&str, Kind)] = &[
     ("server.max_subscribers", Kind::Int),
     ("server.max_subscribers_per_tenant", Kind::Int),
     ("server.max_stream_rate", Kind::Int),
+    ("server.threads", Kind::Int),
     ("auth.mode", Kind::Str),
     ("auth.secret", Kind::Str),
     ("auth.public_key_file", Kind::Str),
@@ -182,6 +183,7 @@ struct ServerSection {
     max_subscribers: Option<i64>,
     max_subscribers_per_tenant: Option<i64>,
     max_stream_rate: Option<i64>,
+    threads: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -252,6 +254,12 @@ pub struct Config {
     /// `server.max_stream_rate` (default 50): new streams per tenant per second (bursts of
     /// twice that); more get 429.
     pub max_stream_rate: u32,
+    /// `server.threads` (default: half the CPUs, at least 1): the runtime's worker
+    /// threads. pgfeed usually shares its machine with PostgreSQL or the application,
+    /// and a commit holds PostgreSQL's serialized NOTIFY section while it waits for a
+    /// CPU: on 2 cores, one thread delivered about a quarter more than two
+    /// (BENCHMARKS.md). On a machine of its own, set it to the number of CPUs.
+    pub threads: usize,
     /// The `auth` section.
     pub auth: AuthConfig,
     /// `cors.allowed_origins` (default `[]`): origins allowed to read responses from a
@@ -548,6 +556,12 @@ impl Config {
                 50,
                 1_000_000,
             )? as u32,
+            threads: positive(
+                "server.threads",
+                file.server.threads,
+                default_threads(),
+                1024,
+            )?,
             auth: AuthConfig {
                 mode,
                 secret,
@@ -724,6 +738,11 @@ fn positive(
     }
 }
 
+/// Half the CPUs this process may use, at least 1: the default of `server.threads`.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
 /// A byte count: 0 or more, at most 1 TiB.
 fn bytes(key: &'static str, value: Option<i64>, default: usize) -> Result<usize, ConfigError> {
     const MAX: i64 = 1 << 40;
@@ -768,6 +787,27 @@ mod tests {
         assert_eq!(c.retention, Duration::from_secs(24 * 3600));
         assert_eq!(c.auth.tenant_claim, "tenant_id");
         assert!(c.auth.tables_claim.is_none());
+    }
+
+    #[test]
+    fn threads_default_to_half_the_cpus_and_are_checked() {
+        let load = |threads: Option<&str>| {
+            let mut e = base();
+            if let Some(t) = threads {
+                e.push(("PGFEED_SERVER_THREADS".into(), t.into()));
+            }
+            Config::load(&Sources {
+                env: e,
+                ..Default::default()
+            })
+        };
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(load(None).unwrap().threads, (cpus / 2).max(1));
+        assert_eq!(load(Some("3")).unwrap().threads, 3);
+        for bad in ["0", "-1", "100000", "many"] {
+            let err = load(Some(bad)).unwrap_err().to_string();
+            assert!(err.contains("server.threads"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -5,10 +5,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = pgfeed::cli::Cli::parse();
-    match pgfeed::cli::run(cli).await {
+    match pgfeed::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let mut message = format!("error: {err}");

@@ -669,13 +669,15 @@ impl Gateway {
                 let addr = std_listener.local_addr()?;
                 let shutdown = CancellationToken::new();
                 let stop = shutdown.clone();
-                // Its own runtime and threads, so the load generator does not share them.
+                // Its own runtime and threads (`server.threads`, as `pgfeed serve`), so the
+                // load generator does not share them.
+                let threads = config.threads;
                 let thread =
                     std::thread::Builder::new()
                         .name("gateway".into())
                         .spawn(move || {
                             let rt = tokio::runtime::Builder::new_multi_thread()
-                                .worker_threads(2)
+                                .worker_threads(threads)
                                 .thread_name("gateway-worker")
                                 .enable_all()
                                 .build()
