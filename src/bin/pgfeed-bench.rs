@@ -20,7 +20,7 @@ use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -540,6 +540,73 @@ impl Database {
 
     fn postmaster_pid(&self) -> Option<u32> {
         self.cluster.as_ref().and_then(Cluster::postmaster_pid)
+    }
+
+    /// A directory on the database's disk when the tool started the cluster, else the
+    /// temporary directory.
+    fn disk_dir(&self) -> PathBuf {
+        self.cluster
+            .as_ref()
+            .map_or_else(std::env::temp_dir, |c| c.dir().to_path_buf())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The disk's flush latency during a write phase
+// ---------------------------------------------------------------------------------------
+
+/// Durable notifying commits are serialized through the WAL flush, so the disk's flush
+/// latency bounds the commit rate, and it drifts on a virtual machine (0.07 to 0.5 ms
+/// idle within one hour here). While the writers run, this writes 32 KiB and calls
+/// fdatasync every 50 ms (about 640 KiB/s) in a file beside the cluster, so every report
+/// shows what the disk did in that run.
+struct DiskProbe {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<u32>>,
+}
+
+impl DiskProbe {
+    fn start(dir: &Path) -> Option<DiskProbe> {
+        use std::os::unix::fs::FileExt;
+        let path = dir.join(format!("pgfeed-bench-disk-probe-{}", std::process::id()));
+        let file = std::fs::File::create(&path).ok()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("disk-probe".into())
+            .spawn(move || {
+                const BLOCK: usize = 32 * 1024;
+                const BLOCKS: u64 = 128;
+                let buf = vec![b'x'; BLOCK];
+                let mut lat_us = Vec::new();
+                let mut i = 0u64;
+                while !stopped.load(Ordering::Relaxed) {
+                    let t0 = Instant::now();
+                    let offset = (i % BLOCKS) * BLOCK as u64;
+                    if file.write_all_at(&buf, offset).is_err() || file.sync_data().is_err() {
+                        break;
+                    }
+                    // The first pass allocates the file's blocks; time overwrites only.
+                    if i >= BLOCKS {
+                        lat_us.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
+                    }
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(if i < BLOCKS { 1 } else { 50 }));
+                }
+                drop(file);
+                let _ = std::fs::remove_file(&path);
+                lat_us
+            })
+            .ok()?;
+        Some(DiskProbe { stop, thread })
+    }
+
+    /// Sorted latencies in µs.
+    fn finish(self) -> Vec<u32> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut lat = self.thread.join().unwrap_or_default();
+        lat.sort_unstable();
+        lat
     }
 }
 
@@ -1566,6 +1633,16 @@ const FIGURES: &[(&str, &str, Agg)] = &[
     ("changes_per_s", "changes/s", Agg::Median),
     ("commit_p50_ms", "commit round trip p50 (ms)", Agg::Median),
     ("commit_p99_ms", "commit round trip p99 (ms)", Agg::Median),
+    (
+        "disk_flush_p50_ms",
+        "disk: 32 KiB write + fdatasync p50 (ms)",
+        Agg::Median,
+    ),
+    (
+        "disk_flush_p90_ms",
+        "disk: write + fdatasync p90 (ms)",
+        Agg::Median,
+    ),
     ("expected", "deliveries expected", Agg::Median),
     ("received", "deliveries received", Agg::Median),
     ("missing", "missing", Agg::Sum),
@@ -2038,6 +2115,7 @@ async fn delivery_run(env: &Env<'_>, run: usize) -> Result<RunResult> {
         clients.push(c);
     }
     let sampler = WaitSampler::start(url).await?;
+    let disk = DiskProbe::start(&env.db.disk_dir());
     let pg_pid = env.db.postmaster_pid();
     let cpu0 = (
         cpu_s(gateway.pid),
@@ -2082,6 +2160,14 @@ async fn delivery_run(env: &Env<'_>, run: usize) -> Result<RunResult> {
     }
     let write_s = start.elapsed().as_secs_f64();
     out.waits = sampler.finish().await;
+    if let Some(disk) = disk {
+        let lat = disk.finish();
+        for (key, pct) in [("disk_flush_p50_ms", 50.0), ("disk_flush_p90_ms", 90.0)] {
+            if let Some(v) = percentile(&lat, pct) {
+                out.set(key, v / 1000.0);
+            }
+        }
+    }
 
     // Expected deliveries: every committed row goes to each subscriber of its tenant.
     let rows = p.rows_per_commit as u64;
