@@ -542,12 +542,10 @@ impl Database {
         self.cluster.as_ref().and_then(Cluster::postmaster_pid)
     }
 
-    /// A directory on the database's disk when the tool started the cluster, else the
-    /// temporary directory.
-    fn disk_dir(&self) -> PathBuf {
-        self.cluster
-            .as_ref()
-            .map_or_else(std::env::temp_dir, |c| c.dir().to_path_buf())
+    /// The directory holding the cluster, when the tool started it: on the database's
+    /// disk. With `--database-url` the tool cannot know that disk.
+    fn disk_dir(&self) -> Option<PathBuf> {
+        self.cluster.as_ref().map(|c| c.dir().to_path_buf())
     }
 }
 
@@ -557,56 +555,80 @@ impl Database {
 
 /// Durable notifying commits are serialized through the WAL flush, so the disk's flush
 /// latency bounds the commit rate, and it drifts on a virtual machine (0.07 to 0.5 ms
-/// idle within one hour here). While the writers run, this writes 32 KiB and calls
+/// idle within one hour here). While the writers run, this overwrites 32 KiB and calls
 /// fdatasync every 50 ms (about 640 KiB/s) in a file beside the cluster, so every report
 /// shows what the disk did in that run.
 struct DiskProbe {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<u32>>,
+    thread: Option<std::thread::JoinHandle<Vec<u32>>>,
 }
 
 impl DiskProbe {
+    const BLOCK: usize = 32 * 1024;
+    const BLOCKS: u64 = 128;
+
+    /// Writes the file whole first (so that the timed writes allocate nothing), before
+    /// the caller starts its clock.
     fn start(dir: &Path) -> Option<DiskProbe> {
         use std::os::unix::fs::FileExt;
         let path = dir.join(format!("pgfeed-bench-disk-probe-{}", std::process::id()));
         let file = std::fs::File::create(&path).ok()?;
+        let buf = vec![b'x'; Self::BLOCK];
+        let filled = (0..Self::BLOCKS)
+            .try_for_each(|i| file.write_all_at(&buf, i * Self::BLOCK as u64))
+            .and_then(|()| file.sync_all());
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("disk-probe".into())
-            .spawn(move || {
-                const BLOCK: usize = 32 * 1024;
-                const BLOCKS: u64 = 128;
-                let buf = vec![b'x'; BLOCK];
-                let mut lat_us = Vec::new();
-                let mut i = 0u64;
-                while !stopped.load(Ordering::Relaxed) {
-                    let t0 = Instant::now();
-                    let offset = (i % BLOCKS) * BLOCK as u64;
-                    if file.write_all_at(&buf, offset).is_err() || file.sync_data().is_err() {
-                        break;
-                    }
-                    // The first pass allocates the file's blocks; time overwrites only.
-                    if i >= BLOCKS {
+        let cleanup = path.clone();
+        let thread = filled.ok().and_then(|()| {
+            std::thread::Builder::new()
+                .name("disk-probe".into())
+                .spawn(move || {
+                    let mut lat_us = Vec::new();
+                    let mut i = 0u64;
+                    while !stopped.load(Ordering::Relaxed) {
+                        let t0 = Instant::now();
+                        let offset = (i % Self::BLOCKS) * Self::BLOCK as u64;
+                        if file.write_all_at(&buf, offset).is_err() || file.sync_data().is_err() {
+                            break;
+                        }
                         lat_us.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
+                        i += 1;
+                        std::thread::sleep(Duration::from_millis(50));
                     }
-                    i += 1;
-                    std::thread::sleep(Duration::from_millis(if i < BLOCKS { 1 } else { 50 }));
-                }
-                drop(file);
-                let _ = std::fs::remove_file(&path);
-                lat_us
-            })
-            .ok()?;
+                    drop(file);
+                    let _ = std::fs::remove_file(&path);
+                    lat_us
+                })
+                .ok()
+        });
+        if thread.is_none() {
+            let _ = std::fs::remove_file(&cleanup);
+            return None;
+        }
         Some(DiskProbe { stop, thread })
     }
 
     /// Sorted latencies in µs.
-    fn finish(self) -> Vec<u32> {
+    fn finish(mut self) -> Vec<u32> {
         self.stop.store(true, Ordering::Relaxed);
-        let mut lat = self.thread.join().unwrap_or_default();
+        let mut lat = self
+            .thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
         lat.sort_unstable();
         lat
+    }
+}
+
+impl Drop for DiskProbe {
+    /// A run that fails half-way stops the probe too (and its file is removed).
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -2115,7 +2137,7 @@ async fn delivery_run(env: &Env<'_>, run: usize) -> Result<RunResult> {
         clients.push(c);
     }
     let sampler = WaitSampler::start(url).await?;
-    let disk = DiskProbe::start(&env.db.disk_dir());
+    let disk = env.db.disk_dir().and_then(|dir| DiskProbe::start(&dir));
     let pg_pid = env.db.postmaster_pid();
     let cpu0 = (
         cpu_s(gateway.pid),
