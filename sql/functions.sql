@@ -167,18 +167,25 @@ BEGIN
         VALUES (pg_current_xact_id(), base + 1, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'insert',
                 CASE WHEN is_public THEN NULL ELSE j ->> tenant_col END, is_public, pk, j - excl);
     ELSIF n > 1 THEN
-        -- Each row's key is the row less its other columns: one operator per row
-        -- instead of an aggregate (unless a key column is gone: renamed since watch()).
+        -- Each row's key: the row less its other columns when those are few (one
+        -- operator per row; it compares every column with every name, so not for wide
+        -- tables), else built from the one key column; the aggregate is left for
+        -- composite keys of wide tables and for key columns gone from the row (renamed
+        -- since watch()).
         IF rows[1] ?& pk_cols THEN
             not_pk := ARRAY(SELECT k FROM jsonb_object_keys(rows[1]) AS k WHERE k <> ALL (pk_cols));
+            IF cardinality(not_pk) > 8 THEN
+                not_pk := NULL;
+            END IF;
         END IF;
         INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
         SELECT pg_current_xact_id(), base + s.i::integer,
                TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'insert',
                CASE WHEN is_public THEN NULL ELSE s.j ->> tenant_col END, is_public,
-               CASE WHEN not_pk IS NULL
-                    THEN (SELECT jsonb_object_agg(c, s.j -> c) FROM unnest(pk_cols) AS c)
-                    ELSE s.j - not_pk
+               CASE WHEN not_pk IS NOT NULL THEN s.j - not_pk
+                    WHEN cardinality(pk_cols) = 1
+                    THEN jsonb_build_object(pk_cols[1], s.j -> pk_cols[1])
+                    ELSE (SELECT jsonb_object_agg(c, s.j -> c) FROM unnest(pk_cols) AS c)
                END, s.j - excl
         FROM unnest(rows) WITH ORDINALITY AS s(j, i);
     END IF;
@@ -227,9 +234,12 @@ BEGIN
     IF NOT rendered THEN
         PERFORM pgfeed._rendering_failed(TG_RELID);
     END IF;
-    -- As in _capture_insert: keys by subtraction for multi-row statements.
+    -- Keys of multi-row statements as in _capture_insert.
     IF cardinality(news) > 1 AND news[1] ?& pk_cols THEN
         not_pk := ARRAY(SELECT k FROM jsonb_object_keys(news[1]) AS k WHERE k <> ALL (pk_cols));
+        IF cardinality(not_pk) > 8 THEN
+            not_pk := NULL;
+        END IF;
     END IF;
     WITH pairs AS (
         SELECT o.i, o.j AS oj, nw.j AS nj,
@@ -241,9 +251,10 @@ BEGIN
     events AS (
         -- same tenant: an update, unless no (captured) column changed
         SELECT p.i, 0 AS k, 'update' AS op, p.new_tenant AS tenant,
-               CASE WHEN not_pk IS NULL
-                    THEN (SELECT jsonb_object_agg(c, p.nj -> c) FROM unnest(pk_cols) AS c)
-                    ELSE p.nj - not_pk
+               CASE WHEN not_pk IS NOT NULL THEN p.nj - not_pk
+                    WHEN cardinality(pk_cols) = 1
+                    THEN jsonb_build_object(pk_cols[1], p.nj -> pk_cols[1])
+                    ELSE (SELECT jsonb_object_agg(c, p.nj -> c) FROM unnest(pk_cols) AS c)
                END AS pk,
                p.nj AS new, p.oj AS old,
                ARRAY(SELECT e.key FROM jsonb_each(p.nj) AS e
@@ -253,9 +264,10 @@ BEGIN
         UNION ALL
         -- tenant moved: the old tenant sees the row leave ...
         SELECT p.i, 0, 'delete', p.old_tenant,
-               CASE WHEN not_pk IS NULL
-                    THEN (SELECT jsonb_object_agg(c, p.oj -> c) FROM unnest(pk_cols) AS c)
-                    ELSE p.oj - not_pk
+               CASE WHEN not_pk IS NOT NULL THEN p.oj - not_pk
+                    WHEN cardinality(pk_cols) = 1
+                    THEN jsonb_build_object(pk_cols[1], p.oj -> pk_cols[1])
+                    ELSE (SELECT jsonb_object_agg(c, p.oj -> c) FROM unnest(pk_cols) AS c)
                END,
                NULL, p.oj, NULL
         FROM pairs AS p
@@ -263,9 +275,10 @@ BEGIN
         UNION ALL
         -- ... and the new tenant sees it arrive
         SELECT p.i, 1, 'insert', p.new_tenant,
-               CASE WHEN not_pk IS NULL
-                    THEN (SELECT jsonb_object_agg(c, p.nj -> c) FROM unnest(pk_cols) AS c)
-                    ELSE p.nj - not_pk
+               CASE WHEN not_pk IS NOT NULL THEN p.nj - not_pk
+                    WHEN cardinality(pk_cols) = 1
+                    THEN jsonb_build_object(pk_cols[1], p.nj -> pk_cols[1])
+                    ELSE (SELECT jsonb_object_agg(c, p.nj -> c) FROM unnest(pk_cols) AS c)
                END,
                p.nj, NULL, NULL
         FROM pairs AS p
@@ -328,18 +341,25 @@ BEGIN
         VALUES (pg_current_xact_id(), base + 1, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'delete',
                 CASE WHEN is_public THEN NULL ELSE j ->> tenant_col END, is_public, pk, j - excl);
     ELSIF n > 1 THEN
-        -- Each row's key is the row less its other columns: one operator per row
-        -- instead of an aggregate (unless a key column is gone: renamed since watch()).
+        -- Each row's key: the row less its other columns when those are few (one
+        -- operator per row; it compares every column with every name, so not for wide
+        -- tables), else built from the one key column; the aggregate is left for
+        -- composite keys of wide tables and for key columns gone from the row (renamed
+        -- since watch()).
         IF rows[1] ?& pk_cols THEN
             not_pk := ARRAY(SELECT k FROM jsonb_object_keys(rows[1]) AS k WHERE k <> ALL (pk_cols));
+            IF cardinality(not_pk) > 8 THEN
+                not_pk := NULL;
+            END IF;
         END IF;
         INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, old)
         SELECT pg_current_xact_id(), base + s.i::integer,
                TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'delete',
                CASE WHEN is_public THEN NULL ELSE s.j ->> tenant_col END, is_public,
-               CASE WHEN not_pk IS NULL
-                    THEN (SELECT jsonb_object_agg(c, s.j -> c) FROM unnest(pk_cols) AS c)
-                    ELSE s.j - not_pk
+               CASE WHEN not_pk IS NOT NULL THEN s.j - not_pk
+                    WHEN cardinality(pk_cols) = 1
+                    THEN jsonb_build_object(pk_cols[1], s.j -> pk_cols[1])
+                    ELSE (SELECT jsonb_object_agg(c, s.j -> c) FROM unnest(pk_cols) AS c)
                END, s.j - excl
         FROM unnest(rows) WITH ORDINALITY AS s(j, i);
     END IF;

@@ -343,9 +343,10 @@ async fn single_and_multi_row_statements_journal_the_same_shape() {
     assert!(!s.raw.contains("s1") && !s.raw.contains("s2"), "{}", s.raw);
 
     // Updates, one row and several, tenant moves of several rows, a table of key columns
-    // only, and a table whose key column was renamed after watch(): multi-row statements
-    // take each key by subtracting the other columns, and must give the keys one-row
-    // statements give, falling back when a key column is gone. Rows of one statement may
+    // only, wide tables, and a table whose key column was renamed after watch():
+    // multi-row statements take each key by subtracting the other columns, or (wide
+    // tables) build it from the key column, or aggregate it (composite keys of wide
+    // tables, key columns gone), and must give the keys one-row statements give. Rows of one statement may
     // come in any order (the scan's), so both lists are compared sorted.
     c.batch_execute(
         "INSERT INTO lines VALUES ('eu', 'acme', 5, 'five', 's5'), ('us', 'acme', 5, 'six', 's6');
@@ -357,6 +358,14 @@ async fn single_and_multi_row_statements_journal_the_same_shape() {
          SELECT pgfeed.watch('pairs', 'tenant');
          INSERT INTO pairs VALUES ('acme', 1, 1), ('acme', 1, 2);
          UPDATE pairs SET b = b + 10;
+         CREATE TABLE wide1 (id int PRIMARY KEY, tenant text, c1 int, c2 int, c3 int, c4 int,
+                             c5 int, c6 int, c7 int, c8 int, c9 int);
+         SELECT pgfeed.watch('wide1', 'tenant');
+         INSERT INTO wide1 (id, tenant) VALUES (1, 'acme'), (2, 'acme');
+         CREATE TABLE wide2 (a int, b int, tenant text, c1 int, c2 int, c3 int, c4 int,
+                             c5 int, c6 int, c7 int, c8 int, c9 int, PRIMARY KEY (a, b));
+         SELECT pgfeed.watch('wide2', 'tenant');
+         INSERT INTO wide2 (a, b, tenant) VALUES (1, 2, 'acme'), (3, 4, 'acme');
          CREATE TABLE renamed (id int PRIMARY KEY, tenant text NOT NULL, v text);
          SELECT pgfeed.watch('renamed', 'tenant');
          ALTER TABLE renamed RENAME COLUMN id TO ident;
@@ -386,6 +395,10 @@ async fn single_and_multi_row_statements_journal_the_same_shape() {
         json!(["public.pairs", "insert", pair(2), null]),
         json!(["public.pairs", "update", pair(11), ["b"]]),
         json!(["public.pairs", "update", pair(12), ["b"]]),
+        json!(["public.wide1", "insert", {"id": 1}, null]),
+        json!(["public.wide1", "insert", {"id": 2}, null]),
+        json!(["public.wide2", "insert", {"a": 1, "b": 2}, null]),
+        json!(["public.wide2", "insert", {"a": 3, "b": 4}, null]),
         json!(["public.renamed", "insert", gone, null]),
         json!(["public.renamed", "insert", gone, null]),
         json!(["public.renamed", "insert", gone, null]),
