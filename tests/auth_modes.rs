@@ -18,7 +18,7 @@ use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use pgfeed::config::{Config, Sources};
 use serde_json::{Value, json};
-use support::{Gateway, Response, SOON, SseClient, TestDb, get_soon, request};
+use support::{Gateway, Response, SOON, SseClient, TestDb, assert_streams, get_soon, request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn now() -> u64 {
@@ -232,21 +232,6 @@ fn message(r: &Response) -> String {
         .as_str()
         .unwrap_or_default()
         .to_string()
-}
-
-/// Opens a stream and checks that it started: 200, SSE, and `live` first.
-async fn assert_streams(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> SseClient {
-    let mut s = SseClient::open(addr, path, headers).await;
-    assert_eq!(s.status, 200, "{path}: {}", s.raw);
-    assert_eq!(
-        s.headers
-            .iter()
-            .find(|(k, _)| k == "content-type")
-            .map(|(_, v)| v.as_str()),
-        Some("text/event-stream")
-    );
-    assert!(s.until_live().await.is_empty());
-    s
 }
 
 /// Status of `/v1/position` with `token`: a quick authentication probe that never streams.

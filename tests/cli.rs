@@ -244,12 +244,7 @@ fn configuration_errors_name_the_key() {
 async fn serve_streams_and_stops_on_sigterm_within_the_grace() {
     let db = TestDb::new().await;
     support::tenant_table(&db, "orders").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = support::free_addr();
     let mut child = Command::new(env!("CARGO_BIN_EXE_pgfeed"))
         .args(["serve", "--listen", &addr.to_string()])
         .env("DATABASE_URL", &db.url)
@@ -260,13 +255,7 @@ async fn serve_streams_and_stops_on_sigterm_within_the_grace() {
         .spawn()
         .unwrap();
     support::wait_until_ready(addr).await;
-    let token = pgfeed::auth::mint(
-        &pgfeed::config::AuthConfig::hs256(SECRET),
-        "acme",
-        None,
-        Duration::from_secs(600),
-    )
-    .unwrap();
+    let token = support::hs256_token("acme");
     let mut stream = support::SseClient::open(
         addr,
         "/v1/stream",

@@ -5,14 +5,13 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use pgfeed::change::Position;
 use serde_json::{Value, json};
-use support::{Gateway, Response, SOON, SseClient, TestDb, get_soon, request};
+use support::{Gateway, Response, SOON, SseClient, TestDb, assert_streams, get_soon, request};
 
 fn now() -> u64 {
     SystemTime::now()
@@ -35,21 +34,6 @@ fn sign(alg: Algorithm, claims: &Value, secret: &str) -> String {
 #[track_caller]
 fn assert_error(r: &Response, status: u16, what: &str) -> String {
     support::assert_error(r, status, what).1
-}
-
-/// Opens a stream and checks that it started: 200, SSE, and `live` first.
-async fn assert_streams(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> SseClient {
-    let mut s = SseClient::open(addr, path, headers).await;
-    assert_eq!(s.status, 200, "{path}: {}", s.raw);
-    assert_eq!(
-        s.headers
-            .iter()
-            .find(|(k, _)| k == "content-type")
-            .map(|(_, v)| v.as_str()),
-        Some("text/event-stream")
-    );
-    assert!(s.until_live().await.is_empty());
-    s
 }
 
 #[tokio::test]

@@ -5,7 +5,6 @@
 mod support;
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use support::{Gateway, SECRET, SseClient, TestDb, eventually, sample, scrape};
 
@@ -269,12 +268,8 @@ fn check_config_validates_without_starting() {
 async fn json_logs_record_streams_and_never_the_token() {
     let db = TestDb::new().await;
     support::tenant_table(&db, "orders").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = support::free_addr();
+    let port = addr.port();
     let log = std::env::temp_dir().join(format!("pgfeed-log-{}-{port}.json", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_pgfeed"))
         .args(["serve", "--listen", &addr.to_string()])
@@ -287,13 +282,7 @@ async fn json_logs_record_streams_and_never_the_token() {
         .spawn()
         .unwrap();
     support::wait_until_ready(addr).await;
-    let token = pgfeed::auth::mint(
-        &pgfeed::config::AuthConfig::hs256(SECRET),
-        "acme",
-        None,
-        Duration::from_secs(600),
-    )
-    .unwrap();
+    let token = support::hs256_token("acme");
     let mut s = SseClient::open(addr, &format!("/v1/stream?access_token={token}"), &[]).await;
     s.until_live().await;
     db.client()

@@ -45,11 +45,7 @@ async fn readme_quickstart_works_as_written() {
     require("psql");
     require("curl");
     let db = TestDb::empty().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_addr().port();
     let dir = std::env::temp_dir().join(format!("pgfeed-readme-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("stream.out");

@@ -175,6 +175,23 @@ pub fn sources(db: &TestDb) -> Sources {
     }
 }
 
+/// A local address whose port nobody listens on right now, for a child `pgfeed serve`.
+pub fn free_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// A token for `tenant` signed with [`SECRET`], valid ten minutes.
+pub fn hs256_token(tenant: &str) -> String {
+    pgfeed::auth::mint(
+        &pgfeed::config::AuthConfig::hs256(SECRET),
+        tenant,
+        None,
+        Duration::from_secs(600),
+    )
+    .unwrap()
+}
+
 /// Waits until the gateway at `addr` (in-process or a `pgfeed serve` child) answers
 /// `/readyz` with 200, for at most [`SOON`].
 pub async fn wait_until_ready(addr: SocketAddr) {
@@ -902,4 +919,19 @@ async fn pipe(
             }
         }
     }
+}
+
+/// Opens a stream and checks that it started: 200, SSE, and `live` first.
+pub async fn assert_streams(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> SseClient {
+    let mut s = SseClient::open(addr, path, headers).await;
+    assert_eq!(s.status, 200, "{path}: {}", s.raw);
+    assert_eq!(
+        s.headers
+            .iter()
+            .find(|(k, _)| k == "content-type")
+            .map(|(_, v)| v.as_str()),
+        Some("text/event-stream")
+    );
+    assert!(s.until_live().await.is_empty());
+    s
 }
