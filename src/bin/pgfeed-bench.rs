@@ -659,6 +659,8 @@ enum GatewayKind {
     Process {
         child: Child,
         log: PathBuf,
+        /// Stops the child if this tool dies without doing so (a signal).
+        watchdog: Option<Child>,
     },
     InProcess {
         shutdown: CancellationToken,
@@ -741,10 +743,15 @@ impl Gateway {
                     .stderr(std::fs::File::create(&log)?)
                     .spawn()
                     .with_context(|| format!("starting {}", bin.display()))?;
+                let watchdog = gateway_watchdog(child.id());
                 Gateway {
                     addr: SocketAddr::from(([127, 0, 0, 1], port)),
                     pid: child.id(),
-                    kind: GatewayKind::Process { child, log },
+                    kind: GatewayKind::Process {
+                        child,
+                        log,
+                        watchdog,
+                    },
                 }
             }
             GatewayMode::InProcess => {
@@ -901,14 +908,40 @@ async fn scrape_metrics(addr: SocketAddr) -> HashMap<String, f64> {
     sums
 }
 
+/// A detached shell (its own session, like the cluster's watchdog) that sends the gateway
+/// SIGTERM if this process exits first, e.g. killed by a signal, which runs no
+/// destructor. It ends by itself when the gateway is gone, and [`Gateway`]'s drop kills
+/// it, so it never outlives the run it watches.
+fn gateway_watchdog(gateway: u32) -> Option<Child> {
+    let script = format!(
+        "while kill -0 {me} 2>/dev/null && kill -0 {gateway} 2>/dev/null; do sleep 1; done; \
+         kill -0 {me} 2>/dev/null || kill -TERM {gateway} 2>/dev/null",
+        me = std::process::id(),
+    );
+    Command::new("setsid")
+        .args(["sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .current_dir("/")
+        .spawn()
+        .ok()
+}
+
 impl Drop for Gateway {
     /// An error path that never reached [`Gateway::stop`] must not leave the child running.
     fn drop(&mut self) {
         match &mut self.kind {
-            GatewayKind::Process { child, .. } => {
+            GatewayKind::Process {
+                child, watchdog, ..
+            } => {
                 if matches!(child.try_wait(), Ok(None)) {
                     let _ = child.kill();
                     let _ = child.wait();
+                }
+                if let Some(mut watchdog) = watchdog.take() {
+                    let _ = watchdog.kill();
+                    let _ = watchdog.wait();
                 }
             }
             GatewayKind::InProcess { shutdown, .. } => shutdown.cancel(),
