@@ -346,15 +346,22 @@ impl Cluster {
             data = self.data.display(),
             dir = self.dir.display(),
         );
-        Command::new("setsid")
-            .args(["sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .current_dir("/")
-            .spawn()
-            .ok()
+        detached_shell(&script)
     }
+}
+
+/// Runs `script` with `sh` in a session of its own (so that Ctrl-C in the terminal does not
+/// reach it), detached from this process's standard streams: for watchdogs that must
+/// outlive a process killed by a signal, which runs no destructor.
+pub fn detached_shell(script: &str) -> Option<Child> {
+    Command::new("setsid")
+        .args(["sh", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .current_dir("/")
+        .spawn()
+        .ok()
 }
 
 impl Drop for Cluster {

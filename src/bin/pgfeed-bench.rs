@@ -908,7 +908,7 @@ async fn scrape_metrics(addr: SocketAddr) -> HashMap<String, f64> {
     sums
 }
 
-/// A detached shell (its own session, like the cluster's watchdog) that sends the gateway
+/// A detached shell (like the cluster's watchdog) that sends the gateway
 /// SIGTERM if this process exits first, e.g. killed by a signal, which runs no
 /// destructor. It ends by itself when the gateway is gone, and [`Gateway`]'s drop kills
 /// it, so it never outlives the run it watches.
@@ -918,14 +918,7 @@ fn gateway_watchdog(gateway: u32) -> Option<Child> {
          kill -0 {me} 2>/dev/null || kill -TERM {gateway} 2>/dev/null",
         me = std::process::id(),
     );
-    Command::new("setsid")
-        .args(["sh", "-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .current_dir("/")
-        .spawn()
-        .ok()
+    pgfeed::cluster::detached_shell(&script)
 }
 
 impl Drop for Gateway {
