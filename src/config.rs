@@ -739,7 +739,7 @@ fn positive(
 }
 
 /// Half the CPUs this process may use, at least 1: the default of `server.threads`.
-pub fn default_threads() -> usize {
+fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
