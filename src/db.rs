@@ -25,6 +25,23 @@ pub enum DbError {
     Pool(#[source] deadpool_postgres::BuildError),
 }
 
+/// The `search_path` of every connection pgfeed opens, as a startup option.
+pub const PINNED_SEARCH_PATH: &str = "-c search_path=pg_catalog,pg_temp";
+
+/// Appends [`PINNED_SEARCH_PATH`] to `config`'s options. Last, so that it wins over the
+/// URL's own options and, being a client setting, over any `ALTER DATABASE/ROLE ... SET
+/// search_path`: no schema an application role can create objects in is ever searched, so
+/// an operator or function it defines (an exact-match `=` in `public`, say) is never picked
+/// by pgfeed's SQL, which runs with the gateway's or the installer's privileges. pg_temp
+/// is named last so that it is not searched first for tables.
+pub fn pin_search_path(config: &mut tokio_postgres::Config) {
+    let options = match config.get_options() {
+        Some(theirs) => format!("{theirs} {PINNED_SEARCH_PATH}"),
+        None => PINNED_SEARCH_PATH.to_string(),
+    };
+    config.options(&options);
+}
+
 /// Parses `database.url` and applies pgfeed's connection settings.
 pub fn parse_url(url: &Secret) -> Result<tokio_postgres::Config, DbError> {
     let mut config: tokio_postgres::Config = url.expose().parse().map_err(DbError::Url)?;
@@ -49,6 +66,7 @@ pub fn parse_url(url: &Secret) -> Result<tokio_postgres::Config, DbError> {
         options.push_str(theirs);
     }
     config.options(&options);
+    pin_search_path(&mut config);
     Ok(config)
 }
 

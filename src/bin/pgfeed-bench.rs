@@ -479,8 +479,16 @@ fn with_dbname(url: &str, db: &str) -> Result<String> {
     })
 }
 
+/// A tokio-postgres config for `url` with pgfeed's pinned `search_path`.
+fn pinned(url: &str) -> Result<tokio_postgres::Config> {
+    let mut config: tokio_postgres::Config = url.parse().context("parsing the database URL")?;
+    pgfeed::db::pin_search_path(&mut config);
+    Ok(config)
+}
+
 async fn connect(url: &str) -> Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
+    let (client, conn) = pinned(url)?
+        .connect(NoTls)
         .await
         .with_context(|| "connecting to PostgreSQL".to_string())?;
     tokio::spawn(async move {
@@ -1508,7 +1516,13 @@ impl Floor {
                     .enable_all()
                     .build()?;
                 rt.block_on(async move {
-                    let (client, mut conn) = match tokio_postgres::connect(&url, NoTls).await {
+                    let connecting = async {
+                        pinned(&url)?
+                            .connect(NoTls)
+                            .await
+                            .map_err(anyhow::Error::from)
+                    };
+                    let (client, mut conn) = match connecting.await {
                         Ok(pair) => pair,
                         Err(e) => {
                             let _ = ready_tx.send(Err(anyhow!("floor connect: {e}")));
