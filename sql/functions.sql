@@ -4,13 +4,17 @@
 -- Capture functions are SECURITY DEFINER with a fixed search_path: application roles need
 -- no privilege on schema pgfeed and cannot write journal rows themselves.
 
--- The ordinal counter: the transaction-local setting pgfeed.ord holds how many changes the
--- transaction has captured so far (NULL before the first, or '' in a session where an
--- earlier transaction set it: custom settings keep an empty value afterwards). Each capture
--- numbers its rows from there and advances it with set_config(..., true), which a rolled
--- back savepoint undoes together with the journal rows. The expression is written out in
--- every function below rather than called: a helper function cost a call setup, and a
--- fresh plan, in every transaction.
+-- The ordinal counter: the transaction-local setting pgfeed.ord says whether the
+-- transaction has captured anything yet (NULL or '' before the first capture: custom
+-- settings keep an empty value after a transaction that set them). Any session can set it,
+-- so it is only a hint: when it says "not the first", capture takes the transaction's
+-- highest ordinal from the journal itself (one probe of the primary key), so a value set by
+-- the application (negative, too high, set before the first write) changes no position.
+-- Only a forged "first" ('' or '0') after a capture has an effect: that session's next
+-- watched statement fails on the journal's primary key, and nothing is written. A rolled
+-- back savepoint undoes the setting and the journal rows together. The expression is
+-- written out in every function below rather than called: a helper function cost a call
+-- setup, and a fresh plan, in every transaction.
 --
 -- The seal: a transaction's first journal row (ord = 1) queues the deferred constraint
 -- trigger `seal` on pgfeed.changes, which numbers the commit at commit time (_seal below).
@@ -26,9 +30,15 @@
 -- Casts to json or jsonb with a function, created after initdb (oid 16384 and up). When
 -- there are none, as in most databases, capture skips _check_casts: this is one probe of
 -- pg_cast's oid index. INOUT and binary casts run no user code.
+-- Its operators are written qualified, with typed literals, so that what it binds to does
+-- not depend on the search_path it was created under (install also pins that): a view is
+-- bound once, and this one runs as pgfeed_capture inside every capture, before the
+-- rendering sandbox.
 CREATE OR REPLACE VIEW pgfeed.json_casts_since_initdb AS
     SELECT c.oid FROM pg_catalog.pg_cast AS c
-    WHERE c.oid >= 16384 AND c.casttarget IN (114, 3802) AND c.castfunc <> 0;
+    WHERE c.oid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid
+      AND c.casttarget OPERATOR(pg_catalog.=) ANY ('{114,3802}'::pg_catalog.oid[])
+      AND c.castfunc OPERATOR(pg_catalog.<>) 0::pg_catalog.oid;
 
 -- Refuses to capture a table whose rows to_jsonb() would render through a cast to json or
 -- jsonb that a non-superuser defined: to_jsonb() calls such casts, and inside a SECURITY
@@ -121,7 +131,10 @@ $$;
 --   TG_ARGV[0] tenant column ('' for a public table)
 --   TG_ARGV[1] public ('true' / 'false')
 --   TG_ARGV[2] primary key columns (text[] literal)
---   TG_ARGV[3] excluded columns (text[] literal)
+--   TG_ARGV[3] excluded columns (text[] literal): with an include list, every column that
+--              is neither included nor a key nor the tenant column
+--   TG_ARGV[4] the table's name in events ("schema.table"; a partition's names its root)
+-- pgfeed._apply keeps them current through DDL (renames, added columns, new partitions).
 
 CREATE OR REPLACE FUNCTION pgfeed._capture_insert() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
@@ -132,7 +145,8 @@ DECLARE
     is_public  boolean := TG_ARGV[1]::boolean;
     pk_cols    text[]  := TG_ARGV[2]::text[];
     excl       text[]  := TG_ARGV[3]::text[];
-    base       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
+    base       integer := 0;
+    tbl_name   text    := coalesce(TG_ARGV[4], TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
     rendered   boolean := false;
     ignored    boolean;
     rows       jsonb[];
@@ -141,6 +155,10 @@ DECLARE
     not_pk     text[];
     n          integer;
 BEGIN
+    IF coalesce(current_setting('pgfeed.ord', true), '') NOT IN ('', '0') THEN
+        base := coalesce((SELECT max(c.ord) FROM pgfeed.changes AS c
+                          WHERE c.xid = pg_current_xact_id()), 0);
+    END IF;
     IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
         PERFORM pgfeed._check_casts(TG_RELID);
     END IF;
@@ -164,7 +182,7 @@ BEGIN
             pk := (SELECT jsonb_object_agg(c, j -> c) FROM unnest(pk_cols) AS c);
         END IF;
         INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
-        VALUES (pg_current_xact_id(), base + 1, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'insert',
+        VALUES (pg_current_xact_id(), base + 1, tbl_name, 'insert',
                 CASE WHEN is_public THEN NULL ELSE j ->> tenant_col END, is_public, pk, j - excl);
     ELSIF n > 1 THEN
         -- Each row's key: the row less its other columns when those are few (one
@@ -180,7 +198,7 @@ BEGIN
         END IF;
         INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
         SELECT pg_current_xact_id(), base + s.i::integer,
-               TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'insert',
+               tbl_name, 'insert',
                CASE WHEN is_public THEN NULL ELSE s.j ->> tenant_col END, is_public,
                CASE WHEN not_pk IS NOT NULL THEN s.j - not_pk
                     WHEN cardinality(pk_cols) = 1
@@ -210,8 +228,8 @@ DECLARE
     is_public  boolean := TG_ARGV[1]::boolean;
     pk_cols    text[]  := TG_ARGV[2]::text[];
     excl       text[]  := TG_ARGV[3]::text[];
-    base       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
-    tbl        text    := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+    base       integer := 0;
+    tbl_name   text    := coalesce(TG_ARGV[4], TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
     rendered   boolean := false;
     ignored    boolean;
     olds       jsonb[];
@@ -219,6 +237,10 @@ DECLARE
     not_pk     text[];
     n          integer;
 BEGIN
+    IF coalesce(current_setting('pgfeed.ord', true), '') NOT IN ('', '0') THEN
+        base := coalesce((SELECT max(c.ord) FROM pgfeed.changes AS c
+                          WHERE c.xid = pg_current_xact_id()), 0);
+    END IF;
     IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
         PERFORM pgfeed._check_casts(TG_RELID);
     END IF;
@@ -286,7 +308,7 @@ BEGIN
     )
     INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new, old, changed)
     SELECT pg_current_xact_id(), base + (row_number() OVER (ORDER BY ev.i, ev.k))::integer,
-           tbl, ev.op, ev.tenant, is_public, ev.pk, ev.new, ev.old, ev.changed
+           tbl_name, ev.op, ev.tenant, is_public, ev.pk, ev.new, ev.old, ev.changed
     FROM events AS ev
     WHERE ev.op <> 'update' OR cardinality(ev.changed) > 0;
     GET DIAGNOSTICS n = ROW_COUNT;
@@ -306,7 +328,8 @@ DECLARE
     is_public  boolean := TG_ARGV[1]::boolean;
     pk_cols    text[]  := TG_ARGV[2]::text[];
     excl       text[]  := TG_ARGV[3]::text[];
-    base       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
+    base       integer := 0;
+    tbl_name   text    := coalesce(TG_ARGV[4], TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
     rendered   boolean := false;
     ignored    boolean;
     rows       jsonb[];
@@ -315,6 +338,10 @@ DECLARE
     not_pk     text[];
     n          integer;
 BEGIN
+    IF coalesce(current_setting('pgfeed.ord', true), '') NOT IN ('', '0') THEN
+        base := coalesce((SELECT max(c.ord) FROM pgfeed.changes AS c
+                          WHERE c.xid = pg_current_xact_id()), 0);
+    END IF;
     IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
         PERFORM pgfeed._check_casts(TG_RELID);
     END IF;
@@ -338,7 +365,7 @@ BEGIN
             pk := (SELECT jsonb_object_agg(c, j -> c) FROM unnest(pk_cols) AS c);
         END IF;
         INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, old)
-        VALUES (pg_current_xact_id(), base + 1, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'delete',
+        VALUES (pg_current_xact_id(), base + 1, tbl_name, 'delete',
                 CASE WHEN is_public THEN NULL ELSE j ->> tenant_col END, is_public, pk, j - excl);
     ELSIF n > 1 THEN
         -- Each row's key: the row less its other columns when those are few (one
@@ -354,7 +381,7 @@ BEGIN
         END IF;
         INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, old)
         SELECT pg_current_xact_id(), base + s.i::integer,
-               TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'delete',
+               tbl_name, 'delete',
                CASE WHEN is_public THEN NULL ELSE s.j ->> tenant_col END, is_public,
                CASE WHEN not_pk IS NOT NULL THEN s.j - not_pk
                     WHEN cardinality(pk_cols) = 1
@@ -376,29 +403,37 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    base integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
+    base integer := 0;
 BEGIN
+    IF coalesce(current_setting('pgfeed.ord', true), '') NOT IN ('', '0') THEN
+        base := coalesce((SELECT max(c.ord) FROM pgfeed.changes AS c
+                          WHERE c.xid = pg_current_xact_id()), 0);
+    END IF;
     INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public)
-    VALUES (pg_current_xact_id(), base + 1, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
-            'truncate', NULL, true);
+    VALUES (pg_current_xact_id(), base + 1,
+            coalesce(TG_ARGV[4], TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME), 'truncate', NULL, true);
     PERFORM set_config('pgfeed.ord', (base + 1)::text, true);
     RETURN NULL;
 END
 $$;
 
 -- Runs once per transaction, at commit: queued by the transaction's first journal row.
--- The advisory lock is held until the commit completes, so commit numbers are drawn in
--- commit order. The NOTIFY is only a doorbell: "<seq>:<count>", never row data.
+-- The lock on pgfeed.commit_order is held until the commit completes, so commit numbers
+-- are drawn in commit order. Only roles with privileges on that table can take it (an
+-- advisory lock's keys are anyone's). The count comes from the journal, not from the
+-- setting any session can change. The NOTIFY is only a doorbell: "<seq>:<count>", never
+-- row data.
 CREATE OR REPLACE FUNCTION pgfeed._seal() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     seq     bigint;
-    n       integer := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
+    n       integer;
     ignored boolean;
 BEGIN
-    ignored := pg_advisory_xact_lock(1885824612, 1) IS NULL;
+    LOCK TABLE pgfeed.commit_order IN EXCLUSIVE MODE;
+    n := (SELECT max(c.ord) FROM pgfeed.changes AS c WHERE c.xid = NEW.xid);
     seq := nextval('pgfeed.commit_seq');
     INSERT INTO pgfeed.commits (seq, xid, n, committed_at)
     VALUES (seq, NEW.xid, n, clock_timestamp());
@@ -414,28 +449,309 @@ CREATE CONSTRAINT TRIGGER seal AFTER INSERT ON pgfeed.changes
     DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW WHEN (NEW.ord = 1) EXECUTE FUNCTION pgfeed._seal();
 
+-- The tables whose statements capture must see for a watched table: the table itself and,
+-- when it is partitioned, its partitions at every level (a statement fires the statement
+-- triggers of the table it names only, so each of them carries the capture triggers).
+CREATE OR REPLACE FUNCTION pgfeed._members(root regclass) RETURNS SETOF regclass
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT root UNION SELECT t.relid FROM pg_partition_tree(root) AS t
+$$;
+
+-- Why `tbl` cannot be captured as a whole (NULL when it can): a partition (its parent's
+-- statements would bypass its triggers), a member of a table inheritance tree (likewise),
+-- or a partitioned table with a foreign partition (no transition tables there).
+CREATE OR REPLACE FUNCTION pgfeed._unsupported(tbl regclass) RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    parent regclass;
+    other  regclass;
+BEGIN
+    SELECT i.inhparent INTO parent FROM pg_inherits AS i
+    JOIN pg_class AS c ON c.oid = i.inhrelid
+    WHERE i.inhrelid = tbl AND c.relispartition;
+    IF parent IS NOT NULL THEN
+        RETURN format('it is a partition of %s (watch %s instead)', parent, parent);
+    END IF;
+    SELECT coalesce(i.inhparent, j.inhrelid)::regclass INTO other
+    FROM pg_class AS c
+    LEFT JOIN pg_inherits AS i ON i.inhrelid = c.oid
+    LEFT JOIN pg_inherits AS j ON j.inhparent = c.oid
+    WHERE c.oid = tbl AND c.relkind = 'r' AND (i.inhrelid IS NOT NULL OR j.inhparent IS NOT NULL)
+    LIMIT 1;
+    IF other IS NOT NULL THEN
+        RETURN format('it takes part in table inheritance with %s, whose rows its triggers would not see', other);
+    END IF;
+    SELECT m INTO other FROM pgfeed._members(tbl) AS m
+    JOIN pg_class AS c ON c.oid = m
+    WHERE c.relkind NOT IN ('r', 'p')
+    LIMIT 1;
+    IF other IS NOT NULL THEN
+        RETURN format('its partition %s is not an ordinary table, and its changes cannot be captured', other);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Applies a watched table's settings (pgfeed.watched) to its capture triggers: derives the
+-- current column names from the stored attribute numbers, (re)creates the triggers on every
+-- member whose triggers are missing or carry other arguments, and drops settings of columns
+-- that are gone. Raises an error (failing the DDL that caused it, when called by the
+-- pgfeed_ddl event trigger) for states that would lose or misroute changes: the tenant
+-- column or the primary key gone, the table become a partition or part of inheritance.
+-- Returns whether anything changed.
+CREATE OR REPLACE FUNCTION pgfeed._apply(root regclass) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET client_min_messages = warning
+AS $$
+DECLARE
+    w        pgfeed.watched;
+    why      text;
+    evname   text;
+    pk       text[];
+    tenant   text;
+    excl     text[];
+    exclnums int2[];
+    incl     int2[];
+    args     text[];
+    wanted   bytea := ''::bytea;
+    arg      text;
+    m        regclass;
+    changed  boolean := false;
+BEGIN
+    SELECT * INTO w FROM pgfeed.watched AS x WHERE x.tbl = root;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    why := pgfeed._unsupported(root);
+    IF why IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfeed: % is watched and cannot be captured like this: %', root, why
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Undo the change, or unwatch the table first (pgfeed unwatch).';
+    END IF;
+    SELECT n.nspname || '.' || c.relname INTO evname
+    FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace WHERE c.oid = root;
+    SELECT array_agg(a.attname::text ORDER BY array_position(i.indkey::int2[], a.attnum)) INTO pk
+    FROM pg_index AS i
+    JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
+    WHERE i.indrelid = root AND i.indisprimary;
+    IF pk IS NULL THEN
+        RAISE EXCEPTION 'pgfeed: % is watched and needs a primary key', root
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'pgfeed identifies rows by their primary key: keep one, or unwatch the table first.';
+    END IF;
+    IF NOT w.public THEN
+        SELECT a.attname::text INTO tenant FROM pg_attribute AS a
+        WHERE a.attrelid = root AND a.attnum = w.tenant_attnum AND NOT a.attisdropped;
+        IF tenant IS NULL THEN
+            RAISE EXCEPTION 'pgfeed: column % is the tenant column of watched table %', w.tenant_column, root
+                USING ERRCODE = 'dependent_objects_still_exist',
+                      HINT = 'Every change is routed by it: unwatch the table first (pgfeed unwatch).';
+        END IF;
+    END IF;
+    -- Excluded and included columns that were dropped leave the lists.
+    SELECT coalesce(array_agg(a.attnum ORDER BY a.attnum), '{}') INTO exclnums
+    FROM pg_attribute AS a
+    WHERE a.attrelid = root AND a.attnum = ANY (w.exclude_attnums) AND NOT a.attisdropped;
+    IF w.include_attnums IS NOT NULL THEN
+        SELECT coalesce(array_agg(a.attnum ORDER BY a.attnum), '{}') INTO incl
+        FROM pg_attribute AS a
+        WHERE a.attrelid = root AND a.attnum = ANY (w.include_attnums) AND NOT a.attisdropped;
+        -- An include list excludes every other column, present or added later.
+        SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum), '{}') INTO excl
+        FROM pg_attribute AS a
+        WHERE a.attrelid = root AND a.attnum > 0 AND NOT a.attisdropped
+          AND NOT a.attnum = ANY (incl) AND NOT a.attname::text = ANY (pk)
+          AND a.attnum IS DISTINCT FROM w.tenant_attnum;
+    ELSE
+        SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum), '{}') INTO excl
+        FROM pg_attribute AS a
+        WHERE a.attrelid = root AND a.attnum = ANY (exclnums);
+    END IF;
+    IF EXISTS (SELECT FROM unnest(excl) AS e WHERE e = ANY (pk) OR e = tenant) THEN
+        RAISE EXCEPTION 'pgfeed: an excluded column of watched table % became a key or the tenant column', root
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Unwatch the table, or watch it again with other settings.';
+    END IF;
+    args := ARRAY[coalesce(tenant, ''), w.public::text, pk::text, excl::text, evname];
+    FOREACH arg IN ARRAY args LOOP
+        wanted := wanted || convert_to(arg, getdatabaseencoding()) || '\x00'::bytea;
+    END LOOP;
+    FOR m IN SELECT pgfeed._members(root) LOOP
+        IF (SELECT count(*) FROM pg_trigger AS t
+            WHERE t.tgrelid = m AND t.tgargs = wanted
+              AND (t.tgname, t.tgfoid) IN (('pgfeed_capture_insert', 'pgfeed._capture_insert'::regproc),
+                                           ('pgfeed_capture_update', 'pgfeed._capture_update'::regproc),
+                                           ('pgfeed_capture_delete', 'pgfeed._capture_delete'::regproc),
+                                           ('pgfeed_capture_truncate', 'pgfeed._capture_truncate'::regproc))) = 4 THEN
+            CONTINUE;
+        END IF;
+        PERFORM pgfeed._drop_triggers(m);
+        arg := format('%L, %L, %L, %L, %L', VARIADIC args);
+        EXECUTE format('CREATE TRIGGER pgfeed_capture_insert AFTER INSERT ON %s '
+                       'REFERENCING NEW TABLE AS pgfeed_new FOR EACH STATEMENT '
+                       'EXECUTE FUNCTION pgfeed._capture_insert(%s)', m, arg);
+        EXECUTE format('CREATE TRIGGER pgfeed_capture_update AFTER UPDATE ON %s '
+                       'REFERENCING OLD TABLE AS pgfeed_old NEW TABLE AS pgfeed_new FOR EACH STATEMENT '
+                       'EXECUTE FUNCTION pgfeed._capture_update(%s)', m, arg);
+        EXECUTE format('CREATE TRIGGER pgfeed_capture_delete AFTER DELETE ON %s '
+                       'REFERENCING OLD TABLE AS pgfeed_old FOR EACH STATEMENT '
+                       'EXECUTE FUNCTION pgfeed._capture_delete(%s)', m, arg);
+        EXECUTE format('CREATE TRIGGER pgfeed_capture_truncate AFTER TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION pgfeed._capture_truncate(%s)', m, arg);
+        changed := true;
+    END LOOP;
+    IF (w.tenant_column IS DISTINCT FROM tenant::name)
+       OR w.pk_columns <> pk::name[]
+       OR w.exclude_attnums <> exclnums
+       OR w.include_attnums IS DISTINCT FROM incl
+       OR w.exclude_columns <> (SELECT coalesce(array_agg(a.attname ORDER BY a.attnum), '{}')
+                                FROM pg_attribute AS a
+                                WHERE a.attrelid = root AND a.attnum = ANY (exclnums)) THEN
+        UPDATE pgfeed.watched AS x
+        SET tenant_column = tenant,
+            pk_columns = pk::name[],
+            exclude_attnums = exclnums,
+            include_attnums = incl,
+            exclude_columns = (SELECT coalesce(array_agg(a.attname ORDER BY a.attnum), '{}')
+                               FROM pg_attribute AS a
+                               WHERE a.attrelid = root AND a.attnum = ANY (exclnums))
+        WHERE x.tbl = root;
+        changed := true;
+    END IF;
+    RETURN changed;
+END
+$$;
+
+-- Re-applies every watched table (pgfeed._apply), forgets tables that are gone, and removes
+-- capture triggers from tables that no longer belong to a watched table (a detached
+-- partition). Returns whether anything changed.
+CREATE OR REPLACE FUNCTION pgfeed._reconcile() RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t       regclass;
+    changed boolean := false;
+BEGIN
+    DELETE FROM pgfeed.watched AS w
+    WHERE NOT EXISTS (SELECT FROM pg_class AS c WHERE c.oid = w.tbl);
+    IF FOUND THEN
+        changed := true;
+    END IF;
+    FOR t IN SELECT w.tbl FROM pgfeed.watched AS w ORDER BY w.tbl LOOP
+        IF pgfeed._apply(t) THEN
+            changed := true;
+        END IF;
+    END LOOP;
+    FOR t IN
+        SELECT DISTINCT tg.tgrelid::regclass FROM pg_trigger AS tg
+        WHERE tg.tgfoid IN ('pgfeed._capture_insert'::regproc, 'pgfeed._capture_update'::regproc,
+                            'pgfeed._capture_delete'::regproc, 'pgfeed._capture_truncate'::regproc)
+          AND NOT EXISTS (SELECT FROM pgfeed.watched AS w, pgfeed._members(w.tbl) AS m
+                          WHERE m = tg.tgrelid)
+    LOOP
+        PERFORM pgfeed._drop_triggers(t);
+        changed := true;
+    END LOOP;
+    RETURN changed;
+END
+$$;
+
+-- The pgfeed_ddl event trigger: after every CREATE TABLE and ALTER TABLE, in the same
+-- transaction, re-applies the watched tables' settings, so that a renamed column keeps its
+-- role, a new partition is captured, an added column is covered by an include list, and a
+-- change that would lose or misroute changes fails instead. Gateways are told to reload
+-- their catalog when a watched table was touched. It runs as its owner (the installer):
+-- the role running the DDL needs no privilege on pgfeed.
+CREATE OR REPLACE FUNCTION pgfeed._on_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    changed boolean;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pgfeed.watched)
+       AND NOT EXISTS (SELECT FROM pg_trigger AS tg
+                       WHERE tg.tgfoid = 'pgfeed._capture_insert'::regproc) THEN
+        RETURN;
+    END IF;
+    changed := pgfeed._reconcile();
+    IF changed OR EXISTS (
+        SELECT FROM pg_event_trigger_ddl_commands() AS d,
+                    pgfeed.watched AS w, pgfeed._members(w.tbl) AS m
+        WHERE d.classid = 'pg_class'::regclass AND d.objid = m
+    ) THEN
+        PERFORM pg_notify('pgfeed', 'watch');
+    END IF;
+END
+$$;
+
+-- The pgfeed_drop event trigger: a dropped watched table leaves pgfeed.watched.
+CREATE OR REPLACE FUNCTION pgfeed._on_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM pgfeed.watched AS w
+    USING pg_event_trigger_dropped_objects() AS d
+    WHERE d.classid = 'pg_class'::regclass AND d.objid = w.tbl AND d.objsubid = 0;
+    IF FOUND THEN
+        PERFORM pg_notify('pgfeed', 'watch');
+    END IF;
+END
+$$;
+
 -- pgfeed.watch: attach capture triggers to a table. Re-running it replaces the settings.
 CREATE OR REPLACE FUNCTION pgfeed.watch(
     tbl regclass,
     tenant_column name DEFAULT NULL,
     exclude_columns name[] DEFAULT '{}',
-    public boolean DEFAULT false
+    public boolean DEFAULT false,
+    include_columns name[] DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    kind  "char";
+    rel   pg_class;
+    nsp   name;
+    why   text;
     pk    text[];
     cols  text[];
     excl  text[] := coalesce(exclude_columns::text[], '{}');
-    args  text;
+    incl  text[] := include_columns::text[];
     c     text;
 BEGIN
-    SELECT relkind INTO kind FROM pg_class WHERE oid = tbl;
-    IF kind IS DISTINCT FROM 'r' THEN
-        RAISE EXCEPTION 'pgfeed.watch: % is not an ordinary table', tbl
+    IF (SELECT count(*) FROM pg_event_trigger AS e
+        WHERE e.evtname IN ('pgfeed_ddl', 'pgfeed_drop') AND e.evtenabled <> 'D') <> 2 THEN
+        RAISE EXCEPTION 'pgfeed.watch: the event triggers pgfeed_ddl and pgfeed_drop are missing or disabled'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'They keep watched tables right through renames, new partitions and drops; '
+                      || 'creating them needs a superuser: run pgfeed install as one.';
+    END IF;
+    SELECT * INTO rel FROM pg_class AS x WHERE x.oid = tbl;
+    SELECT n.nspname INTO nsp FROM pg_namespace AS n WHERE n.oid = rel.relnamespace;
+    IF nsp IN ('pgfeed', 'pg_catalog', 'information_schema') OR nsp LIKE 'pg\_toast%'
+       OR nsp LIKE 'pg\_temp%' OR rel.relpersistence = 't' THEN
+        RAISE EXCEPTION 'pgfeed.watch: cannot watch %: schema % belongs to %', tbl, nsp,
+            CASE WHEN nsp = 'pgfeed' THEN 'pgfeed itself'
+                 WHEN rel.relpersistence = 't' THEN 'one session (a temporary table)'
+                 ELSE 'the system' END
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'pgfeed.watch: % is not an ordinary or partitioned table', tbl
             USING ERRCODE = 'wrong_object_type';
+    END IF;
+    why := pgfeed._unsupported(tbl);
+    IF why IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfeed.watch: cannot watch %: %', tbl, why
+            USING ERRCODE = 'feature_not_supported';
     END IF;
     SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO cols
     FROM pg_attribute AS a
@@ -463,6 +779,11 @@ BEGIN
         RAISE EXCEPTION 'pgfeed.watch: table % has no column "%" (tenant_column)', tbl, tenant_column
             USING ERRCODE = 'undefined_column';
     END IF;
+    IF incl IS NOT NULL AND cardinality(excl) > 0 THEN
+        RAISE EXCEPTION 'pgfeed.watch: give include_columns or exclude_columns for %, not both', tbl
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'include_columns publishes only the listed columns (with the key and the tenant column).';
+    END IF;
     FOREACH c IN ARRAY excl LOOP
         IF NOT c = ANY (cols) THEN
             RAISE EXCEPTION 'pgfeed.watch: table % has no column "%" (exclude_columns)', tbl, c
@@ -473,31 +794,38 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
     END LOOP;
+    FOREACH c IN ARRAY coalesce(incl, '{}') LOOP
+        IF NOT c = ANY (cols) THEN
+            RAISE EXCEPTION 'pgfeed.watch: table % has no column "%" (include_columns)', tbl, c
+                USING ERRCODE = 'undefined_column';
+        END IF;
+    END LOOP;
 
     PERFORM pgfeed._check_casts(tbl);
-    PERFORM pgfeed._drop_triggers(tbl);
-    args := format('%L, %L, %L, %L', coalesce(tenant_column::text, ''),
-                   coalesce(public, false)::text, pk::text, excl::text);
-    EXECUTE format('CREATE TRIGGER pgfeed_capture_insert AFTER INSERT ON %s '
-                   'REFERENCING NEW TABLE AS pgfeed_new FOR EACH STATEMENT '
-                   'EXECUTE FUNCTION pgfeed._capture_insert(%s)', tbl, args);
-    EXECUTE format('CREATE TRIGGER pgfeed_capture_update AFTER UPDATE ON %s '
-                   'REFERENCING OLD TABLE AS pgfeed_old NEW TABLE AS pgfeed_new FOR EACH STATEMENT '
-                   'EXECUTE FUNCTION pgfeed._capture_update(%s)', tbl, args);
-    EXECUTE format('CREATE TRIGGER pgfeed_capture_delete AFTER DELETE ON %s '
-                   'REFERENCING OLD TABLE AS pgfeed_old FOR EACH STATEMENT '
-                   'EXECUTE FUNCTION pgfeed._capture_delete(%s)', tbl, args);
-    EXECUTE format('CREATE TRIGGER pgfeed_capture_truncate AFTER TRUNCATE ON %s '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION pgfeed._capture_truncate()', tbl);
-
-    INSERT INTO pgfeed.watched AS w (tbl, tenant_column, exclude_columns, public, pk_columns)
-    VALUES (tbl, tenant_column, excl::name[], coalesce(public, false), pk::name[])
+    INSERT INTO pgfeed.watched AS w
+        (tbl, tenant_column, exclude_columns, public, pk_columns,
+         tenant_attnum, exclude_attnums, include_attnums)
+    VALUES (tbl, tenant_column, excl::name[], coalesce(public, false), pk::name[],
+            (SELECT a.attnum FROM pg_attribute AS a
+             WHERE a.attrelid = tbl AND a.attname = tenant_column AND NOT a.attisdropped),
+            ARRAY(SELECT a.attnum FROM pg_attribute AS a
+                  WHERE a.attrelid = tbl AND a.attname::text = ANY (excl) AND NOT a.attisdropped
+                  ORDER BY a.attnum),
+            CASE WHEN incl IS NOT NULL THEN
+                ARRAY(SELECT a.attnum FROM pg_attribute AS a
+                      WHERE a.attrelid = tbl AND a.attname::text = ANY (incl) AND NOT a.attisdropped
+                      ORDER BY a.attnum)
+            END)
     ON CONFLICT ON CONSTRAINT watched_pkey DO UPDATE
         SET tenant_column = excluded.tenant_column,
             exclude_columns = excluded.exclude_columns,
             public = excluded.public,
             pk_columns = excluded.pk_columns,
+            tenant_attnum = excluded.tenant_attnum,
+            exclude_attnums = excluded.exclude_attnums,
+            include_attnums = excluded.include_attnums,
             watched_at = now();
+    PERFORM pgfeed._apply(tbl);
     -- Gateways reload their catalog of tables and columns on this payload.
     PERFORM pg_notify('pgfeed', 'watch');
 END
@@ -516,8 +844,8 @@ BEGIN
 END
 $$;
 
--- pgfeed.unwatch: remove the capture triggers. Changes already journaled stay until they
--- age out.
+-- pgfeed.unwatch: remove the capture triggers (from every partition too). Changes already
+-- journaled stay until they age out.
 CREATE OR REPLACE FUNCTION pgfeed.unwatch(tbl regclass) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -527,7 +855,7 @@ BEGIN
         RAISE EXCEPTION 'pgfeed.unwatch: table % is not watched', tbl
             USING ERRCODE = 'undefined_object';
     END IF;
-    PERFORM pgfeed._drop_triggers(tbl);
+    PERFORM pgfeed._drop_triggers(m) FROM pgfeed._members(tbl) AS m;
     DELETE FROM pgfeed.watched AS w WHERE w.tbl = unwatch.tbl;
     PERFORM pg_notify('pgfeed', 'watch');
 END
@@ -536,7 +864,7 @@ $$;
 -- pgfeed.prune: removes up to max_commits of the oldest commits older than retention, with
 -- their changes, and advances the pruned watermark in the same transaction. Returns the
 -- number of commits removed, or -1 when another session is pruning (one replica at a
--- time). Called repeatedly by the gateway so that each call is a short transaction.
+-- time) or holds a lock on pgfeed.pruned. Called repeatedly by the gateway so that each call is a short transaction.
 CREATE OR REPLACE FUNCTION pgfeed.prune(retention interval, max_commits integer)
 RETURNS integer
 LANGUAGE plpgsql
@@ -547,9 +875,13 @@ DECLARE
     last_ord integer;
     removed  integer;
 BEGIN
-    IF NOT pg_try_advisory_xact_lock(1885824612, 2) THEN
+    -- One pruner at a time, through a lock only roles with privileges on pgfeed.pruned can
+    -- take (an advisory lock's keys are anyone's). It does not conflict with readers.
+    BEGIN
+        LOCK TABLE pgfeed.pruned IN SHARE ROW EXCLUSIVE MODE NOWAIT;
+    EXCEPTION WHEN lock_not_available THEN
         RETURN -1;
-    END IF;
+    END;
     WITH doomed AS (
         SELECT c.seq, c.xid
         FROM pgfeed.commits AS c
@@ -607,7 +939,12 @@ BEGIN
         RETURN;
     END IF;
     GRANT USAGE ON SCHEMA pgfeed TO pgfeed_capture;
+    -- Row-level security (migration 4) limits these inserts to the capturing transaction's
+    -- own rows. Reading is limited to the ordinals, which capture counts from.
     GRANT INSERT ON pgfeed.changes, pgfeed.commits TO pgfeed_capture;
+    GRANT SELECT (xid, ord) ON pgfeed.changes TO pgfeed_capture;
+    -- LOCK TABLE ... IN EXCLUSIVE MODE needs UPDATE; the table has no columns or rows.
+    GRANT UPDATE ON pgfeed.commit_order TO pgfeed_capture;
     GRANT SELECT ON pgfeed.json_casts_since_initdb TO pgfeed_capture;
     GRANT USAGE ON SEQUENCE pgfeed.commit_seq TO pgfeed_capture;
     GRANT EXECUTE ON FUNCTION pgfeed._check_casts(oid), pgfeed._rendering_failed(oid)
@@ -624,6 +961,57 @@ BEGIN
     END;
 END
 $$;
+
+-- pgfeed_gateway: what a gateway needs and nothing more, so that it can run as a login role
+-- that is only a member of it (README, "Security model"): read the watch registry and the
+-- journal, prune it. It cannot write journal rows, change what is watched, or run DDL.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgfeed_gateway') THEN
+        BEGIN
+            CREATE ROLE pgfeed_gateway NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT;
+        EXCEPTION
+            WHEN duplicate_object OR unique_violation THEN NULL;
+            WHEN insufficient_privilege THEN NULL;
+        END;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgfeed_gateway') THEN
+        RAISE WARNING 'pgfeed: cannot create role pgfeed_gateway (needs CREATEROLE); run gateways as the installing role or grant them the privileges by hand'
+            USING HINT = 'Install as a role with CREATEROLE to get a least-privilege gateway role.';
+        RETURN;
+    END IF;
+    GRANT USAGE ON SCHEMA pgfeed TO pgfeed_gateway;
+    GRANT SELECT ON pgfeed.meta, pgfeed.watched, pgfeed.changes, pgfeed.commits, pgfeed.pruned
+        TO pgfeed_gateway;
+    GRANT DELETE ON pgfeed.changes, pgfeed.commits TO pgfeed_gateway;
+    -- UPDATE also lets prune() lock pgfeed.pruned.
+    GRANT UPDATE ON pgfeed.pruned TO pgfeed_gateway;
+    GRANT EXECUTE ON FUNCTION pgfeed.prune(interval, integer) TO pgfeed_gateway;
+END
+$$;
+
+-- Event triggers that keep watched tables right through DDL (pgfeed._on_ddl, _on_drop).
+-- Creating them needs a superuser; without them pgfeed.watch refuses to watch anything.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'pgfeed_ddl') THEN
+        CREATE EVENT TRIGGER pgfeed_ddl ON ddl_command_end
+            WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
+            EXECUTE FUNCTION pgfeed._on_ddl();
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'pgfeed_drop') THEN
+        CREATE EVENT TRIGGER pgfeed_drop ON sql_drop
+            WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
+            EXECUTE FUNCTION pgfeed._on_drop();
+    END IF;
+EXCEPTION WHEN insufficient_privilege THEN
+    RAISE WARNING 'pgfeed: cannot create the event triggers pgfeed_ddl and pgfeed_drop (needs a superuser); tables cannot be watched until they exist'
+        USING HINT = 'Run pgfeed install as a superuser.';
+END
+$$;
+
+-- Existing watched tables get this version's trigger arguments, in this transaction.
+SELECT pgfeed._reconcile();
 
 -- The one-row watermark table is read by every journal query; without statistics the
 -- planner guesses ~2 000 rows and picks costlier plans.

@@ -27,15 +27,23 @@ pub struct Catalog {
     tables: RwLock<Arc<HashMap<String, TableInfo>>>,
 }
 
+// Columns by attribute number (schema 4), as capture applies them: with an include list,
+// the included columns, the key and the tenant column; else every column not excluded.
+// Catalog tables are qualified although every connection pins its search_path.
 const WATCHED: &str = "
     SELECT n.nspname || '.' || c.relname, w.public,
-           array(SELECT a.attname::text FROM pg_attribute AS a
+           array(SELECT a.attname::text FROM pg_catalog.pg_attribute AS a
                  WHERE a.attrelid = w.tbl AND a.attnum > 0 AND NOT a.attisdropped
-                   AND NOT a.attname = ANY (w.exclude_columns)
+                   AND CASE WHEN w.include_attnums IS NULL
+                            THEN NOT a.attnum = ANY (w.exclude_attnums)
+                            ELSE a.attnum = ANY (w.include_attnums)
+                                 OR a.attnum IS NOT DISTINCT FROM w.tenant_attnum
+                                 OR a.attname = ANY (w.pk_columns)
+                       END
                  ORDER BY a.attnum)
     FROM pgfeed.watched AS w
-    JOIN pg_class AS c ON c.oid = w.tbl
-    JOIN pg_namespace AS n ON n.oid = c.relnamespace";
+    JOIN pg_catalog.pg_class AS c ON c.oid = w.tbl
+    JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace";
 
 impl Catalog {
     /// The current tables.

@@ -53,8 +53,12 @@ pub enum Command {
         #[arg(long, value_name = "COL")]
         tenant_column: Option<String>,
         /// Column that never leaves the database (repeatable).
-        #[arg(long = "exclude-column", value_name = "COL")]
+        #[arg(long = "exclude-column", value_name = "COL", conflicts_with = "include_columns")]
         exclude_columns: Vec<String>,
+        /// Publish only this column, besides the key and the tenant column (repeatable);
+        /// columns added later are not published.
+        #[arg(long = "include-column", value_name = "COL")]
+        include_columns: Vec<String>,
         /// Every subscriber may see every row of this table.
         #[arg(long)]
         public: bool,
@@ -230,6 +234,7 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
             table,
             tenant_column,
             exclude_columns,
+            include_columns,
             public,
         } => {
             let client = client(&config).await?;
@@ -237,6 +242,7 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
                 table: table.clone(),
                 tenant_column: tenant_column.clone(),
                 exclude_columns: exclude_columns.clone(),
+                include_columns: (!include_columns.is_empty()).then(|| include_columns.clone()),
                 public: *public,
             };
             schema::watch(&client, &spec).await?;
@@ -340,8 +346,9 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
                     (SELECT count(*) FROM pgfeed.commits),
                     (SELECT min(seq) FROM pgfeed.commits), (SELECT max(seq) FROM pgfeed.commits),
                     (SELECT min(committed_at)::text FROM pgfeed.commits),
-                    pg_total_relation_size('pgfeed.changes') + pg_total_relation_size('pgfeed.commits'),
-                    pg_notification_queue_usage()",
+                    pg_catalog.pg_total_relation_size('pgfeed.changes')
+                        + pg_catalog.pg_total_relation_size('pgfeed.commits'),
+                    pg_catalog.pg_notification_queue_usage()",
             &[],
         )
         .await
@@ -354,8 +361,9 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
     let queue: f64 = row.get(6);
     let gateways = client
         .query(
-            "SELECT client_addr::text, backend_start::text FROM pg_stat_activity
-             WHERE datname = current_database() AND application_name = $1 ORDER BY backend_start",
+            "SELECT client_addr::text, backend_start::text FROM pg_catalog.pg_stat_activity
+             WHERE datname = pg_catalog.current_database() AND application_name = $1
+             ORDER BY backend_start",
             &[&crate::listener::APPLICATION_NAME],
         )
         .await
@@ -368,7 +376,9 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
             .map(|w| {
                 serde_json::json!({
                     "table": w.table, "tenant_column": w.tenant_column,
-                    "exclude_columns": w.exclude_columns, "public": w.public,
+                    "exclude_columns": w.exclude_columns,
+                    "include_columns": w.include_columns, "public": w.public,
+                    "partitions": w.partitions, "not_capturing": w.not_capturing,
                 })
             })
             .collect();
@@ -413,12 +423,23 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
             Some(col) => format!("tenant column {col}"),
             None => "public".to_string(),
         };
-        let excluded = if w.exclude_columns.is_empty() {
-            String::new()
-        } else {
-            format!(", excluding {}", w.exclude_columns.join(", "))
-        };
-        println!("  {}  ({who}{excluded})", w.table);
+        let mut notes = String::new();
+        if !w.exclude_columns.is_empty() {
+            notes.push_str(&format!(", excluding {}", w.exclude_columns.join(", ")));
+        }
+        if let Some(include) = &w.include_columns {
+            notes.push_str(&format!(", only {}", include.join(", ")));
+        }
+        if !w.partitions.is_empty() {
+            notes.push_str(&format!(", {} partitions", w.partitions.len()));
+        }
+        println!("  {}  ({who}{notes})", w.table);
+        if !w.not_capturing.is_empty() {
+            println!(
+                "    NOT CAPTURING {}: capture triggers missing or disabled (run `pgfeed watch` again)",
+                w.not_capturing.join(", ")
+            );
+        }
     }
     Ok(())
 }

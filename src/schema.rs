@@ -2,27 +2,33 @@
 //! `pgfeed` schema, watch and unwatch tables, and check that the installed schema matches
 //! this binary.
 //!
-//! Install runs in one transaction under an advisory lock, applies only the migrations the
-//! database lacks, and re-applies the functions, so running it again or after an upgrade
-//! is safe. This module never reads journal rows.
+//! Install runs in one transaction holding a lock on `pgfeed.meta`, with a pinned
+//! `search_path` (what its SQL binds to never depends on the session), applies only the
+//! migrations the database lacks, and re-applies the functions, so running it again or
+//! after an upgrade is safe. This module never reads journal rows.
 
 use tokio_postgres::Client;
 
 /// The schema version this binary expects: the number of the newest migration.
-pub const VERSION: i32 = 3;
+pub const VERSION: i32 = 4;
 
 /// Table migrations, applied in order, each once.
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../sql/001_journal.sql")),
     (2, include_str!("../sql/002_lighter_capture.sql")),
     (3, include_str!("../sql/003_render_sandbox.sql")),
+    (4, include_str!("../sql/004_ddl_safety.sql")),
 ];
 
 /// Functions and triggers, re-applied by every install.
 const FUNCTIONS: &str = include_str!("../sql/functions.sql");
 
-/// Advisory lock key (two-int form) that serializes concurrent installs.
-const INSTALL_LOCK: (i32, i32) = (1_885_824_612, 0);
+/// Run first in install's and uninstall's transaction: a pinned `search_path` (whatever
+/// the connection's), and a bounded wait for locks. Installs serialize on `pgfeed.meta`,
+/// which only roles with privileges on it can lock: an advisory lock's keys are anyone's.
+const INSTALL_PRELUDE: &str = "SET LOCAL search_path = pg_catalog, pg_temp;
+     SET LOCAL lock_timeout = '30s';
+     SET LOCAL client_min_messages = warning;";
 
 /// A schema operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +55,14 @@ pub enum SchemaError {
         found: i32,
         /// [`VERSION`].
         expected: i32,
+    },
+    /// A table name given by the user is not a valid name.
+    #[error("invalid table name {name:?}: {why}")]
+    TableName {
+        /// What was given.
+        name: String,
+        /// What is wrong with it.
+        why: String,
     },
     /// A query failed; the message carries PostgreSQL's text and hint.
     #[error("{message}")]
@@ -82,18 +96,14 @@ pub struct Installed {
 /// Installs or upgrades the schema in one transaction.
 pub async fn install(client: &mut Client) -> Result<Installed, SchemaError> {
     let tx = client.transaction().await?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1, $2)",
-        &[&INSTALL_LOCK.0, &INSTALL_LOCK.1],
-    )
-    .await?;
+    tx.batch_execute(INSTALL_PRELUDE).await?;
     tx.batch_execute(
-        "SET LOCAL client_min_messages = warning;
-         CREATE SCHEMA IF NOT EXISTS pgfeed;
+        "CREATE SCHEMA IF NOT EXISTS pgfeed;
          CREATE TABLE IF NOT EXISTS pgfeed.meta (
              singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
              version   integer NOT NULL
-         );",
+         );
+         LOCK TABLE pgfeed.meta IN SHARE ROW EXCLUSIVE MODE;",
     )
     .await?;
     let from: i32 = tx
@@ -124,18 +134,25 @@ pub async fn install(client: &mut Client) -> Result<Installed, SchemaError> {
 /// Removes the schema, the journal and every capture trigger. Returns whether it existed.
 pub async fn uninstall(client: &mut Client) -> Result<bool, SchemaError> {
     let tx = client.transaction().await?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1, $2)",
-        &[&INSTALL_LOCK.0, &INSTALL_LOCK.1],
-    )
-    .await?;
+    tx.batch_execute(INSTALL_PRELUDE).await?;
     let existed = tx
-        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = 'pgfeed'", &[])
+        .query_opt(
+            "SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = 'pgfeed'",
+            &[],
+        )
         .await?
         .is_some();
-    // CASCADE also drops the capture triggers, which depend on pgfeed's functions.
+    if existed {
+        tx.batch_execute("LOCK TABLE pgfeed.meta IN SHARE ROW EXCLUSIVE MODE")
+            .await?;
+    }
+    // The event triggers first, so that they do not fire for the drop of their own
+    // functions; CASCADE then also drops the capture triggers, which depend on pgfeed's
+    // functions.
     tx.batch_execute(
-        "SET LOCAL client_min_messages = warning; DROP SCHEMA IF EXISTS pgfeed CASCADE",
+        "DROP EVENT TRIGGER IF EXISTS pgfeed_ddl;
+         DROP EVENT TRIGGER IF EXISTS pgfeed_drop;
+         DROP SCHEMA IF EXISTS pgfeed CASCADE",
     )
     .await?;
     tx.commit().await?;
@@ -145,7 +162,10 @@ pub async fn uninstall(client: &mut Client) -> Result<bool, SchemaError> {
 /// Fails unless the installed schema is exactly this binary's version.
 pub async fn check(client: &Client) -> Result<(), SchemaError> {
     let has_meta = client
-        .query_one("SELECT to_regclass('pgfeed.meta') IS NOT NULL", &[])
+        .query_one(
+            "SELECT pg_catalog.to_regclass('pgfeed.meta') IS NOT NULL",
+            &[],
+        )
         .await?
         .get::<_, bool>(0);
     if !has_meta {
@@ -172,27 +192,101 @@ pub async fn check(client: &Client) -> Result<(), SchemaError> {
 /// How to watch a table (the arguments of `pgfeed.watch`).
 #[derive(Debug, Clone, Default)]
 pub struct WatchSpec {
-    /// The table, qualified or bare (resolved by PostgreSQL's `regclass`).
+    /// The table as the user wrote it: `orders` (meaning `public.orders`), `shop.orders`,
+    /// or with quoted identifiers (`"Shop"."Orders"`). See [`table_name`].
     pub table: String,
     /// The column holding each row's tenant.
     pub tenant_column: Option<String>,
     /// Columns that never leave the database.
     pub exclude_columns: Vec<String>,
+    /// When given, the only columns (with the key and the tenant column) events carry.
+    pub include_columns: Option<Vec<String>>,
     /// Every subscriber may see every row.
     pub public: bool,
+}
+
+/// A table name given on the command line, as a qualified, quoted SQL name for `regclass`.
+///
+/// PostgreSQL's rules: unquoted identifiers fold to lower case, quoted ones keep their case
+/// and may hold any character (`""` for a quote). A bare name means `public.name`, whatever
+/// the session's `search_path` (pgfeed's is pinned, and a path set by an application must
+/// never decide which table is watched).
+pub fn table_name(input: &str) -> Result<String, SchemaError> {
+    let invalid = |why: &str| SchemaError::TableName {
+        name: input.to_string(),
+        why: why.to_string(),
+    };
+    let mut parts: Vec<String> = Vec::new();
+    let mut chars = input.trim().chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        part.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => part.push(c),
+                    None => return Err(invalid("a quoted identifier is not closed")),
+                }
+            }
+            if part.is_empty() {
+                return Err(invalid("an identifier is empty"));
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == '.' {
+                    break;
+                }
+                if !(c.is_alphanumeric() || c == '_' || c == '$') {
+                    return Err(invalid(&format!(
+                        "{c:?} is not allowed in an unquoted identifier (quote it with \"...\")"
+                    )));
+                }
+                part.extend(c.to_lowercase());
+                chars.next();
+            }
+            if part.is_empty() {
+                return Err(invalid("an identifier is empty"));
+            }
+            if part.starts_with(|c: char| c.is_ascii_digit() || c == '$') {
+                return Err(invalid(
+                    "an unquoted identifier cannot start with a digit or $",
+                ));
+            }
+        }
+        parts.push(part);
+        match chars.next() {
+            None => break,
+            Some('.') => continue,
+            Some(c) => return Err(invalid(&format!("unexpected {c:?} after an identifier"))),
+        }
+    }
+    let quote = |p: &str| format!("\"{}\"", p.replace('"', "\"\""));
+    match parts.as_slice() {
+        [table] => Ok(format!("public.{}", quote(table))),
+        [schema, table] => Ok(format!("{}.{}", quote(schema), quote(table))),
+        _ => Err(invalid("expected `table` or `schema.table`")),
+    }
 }
 
 /// Attaches the capture triggers (`pgfeed.watch`).
 pub async fn watch(client: &Client, spec: &WatchSpec) -> Result<(), SchemaError> {
     check(client).await?;
+    let table = table_name(&spec.table)?;
     client
         .execute(
-            "SELECT pgfeed.watch($1::text::regclass, $2::text::name, $3::text[]::name[], $4)",
+            "SELECT pgfeed.watch($1::text::pg_catalog.regclass, $2::text::pg_catalog.name,
+                                 $3::text[]::pg_catalog.name[], $4, $5::text[]::pg_catalog.name[])",
             &[
-                &spec.table,
+                &table,
                 &spec.tenant_column,
                 &spec.exclude_columns,
                 &spec.public,
+                &spec.include_columns,
             ],
         )
         .await?;
@@ -202,13 +296,17 @@ pub async fn watch(client: &Client, spec: &WatchSpec) -> Result<(), SchemaError>
 /// Removes the capture triggers (`pgfeed.unwatch`).
 pub async fn unwatch(client: &Client, table: &str) -> Result<(), SchemaError> {
     check(client).await?;
+    let table = table_name(table)?;
     client
-        .execute("SELECT pgfeed.unwatch($1::text::regclass)", &[&table])
+        .execute(
+            "SELECT pgfeed.unwatch($1::text::pg_catalog.regclass)",
+            &[&table],
+        )
         .await?;
     Ok(())
 }
 
-/// One watched table, as `pgfeed status` shows it.
+/// One watched table, as `pgfeed status` shows it: names as they are now in the catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Watched {
     /// Qualified table name.
@@ -217,31 +315,82 @@ pub struct Watched {
     pub tenant_column: Option<String>,
     /// Columns kept out of events.
     pub exclude_columns: Vec<String>,
+    /// With an include list, the only columns (besides key and tenant) events carry.
+    pub include_columns: Option<Vec<String>>,
     /// Whether every subscriber may see it.
     pub public: bool,
+    /// Partitions captured with it (empty for an ordinary table).
+    pub partitions: Vec<String>,
+    /// Tables among it and its partitions whose capture triggers are missing or disabled
+    /// (by their owner): their changes are not captured.
+    pub not_capturing: Vec<String>,
 }
 
-/// The watched tables.
+/// The watched tables, with column names read through their attribute numbers, so that
+/// what is shown is what capture does.
 pub async fn watched(client: &Client) -> Result<Vec<Watched>, SchemaError> {
     check(client).await?;
     let rows = client
         .query(
-            "SELECT n.nspname || '.' || c.relname, w.tenant_column::text,
-                    w.exclude_columns::text[], w.public
+            "SELECT n.nspname || '.' || c.relname,
+                    (SELECT a.attname::text FROM pg_catalog.pg_attribute AS a
+                     WHERE a.attrelid = w.tbl AND a.attnum = w.tenant_attnum),
+                    ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute AS a
+                          WHERE a.attrelid = w.tbl AND a.attnum = ANY (w.exclude_attnums)
+                          ORDER BY a.attnum),
+                    CASE WHEN w.include_attnums IS NOT NULL THEN
+                        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute AS a
+                              WHERE a.attrelid = w.tbl AND a.attnum = ANY (w.include_attnums)
+                              ORDER BY a.attnum)
+                    END,
+                    w.public,
+                    ARRAY(SELECT m::text FROM pgfeed._members(w.tbl) AS m
+                          WHERE m <> w.tbl ORDER BY 1),
+                    ARRAY(SELECT m::text FROM pgfeed._members(w.tbl) AS m
+                          WHERE (SELECT count(*) FROM pg_catalog.pg_trigger AS t
+                                 WHERE t.tgrelid = m AND t.tgname LIKE 'pgfeed\\_capture\\_%'
+                                   AND t.tgenabled <> 'D') < 4
+                          ORDER BY 1)
              FROM pgfeed.watched AS w
-             JOIN pg_class AS c ON c.oid = w.tbl
-             JOIN pg_namespace AS n ON n.oid = c.relnamespace
+             JOIN pg_catalog.pg_class AS c ON c.oid = w.tbl
+             JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
              ORDER BY 1",
             &[],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| Watched {
-            table: r.get(0),
-            tenant_column: r.get(1),
-            exclude_columns: r.get(2),
-            public: r.get(3),
+    rows.iter()
+        .map(|r| {
+            Ok(Watched {
+                table: r.try_get(0)?,
+                tenant_column: r.try_get(1)?,
+                exclude_columns: r.try_get(2)?,
+                include_columns: r.try_get(3)?,
+                public: r.try_get(4)?,
+                partitions: r.try_get(5)?,
+                not_capturing: r.try_get(6)?,
+            })
         })
-        .collect())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::table_name;
+
+    #[test]
+    fn table_names_follow_postgresql_rules() {
+        assert_eq!(table_name("orders").unwrap(), r#"public."orders""#);
+        assert_eq!(table_name("ORDERS").unwrap(), r#"public."orders""#);
+        assert_eq!(table_name("Shop.Orders").unwrap(), r#""shop"."orders""#);
+        assert_eq!(
+            table_name(r#""Mixed Case""#).unwrap(),
+            r#"public."Mixed Case""#
+        );
+        assert_eq!(table_name(r#""a.b"."x""y""#).unwrap(), r#""a.b"."x""y""#);
+        for bad in [
+            "", "a.b.c", "a..b", "\"open", "a b", "1abc", "a;drop", "\"\"",
+        ] {
+            assert!(table_name(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
 }

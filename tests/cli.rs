@@ -109,7 +109,10 @@ async fn install_is_idempotent_and_watch_validates() {
     assert_eq!(status["schema_version"], pgfeed::schema::VERSION);
     assert_eq!(
         status["watched"],
-        serde_json::json!([{"table": "public.items", "tenant_column": "tenant", "exclude_columns": ["secret"], "public": false}])
+        serde_json::json!([{
+            "table": "public.items", "tenant_column": "tenant", "exclude_columns": ["secret"],
+            "include_columns": null, "public": false, "partitions": [], "not_capturing": [],
+        }])
     );
 
     // Watching again replaces the settings rather than failing or doubling triggers.
