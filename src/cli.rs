@@ -53,7 +53,11 @@ pub enum Command {
         #[arg(long, value_name = "COL")]
         tenant_column: Option<String>,
         /// Column that never leaves the database (repeatable).
-        #[arg(long = "exclude-column", value_name = "COL", conflicts_with = "include_columns")]
+        #[arg(
+            long = "exclude-column",
+            value_name = "COL",
+            conflicts_with = "include_columns"
+        )]
         exclude_columns: Vec<String>,
         /// Publish only this column, besides the key and the tenant column (repeatable);
         /// columns added later are not published.
