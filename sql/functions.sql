@@ -627,10 +627,10 @@ BEGIN
 END
 $$;
 
--- Re-applies every watched table (pgfeed._apply), forgets tables that are gone, and removes
--- capture triggers from tables that no longer belong to a watched table (a detached
--- partition). Returns whether anything changed.
-CREATE OR REPLACE FUNCTION pgfeed._reconcile() RETURNS boolean
+-- Re-applies the watched tables among `roots` (all when NULL) with pgfeed._apply, forgets
+-- tables that are gone, and removes capture triggers from tables that no longer belong to a
+-- watched table (a detached partition). Returns whether anything changed.
+CREATE OR REPLACE FUNCTION pgfeed._reconcile(roots regclass[] DEFAULT NULL) RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -643,7 +643,8 @@ BEGIN
     IF FOUND THEN
         changed := true;
     END IF;
-    FOR t IN SELECT w.tbl FROM pgfeed.watched AS w ORDER BY w.tbl LOOP
+    FOR t IN SELECT w.tbl FROM pgfeed.watched AS w
+             WHERE roots IS NULL OR w.tbl = ANY (roots) ORDER BY w.tbl LOOP
         IF pgfeed._apply(t) THEN
             changed := true;
         END IF;
@@ -663,9 +664,11 @@ END
 $$;
 
 -- The pgfeed_ddl event trigger: after every CREATE TABLE and ALTER TABLE, in the same
--- transaction, re-applies the watched tables' settings, so that a renamed column keeps its
--- role, a new partition is captured, an added column is covered by an include list, and a
--- change that would lose or misroute changes fails instead. Gateways are told to reload
+-- transaction, re-applies the settings of the watched tables the command touched (the
+-- table itself, one of its partitions, a parent it was attached to, an inheritance
+-- relative), so that a renamed column keeps its role, a new partition is captured, an
+-- added column is covered by an include list, and a change that would lose or misroute
+-- changes fails instead. DDL on other tables is left alone. Gateways are told to reload
 -- their catalog when a watched table was touched. It runs as its owner (the installer):
 -- the role running the DDL needs no privilege on pgfeed.
 CREATE OR REPLACE FUNCTION pgfeed._on_ddl() RETURNS event_trigger
@@ -673,19 +676,23 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    changed boolean;
+    touched regclass[];
 BEGIN
     IF NOT EXISTS (SELECT FROM pgfeed.watched)
        AND NOT EXISTS (SELECT FROM pg_trigger AS tg
                        WHERE tg.tgfoid = 'pgfeed._capture_insert'::regproc) THEN
         RETURN;
     END IF;
-    changed := pgfeed._reconcile();
-    IF changed OR EXISTS (
-        SELECT FROM pg_event_trigger_ddl_commands() AS d,
-                    pgfeed.watched AS w, pgfeed._members(w.tbl) AS m
-        WHERE d.classid = 'pg_class'::regclass AND d.objid = m
-    ) THEN
+    SELECT array_agg(DISTINCT w.tbl) INTO touched
+    FROM pg_event_trigger_ddl_commands() AS d, pgfeed.watched AS w
+    WHERE d.classid = 'pg_class'::regclass
+      AND (d.objid IN (SELECT pgfeed._members(w.tbl))
+           OR w.tbl IN (SELECT pgfeed._members(d.objid::regclass))
+           OR EXISTS (SELECT FROM pg_inherits AS i
+                      WHERE (i.inhrelid = d.objid AND i.inhparent = w.tbl)
+                         OR (i.inhparent = d.objid AND i.inhrelid = w.tbl)));
+    -- Detached partitions are found by their triggers whatever was touched.
+    IF pgfeed._reconcile(coalesce(touched, '{}')) OR touched IS NOT NULL THEN
         PERFORM pg_notify('pgfeed', 'watch');
     END IF;
 END
@@ -1010,8 +1017,10 @@ EXCEPTION WHEN insufficient_privilege THEN
 END
 $$;
 
--- Existing watched tables get this version's trigger arguments, in this transaction.
-SELECT pgfeed._reconcile();
+-- Triggers of earlier versions keep working (capture reads a missing argument as before);
+-- the next DDL on a table, or watching it again, gives it this version's arguments. Install
+-- does not do it here: recreating triggers would lock the application's tables, in an
+-- order that could deadlock with its writers.
 
 -- The one-row watermark table is read by every journal query; without statistics the
 -- planner guesses ~2 000 rows and picks costlier plans.
