@@ -13,7 +13,23 @@
 --   functions run code from rendering rows) may insert only rows of its own transaction
 --   with an ordinal of at least 1. Reading and pruning stay governed by privileges alone.
 --
--- The journal tables are locked first, in the order capture takes them, as in migration 2.
+-- Capture reads this view before it writes the journal, so it is replaced first: taking
+-- the journal's locks first would deadlock with a capture that already read it. (It lived
+-- in functions.sql before; an install re-created it there after the journal was locked.)
+-- Casts to json or jsonb with a function, created after initdb (oid 16384 and up). When
+-- there are none, as in most databases, capture skips _check_casts: this is one probe of
+-- pg_cast's oid index. INOUT and binary casts run no user code.
+-- Its operators are written qualified, with typed literals, so that what it binds to does
+-- not depend on the search_path it was created under (install also pins that): a view is
+-- bound once, and this one runs as pgfeed_capture inside every capture, before the
+-- rendering sandbox.
+CREATE OR REPLACE VIEW pgfeed.json_casts_since_initdb AS
+    SELECT c.oid FROM pg_catalog.pg_cast AS c
+    WHERE c.oid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid
+      AND c.casttarget OPERATOR(pg_catalog.=) ANY ('{114,3802}'::pg_catalog.oid[])
+      AND c.castfunc OPERATOR(pg_catalog.<>) 0::pg_catalog.oid;
+
+-- The journal tables are locked next, in the order capture takes them, as in migration 2.
 SET LOCAL lock_timeout = '30s';
 LOCK TABLE pgfeed.changes, pgfeed.commits, pgfeed.watched IN ACCESS EXCLUSIVE MODE;
 

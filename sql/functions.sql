@@ -27,18 +27,9 @@
 --   * a statement that changed one row, the common case, is journaled by an INSERT ...
 --     VALUES of PL/pgSQL variables; several rows by one INSERT ... SELECT over unnest().
 
--- Casts to json or jsonb with a function, created after initdb (oid 16384 and up). When
--- there are none, as in most databases, capture skips _check_casts: this is one probe of
--- pg_cast's oid index. INOUT and binary casts run no user code.
--- Its operators are written qualified, with typed literals, so that what it binds to does
--- not depend on the search_path it was created under (install also pins that): a view is
--- bound once, and this one runs as pgfeed_capture inside every capture, before the
--- rendering sandbox.
-CREATE OR REPLACE VIEW pgfeed.json_casts_since_initdb AS
-    SELECT c.oid FROM pg_catalog.pg_cast AS c
-    WHERE c.oid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid
-      AND c.casttarget OPERATOR(pg_catalog.=) ANY ('{114,3802}'::pg_catalog.oid[])
-      AND c.castfunc OPERATOR(pg_catalog.<>) 0::pg_catalog.oid;
+-- pgfeed.json_casts_since_initdb (migration 4): casts to json or jsonb with a function,
+-- created after initdb. When there are none, as in most databases, capture skips
+-- _check_casts.
 
 -- Refuses to capture a table whose rows to_jsonb() would render through a cast to json or
 -- jsonb that a non-superuser defined: to_jsonb() calls such casts, and inside a SECURITY
