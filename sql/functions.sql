@@ -657,14 +657,18 @@ BEGIN
 END
 $$;
 
--- The pgfeed_ddl event trigger: after every CREATE TABLE and ALTER TABLE, in the same
--- transaction, re-applies the settings of the watched tables the command touched (the
--- table itself, one of its partitions, a parent it was attached to, an inheritance
--- relative), so that a renamed column keeps its role, a new partition is captured, an
--- added column is covered by an include list, and a change that would lose or misroute
--- changes fails instead. DDL on other tables is left alone. Gateways are told to reload
--- their catalog when a watched table was touched. It runs as its owner (the installer):
--- the role running the DDL needs no privilege on pgfeed.
+-- The pgfeed_ddl event trigger: after every command that can create, rename, move or
+-- reshape a table (CREATE TABLE, ALTER TABLE, and the ALTER VIEW / MATERIALIZED VIEW /
+-- FOREIGN TABLE / INDEX / SEQUENCE spellings PostgreSQL also accepts on tables, ALTER
+-- SCHEMA), in the same transaction, re-applies the settings of the watched tables the
+-- command touched (the table itself, one of its partitions, a parent it was attached to,
+-- an inheritance relative; every watched table when a schema or type was altered), so
+-- that a renamed column keeps its role, a renamed table or schema renames the events, a
+-- new partition is captured, an added column is covered by an include list, and a change
+-- that would lose or misroute changes fails instead. Gateways are told to reload their
+-- catalog when a watched table was touched. It runs as its owner (the installer): the
+-- role running the DDL needs no privilege on pgfeed. (CREATE/DROP TRIGGER, which
+-- pgfeed._apply itself runs, are not among its tags.)
 CREATE OR REPLACE FUNCTION pgfeed._on_ddl() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -677,14 +681,18 @@ BEGIN
                        WHERE tg.tgfoid = 'pgfeed._capture_insert'::regproc) THEN
         RETURN;
     END IF;
-    SELECT array_agg(DISTINCT w.tbl) INTO touched
-    FROM pg_event_trigger_ddl_commands() AS d, pgfeed.watched AS w
-    WHERE d.classid = 'pg_class'::regclass
-      AND (d.objid IN (SELECT pgfeed._members(w.tbl))
+    IF EXISTS (SELECT FROM pg_event_trigger_ddl_commands() AS d
+               WHERE d.classid <> 'pg_class'::regclass) THEN
+        SELECT array_agg(w.tbl) INTO touched FROM pgfeed.watched AS w;
+    ELSE
+        SELECT array_agg(DISTINCT w.tbl) INTO touched
+        FROM pg_event_trigger_ddl_commands() AS d, pgfeed.watched AS w
+        WHERE d.objid IN (SELECT pgfeed._members(w.tbl))
            OR w.tbl IN (SELECT pgfeed._members(d.objid::regclass))
            OR EXISTS (SELECT FROM pg_inherits AS i
                       WHERE (i.inhrelid = d.objid AND i.inhparent = w.tbl)
-                         OR (i.inhparent = d.objid AND i.inhrelid = w.tbl)));
+                         OR (i.inhparent = d.objid AND i.inhrelid = w.tbl));
+    END IF;
     -- Detached partitions are found by their triggers whatever was touched.
     IF pgfeed._reconcile(coalesce(touched, '{}')) OR touched IS NOT NULL THEN
         PERFORM pg_notify('pgfeed', 'watch');
@@ -692,16 +700,30 @@ BEGIN
 END
 $$;
 
--- The pgfeed_drop event trigger: a dropped watched table leaves pgfeed.watched.
+-- The pgfeed_drop event trigger, after every command that drops something: a dropped
+-- watched table leaves pgfeed.watched, and when a table, column or index went (a column
+-- can also go with a type, domain or function it depends on, `DROP ... CASCADE`), the
+-- watched tables are re-applied, so that dropping a tenant column or a primary key fails
+-- whatever command did it, and dropped excluded or included columns leave the lists.
 CREATE OR REPLACE FUNCTION pgfeed._on_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    changed boolean;
 BEGIN
     DELETE FROM pgfeed.watched AS w
     USING pg_event_trigger_dropped_objects() AS d
     WHERE d.classid = 'pg_class'::regclass AND d.objid = w.tbl AND d.objsubid = 0;
-    IF FOUND THEN
+    changed := FOUND;
+    IF EXISTS (SELECT FROM pgfeed.watched)
+       AND EXISTS (SELECT FROM pg_event_trigger_dropped_objects() AS d
+                   WHERE d.classid = 'pg_class'::regclass) THEN
+        IF pgfeed._reconcile(NULL) THEN
+            changed := true;
+        END IF;
+    END IF;
+    IF changed THEN
         PERFORM pg_notify('pgfeed', 'watch');
     END IF;
 END
@@ -993,18 +1015,18 @@ $$;
 
 -- Event triggers that keep watched tables right through DDL (pgfeed._on_ddl, _on_drop).
 -- Creating them needs a superuser; without them pgfeed.watch refuses to watch anything.
+-- Re-created by every install, so that their tags are this version's.
 DO $$
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'pgfeed_ddl') THEN
-        CREATE EVENT TRIGGER pgfeed_ddl ON ddl_command_end
-            WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
-            EXECUTE FUNCTION pgfeed._on_ddl();
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'pgfeed_drop') THEN
-        CREATE EVENT TRIGGER pgfeed_drop ON sql_drop
-            WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
-            EXECUTE FUNCTION pgfeed._on_drop();
-    END IF;
+    DROP EVENT TRIGGER IF EXISTS pgfeed_ddl;
+    DROP EVENT TRIGGER IF EXISTS pgfeed_drop;
+    CREATE EVENT TRIGGER pgfeed_ddl ON ddl_command_end
+        WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'ALTER VIEW', 'ALTER MATERIALIZED VIEW',
+                     'ALTER FOREIGN TABLE', 'ALTER INDEX', 'ALTER SEQUENCE', 'ALTER SCHEMA',
+                     'ALTER TYPE')
+        EXECUTE FUNCTION pgfeed._on_ddl();
+    CREATE EVENT TRIGGER pgfeed_drop ON sql_drop
+        EXECUTE FUNCTION pgfeed._on_drop();
 EXCEPTION WHEN insufficient_privilege THEN
     RAISE WARNING 'pgfeed: cannot create the event triggers pgfeed_ddl and pgfeed_drop (needs a superuser); tables cannot be watched until they exist'
         USING HINT = 'Run pgfeed install as a superuser.';
