@@ -5,9 +5,13 @@
 //!
 //! The gateway it runs is the ordinary one ([`crate::serve`]) with the configured
 //! settings; the demo only fills in what a first run lacks (a database, an HS256 secret,
-//! the page's origin in `cors.allowed_origins`). When it stops it stops everything it
-//! started, and removes the throwaway cluster. It never alters a table of yours: with a
-//! database configured it only creates `demo_orders` (and its touch trigger) if absent.
+//! the page's origin in `cors.allowed_origins`), and reads its tokens through claims of its
+//! own ([`app::TENANT_CLAIM`], [`app::TABLES_CLAIM`]), so that the tokens its page hands
+//! out see only the demo table and are refused by any other gateway, even one that shares
+//! the configured secret. It listens on loopback addresses only, unless told otherwise
+//! (`--allow-remote`). When it stops it stops everything it started, and removes the
+//! throwaway cluster. It never alters a table of yours: with a database configured it only
+//! creates `demo_orders` (and its touch trigger) if absent.
 
 pub mod app;
 
@@ -36,7 +40,8 @@ CREATE TABLE public.demo_orders (
     amount     numeric(10, 2) NOT NULL DEFAULT 0,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE FUNCTION public.demo_orders_touch() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION public.demo_orders_touch() RETURNS trigger LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     NEW.updated_at := now();
     RETURN NEW;
@@ -61,6 +66,12 @@ pub struct Options {
     pub page_listen: Option<SocketAddr>,
     /// Lifetime of the tokens the demo mints (printed for `curl`, handed to the page).
     pub token_ttl: Duration,
+    /// Whether the gateway and the page may listen on addresses other machines can reach
+    /// (`--allow-remote`); without it such an address is refused.
+    pub allow_remote: bool,
+    /// Where the gateway's address came from, for the message that refuses it:
+    /// `--listen` or `server.listen`.
+    pub listen_setting: &'static str,
 }
 
 /// Why the demo could not run.
@@ -90,6 +101,20 @@ pub enum DemoError {
     /// The gateway.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// An address other machines could reach, without `--allow-remote`.
+    #[error(
+        "{setting} {addr} is not a loopback address: the demo's {what} would be reachable \
+         from other machines, and its page hands out tokens to whoever reaches it; use \
+         127.0.0.1, or pass --allow-remote to listen there anyway"
+    )]
+    Remote {
+        /// The address.
+        addr: SocketAddr,
+        /// The flag or key that set it.
+        setting: &'static str,
+        /// `gateway` or `live page`.
+        what: &'static str,
+    },
     /// An address could not be bound.
     #[error("cannot listen on {addr} for the {what}")]
     Bind {
@@ -122,10 +147,15 @@ pub async fn run(
     // Phase 1: settings, and both ports, before the slow work, so that a taken port fails
     // at once.
     prepare_auth(&mut config)?;
-    let gateway_listener = bind(config.listen, "gateway").await?;
     let page_addr = options
         .page_listen
         .unwrap_or_else(|| default_page_addr(config.listen));
+    if !options.allow_remote {
+        local_only(config.listen, options.listen_setting, "gateway")?;
+        // A page address derived from the gateway's is loopback when that one is.
+        local_only(page_addr, "--page-listen", "live page")?;
+    }
+    let gateway_listener = bind(config.listen, "gateway").await?;
     let page_listener = bind(page_addr, "live page (choose another with --page-listen)").await?;
     let page_addr = page_listener
         .local_addr()
@@ -137,8 +167,15 @@ pub async fn run(
     config
         .cors_origins
         .extend(page_origins(page_addr, &config.cors_origins));
+    if !config.listen.ip().is_loopback() {
+        tracing::warn!(gateway = %config.listen, "--allow-remote: other machines can reach the demo's gateway");
+    }
     if !page_addr.ip().is_loopback() {
-        tracing::warn!(page = %page_addr, "the demo page hands out tokens for any tenant to whoever can reach it; keep it on a loopback address");
+        tracing::warn!(
+            page = %page_addr,
+            "--allow-remote: other machines can reach the demo page, which hands out tokens \
+             for the demo table to whoever reaches it, under any host name"
+        );
     }
 
     // Phase 2: the database, throwaway unless one is configured.
@@ -235,8 +272,15 @@ async fn run_with_database(
             .then(|| format!("http://{}", browser_addr(gateway_addr))),
         gateway_port: gateway_addr.port(),
         psql: psql.clone(),
+        page_port: page_addr.port(),
+        loopback_only: page_addr.ip().is_loopback(),
     });
-    let curl_token = crate::auth::mint(&config.auth, "acme", None, options.token_ttl)?;
+    let curl_token = crate::auth::mint(
+        &config.auth,
+        app::TENANTS[0],
+        Some(&[app::TABLE.to_string()]),
+        options.token_ttl,
+    )?;
 
     let gateway = tokio::spawn(crate::serve(
         config.clone(),
@@ -288,7 +332,8 @@ async fn run_with_database(
 }
 
 /// The demo mints tokens, so it needs an HS256 secret: the configured one, or a random one
-/// for this run.
+/// for this run. Its gateway reads the demo's own claims, which no other gateway reads: a
+/// token its page mints with the configured secret names no tenant anywhere else.
 fn prepare_auth(config: &mut Config) -> Result<(), DemoError> {
     let auth = &mut config.auth;
     if auth.mode != AuthMode::Jwt {
@@ -312,7 +357,26 @@ fn prepare_auth(config: &mut Config) -> Result<(), DemoError> {
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         auth.secret = Some(Secret::new(hex));
     }
+    auth.tenant_claim = app::TENANT_CLAIM.into();
+    auth.tables_claim = Some(app::TABLES_CLAIM.into());
     Ok(())
+}
+
+/// Refuses an address that other machines can reach; `setting` names where it was set.
+fn local_only(
+    addr: SocketAddr,
+    setting: &'static str,
+    what: &'static str,
+) -> Result<(), DemoError> {
+    if addr.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(DemoError::Remote {
+            addr,
+            setting,
+            what,
+        })
+    }
 }
 
 /// The page's address when none is given: the gateway's, with the next port (8081 next
@@ -332,26 +396,54 @@ async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, DemoE
 }
 
 /// Creates the demo table with its seed rows if it does not exist; returns whether it did.
+///
+/// It takes no lock of its own (an advisory lock's key is public: any role could hold it
+/// and stall the demo). Two demos starting at once on one database both find no table;
+/// the second's `CREATE TABLE` waits on the catalog's unique indexes until the first
+/// commits, then fails as a duplicate, and the second, trying again, finds the table.
 async fn create_table(client: &mut tokio_postgres::Client) -> Result<bool, DemoError> {
     let failed = |source: tokio_postgres::Error| DemoError::Table {
         message: db::describe(&source),
         source,
     };
-    let tx = client.transaction().await.map_err(failed)?;
-    // Two demos starting at once on one database: the second waits, then finds the table.
-    tx.batch_execute("SELECT pg_advisory_xact_lock(1885824612, 7)")
-        .await
-        .map_err(failed)?;
-    let exists: bool = tx
-        .query_one("SELECT to_regclass('public.demo_orders') IS NOT NULL", &[])
-        .await
-        .map_err(failed)?
-        .get(0);
-    if !exists {
-        tx.batch_execute(CREATE_TABLE).await.map_err(failed)?;
+    let mut retried = false;
+    loop {
+        let tx = client.transaction().await.map_err(failed)?;
+        let exists: bool = tx
+            .query_one("SELECT to_regclass('public.demo_orders') IS NOT NULL", &[])
+            .await
+            .map_err(failed)?
+            .get(0);
+        if exists {
+            tx.commit().await.map_err(failed)?;
+            return Ok(false);
+        }
+        match tx.batch_execute(CREATE_TABLE).await {
+            Ok(()) => {
+                tx.commit().await.map_err(failed)?;
+                return Ok(true);
+            }
+            Err(err) if !retried && created_meanwhile(&err) => {
+                tx.rollback().await.map_err(failed)?;
+                retried = true;
+            }
+            Err(err) => return Err(failed(err)),
+        }
     }
-    tx.commit().await.map_err(failed)?;
-    Ok(!exists)
+}
+
+/// Whether creating the demo table failed because another session created it first.
+fn created_meanwhile(err: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    err.code().is_some_and(|code| {
+        [
+            SqlState::UNIQUE_VIOLATION,
+            SqlState::DUPLICATE_TABLE,
+            SqlState::DUPLICATE_FUNCTION,
+            SqlState::DUPLICATE_OBJECT,
+        ]
+        .contains(code)
+    })
 }
 
 /// Origins the page is reached from, for CORS: its address, and for a loopback address

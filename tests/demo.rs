@@ -279,3 +279,394 @@ fn readme_tries_and_tests_with_one_command_each() {
         "Cargo.toml needs `default-run = \"pgfeed\"` for `cargo run -- demo`"
     );
 }
+
+// Issue 15, item 10, as an attacker acts: the demo pointed at a real database with the
+// real secret (`DATABASE_URL`, `PGFEED_AUTH_SECRET`), next to the production gateway that
+// uses the same secret, and a web page elsewhere that reaches the demo through a browser.
+
+/// The demo, as someone tries it against their real database with the real secret.
+fn demo_with_the_real_secret(db: &TestDb, args: &[&str]) -> DemoProcess {
+    DemoProcess::start(
+        args,
+        &[
+            ("DATABASE_URL", db.url.as_str()),
+            ("PGFEED_AUTH_SECRET", support::SECRET),
+        ],
+    )
+}
+
+/// A GET with `Host: host` (or none), as a page on another origin gets a browser to send
+/// it after rebinding its name to 127.0.0.1.
+async fn get_with_host(addr: SocketAddr, host: Option<&str>, path: &str) -> support::Response {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut conn = tokio::net::TcpStream::connect(addr).await?;
+        let head = match host {
+            Some(host) => {
+                format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+            }
+            None => format!("GET {path} HTTP/1.0\r\n\r\n"),
+        };
+        conn.write_all(head.as_bytes()).await?;
+        let mut bytes = Vec::new();
+        conn.read_to_end(&mut bytes).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    let text = tokio::time::timeout(SOON, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("GET {path} with Host {host:?}: no answer"))
+        .unwrap_or_else(|e| panic!("GET {path} with Host {host:?}: {e}"));
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    support::Response {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+/// Asks the demo page for a token; returns the response.
+async fn ask_token(page: SocketAddr, query: &str) -> support::Response {
+    support::get_soon(page, &format!("/token?{query}"), &[]).await
+}
+
+fn token_of(r: &support::Response) -> String {
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json()["token"].as_str().expect("a token").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_mints_tokens_only_for_the_tenants_its_page_offers() {
+    let db = TestDb::empty().await;
+    let demo = demo_with_the_real_secret(&db, &["--listen", "127.0.0.1:0"]);
+    let page = addr_of(&demo.banner.page);
+
+    // A production tenant the demo knows nothing of.
+    let r = ask_token(page, "tenant=initech").await;
+    support::assert_error(&r, 403, "a token for another tenant");
+    for near in ["tenant=ACME", "tenant=acme%20", "tenant=acme%00"] {
+        let r = ask_token(page, near).await;
+        support::assert_error(&r, 403, near);
+    }
+
+    // The tenants the page offers: the seed tenants, and any with rows in the demo table.
+    token_of(&ask_token(page, "tenant=acme").await);
+    token_of(&ask_token(page, "tenant=globex").await);
+    db.client()
+        .await
+        .batch_execute("INSERT INTO demo_orders (tenant, item) VALUES ('umbrella', 'Umbrella')")
+        .await
+        .unwrap();
+    let config = support::get_soon(page, "/config", &[]).await.json();
+    assert_eq!(
+        config["tenants"],
+        serde_json::json!(["acme", "globex", "umbrella"])
+    );
+    token_of(&ask_token(page, "tenant=umbrella").await);
+
+    let (status, _, log) = demo.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_demo_token_sees_the_demo_table_and_nothing_else_anywhere() {
+    let db = TestDb::new().await;
+    // A production table with acme's rows, watched, and the production gateway, which
+    // uses the same secret with its default settings.
+    support::tenant_table(&db, "payroll").await;
+    let production = support::Gateway::start(&db).await;
+    let demo = demo_with_the_real_secret(&db, &["--listen", "127.0.0.1:0"]);
+    let page = addr_of(&demo.banner.page);
+    let gateway = addr_of(&demo.banner.gateway);
+
+    // The token endpoint mints for the demo table alone.
+    for query in [
+        "tenant=acme&tables=payroll",
+        "tenant=acme&tables=public.payroll",
+        "tenant=acme&tables=public.demo_orders,public.payroll",
+    ] {
+        let r = ask_token(page, query).await;
+        support::assert_error(&r, 403, query);
+    }
+    token_of(&ask_token(page, "tenant=acme&tables=public.demo_orders").await);
+    let token = token_of(&ask_token(page, "tenant=acme").await);
+    let bearer = format!("Bearer {token}");
+
+    // The production gateway refuses it, although it is signed with its secret.
+    let mut stream =
+        support::SseClient::open(production.addr, "/v1/stream", &[("Authorization", &bearer)])
+            .await;
+    assert_eq!(
+        stream.status, 401,
+        "the production gateway accepted a demo token: {:?}",
+        stream.headers
+    );
+    drop(stream);
+    let curl_token = demo
+        .banner
+        .curl
+        .split("Bearer ")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("the banner's token");
+    stream = support::SseClient::open(
+        production.addr,
+        "/v1/stream",
+        &[("Authorization", &format!("Bearer {curl_token}"))],
+    )
+    .await;
+    assert_eq!(stream.status, 401, "the banner's token, at production");
+    drop(stream);
+
+    // The demo's own gateway, on the same database, refuses it the production table...
+    let asked = support::get_soon(
+        gateway,
+        "/v1/stream?tables=payroll",
+        &[("Authorization", &bearer)],
+    )
+    .await;
+    support::assert_error(&asked, 403, "the demo gateway, tables=payroll");
+    // ...and a stream that names no table carries the demo table's changes alone.
+    let mut stream =
+        support::SseClient::open(gateway, "/v1/stream", &[("Authorization", &bearer)]).await;
+    assert_eq!(stream.status, 200);
+    stream.until_live().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO payroll (tenant, body, secret) VALUES ('acme', 'salary', '120000');
+             INSERT INTO demo_orders (tenant, item) VALUES ('acme', 'after payroll');",
+        )
+        .await
+        .unwrap();
+    let change = stream.next_change().await;
+    assert_eq!(change["table"], "public.demo_orders", "{change}");
+    assert!(!stream.raw.contains("120000"), "{}", stream.raw);
+    drop(stream);
+
+    let (status, _, log) = demo.stop();
+    assert!(status.success(), "{log}");
+    production.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_page_answers_only_its_loopback_names() {
+    let db = TestDb::empty().await;
+    let demo = demo_with_the_real_secret(&db, &["--listen", "127.0.0.1:0"]);
+    let page = addr_of(&demo.banner.page);
+    let port = page.port();
+
+    // A rebinding page's requests carry its own name; a request without Host names none.
+    for host in [
+        format!("evil.example:{port}"),
+        "evil.example".to_string(),
+        format!("localhost.evil.example:{port}"),
+        format!("127.0.0.1.nip.io:{port}"),
+        format!("localhost:{}", port.wrapping_add(1)),
+    ] {
+        for path in ["/token?tenant=acme", "/rows?tenant=acme", "/config", "/"] {
+            let r = get_with_host(page, Some(&host), path).await;
+            support::assert_error(&r, 403, &format!("Host: {host}, {path}"));
+        }
+    }
+    let r = get_with_host(page, None, "/token?tenant=acme").await;
+    support::assert_error(&r, 403, "no Host");
+
+    // The names the page is reached by on this machine.
+    for host in [
+        format!("localhost:{port}"),
+        format!("LocalHost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        let r = get_with_host(page, Some(&host), "/token?tenant=acme").await;
+        token_of(&r);
+    }
+
+    let (status, _, log) = demo.stop();
+    assert!(status.success(), "{log}");
+}
+
+/// Runs `pgfeed demo ARGS` with `env`, expecting it to fail at once; returns its stderr.
+fn demo_fails(args: &[&str], env: &[(&str, &str)]) -> String {
+    let log = std::env::temp_dir().join(format!("pgfeed-demo-refused-{}.log", free_port()));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pgfeed"));
+    command
+        .arg("demo")
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("PGFEED_DATABASE_URL")
+        .env_remove("PGFEED_AUTH_SECRET")
+        .env_remove("PGFEED_SERVER_LISTEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().unwrap();
+    let deadline = Instant::now() + SOON;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            // Our own child, by its id: it stops what it started.
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    match status {
+        Some(status) => assert!(!status.success(), "pgfeed demo {args:?} succeeded:\n{err}"),
+        None => panic!("pgfeed demo {args:?} was still running after {SOON:?}:\n{err}"),
+    }
+    err
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_refuses_a_remote_address_unless_told_to_allow_it() {
+    let db = TestDb::empty().await;
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("PGFEED_AUTH_SECRET", support::SECRET),
+    ];
+    for (args, extra, setting) in [
+        (&["--listen", "0.0.0.0:0"][..], None, "--listen"),
+        (&["--listen", "[::]:0"][..], None, "--listen"),
+        (
+            &["--listen", "127.0.0.1:0", "--page-listen", "0.0.0.0:0"][..],
+            None,
+            "--page-listen",
+        ),
+        (
+            &[][..],
+            Some(("PGFEED_SERVER_LISTEN", "0.0.0.0:0")),
+            "server.listen",
+        ),
+    ] {
+        let mut env = env.to_vec();
+        env.extend(extra);
+        let err = demo_fails(args, &env);
+        assert!(
+            err.contains(setting) && err.contains("--allow-remote"),
+            "{args:?} {extra:?}: names {setting} and --allow-remote:\n{err}"
+        );
+        assert!(
+            err.contains("not a loopback address"),
+            "{args:?}: says why:\n{err}"
+        );
+    }
+    // Refused before touching the database.
+    let schema: Option<String> = db
+        .client()
+        .await
+        .query_one("SELECT to_regnamespace('pgfeed')::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(schema, None, "the demo installed nothing");
+
+    // Told to, it listens everywhere, and warns.
+    let demo = demo_with_the_real_secret(&db, &["--listen", "0.0.0.0:0", "--allow-remote"]);
+    let page = addr_of(&demo.banner.page);
+    token_of(&ask_token(page, "tenant=acme").await);
+    let (status, _, log) = demo.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("--allow-remote: other machines can reach the demo page"),
+        "a warning: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_holding_an_advisory_lock_does_not_stall_the_demo() {
+    let db = TestDb::empty().await;
+    // Any role may take any advisory lock: this one held the demo's old key.
+    let holder = db.client().await;
+    holder
+        .batch_execute("SELECT pg_advisory_lock(1885824612, 7)")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let demo = demo_with_the_real_secret(&db, &["--listen", "127.0.0.1:0"]);
+    assert!(
+        started.elapsed() < SOON,
+        "the demo waited {:?} for the lock",
+        started.elapsed()
+    );
+    assert!(
+        demo.banner.database.contains("demo_orders created"),
+        "{}",
+        demo.banner.database
+    );
+    let (status, _, log) = demo.stop();
+    assert!(status.success(), "{log}");
+    drop(holder);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_demo_finds_the_table_another_session_was_creating() {
+    let db = TestDb::new().await;
+    // Another demo, say, has created the table and not yet committed.
+    let mut other = db.client().await;
+    let tx = other.transaction().await.unwrap();
+    tx.batch_execute(
+        "CREATE TABLE public.demo_orders (id serial PRIMARY KEY, tenant text NOT NULL,
+             item text, status text NOT NULL DEFAULT 'new',
+             amount numeric(10, 2) NOT NULL DEFAULT 0,
+             updated_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await
+    .unwrap();
+    let url = db.url.clone();
+    let demo = std::thread::spawn(move || {
+        DemoProcess::start(
+            &["--listen", "127.0.0.1:0"],
+            &[
+                ("DATABASE_URL", url.as_str()),
+                ("PGFEED_AUTH_SECRET", support::SECRET),
+            ],
+        )
+    });
+    // The demo's CREATE TABLE waits on the other transaction...
+    let watcher = db.client().await;
+    support::eventually("the demo waiting to create demo_orders", || async {
+        watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND query LIKE '%CREATE TABLE public.demo_orders%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    // ...which commits: the demo finds the table rather than failing as a duplicate.
+    tx.commit().await.unwrap();
+    let demo = demo.join().expect("the demo starts");
+    assert!(
+        demo.banner.database.contains("demo_orders found"),
+        "{}",
+        demo.banner.database
+    );
+    let (status, _, log) = demo.stop();
+    assert!(status.success(), "{log}");
+}

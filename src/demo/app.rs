@@ -3,13 +3,18 @@
 //! `/config`, `/rows`, `/summary` and `/token`.
 //!
 //! It plays the part of *your* application next to the gateway: it reads the demo table
-//! for the page's fetch-then-subscribe and mints the tokens the page hands to the gateway
-//! (for any tenant asked for, with no login: it is a demo, meant for a loopback address).
-//! The stream itself always comes from the gateway, cross-origin, so the browser test
-//! exercises CORS as a real deployment would. Nothing here serves `/v1`.
+//! for the page's fetch-then-subscribe and mints the tokens the page hands to the gateway,
+//! with no login (it is a demo). So that a demo pointed at a real database with the real
+//! secret hands out nothing of value, it mints only for the tenants the page offers, only
+//! for the demo table, and only under the demo's own claim names (see [`TENANT_CLAIM`]);
+//! and on a loopback address it answers only requests whose `Host` is a loopback name with
+//! its port, so that a web page elsewhere cannot reach it by rebinding its own name to
+//! 127.0.0.1. The stream itself always comes from the gateway, cross-origin, so the
+//! browser test exercises CORS as a real deployment would. Nothing here serves `/v1`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +45,17 @@ pub const TABLE: &str = "public.demo_orders";
 /// The tenants the seed rows belong to; the page offers them even when they have no rows.
 pub const TENANTS: [&str; 2] = ["acme", "globex"];
 
+/// The claim naming the tenant in the demo's tokens, which its gateway is configured to
+/// read instead of `auth.tenant_claim`. The demo may sign with the real `auth.secret`; a
+/// gateway that uses that secret with its own settings finds no tenant in a demo token
+/// and refuses it, whatever else it checks.
+pub const TENANT_CLAIM: &str = "pgfeed_demo_tenant";
+
+/// The claim listing the tables of the demo's tokens (only [`TABLE`]), which its gateway
+/// is configured to read instead of `auth.tables_claim`: the database may have other
+/// watched tables, which a demo token must not see.
+pub const TABLES_CLAIM: &str = "pgfeed_demo_tables";
+
 /// What the demo application needs to answer.
 pub struct App {
     /// Reads the demo table.
@@ -55,6 +71,11 @@ pub struct App {
     pub gateway_port: u16,
     /// The `psql` target shown on the page (a URL or `"$DATABASE_URL"`).
     pub psql: String,
+    /// The page's port, which a request's `Host` must name.
+    pub page_port: u16,
+    /// Whether only loopback names are answered (the page listens on a loopback
+    /// address); off when `--allow-remote` put it on another, whose names are not known.
+    pub loopback_only: bool,
 }
 
 /// Serves the demo application until `shutdown`.
@@ -98,6 +119,12 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: CancellationTok
 }
 
 async fn answer(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if app.loopback_only && !addressed_to_loopback(&req, app.page_port) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "the demo page answers only requests for localhost, 127.0.0.1 or [::1] with its port",
+        );
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return error(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed here");
     }
@@ -113,7 +140,10 @@ async fn answer(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/config" => config(app).await,
         "/rows" => with_tenant(tenant, |t| rows(app, t)).await,
         "/summary" => with_tenant(tenant, |t| summary(app, t)).await,
-        "/token" => with_tenant(tenant, |t| async move { token(app, t) }).await,
+        "/token" => {
+            let tables = query.get("tables").map(String::as_str);
+            with_tenant(tenant, |t| token(app, t, tables)).await
+        }
         _ => error(StatusCode::NOT_FOUND, "no such page"),
     }
 }
@@ -196,8 +226,72 @@ async fn summary(app: &App, tenant: &str) -> Response<Full<Bytes>> {
     }
 }
 
-fn token(app: &App, tenant: &str) -> Response<Full<Bytes>> {
-    match crate::auth::mint(&app.auth, tenant, None, app.token_ttl) {
+/// Whether a request names this page by a loopback name or address and its port, in
+/// `Host` and in an absolute request target if it has one. A page elsewhere whose name
+/// was rebound to 127.0.0.1 reaches the socket, but the browser sends its name.
+fn addressed_to_loopback<B>(req: &Request<B>, port: u16) -> bool {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok());
+    let target = req.uri().authority().map(|a| a.as_str());
+    host.is_some_and(|h| loopback_host(h, port)) && target.is_none_or(|t| loopback_host(t, port))
+}
+
+/// Whether `host` (`name[:port]`) is `localhost` or a loopback address, with `port`.
+fn loopback_host(host: &str, port: u16) -> bool {
+    let (name, given) = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((name, "")) => (name, None),
+            Some((name, tail)) => match tail.strip_prefix(':') {
+                Some(p) => (name, Some(p)),
+                None => return false,
+            },
+            None => return false,
+        },
+        None => match host.split_once(':') {
+            Some((name, p)) => (name, Some(p)),
+            None => (host, None),
+        },
+    };
+    let port_matches = match given {
+        Some(p) => p.parse::<u16>() == Ok(port) && p.bytes().all(|b| b.is_ascii_digit()),
+        None => port == 80,
+    };
+    let bracketed = host.starts_with('[');
+    let loopback = match name.parse::<IpAddr>() {
+        Ok(IpAddr::V6(ip)) => bracketed && ip.is_loopback(),
+        Ok(IpAddr::V4(ip)) => !bracketed && ip.is_loopback(),
+        Err(_) => !bracketed && name.eq_ignore_ascii_case("localhost"),
+    };
+    port_matches && loopback
+}
+
+/// Mints a token for `tenant` limited to the demo table, if the page offers that tenant
+/// and `tables` (if asked for) names nothing else.
+async fn token(app: &App, tenant: &str, tables: Option<&str>) -> Response<Full<Bytes>> {
+    if let Some(tables) = tables
+        && tables
+            .split(',')
+            .any(|t| crate::auth::qualify(t.trim()) != TABLE)
+    {
+        return error(
+            StatusCode::FORBIDDEN,
+            "the demo mints tokens for its own table, public.demo_orders, and no other",
+        );
+    }
+    match offered(app, tenant).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return error(
+                StatusCode::FORBIDDEN,
+                "the demo mints tokens only for the tenants its page offers: acme, globex \
+                 and those with rows in public.demo_orders",
+            );
+        }
+        Err(response) => return response,
+    }
+    match crate::auth::mint(&app.auth, tenant, Some(&[TABLE.to_string()]), app.token_ttl) {
         Ok(token) => json(
             StatusCode::OK,
             serde_json::json!({ "token": token, "expires_in": app.token_ttl.as_secs() })
@@ -208,6 +302,25 @@ fn token(app: &App, tenant: &str) -> Response<Full<Bytes>> {
             error(StatusCode::INTERNAL_SERVER_ERROR, "cannot mint a token")
         }
     }
+}
+
+/// Whether the page offers `tenant`: a seed tenant, or one with rows in the demo table
+/// (what [`config`] lists).
+async fn offered(app: &App, tenant: &str) -> Result<bool, Response<Full<Bytes>>> {
+    if TENANTS.contains(&tenant) {
+        return Ok(true);
+    }
+    if tenant.contains('\0') {
+        // Not a value a text column can hold.
+        return Ok(false);
+    }
+    let found = query_text(
+        app,
+        "SELECT EXISTS (SELECT FROM public.demo_orders WHERE tenant = $1)::text",
+        Some(tenant),
+    )
+    .await?;
+    Ok(found == "true")
 }
 
 async fn query_text(
@@ -265,4 +378,63 @@ fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
         status,
         serde_json::json!({ "error": { "code": code, "message": message } }).to_string(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_names_with_the_port_are_answered() {
+        for host in [
+            "localhost:8081",
+            "LOCALHOST:8081",
+            "127.0.0.1:8081",
+            "127.0.0.2:8081",
+            "[::1]:8081",
+        ] {
+            assert!(loopback_host(host, 8081), "{host}");
+        }
+        assert!(loopback_host("localhost", 80));
+        for host in [
+            "evil.example:8081",
+            "localhost.evil.example:8081",
+            "127.0.0.1.nip.io:8081",
+            "localhost:8082",
+            "localhost",
+            "localhost:",
+            "localhost:+8081",
+            "localhost:8081:8081",
+            "[::1]",
+            "[::1]8081",
+            "::1:8081",
+            "[127.0.0.1]:8081",
+            "[localhost]:8081",
+            "10.0.0.1:8081",
+            "[::ffff:10.0.0.1]:8081",
+            "",
+        ] {
+            assert!(!loopback_host(host, 8081), "{host}");
+        }
+    }
+
+    #[test]
+    fn an_absolute_target_must_name_loopback_too() {
+        let req = |target: &str, host: Option<&str>| {
+            let mut b = Request::get(target);
+            if let Some(h) = host {
+                b = b.header(header::HOST, h);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(addressed_to_loopback(
+            &req("/token", Some("localhost:8081")),
+            8081
+        ));
+        assert!(!addressed_to_loopback(&req("/token", None), 8081));
+        assert!(!addressed_to_loopback(
+            &req("http://evil.example:8081/token", Some("localhost:8081")),
+            8081
+        ));
+    }
 }
