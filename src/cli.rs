@@ -44,7 +44,12 @@ pub enum Command {
     /// Install or upgrade the pgfeed schema (idempotent).
     Install,
     /// Remove the pgfeed schema, its journal and every capture trigger.
-    Uninstall,
+    Uninstall {
+        /// Uninstall even while gateways are listening on the database (they report the
+        /// schema missing until it is installed again).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Start capturing changes of a table.
     Watch {
         /// The table (`orders` or `schema.orders`).
@@ -102,6 +107,10 @@ pub enum Command {
         /// Lifetime of the tokens the demo mints, like `1h` or `30s`.
         #[arg(long, default_value = "1h")]
         token_ttl: String,
+        /// Allow a gateway or page address that is not loopback: other machines can then
+        /// reach the page, which hands out demo tokens to anyone.
+        #[arg(long)]
+        allow_remote: bool,
     },
 }
 
@@ -134,6 +143,16 @@ pub enum CliError {
     /// Starting the async runtime.
     #[error("cannot start the runtime")]
     Runtime(#[source] std::io::Error),
+    /// `uninstall` without `--yes` while gateways listen.
+    #[error(
+        "{gateways} pgfeed gateway(s) are listening on this database (see `pgfeed status`): \
+         stop them first, or pass --yes to uninstall anyway (they then report the schema \
+         missing until `pgfeed install` runs again)"
+    )]
+    GatewaysListening {
+        /// How many LISTEN connections of gateways were found.
+        gateways: i64,
+    },
     /// Binding the listen address.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -225,9 +244,35 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Command::Uninstall => {
+        Command::Uninstall { yes } => {
             let mut client = client(&config).await?;
+            // Gateways are seen by their LISTEN connections, as `status` lists them.
+            let row = client
+                .query_one(
+                    "SELECT (SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity
+                             WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database()
+                               AND application_name OPERATOR(pg_catalog.=) $1),
+                            pg_catalog.to_regnamespace('pgfeed') IS NOT NULL",
+                    &[&crate::listener::APPLICATION_NAME],
+                )
+                .await
+                .map_err(SchemaError::from)?;
+            let (gateways, installed): (i64, bool) = (row.get(0), row.get(1));
+            if gateways > 0 && installed {
+                if !*yes {
+                    return Err(CliError::GatewaysListening { gateways });
+                }
+                eprintln!(
+                    "warning: {gateways} pgfeed gateway(s) are listening on this database; they report the schema missing (/readyz 503) until `pgfeed install` runs again"
+                );
+            }
             if schema::uninstall(&mut client).await? {
+                // Rings every gateway's catalog reload, so that they notice at once
+                // rather than at their next periodic reload.
+                client
+                    .execute("SELECT pg_catalog.pg_notify('pgfeed', 'watch')", &[])
+                    .await
+                    .map_err(SchemaError::from)?;
                 eprintln!("removed the pgfeed schema, its journal and all capture triggers");
             } else {
                 eprintln!("the pgfeed schema was not installed; nothing to do");
@@ -261,9 +306,10 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
         }
         Command::Status { json } => status(&config, *json).await,
         Command::Demo {
+            listen,
             page_listen,
             token_ttl,
-            ..
+            allow_remote,
         } => {
             let token_ttl = humantime::parse_duration(token_ttl)
                 .ok()
@@ -282,6 +328,12 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
             let options = crate::demo::Options {
                 page_listen: *page_listen,
                 token_ttl,
+                allow_remote: *allow_remote,
+                listen_setting: if listen.is_some() {
+                    "--listen"
+                } else {
+                    "server.listen"
+                },
             };
             crate::demo::run(config, options, shutdown).await?;
             Ok(())

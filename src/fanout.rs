@@ -79,6 +79,9 @@ struct Inner {
     per_tenant: HashMap<Arc<str>, usize>,
     /// Token buckets for new streams per tenant: (tokens, last refill).
     buckets: HashMap<Arc<str>, (f64, Instant)>,
+    /// How many times the journal was recreated under this hub ([`Hub::restart`]): a
+    /// subscription of an earlier epoch holds a position of a journal that is gone.
+    epoch: u64,
 }
 
 /// How much of the recent feed the hub keeps in memory by default (`server.replay_memory`):
@@ -102,6 +105,8 @@ pub struct Subscription {
     pub receiver: broadcast::Receiver<Arc<Change>>,
     /// Everything up to this position was published before the receiver existed.
     pub from: Position,
+    /// The hub's epoch when the receiver was made.
+    epoch: u64,
     /// Releases the admission counts on drop.
     place: Place,
 }
@@ -110,10 +115,13 @@ impl Subscription {
     /// Replaces a receiver whose channel was closed by [`Hub::gap`] with one of the
     /// tenant's current channel (created if needed), keeping this subscription's place.
     /// Changes published from now on reach the new receiver; the caller catches up on
-    /// the rest.
-    pub fn resubscribe(&mut self) {
+    /// the rest. Returns true when the journal was recreated ([`Hub::restart`]) since the
+    /// old receiver was made: the caller's position means nothing any more.
+    pub fn resubscribe(&mut self) -> bool {
         let hub = &self.place.hub;
         let mut inner = hub.lock();
+        let restarted = self.epoch != inner.epoch;
+        self.epoch = inner.epoch;
         self.receiver = match inner.channels.get(&self.place.tenant) {
             Some(sender) => sender.subscribe(),
             None => {
@@ -124,6 +132,7 @@ impl Subscription {
                 receiver
             }
         };
+        restarted
     }
 
     /// [`Hub::recent_after`] for this subscription's tenant.
@@ -168,6 +177,7 @@ impl Hub {
                 total: 0,
                 per_tenant: HashMap::new(),
                 buckets: HashMap::new(),
+                epoch: 0,
             }),
             capacity,
             recent: Mutex::new(Recent {
@@ -242,6 +252,23 @@ impl Hub {
         inner.channels.clear();
     }
 
+    /// The journal was recreated (the schema uninstalled and installed again): positions
+    /// started over and the feed continues after `head` of the new journal. Forgets the
+    /// recent feed and closes every channel, as [`Hub::gap`] does; a subscriber that
+    /// then resubscribes learns that its position is from the old journal.
+    pub fn restart(&self, head: Position) {
+        let mut inner = self.lock();
+        inner.head = head;
+        inner.epoch += 1;
+        {
+            let mut recent = self.lock_recent();
+            recent.changes.clear();
+            recent.bytes = 0;
+            recent.floor = head;
+        }
+        inner.channels.clear();
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // The lock guards plain data updated in one step; a panic elsewhere cannot leave
         // it half-written, so a poisoned lock is still usable.
@@ -278,6 +305,7 @@ impl Hub {
         Ok(Subscription {
             receiver,
             from,
+            epoch: inner.epoch,
             place: Place {
                 hub: Arc::clone(self),
                 tenant: key,
@@ -566,16 +594,41 @@ mod tests {
         assert!(matches!(a.receiver.try_recv(), Err(TryRecvError::Closed)));
         assert!(matches!(b.receiver.try_recv(), Err(TryRecvError::Closed)));
         assert_eq!(hub.subscribers(), 2, "the subscriptions keep their places");
-        a.resubscribe();
+        assert!(!a.resubscribe(), "a gap is not a new journal");
         hub.publish(&[change(6, Some("a")), change(7, None)]);
         assert_eq!(a.receiver.try_recv().unwrap().position.commit, 6);
         assert_eq!(a.receiver.try_recv().unwrap().position.commit, 7);
         // b has not resubscribed yet: its old receiver stays closed, and the public change
         // reaches it once it does only through the journal, not this channel.
         assert!(matches!(b.receiver.try_recv(), Err(TryRecvError::Closed)));
-        b.resubscribe();
+        assert!(!b.resubscribe());
         hub.publish(&[change(8, None)]);
         assert_eq!(b.receiver.try_recv().unwrap().position.commit, 8);
+    }
+
+    #[test]
+    fn a_restart_moves_the_head_back_and_tells_each_subscriber_once() {
+        let hub = Arc::new(Hub::new(Position::ZERO, 16, Limits::default()));
+        let mut a = hub.subscribe("a").unwrap();
+        hub.publish(&[change(40, Some("a"))]);
+        let head = Position { commit: 2, ord: 1 };
+        hub.restart(head);
+        assert_eq!(hub.head(), head, "new streams start there");
+        assert_eq!(a.receiver.try_recv().unwrap().position.commit, 40);
+        assert!(matches!(a.receiver.try_recv(), Err(TryRecvError::Closed)));
+        let recent = a
+            .recent_after(head, 10, 1 << 20)
+            .map(|(found, _)| found.len());
+        assert_eq!(recent, Some(0), "the old journal's changes are forgotten");
+        assert!(
+            a.resubscribe(),
+            "the subscriber learns its position is from the old journal"
+        );
+        assert!(!a.resubscribe(), "once");
+        let fresh = hub.subscribe("a").unwrap();
+        assert_eq!(fresh.from, head);
+        hub.publish(&[change(3, Some("a"))]);
+        assert_eq!(a.receiver.try_recv().unwrap().position.commit, 3);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::change::{Format, Position};
 use crate::fanout::{Hub, Refused};
 use crate::filter::{QueryError, Selection, SelectionError, StreamQuery};
 use crate::journal::Journal;
-use crate::listener::Readiness;
+use crate::listener::{NotReady, Readiness};
 use crate::sse::{EventStream, StreamSettings};
 
 /// Response body type: a full JSON document or an endless stream.
@@ -155,13 +155,18 @@ impl From<Refused> for ApiError {
     }
 }
 
+/// What `/readyz` and failed reads say when the pgfeed schema is gone.
+const SCHEMA_MISSING: &str =
+    "the pgfeed schema is missing from the database (was it uninstalled?); run `pgfeed install`";
+
 fn unavailable(err: crate::journal::JournalError) -> ApiError {
     tracing::warn!(cause = %err, "reading the head position failed");
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        "the database is not reachable",
-    )
+    let message = if err.schema_missing() {
+        SCHEMA_MISSING
+    } else {
+        "the database is not reachable"
+    };
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
 }
 
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
@@ -391,16 +396,15 @@ async fn metrics(state: &AppState) -> Response<Body> {
 }
 
 fn readyz(state: &AppState) -> Response<Body> {
-    if state.readiness.is_ready() {
-        json(StatusCode::OK, &serde_json::json!({ "status": "ready" }))
-    } else {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
+    let (code, message) = match state.readiness.not_ready() {
+        None => return json(StatusCode::OK, &serde_json::json!({ "status": "ready" })),
+        Some(NotReady::Disconnected) => (
             "not_ready",
             "the listener is not connected to PostgreSQL or not caught up",
-        )
-        .into_response()
-    }
+        ),
+        Some(NotReady::SchemaMissing) => ("schema_missing", SCHEMA_MISSING),
+    };
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message).into_response()
 }
 
 /// Parses the query and authenticates the request.

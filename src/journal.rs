@@ -5,8 +5,14 @@
 //! a 100 000-row transaction is never loaded at once. A commit is visible only once its
 //! seal has drawn its number under the commit-order lock, so reading "everything after P"
 //! never skips a commit that a later read could still find. This module never writes.
+//!
+//! Rows are decoded column by column and never panic: a row this binary cannot represent
+//! (an op from a newer schema, text that is not UTF-8 in a `SQL_ASCII` database) is left
+//! out of its batch and reported in [`Batch::skipped`] with its position, and the batch's
+//! [`Batch::end`] still moves past it, so one bad row never stops a reader or is read
+//! again. Only a row whose position itself cannot be decoded fails the read.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -27,9 +33,79 @@ pub enum JournalError {
     /// The query did not finish within `database.query_timeout`.
     #[error("journal query timed out")]
     Timeout,
-    /// A row held something this binary cannot represent.
-    #[error("malformed journal row: {0}")]
-    Row(String),
+    /// A value every read needs (a position, the pruning watermark) could not be
+    /// decoded: the journal is not what this binary expects at all.
+    #[error("cannot decode the journal's {column}")]
+    Decode {
+        /// The column that failed.
+        column: &'static str,
+        /// Why.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl JournalError {
+    /// Whether the read failed because the pgfeed schema, or one of its tables, does not
+    /// exist (SQLSTATE 3F000 or 42P01): it was uninstalled under a running gateway.
+    pub fn schema_missing(&self) -> bool {
+        use tokio_postgres::error::SqlState;
+        match self {
+            JournalError::Query(err) => matches!(
+                err.code(),
+                Some(code) if *code == SqlState::INVALID_SCHEMA_NAME
+                    || *code == SqlState::UNDEFINED_TABLE
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Why a journal row was left out of a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum Malformed {
+    /// A column's value is not of the type this binary expects.
+    #[error("column {column} cannot be decoded")]
+    Column {
+        /// The journal column.
+        column: &'static str,
+        /// Why.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A text column holds bytes that are not UTF-8 (possible in a SQL_ASCII database).
+    #[error("column {column} is not UTF-8")]
+    Utf8 {
+        /// The journal column.
+        column: &'static str,
+        /// Where.
+        #[source]
+        source: std::str::Utf8Error,
+    },
+    /// A column that is never NULL was.
+    #[error("column {0} is NULL")]
+    Null(&'static str),
+    /// A row image is not JSON.
+    #[error("column {column} is not JSON")]
+    Json {
+        /// The journal column.
+        column: &'static str,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The op is not one this binary knows (a newer schema's, during a rolling upgrade).
+    #[error("unknown op {0:?}")]
+    Op(String),
+}
+
+/// A journal row a read left out, and why.
+#[derive(Debug)]
+pub struct Skipped {
+    /// The row's position.
+    pub position: Position,
+    /// Why it could not be decoded.
+    pub reason: Malformed,
 }
 
 /// Which changes a read returns.
@@ -53,6 +129,9 @@ pub struct Journal {
     /// Longest a query may take before its connection is discarded: a connection that
     /// went silent must not hang a reader forever.
     query_timeout: Duration,
+    /// Whether the database is SQL_ASCII, once the first read has asked: reads then
+    /// fetch text as bytes ([`READ_AFTER_BYTES`]). Shared by the clones.
+    sql_ascii: Arc<OnceLock<bool>>,
 }
 
 /// One read: changes in commit order, whether more may follow, and the pruning watermark
@@ -66,12 +145,23 @@ pub struct Batch {
     /// Newest position removed by pruning: a reader whose position is older missed
     /// changes.
     pub pruned: Position,
+    /// Rows of this read that could not be decoded, in commit order; they are not in
+    /// `changes`.
+    pub skipped: Vec<Skipped>,
+    /// Position of the last row this read returned, decoded or skipped (`None` when it
+    /// returned none): the next read continues after it, so a skipped row that ends a
+    /// batch is not read again.
+    pub end: Option<Position>,
 }
 
 // The page is cut by count ($4) and by stored size ($5, always at least one row). The
 // page CTE keeps row images as stored (toasted) until the final projection, so rows past
-// the byte limit are never detoasted.
-const READ_AFTER: &str = "
+// the byte limit are never detoasted. `$columns` are the columns of each change (see
+// READ_AFTER_BYTES for why there are two sets).
+macro_rules! read_after {
+    ($columns:literal) => {
+        concat!(
+            "
     WITH page AS (
         SELECT c.seq, ch.ord, ch.table_name, ch.op, ch.tenant, ch.public, ch.pk, ch.new, ch.old,
                ch.changed, c.committed_at,
@@ -85,15 +175,42 @@ const READ_AFTER: &str = "
         ORDER BY c.seq, ch.ord
         LIMIT $4
     )
-    SELECT p.seq, p.ord, p.table_name, p.op, p.tenant, p.public,
-           p.pk::text, p.new::text, p.old::text, p.changed,
+    SELECT p.seq, p.ord, ",
+            $columns,
+            ",
            to_char(p.committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
            (SELECT count(*) FROM page) AS fetched,
            w.commit_seq, w.ord,
            extract(epoch FROM p.committed_at)::float8
     FROM pgfeed.pruned AS w
     LEFT JOIN page AS p ON p.running - p.size < $5
-    ORDER BY p.seq, p.ord";
+    ORDER BY p.seq, p.ord"
+        )
+    };
+}
+
+// Text as text: the server has checked it is valid in the database's encoding and converts
+// it to the client's (UTF-8).
+const READ_AFTER: &str = read_after!(
+    "p.table_name, p.op, p.tenant, p.public, p.pk::text, p.new::text, p.old::text, p.changed"
+);
+
+// For a SQL_ASCII database, whose text may hold any byte: sent as text, one byte that is
+// not UTF-8 fails the server's check on the way to the client encoding, and with it the
+// whole read. So text leaves the server as its bytes (`bytea`, unchecked), and each column
+// is checked here ([`text`]); `changed` comes as a JSON array.
+const READ_AFTER_BYTES: &str = read_after!(
+    "pg_catalog.convert_to(p.table_name, 'SQL_ASCII'), pg_catalog.convert_to(p.op, 'SQL_ASCII'),
+           pg_catalog.convert_to(p.tenant, 'SQL_ASCII'), p.public,
+           pg_catalog.convert_to(p.pk::text, 'SQL_ASCII'),
+           pg_catalog.convert_to(p.new::text, 'SQL_ASCII'),
+           pg_catalog.convert_to(p.old::text, 'SQL_ASCII'),
+           pg_catalog.convert_to(pg_catalog.array_to_json(p.changed)::text, 'SQL_ASCII')"
+);
+
+// Whether the database is SQL_ASCII.
+const SQL_ASCII: &str =
+    "SELECT pg_catalog.getdatabaseencoding() OPERATOR(pg_catalog.=) 'SQL_ASCII'";
 
 // The newest change, or the pruning watermark when everything was pruned.
 const HEAD: &str = "
@@ -103,6 +220,9 @@ const HEAD: &str = "
     LEFT JOIN LATERAL (
         SELECT seq, xid FROM pgfeed.commits ORDER BY seq DESC LIMIT 1
     ) AS c ON true";
+
+// Which journal this is; fails with undefined_table when the schema is gone.
+const IDENTITY: &str = "SELECT 'pgfeed.commits'::pg_catalog.regclass::pg_catalog.oid";
 
 /// Settings for journal reads.
 #[derive(Debug, Clone, Copy)]
@@ -123,6 +243,7 @@ impl Journal {
             batch_size: limits.batch_size as i64,
             batch_bytes: limits.batch_bytes as i64,
             query_timeout: limits.query_timeout,
+            sql_ascii: Arc::default(),
         }
     }
 
@@ -160,14 +281,23 @@ impl Journal {
             .with_client(|client| Box::pin(async move { client.query_one(HEAD, &[]).await }))
             .await?;
         let newest = Position {
-            commit: row.get::<_, Option<i64>>(0).unwrap_or(0),
-            ord: row.get::<_, Option<i32>>(1).unwrap_or(0),
+            commit: decode::<Option<i64>>(&row, 0, "commit number")?.unwrap_or(0),
+            ord: decode::<Option<i32>>(&row, 1, "ordinal")?.unwrap_or(0),
         };
         let pruned = Position {
-            commit: row.get(2),
-            ord: row.get(3),
+            commit: decode(&row, 2, "pruning watermark")?,
+            ord: decode(&row, 3, "pruning watermark")?,
         };
         Ok(newest.max(pruned))
+    }
+
+    /// Identifies the journal: the oid of `pgfeed.commits`, which changes when the schema
+    /// is uninstalled and installed again (and positions start over).
+    pub async fn identity(&self) -> Result<u32, JournalError> {
+        let row = self
+            .with_client(|client| Box::pin(async move { client.query_one(IDENTITY, &[]).await }))
+            .await?;
+        decode(&row, 0, "identity")
     }
 
     /// Changes after `after`, in commit order, at most `batch_size` of them and stopping
@@ -182,32 +312,54 @@ impl Journal {
             Scope::Tenant(t) => Some(t.to_string()),
         };
         let (limit, bytes) = (self.batch_size, self.batch_bytes);
-        let rows = self
+        let known = self.sql_ascii.get().copied();
+        let (rows, sql_ascii) = self
             .with_client(move |client| {
                 Box::pin(async move {
-                    let stmt = client.prepare_cached(READ_AFTER).await?;
+                    let sql_ascii = match known {
+                        Some(known) => known,
+                        None => client.query_one(SQL_ASCII, &[]).await?.try_get(0)?,
+                    };
+                    let sql = if sql_ascii {
+                        READ_AFTER_BYTES
+                    } else {
+                        READ_AFTER
+                    };
+                    let stmt = client.prepare_cached(sql).await?;
                     client
                         .query(&stmt, &[&after.commit, &after.ord, &tenant, &limit, &bytes])
                         .await
+                        .map(|rows| (rows, sql_ascii))
                 })
             })
             .await?;
+        let _ = self.sql_ascii.set(sql_ascii);
         let mut batch = Batch::default();
+        let (mut fetched, mut returned) = (0i64, 0i64);
         for row in &rows {
             batch.pruned = Position {
-                commit: row.get(12),
-                ord: row.get(13),
+                commit: decode(row, 12, "pruning watermark")?,
+                ord: decode(row, 13, "pruning watermark")?,
             };
-            let fetched: i64 = row.get(11);
+            fetched = decode(row, 11, "page size")?;
             batch.more = fetched == limit;
-            if row.get::<_, Option<i64>>(0).is_some() {
-                batch.changes.push(to_change(row)?);
+            // Without a position a row could only be skipped by reading it again forever.
+            let Some(commit) = decode::<Option<i64>>(row, 0, "commit number")? else {
+                continue;
+            };
+            let position = Position {
+                commit,
+                ord: decode(row, 1, "ordinal")?,
+            };
+            returned += 1;
+            batch.end = Some(position);
+            match to_change(row, position) {
+                Ok(change) => batch.changes.push(change),
+                Err(reason) => batch.skipped.push(Skipped { position, reason }),
             }
         }
         // A page cut short by size has more behind it.
-        if let Some(fetched) = rows.first().map(|r| r.get::<_, i64>(11))
-            && (batch.changes.len() as i64) < fetched
-        {
+        if returned < fetched {
             batch.more = true;
         }
         Ok(batch)
@@ -238,13 +390,19 @@ impl Journal {
     }
 }
 
+/// Pruning rounds skipped in a row (the lock held elsewhere) after which a warning is
+/// logged, and again every as many rounds.
+pub const PRUNE_SKIPS_WARNED: u32 = 10;
+
 /// Commits removed per pruning transaction: small enough that each one is short.
 const PRUNE_BATCH: i32 = 200;
 
 impl Journal {
     /// Prunes changes older than `retention` every `interval` until `shutdown`. Replicas
-    /// take turns through an advisory lock; each batch is its own short transaction so
-    /// writers are never blocked for long.
+    /// take turns through a lock on `pgfeed.pruned` (taken with NOWAIT: a replica that
+    /// finds it held skips the round and counts it); each batch is its own short
+    /// transaction so writers are never blocked for long. When the lock has been held by
+    /// others for [`PRUNE_SKIPS_WARNED`] rounds in a row, it says so.
     pub async fn prune_periodically(
         self,
         retention: Duration,
@@ -254,6 +412,7 @@ impl Journal {
     ) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut skipped_in_a_row = 0u32;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -263,6 +422,7 @@ impl Journal {
             loop {
                 match self.prune(retention, PRUNE_BATCH).await {
                     Ok(Some(removed)) => {
+                        skipped_in_a_row = 0;
                         metrics.prune_runs.inc();
                         metrics.pruned_commits.inc_by(u64::from(removed));
                         total += u64::from(removed);
@@ -270,7 +430,22 @@ impl Journal {
                             break;
                         }
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        metrics.prune_skipped.inc();
+                        skipped_in_a_row += 1;
+                        if skipped_in_a_row.is_multiple_of(PRUNE_SKIPS_WARNED) {
+                            tracing::warn!(
+                                rounds = skipped_in_a_row,
+                                "the journal has not been pruned for {skipped_in_a_row} rounds: another session holds the lock on pgfeed.pruned (see pg_locks)"
+                            );
+                        }
+                        break;
+                    }
+                    // The listener reports that one, once.
+                    Err(err) if err.schema_missing() => {
+                        tracing::debug!(cause = %err, "cannot prune: the pgfeed schema is missing");
+                        break;
+                    }
                     Err(err) => {
                         tracing::warn!(cause = %err, "pruning the journal failed");
                         break;
@@ -284,30 +459,109 @@ impl Journal {
     }
 }
 
-fn raw(text: Option<String>) -> Result<Option<Box<RawValue>>, JournalError> {
-    text.map(|t| RawValue::from_string(t).map_err(|e| JournalError::Row(e.to_string())))
+/// Decodes a column that the read cannot do without (positions, page bookkeeping).
+fn decode<'r, T: tokio_postgres::types::FromSql<'r>>(
+    row: &'r tokio_postgres::Row,
+    index: usize,
+    column: &'static str,
+) -> Result<T, JournalError> {
+    row.try_get(index)
+        .map_err(|source| JournalError::Decode { column, source })
+}
+
+/// Decodes a column of a change; a failure skips the change.
+fn column<'r, T: tokio_postgres::types::FromSql<'r>>(
+    row: &'r tokio_postgres::Row,
+    index: usize,
+    column: &'static str,
+) -> Result<T, Malformed> {
+    row.try_get(index)
+        .map_err(|source| Malformed::Column { column, source })
+}
+
+/// A text column: text, or its bytes from a SQL_ASCII database ([`READ_AFTER_BYTES`]),
+/// which must be UTF-8.
+fn text<'r>(
+    row: &'r tokio_postgres::Row,
+    index: usize,
+    name: &'static str,
+) -> Result<Option<&'r str>, Malformed> {
+    if !is_bytes(row, index) {
+        return column(row, index, name);
+    }
+    column::<Option<&[u8]>>(row, index, name)?
+        .map(|bytes| {
+            std::str::from_utf8(bytes).map_err(|source| Malformed::Utf8 {
+                column: name,
+                source,
+            })
+        })
         .transpose()
 }
 
-fn to_change(row: &tokio_postgres::Row) -> Result<Arc<Change>, JournalError> {
-    let op: &str = row.get(3);
+/// Whether a column comes as `bytea` ([`READ_AFTER_BYTES`]).
+fn is_bytes(row: &tokio_postgres::Row, index: usize) -> bool {
+    row.columns()
+        .get(index)
+        .is_some_and(|c| c.type_() == &tokio_postgres::types::Type::BYTEA)
+}
+
+/// A text column that is never NULL.
+fn required<'r>(
+    row: &'r tokio_postgres::Row,
+    index: usize,
+    name: &'static str,
+) -> Result<&'r str, Malformed> {
+    text(row, index, name)?.ok_or(Malformed::Null(name))
+}
+
+/// A row image, kept as the JSON text PostgreSQL rendered.
+fn raw(
+    row: &tokio_postgres::Row,
+    index: usize,
+    name: &'static str,
+) -> Result<Option<Box<RawValue>>, Malformed> {
+    text(row, index, name)?
+        .map(|text| {
+            RawValue::from_string(text.to_owned()).map_err(|source| Malformed::Json {
+                column: name,
+                source,
+            })
+        })
+        .transpose()
+}
+
+/// The change in a row of [`READ_AFTER`], or why it cannot be one.
+fn to_change(row: &tokio_postgres::Row, position: Position) -> Result<Arc<Change>, Malformed> {
+    let op = required(row, 3, "op")?;
     let op: Op = op
         .parse()
-        .map_err(|()| JournalError::Row(format!("unknown op {op:?}")))?;
+        // Bounded: the op is shown in a log line.
+        .map_err(|()| Malformed::Op(op.chars().take(32).collect()))?;
+    let changed = if is_bytes(row, 9) {
+        // A JSON array ([`READ_AFTER_BYTES`]).
+        text(row, 9, "changed")?
+            .map(|json| {
+                serde_json::from_str::<Vec<String>>(json).map_err(|source| Malformed::Json {
+                    column: "changed",
+                    source,
+                })
+            })
+            .transpose()?
+    } else {
+        column(row, 9, "changed")?
+    };
     Ok(Arc::new(Change::new(
-        Position {
-            commit: row.get(0),
-            ord: row.get(1),
-        },
-        row.get(2),
+        position,
+        required(row, 2, "table_name")?.to_owned(),
         op,
-        row.get(4),
-        row.get(5),
-        raw(row.get(6))?,
-        raw(row.get(7))?,
-        raw(row.get(8))?,
-        row.get(9),
-        row.get(10),
-        row.get(14),
+        text(row, 4, "tenant")?.map(str::to_owned),
+        column(row, 5, "public")?,
+        raw(row, 6, "pk")?,
+        raw(row, 7, "new")?,
+        raw(row, 8, "old")?,
+        changed,
+        column(row, 10, "committed_at")?,
+        column(row, 14, "committed_at")?,
     )))
 }

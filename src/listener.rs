@@ -8,9 +8,15 @@
 //! error the listener marks itself not ready, reconnects with capped exponential backoff
 //! and jitter, LISTENs again and reads everything it missed before going live, so
 //! subscribers see no gap. It never waits on a subscriber.
+//!
+//! Journal rows it cannot decode are skipped one by one, logged with their position and
+//! counted (`pgfeed_malformed_changes_total`), so that one bad row never stops delivery.
+//! When the pgfeed schema is gone (uninstalled under a running gateway), `/readyz` says
+//! so and the listener retries until it is installed again; a journal that was recreated
+//! meanwhile starts its positions over, so live streams are then sent `reset`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use futures_util::future::poll_fn;
@@ -47,6 +53,13 @@ pub enum ListenerError {
     Journal(#[source] JournalError),
 }
 
+impl ListenerError {
+    /// Whether the session ended because the pgfeed schema is gone.
+    fn schema_missing(&self) -> bool {
+        matches!(self, ListenerError::Journal(err) if err.schema_missing())
+    }
+}
+
 /// `application_name` of the LISTEN connection, so operators (and `pgfeed status`) can
 /// tell it from pooled connections in `pg_stat_activity`.
 pub const APPLICATION_NAME: &str = "pgfeed-listener";
@@ -61,18 +74,51 @@ pub fn connection_config(pool_config: &tokio_postgres::Config) -> tokio_postgres
     config
 }
 
-/// Whether the listener is connected and caught up (`/readyz`).
+/// Why the listener is not ready, as `/readyz` explains it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotReady {
+    /// Not connected to PostgreSQL (starting, reconnecting) or not caught up yet.
+    Disconnected,
+    /// Connected, but the pgfeed schema is gone: it was uninstalled.
+    SchemaMissing,
+}
+
+/// Whether the listener is connected and caught up, and if not why (`/readyz`).
 #[derive(Debug, Default)]
-pub struct Readiness(AtomicBool);
+pub struct Readiness(AtomicU8);
+
+/// [`Readiness`] values (the default, 0, is disconnected).
+const DISCONNECTED: u8 = 0;
+const READY: u8 = 1;
+const SCHEMA_MISSING: u8 = 2;
 
 impl Readiness {
     /// True while connected and caught up.
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.load(Ordering::Acquire) == READY
     }
 
-    fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
+    /// Why the listener is not ready; `None` while it is.
+    pub fn not_ready(&self) -> Option<NotReady> {
+        match self.0.load(Ordering::Acquire) {
+            READY => None,
+            SCHEMA_MISSING => Some(NotReady::SchemaMissing),
+            _ => Some(NotReady::Disconnected),
+        }
+    }
+
+    /// Sets the state (`None`: ready) and returns the previous one.
+    fn set(&self, state: Option<NotReady>) -> Option<NotReady> {
+        let value = match state {
+            None => READY,
+            Some(NotReady::Disconnected) => DISCONNECTED,
+            Some(NotReady::SchemaMissing) => SCHEMA_MISSING,
+        };
+        match self.0.swap(value, Ordering::AcqRel) {
+            READY => None,
+            SCHEMA_MISSING => Some(NotReady::SchemaMissing),
+            _ => Some(NotReady::Disconnected),
+        }
     }
 }
 
@@ -101,13 +147,29 @@ impl Listener {
     /// Runs until `shutdown`, reconnecting after every failure.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut last = self.hub.head();
+        let mut journal_id = None;
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
-            let result = self.session(&mut last, &mut backoff, &shutdown).await;
-            self.readiness.set(false);
+            let result = self
+                .session(&mut last, &mut journal_id, &mut backoff, &shutdown)
+                .await;
             match result {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.readiness.set(Some(NotReady::Disconnected));
+                    return;
+                }
+                Err(err) if err.schema_missing() => {
+                    self.metrics.listener_reconnects.inc();
+                    // Said once, not at every retry while it stays missing.
+                    let before = self.readiness.set(Some(NotReady::SchemaMissing));
+                    if before == Some(NotReady::SchemaMissing) {
+                        tracing::debug!(cause = %err, source = ?std::error::Error::source(&err), "the pgfeed schema is still missing");
+                    } else {
+                        tracing::error!(cause = %err, source = ?std::error::Error::source(&err), "the pgfeed schema is gone (was it uninstalled?); run `pgfeed install`");
+                    }
+                }
                 Err(err) => {
+                    self.readiness.set(Some(NotReady::Disconnected));
                     self.metrics.listener_reconnects.inc();
                     tracing::warn!(cause = %err, source = ?std::error::Error::source(&err), "listener lost; reconnecting");
                 }
@@ -120,10 +182,12 @@ impl Listener {
         }
     }
 
-    /// One connection's life. Returns `Ok` only on shutdown.
+    /// One connection's life. Returns `Ok` only on shutdown. `journal_id` identifies the
+    /// journal `last` belongs to ([`Journal::identity`]).
     async fn session(
         &self,
         last: &mut Position,
+        journal_id: &mut Option<u32>,
         backoff: &mut Backoff,
         shutdown: &CancellationToken,
     ) -> Result<(), ListenerError> {
@@ -171,12 +235,11 @@ impl Listener {
             .map_err(|_| ListenerError::Unresponsive)?
             .map_err(ListenerError::Connect)?;
         // Everything committed before LISTEN took effect is in the journal: read it now.
-        self.catalog
-            .reload(&self.journal)
-            .await
-            .map_err(ListenerError::Journal)?;
+        self.reload(last, journal_id).await?;
         let caught_up = self.catch_up(last).await?;
-        self.readiness.set(true);
+        if self.readiness.set(None) == Some(NotReady::SchemaMissing) {
+            tracing::info!("the pgfeed schema is installed again");
+        }
         backoff.reset();
         tracing::info!(position = %last, changes = caught_up, "listener connected and caught up");
 
@@ -201,10 +264,14 @@ impl Listener {
                     self.catch_up(last).await?;
                 }
                 _ = watch_bell.notified() => {
-                    self.catalog.reload(&self.journal).await.map_err(ListenerError::Journal)?;
+                    if self.reload(last, journal_id).await? {
+                        self.catch_up(last).await?;
+                    }
                 }
                 _ = refresh.tick() => {
-                    self.catalog.reload(&self.journal).await.map_err(ListenerError::Journal)?;
+                    if self.reload(last, journal_id).await? {
+                        self.catch_up(last).await?;
+                    }
                 }
                 _ = health.tick() => {
                     if awaiting_echo {
@@ -221,6 +288,37 @@ impl Listener {
                 }
             }
         }
+    }
+
+    /// Reloads the catalog and checks that the journal is still the one `last` belongs to
+    /// (`journal_id`, [`Journal::identity`]). Returns true when it was recreated.
+    async fn reload(
+        &self,
+        last: &mut Position,
+        journal_id: &mut Option<u32>,
+    ) -> Result<bool, ListenerError> {
+        self.catalog
+            .reload(&self.journal)
+            .await
+            .map_err(ListenerError::Journal)?;
+        let id = self
+            .journal
+            .identity()
+            .await
+            .map_err(ListenerError::Journal)?;
+        let recreated = journal_id.is_some_and(|known| known != id);
+        if recreated {
+            // Uninstalled and installed again: positions started over, so `last` and
+            // every stream's position belong to a journal that is gone. Go on from the
+            // new journal's head; streams are sent `reset` (refetch, then continue from
+            // there).
+            let head = self.journal.head().await.map_err(ListenerError::Journal)?;
+            tracing::warn!(previous = %last, position = %head, "the pgfeed journal was recreated (the schema was reinstalled); live streams are sent reset");
+            *last = head;
+            self.hub.restart(head);
+        }
+        *journal_id = Some(id);
+        Ok(recreated)
     }
 
     /// Reads and publishes everything after `last`, batch by batch. Returns the count.
@@ -243,10 +341,18 @@ impl Listener {
                 // this batch is empty.
                 *last = (*last).max(batch.pruned);
             }
-            let Some(newest) = batch.changes.last() else {
+            for skipped in &batch.skipped {
+                // The position and the reason only: never the row.
+                tracing::warn!(position = %skipped.position, reason = %skipped.reason, cause = std::error::Error::source(&skipped.reason).map(tracing::field::display), "skipping a journal row this gateway cannot decode");
+            }
+            self.metrics
+                .malformed_changes
+                .inc_by(batch.skipped.len() as u64);
+            // Past skipped rows too, so that none is read (and counted) again.
+            let Some(end) = batch.end else {
                 return Ok(total);
             };
-            *last = newest.position;
+            *last = end;
             total += batch.changes.len();
             self.hub.publish(&batch.changes);
             self.metrics.published(&batch.changes);

@@ -75,6 +75,12 @@ pub struct Metrics {
     pub pruned_commits: Counter,
     /// Pruning rounds run by this replica (having won the lock).
     pub prune_runs: Counter,
+    /// Pruning rounds this replica skipped because another session held the pruning lock
+    /// on `pgfeed.pruned`: normal now and then with several replicas; rising steadily, it
+    /// means the journal is not being pruned.
+    pub prune_skipped: Counter,
+    /// Journal rows the listener skipped because this binary cannot decode them.
+    pub malformed_changes: Counter,
 }
 
 impl Default for Metrics {
@@ -106,6 +112,8 @@ impl Metrics {
             dispatch_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             pruned_commits: Counter::default(),
             prune_runs: Counter::default(),
+            prune_skipped: Counter::default(),
+            malformed_changes: Counter::default(),
         };
         registry.register("subscribers", "Open streams", m.subscribers.clone());
         registry.register("streams_opened", "Streams opened", m.streams_opened.clone());
@@ -178,6 +186,16 @@ impl Metrics {
             "prune_runs",
             "Pruning rounds run by this replica",
             m.prune_runs.clone(),
+        );
+        registry.register(
+            "prune_skipped",
+            "Pruning rounds skipped because another session held the pruning lock",
+            m.prune_skipped.clone(),
+        );
+        registry.register(
+            "malformed_changes",
+            "Journal rows skipped by the listener because this binary cannot decode them (each logged with its position)",
+            m.malformed_changes.clone(),
         );
         Metrics { registry, ..m }
     }

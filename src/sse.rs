@@ -43,6 +43,12 @@ pub struct StreamSettings {
 /// Most changes taken from the hub's memory for one chunk of a catch-up or replay.
 const RECENT_BATCH: usize = 1024;
 
+/// `reset` reason: the position is older than the journal keeps.
+const PRUNED: &str = "the requested position is older than the journal keeps; refetch your state, then continue from `position`";
+
+/// `reset` reason: the journal was recreated, so positions started over.
+const REINSTALLED: &str = "the journal was recreated (pgfeed was reinstalled) and its positions started over; refetch your state, then continue from `position`";
+
 /// What a journal read for a replay or catch-up came to.
 enum Read {
     /// Changes after the stream's position.
@@ -60,6 +66,8 @@ enum Mode {
     Replay { announce: bool },
     /// Forwarding the hub's changes.
     Live,
+    /// The journal was recreated (pgfeed reinstalled): `reset` is due.
+    Restarted,
 }
 
 /// One subscriber's stream state.
@@ -260,17 +268,28 @@ impl EventStream {
                                 .recent_after(self.last, RECENT_BATCH, MAX_CHUNK)
                         }
                     };
-                    let (changes, more) = match recent {
-                        Some(found) => found,
+                    let (changes, more, end) = match recent {
+                        Some((changes, more)) => (changes, more, None),
                         None => match self.read_journal(announce).await {
-                            Read::Batch(batch) => (batch.changes, batch.more),
-                            Read::Reset => return self.reset().await,
+                            Read::Batch(batch) => {
+                                for skipped in &batch.skipped {
+                                    // The listener logs and counts each; a replay only
+                                    // passes over it.
+                                    tracing::debug!(position = %skipped.position, reason = %skipped.reason, "replay skips a journal row this gateway cannot decode");
+                                }
+                                (batch.changes, batch.more, batch.end)
+                            }
+                            Read::Reset => return self.reset(PRUNED).await,
                             Read::End(frame) => return frame,
                         },
                     };
                     let mut chunk = Chunk::default();
                     for change in &changes {
                         self.take(change, &mut chunk);
+                    }
+                    // Past skipped rows too, so that the next read does not return them.
+                    if let Some(end) = end {
+                        self.last = self.last.max(end);
                     }
                     if !more {
                         self.mode = Mode::Live;
@@ -304,6 +323,7 @@ impl EventStream {
                         Err(RecvError::Closed) => self.gap(),
                     }
                 }
+                Mode::Restarted => return self.reset(REINSTALLED).await,
             }
         }
     }
@@ -363,10 +383,15 @@ impl EventStream {
 
     /// The hub closed the channel: the feed has a gap (changes pruned before the listener
     /// published them, [`crate::fanout::Hub::gap`]). Take a fresh receiver, then catch up
-    /// from the journal, which answers `reset` for a position older than it keeps.
+    /// from the journal, which answers `reset` for a position older than it keeps. Or the
+    /// journal was recreated ([`crate::fanout::Hub::restart`]): then `reset` at once.
     fn gap(&mut self) {
+        if self.subscription.resubscribe() {
+            tracing::debug!(position = %self.last, "the journal was recreated; sending reset");
+            self.mode = Mode::Restarted;
+            return;
+        }
         tracing::debug!(position = %self.last, "the live feed has a gap; catching up from the journal");
-        self.subscription.resubscribe();
         self.mode = Mode::Replay { announce: false };
     }
 
@@ -384,9 +409,10 @@ impl EventStream {
         }
     }
 
-    /// The subscriber's position is older than the journal keeps: tell it to refetch its
-    /// state and continue from the head, which this stream then follows.
-    async fn reset(&mut self) -> Option<Bytes> {
+    /// The subscriber's position is not in the journal (older than it keeps, or from a
+    /// journal that was recreated): tell it, with `reason`, to refetch its state and
+    /// continue from the head, which this stream then follows.
+    async fn reset(&mut self, reason: &'static str) -> Option<Bytes> {
         let head = match Box::pin(self.journal.head()).await {
             Ok(head) => head,
             Err(err) => {
@@ -400,7 +426,7 @@ impl EventStream {
             "reset",
             Some(head),
             &serde_json::json!({
-                "reason": "the requested position is older than the journal keeps; refetch your state, then continue from `position`",
+                "reason": reason,
                 "position": head.to_string(),
             }),
         );

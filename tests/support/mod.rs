@@ -935,3 +935,138 @@ pub async fn assert_streams(addr: SocketAddr, path: &str, headers: &[(&str, &str
     assert!(s.until_live().await.is_empty());
     s
 }
+
+/// Waits until `check` returns true, polling every 20 ms, for at most `wait`: for what must
+/// happen well before a periodic fallback would make it happen anyway.
+pub async fn eventually_within<F, Fut>(what: &str, wait: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + wait;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {wait:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Creates login role `{db}_{what}` (roles are cluster-wide, so named after the test's
+/// database), password `pw`, with no privileges beyond PUBLIC's; returns its name.
+pub async fn create_login_role(db: &TestDb, what: &str) -> String {
+    let role = format!("{}_{what}", db.name);
+    connect(&server().url("postgres"))
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD 'pw' NOSUPERUSER NOCREATEDB NOCREATEROLE INHERIT"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("creating role {role}: {e}"));
+    role
+}
+
+/// Connects to the test database as `role` (password `pw`).
+pub async fn connect_as_role(db: &TestDb, role: &str) -> tokio_postgres::Client {
+    let mut config: tokio_postgres::Config = db.url.parse().expect("the test URL parses");
+    config.user(role).password("pw");
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting as {role}: {e}"));
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// An application role as issue 15 pictures it: not a superuser, owner of the test
+/// database and of its `public` schema (as on PostgreSQL 15 through the database owner). Returns its name and a
+/// connection as it.
+pub async fn app_owner(db: &TestDb, what: &str) -> (String, tokio_postgres::Client) {
+    let role = create_login_role(db, what).await;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} OWNER TO {role}; ALTER SCHEMA public OWNER TO {role}",
+            db.name
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("handing the database to {role}: {e}"));
+    let client = connect_as_role(db, &role).await;
+    (role, client)
+}
+
+/// Runs the `pgfeed` binary on `db` with a clean environment (no `PGFEED_*` of the
+/// caller's but the test secret); killed and the test failed after [`SOON`].
+pub async fn pgfeed_cli(db: &TestDb, args: &[&str]) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgfeed"));
+    cmd.args(args).env_remove("DATABASE_URL").kill_on_drop(true);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PGFEED_") && !k.starts_with("PGFEED_TEST_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("DATABASE_URL", &db.url)
+        .env("PGFEED_AUTH_SECRET", SECRET);
+    tokio::time::timeout(SOON, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("`pgfeed {}` did not finish within {SOON:?}", args.join(" ")))
+        .expect("running pgfeed")
+}
+
+/// `pgfeed status --json` on `db`, parsed.
+pub async fn status_json(db: &TestDb) -> serde_json::Value {
+    let out = pgfeed_cli(db, &["status", "--json"]).await;
+    assert!(
+        out.status.success(),
+        "pgfeed status --json: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status --json is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// The entry of `table` (qualified) in `pgfeed status --json`, if it is listed.
+pub async fn status_entry(db: &TestDb, table: &str) -> Option<serde_json::Value> {
+    status_json(db).await["watched"]
+        .as_array()
+        .expect("status lists watched tables")
+        .iter()
+        .find(|w| w["table"] == table)
+        .cloned()
+}
+
+impl TestDb {
+    /// Creates a `SQL_ASCII` database (which stores any byte, UTF-8 or not, in `text`)
+    /// and installs the schema.
+    pub async fn sql_ascii() -> TestDb {
+        let server = server();
+        let name = format!(
+            "pgfeed_test_{}_{}",
+            std::process::id(),
+            DB_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = connect(&server.url("postgres")).await;
+        admin
+            .batch_execute(&format!(
+                "CREATE DATABASE {name} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("creating database {name}: {e}"));
+        let db = TestDb {
+            url: server.url(&name),
+            name,
+        };
+        let mut client = connect(&db.url).await;
+        pgfeed::schema::install(&mut client)
+            .await
+            .expect("installing the schema");
+        db
+    }
+}
