@@ -1,0 +1,1434 @@
+//! Schema changes after `watch`, made the way an application's migrations make them: by an
+//! application role that is not a superuser and owns the database and its tables, while
+//! the operator (a superuser) ran `pgfeed.watch`. Renamed, added and dropped columns,
+//! `include_columns`, partitioned tables and inheritance, and `DROP TABLE` (issue 15,
+//! items 3, 4 and 9). Each setting must follow its column, and whatever pgfeed cannot
+//! follow must be refused, never silently published, misrouted or lost.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::{Gateway, SseClient, TestDb};
+
+/// A test database handed to an application role, with a connection as that role (which
+/// runs the DDL and the writes) and one as the superuser operator (which runs `watch`).
+struct Setup {
+    db: TestDb,
+    app: tokio_postgres::Client,
+    admin: tokio_postgres::Client,
+}
+
+/// A database owned by a fresh application role that has run `app_sql` (its migration).
+async fn setup(app_sql: &str) -> Setup {
+    let db = TestDb::new().await;
+    let (_role, app) = support::app_owner(&db, "app").await;
+    app.batch_execute(app_sql)
+        .await
+        .unwrap_or_else(|e| panic!("the application's migration: {}", message(&e)));
+    let admin = db.client().await;
+    Setup { db, app, admin }
+}
+
+/// The server's message for a failed statement (the driver's text says only "db error").
+fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map_or_else(|| e.to_string(), |d| d.message().to_string())
+}
+
+/// Runs `sql` as `who` and returns the server's message for its failure; panics if it
+/// succeeds.
+async fn fails(who: &tokio_postgres::Client, sql: &str) -> String {
+    match who.batch_execute(sql).await {
+        Ok(()) => panic!("`{sql}` succeeded; it must be refused"),
+        Err(e) => message(&e),
+    }
+}
+
+/// Runs DDL that pgfeed must refuse and checks that the refusal is pgfeed's own, with a
+/// message that starts with `pgfeed:`.
+async fn refused(who: &tokio_postgres::Client, sql: &str) -> String {
+    let msg = fails(who, sql).await;
+    assert!(
+        msg.starts_with("pgfeed:"),
+        "`{sql}` must be refused by pgfeed with a message starting \"pgfeed:\", got: {msg}"
+    );
+    msg
+}
+
+/// The keys of a JSON object.
+fn keys(v: &Value) -> BTreeSet<String> {
+    v.as_object()
+        .unwrap_or_else(|| panic!("not an object: {v}"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// A stream of `tenant` that has reached `live`.
+async fn live(gw: &Gateway, tenant: &str) -> SseClient {
+    let mut s = gw.stream(tenant, "").await;
+    assert_eq!(s.status, 200, "{}", s.raw);
+    assert!(s.until_live().await.is_empty());
+    s
+}
+
+/// `op table v` of a change whose rows have a column `v`: short enough to compare whole.
+fn summary(e: &Value) -> String {
+    let row = if e["new"].is_object() {
+        &e["new"]
+    } else {
+        &e["old"]
+    };
+    format!(
+        "{} {} {}",
+        e["op"].as_str().unwrap(),
+        e["table"].as_str().unwrap(),
+        row["v"].as_str().unwrap_or("-")
+    )
+}
+
+/// The status code of a stream opened with `query` (the stream is closed again).
+async fn stream_status(gw: &Gateway, tenant: &str, query: &str) -> u16 {
+    gw.stream(tenant, query).await.status
+}
+
+/// Capture triggers (those that call a function of schema pgfeed) on `table`.
+async fn pgfeed_triggers(admin: &tokio_postgres::Client, table: &str) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_trigger AS t
+             JOIN pg_proc AS p ON p.oid = t.tgfoid
+             JOIN pg_namespace AS n ON n.oid = p.pronamespace
+             WHERE t.tgrelid = $1::text::regclass AND n.nspname = 'pgfeed'",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+// ---------------------------------------------------------------------------------------
+// Item 3: settings follow the column.
+
+#[tokio::test]
+async fn renaming_an_excluded_column_keeps_it_out_of_events_journal_and_filters() {
+    let Setup { db, app, admin } = setup(
+        "CREATE TABLE users (id int PRIMARY KEY, org text NOT NULL, name text, password_hash text)",
+    )
+    .await;
+    admin
+        .batch_execute(
+            "SELECT pgfeed.watch('users', tenant_column => 'org', exclude_columns => '{password_hash}')",
+        )
+        .await
+        .unwrap();
+    let gw = Gateway::start(&db).await;
+    let mut acme = live(&gw, "acme").await;
+    let visible = set(&["id", "org", "name"]);
+
+    app.batch_execute("ALTER TABLE users RENAME COLUMN password_hash TO pw_hash")
+        .await
+        .unwrap();
+    app.batch_execute("INSERT INTO users VALUES (1, 'acme', 'ann', 'HASH-1')")
+        .await
+        .unwrap();
+    let ins = acme.next_change().await;
+    assert_eq!(ins["op"], "insert");
+    assert_eq!(
+        keys(&ins["new"]),
+        visible,
+        "renamed excluded column published: {ins}"
+    );
+
+    app.batch_execute("UPDATE users SET name = 'anne', pw_hash = 'HASH-2' WHERE id = 1")
+        .await
+        .unwrap();
+    let upd = acme.next_change().await;
+    assert_eq!(upd["op"], "update");
+    assert_eq!(keys(&upd["new"]), visible, "{upd}");
+    assert_eq!(keys(&upd["old"]), visible, "{upd}");
+    assert_eq!(upd["changed"], json!(["name"]), "{upd}");
+
+    // An update of the hidden column alone changes nothing anyone sees: no event. The
+    // next event is the insert after it.
+    app.batch_execute("UPDATE users SET pw_hash = 'HASH-3' WHERE id = 1")
+        .await
+        .unwrap();
+    app.batch_execute("INSERT INTO users VALUES (2, 'acme', 'bob', 'HASH-4')")
+        .await
+        .unwrap();
+    let next = acme.next_change().await;
+    assert_eq!(
+        (&next["op"], &next["pk"]),
+        (&json!("insert"), &json!({"id": 2})),
+        "an update of only the excluded column made an event: {next}"
+    );
+    assert_eq!(keys(&next["new"]), visible, "{next}");
+
+    // Renamed inside the transaction that writes, before and between its writes.
+    app.batch_execute(
+        "BEGIN;
+         ALTER TABLE users RENAME COLUMN pw_hash TO secret_hash;
+         INSERT INTO users VALUES (3, 'acme', 'cy', 'HASH-5');
+         COMMIT",
+    )
+    .await
+    .unwrap();
+    let e = acme.next_change().await;
+    assert_eq!(e["pk"], json!({"id": 3}));
+    assert_eq!(
+        keys(&e["new"]),
+        visible,
+        "rename in the writing transaction: {e}"
+    );
+    app.batch_execute(
+        "BEGIN;
+         INSERT INTO users VALUES (4, 'acme', 'dee', 'HASH-6');
+         ALTER TABLE users RENAME COLUMN secret_hash TO h;
+         UPDATE users SET h = 'HASH-7', name = 'di' WHERE id = 4;
+         COMMIT",
+    )
+    .await
+    .unwrap();
+    let e = acme.next_change().await;
+    assert_eq!((&e["op"], &e["pk"]), (&json!("insert"), &json!({"id": 4})));
+    assert_eq!(keys(&e["new"]), visible, "{e}");
+    let e = acme.next_change().await;
+    assert_eq!((&e["op"], &e["pk"]), (&json!("update"), &json!({"id": 4})));
+    assert_eq!(keys(&e["new"]), visible, "rename between writes: {e}");
+    assert_eq!(keys(&e["old"]), visible, "rename between writes: {e}");
+    assert_eq!(e["changed"], json!(["name"]), "{e}");
+
+    assert!(
+        !acme.raw.contains("HASH-"),
+        "a hash reached a browser: {}",
+        acme.raw
+    );
+    let journaled: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pgfeed.changes
+             WHERE coalesce(new::text, '') || coalesce(old::text, '') LIKE '%HASH-%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(journaled, 0, "excluded values never leave the database");
+
+    // `status` shows the truth: the column under its current name.
+    let entry = support::status_entry(&db, "public.users")
+        .await
+        .expect("status lists public.users");
+    assert_eq!(entry["exclude_columns"], json!(["h"]), "{entry}");
+    assert_eq!(entry["tenant_column"], "org", "{entry}");
+
+    // Nor can a filter probe it. Ring the catalog doorbell by hand and wait until a newly
+    // added column is filterable, so the gateway's catalog is surely current.
+    app.batch_execute("ALTER TABLE users ADD COLUMN nickname text")
+        .await
+        .unwrap();
+    admin.batch_execute("NOTIFY pgfeed, 'watch'").await.unwrap();
+    support::eventually("the gateway's catalog knows `nickname`", || async {
+        stream_status(&gw, "acme", "filter=users:nickname=eq.x").await == 200
+    })
+    .await;
+    assert_eq!(
+        stream_status(&gw, "acme", "filter=users:h=eq.x").await,
+        400,
+        "a filter on the renamed excluded column must be refused"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn renaming_the_tenant_column_keeps_each_change_with_its_tenant() {
+    let Setup { db, app, admin } =
+        setup("CREATE TABLE orders (id int PRIMARY KEY, org text NOT NULL, v text)").await;
+    admin
+        .batch_execute("SELECT pgfeed.watch('orders', tenant_column => 'org')")
+        .await
+        .unwrap();
+    let gw = Gateway::start(&db).await;
+    let mut acme = live(&gw, "acme").await;
+    let mut globex = live(&gw, "globex").await;
+
+    app.batch_execute("ALTER TABLE orders RENAME COLUMN org TO company")
+        .await
+        .unwrap();
+    let entry = support::status_entry(&db, "public.orders")
+        .await
+        .expect("status lists public.orders");
+    assert_eq!(entry["tenant_column"], "company", "{entry}");
+
+    app.batch_execute(
+        "INSERT INTO orders VALUES (1, 'acme', 'a1');
+         INSERT INTO orders VALUES (2, 'globex', 'g1');
+         INSERT INTO orders VALUES (3, 'acme', 'a2');",
+    )
+    .await
+    .unwrap();
+    let a1 = acme.next_change().await;
+    assert_eq!(a1["tenant"], "acme", "{a1}");
+    assert_eq!(a1["new"]["company"], "acme", "{a1}");
+    assert_eq!(summary(&a1), "insert public.orders a1");
+    assert_eq!(
+        summary(&acme.next_change().await),
+        "insert public.orders a2",
+        "acme must not receive globex's row"
+    );
+    let g1 = globex.next_change().await;
+    assert_eq!(g1["tenant"], "globex", "{g1}");
+    assert_eq!(summary(&g1), "insert public.orders g1");
+
+    // A row moved to another tenant under the new name: acme sees it leave, globex
+    // sees it arrive.
+    app.batch_execute("UPDATE orders SET company = 'globex' WHERE id = 1")
+        .await
+        .unwrap();
+    let left = acme.next_change().await;
+    assert_eq!(
+        (&left["op"], &left["pk"]),
+        (&json!("delete"), &json!({"id": 1}))
+    );
+    let arrived = globex.next_change().await;
+    assert_eq!(
+        (&arrived["op"], &arrived["pk"], &arrived["tenant"]),
+        (&json!("insert"), &json!({"id": 1}), &json!("globex"))
+    );
+
+    // Renamed again inside the transaction that writes.
+    app.batch_execute(
+        "BEGIN;
+         ALTER TABLE orders RENAME COLUMN company TO tenant_id;
+         INSERT INTO orders VALUES (4, 'globex', 'g2');
+         COMMIT;
+         INSERT INTO orders VALUES (5, 'acme', 'a3');",
+    )
+    .await
+    .unwrap();
+    let g2 = globex.next_change().await;
+    assert_eq!(
+        (g2["tenant"].as_str(), summary(&g2).as_str()),
+        (Some("globex"), "insert public.orders g2")
+    );
+    assert_eq!(
+        summary(&acme.next_change().await),
+        "insert public.orders a3",
+        "acme must not receive globex's row"
+    );
+    let entry = support::status_entry(&db, "public.orders").await.unwrap();
+    assert_eq!(entry["tenant_column"], "tenant_id", "{entry}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn include_columns_publish_only_the_key_the_tenant_and_the_listed_columns() {
+    let Setup { db, app, admin } = setup(
+        "CREATE TABLE t (id int PRIMARY KEY, org text NOT NULL, title text, body text);
+         CREATE TABLE t2 (id int PRIMARY KEY, org text NOT NULL, title text, body text);
+         CREATE TABLE t3 (id int PRIMARY KEY, org text NOT NULL, title text, body text);",
+    )
+    .await;
+    admin
+        .batch_execute(
+            "SELECT pgfeed.watch('t', tenant_column => 'org', include_columns => '{title}')",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("watch with include_columns: {}", message(&e)));
+    let entry = support::status_entry(&db, "public.t")
+        .await
+        .expect("status lists public.t");
+    assert_eq!(entry["include_columns"], json!(["title"]), "{entry}");
+
+    // An allow-list and a deny-list together, or an allow-list naming a column the table
+    // does not have: refused.
+    let both = fails(
+        &admin,
+        "SELECT pgfeed.watch('t2', tenant_column => 'org', include_columns => '{title}', exclude_columns => '{body}')",
+    )
+    .await;
+    assert!(
+        both.contains("include") || both.contains("exclude"),
+        "{both}"
+    );
+    let missing = fails(
+        &admin,
+        "SELECT pgfeed.watch('t2', tenant_column => 'org', include_columns => '{nope}')",
+    )
+    .await;
+    assert!(missing.contains("nope"), "{missing}");
+
+    // The CLI's --include-column does the same.
+    let out = support::pgfeed_cli(
+        &db,
+        &[
+            "watch",
+            "t3",
+            "--tenant-column",
+            "org",
+            "--include-column",
+            "title",
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let gw = Gateway::start(&db).await;
+    let mut acme = live(&gw, "acme").await;
+    let published = set(&["id", "org", "title"]);
+    app.batch_execute(
+        "INSERT INTO t VALUES (1, 'acme', 'T1', 'BODY-1');
+         INSERT INTO t3 VALUES (1, 'acme', 'T1', 'BODY-2');",
+    )
+    .await
+    .unwrap();
+    let e = acme.next_change().await;
+    assert_eq!(e["table"], "public.t");
+    assert_eq!(keys(&e["new"]), published, "{e}");
+    let e = acme.next_change().await;
+    assert_eq!(e["table"], "public.t3");
+    assert_eq!(keys(&e["new"]), published, "--include-column: {e}");
+
+    // A column added later is not published, and changes to unlisted columns alone make
+    // no event.
+    app.batch_execute("ALTER TABLE t ADD COLUMN secret text")
+        .await
+        .unwrap();
+    app.batch_execute(
+        "INSERT INTO t VALUES (2, 'acme', 'T2', 'BODY-3', 'SECRET-1');
+         UPDATE t SET secret = 'SECRET-2', body = 'BODY-4' WHERE id = 2;
+         UPDATE t SET title = 'T2b' WHERE id = 2;",
+    )
+    .await
+    .unwrap();
+    let e = acme.next_change().await;
+    assert_eq!((&e["op"], &e["pk"]), (&json!("insert"), &json!({"id": 2})));
+    assert_eq!(
+        keys(&e["new"]),
+        published,
+        "a column added later was published: {e}"
+    );
+    let e = acme.next_change().await;
+    assert_eq!(
+        (&e["op"], &e["changed"]),
+        (&json!("update"), &json!(["title"])),
+        "an update of unlisted columns only made an event, or the title update is wrong: {e}"
+    );
+    assert_eq!(keys(&e["new"]), published, "{e}");
+    assert_eq!(keys(&e["old"]), published, "{e}");
+
+    // The listed column keeps its place in the list under a new name.
+    app.batch_execute("ALTER TABLE t RENAME COLUMN title TO headline")
+        .await
+        .unwrap();
+    app.batch_execute("INSERT INTO t VALUES (3, 'acme', 'T3', 'BODY-5', 'SECRET-3')")
+        .await
+        .unwrap();
+    let e = acme.next_change().await;
+    assert_eq!(keys(&e["new"]), set(&["id", "org", "headline"]), "{e}");
+    assert_eq!(e["new"]["headline"], "T3");
+    let entry = support::status_entry(&db, "public.t").await.unwrap();
+    assert_eq!(entry["include_columns"], json!(["headline"]), "{entry}");
+
+    assert!(
+        !acme.raw.contains("SECRET-") && !acme.raw.contains("BODY-"),
+        "an unlisted column reached a browser: {}",
+        acme.raw
+    );
+    // Filters may name only what events carry.
+    assert_eq!(stream_status(&gw, "acme", "filter=t:body=eq.x").await, 400);
+    assert_eq!(stream_status(&gw, "acme", "filter=t3:body=eq.x").await, 400);
+    assert_eq!(
+        stream_status(&gw, "acme", "filter=t3:title=eq.x").await,
+        200
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn dropping_the_tenant_column_or_the_key_is_refused_and_an_excluded_column_may_go() {
+    let Setup { db, app, admin } = setup(
+        "CREATE TABLE users (id int PRIMARY KEY, org text NOT NULL, name text, password_hash text, ssn text)",
+    )
+    .await;
+    admin
+        .batch_execute(
+            "SELECT pgfeed.watch('users', tenant_column => 'org', exclude_columns => '{password_hash,ssn}')",
+        )
+        .await
+        .unwrap();
+
+    refused(&app, "ALTER TABLE users DROP COLUMN org").await;
+    refused(&app, "ALTER TABLE users DROP COLUMN org CASCADE").await;
+    refused(&app, "ALTER TABLE users DROP CONSTRAINT users_pkey").await;
+    // Dropping a key column drops the primary key with it.
+    refused(&app, "ALTER TABLE users DROP COLUMN id").await;
+    let columns: i64 = app
+        .query_one(
+            "SELECT count(*) FROM pg_attribute
+             WHERE attrelid = 'users'::regclass AND attname IN ('id', 'org') AND NOT attisdropped",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(columns, 2, "the refused statements changed nothing");
+
+    app.batch_execute("ALTER TABLE users DROP COLUMN password_hash")
+        .await
+        .unwrap_or_else(|e| panic!("dropping an excluded column: {}", message(&e)));
+    let entry = support::status_entry(&db, "public.users")
+        .await
+        .expect("status lists public.users");
+    assert_eq!(entry["exclude_columns"], json!(["ssn"]), "{entry}");
+    assert_eq!(entry["tenant_column"], "org", "{entry}");
+
+    let gw = Gateway::start(&db).await;
+    let mut acme = live(&gw, "acme").await;
+    app.batch_execute("INSERT INTO users VALUES (1, 'acme', 'ann', 'SSN-1')")
+        .await
+        .unwrap();
+    let e = acme.next_change().await;
+    assert_eq!(e["tenant"], "acme");
+    assert_eq!(keys(&e["new"]), set(&["id", "org", "name"]), "{e}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_column_added_to_a_watched_table_is_filterable_at_once() {
+    let Setup { db, app, admin } =
+        setup("CREATE TABLE notes (id int PRIMARY KEY, tenant text NOT NULL, body text)").await;
+    admin
+        .batch_execute("SELECT pgfeed.watch('notes', tenant_column => 'tenant')")
+        .await
+        .unwrap();
+    let gw = Gateway::start(&db).await;
+    let query = "filter=notes:priority=eq.high";
+    assert_eq!(stream_status(&gw, "acme", query).await, 400);
+
+    app.batch_execute("ALTER TABLE notes ADD COLUMN priority text")
+        .await
+        .unwrap();
+    // Well before the gateway's periodic catalog refresh (30 s): the DDL rings the
+    // doorbell.
+    support::eventually_within(
+        "a filter on the new column is accepted",
+        Duration::from_secs(5),
+        || async { stream_status(&gw, "acme", query).await == 200 },
+    )
+    .await;
+    let mut high = gw.stream("acme", query).await;
+    assert_eq!(high.status, 200);
+    assert!(high.until_live().await.is_empty());
+    app.batch_execute(
+        "INSERT INTO notes VALUES (1, 'acme', 'x', 'low');
+         INSERT INTO notes VALUES (2, 'acme', 'y', 'high');",
+    )
+    .await
+    .unwrap();
+    let e = high.next_change().await;
+    assert_eq!(e["pk"], json!({"id": 2}), "{e}");
+    assert_eq!(e["new"]["priority"], "high");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn swapped_column_names_keep_each_setting_with_its_column() {
+    let Setup { db, app, admin } = setup(
+        "CREATE TABLE users (id int PRIMARY KEY, org text NOT NULL, name text, password_hash text)",
+    )
+    .await;
+    admin
+        .batch_execute(
+            "SELECT pgfeed.watch('users', tenant_column => 'org', exclude_columns => '{password_hash}')",
+        )
+        .await
+        .unwrap();
+    let gw = Gateway::start(&db).await;
+    let mut acme = live(&gw, "acme").await;
+
+    // The hashes' column is now called `name`, and the names' column `password_hash`.
+    app.batch_execute(
+        "BEGIN;
+         ALTER TABLE users RENAME COLUMN password_hash TO tmp;
+         ALTER TABLE users RENAME COLUMN name TO password_hash;
+         ALTER TABLE users RENAME COLUMN tmp TO name;
+         COMMIT;
+         INSERT INTO users (id, org, password_hash, name) VALUES (1, 'acme', 'ann', 'HASH-1');",
+    )
+    .await
+    .unwrap();
+    let e = acme.next_change().await;
+    assert_eq!(keys(&e["new"]), set(&["id", "org", "password_hash"]), "{e}");
+    assert_eq!(e["new"]["password_hash"], "ann", "{e}");
+
+    // And the tenants' column is now called `password_hash`.
+    app.batch_execute(
+        "BEGIN;
+         ALTER TABLE users RENAME COLUMN org TO tmp;
+         ALTER TABLE users RENAME COLUMN password_hash TO org;
+         ALTER TABLE users RENAME COLUMN tmp TO password_hash;
+         COMMIT;
+         INSERT INTO users (id, password_hash, org, name) VALUES (2, 'acme', 'bob', 'HASH-2');",
+    )
+    .await
+    .unwrap();
+    let e = acme.next_change().await;
+    assert_eq!(e["tenant"], "acme", "{e}");
+    assert_eq!(keys(&e["new"]), set(&["id", "org", "password_hash"]), "{e}");
+    assert_eq!(e["new"]["org"], "bob", "{e}");
+    assert!(!acme.raw.contains("HASH-"), "{}", acme.raw);
+    let entry = support::status_entry(&db, "public.users").await.unwrap();
+    assert_eq!(entry["tenant_column"], "password_hash", "{entry}");
+    assert_eq!(entry["exclude_columns"], json!(["name"]), "{entry}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn renames_spelled_as_alter_view_or_foreign_table_are_followed_too() {
+    // PostgreSQL renames a table's column through ALTER VIEW, ALTER MATERIALIZED VIEW and
+    // ALTER FOREIGN TABLE as well, and those statements have tags of their own.
+    let Setup { db, app, admin } = setup(
+        "CREATE TABLE users (id int PRIMARY KEY, org text NOT NULL, name text, password_hash text)",
+    )
+    .await;
+    admin
+        .batch_execute(
+            "SELECT pgfeed.watch('users', tenant_column => 'org', exclude_columns => '{password_hash}')",
+        )
+        .await
+        .unwrap();
+    let gw = Gateway::start(&db).await;
+    let mut acme = live(&gw, "acme").await;
+    let visible = set(&["id", "org", "name"]);
+    let renames = [
+        ("ALTER VIEW users RENAME COLUMN password_hash TO pw1", 1),
+        ("ALTER MATERIALIZED VIEW users RENAME COLUMN pw1 TO pw2", 2),
+        ("ALTER FOREIGN TABLE users RENAME COLUMN pw2 TO pw3", 3),
+    ];
+    for (rename, id) in renames {
+        app.batch_execute(rename).await.unwrap();
+        let pw = rename.rsplit(' ').next().unwrap();
+        app.batch_execute(&format!(
+            "INSERT INTO users (id, org, name, {pw}) VALUES ({id}, 'acme', 'n', 'HASH-{id}')"
+        ))
+        .await
+        .unwrap();
+        let e = acme.next_change().await;
+        assert_eq!(keys(&e["new"]), visible, "after `{rename}`: {e}");
+    }
+    app.batch_execute("ALTER VIEW users RENAME COLUMN org TO company")
+        .await
+        .unwrap();
+    app.batch_execute("INSERT INTO users (id, company, name) VALUES (4, 'acme', 'routed')")
+        .await
+        .unwrap();
+    let e = acme.next_change().await;
+    assert_eq!(
+        (&e["tenant"], &e["new"]["name"]),
+        (&json!("acme"), &json!("routed")),
+        "{e}"
+    );
+    let entry = support::status_entry(&db, "public.users").await.unwrap();
+    assert_eq!(entry["exclude_columns"], json!(["pw3"]), "{entry}");
+    assert_eq!(entry["tenant_column"], "company", "{entry}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn dropping_what_the_tenant_or_key_column_depends_on_is_refused() {
+    // DROP DOMAIN, DROP TYPE or DROP FUNCTION ... CASCADE drops the columns that depend on
+    // what it drops: no ALTER TABLE in sight.
+    let Setup { db, app, admin } = setup(
+        "CREATE DOMAIN tenant_name AS text;
+         CREATE DOMAIN order_number AS int;
+         CREATE TYPE mood AS ENUM ('calm', 'angry');
+         CREATE TABLE orders (id order_number PRIMARY KEY, org tenant_name NOT NULL, v text, m mood);
+         CREATE FUNCTION tenant_of(path text) RETURNS text LANGUAGE sql IMMUTABLE
+             AS $$ SELECT split_part(path, '/', 1) $$;
+         CREATE TABLE files (id int PRIMARY KEY, path text NOT NULL,
+                             org text GENERATED ALWAYS AS (tenant_of(path)) STORED);",
+    )
+    .await;
+    admin
+        .batch_execute(
+            "SELECT pgfeed.watch('orders', tenant_column => 'org', exclude_columns => '{m}');
+             SELECT pgfeed.watch('files', tenant_column => 'org');",
+        )
+        .await
+        .unwrap();
+    refused(&app, "DROP DOMAIN tenant_name CASCADE").await;
+    refused(&app, "DROP DOMAIN order_number CASCADE").await;
+    refused(&app, "DROP FUNCTION tenant_of(text) CASCADE").await;
+    // An excluded column may go this way too, and leaves the list.
+    app.batch_execute("DROP TYPE mood CASCADE")
+        .await
+        .unwrap_or_else(|e| panic!("dropping an excluded column's type: {}", message(&e)));
+    let entry = support::status_entry(&db, "public.orders")
+        .await
+        .expect("status lists public.orders");
+    assert_eq!(entry["tenant_column"], "org", "{entry}");
+    assert_eq!(entry["exclude_columns"], json!([]), "{entry}");
+
+    let gw = Gateway::start(&db).await;
+    let mut acme = live(&gw, "acme").await;
+    app.batch_execute(
+        "INSERT INTO orders VALUES (1, 'acme', 'routed');
+         INSERT INTO files VALUES (1, 'acme/report.pdf');",
+    )
+    .await
+    .unwrap();
+    let e = acme.next_change().await;
+    assert_eq!(
+        (&e["table"], &e["tenant"], &e["pk"]),
+        (&json!("public.orders"), &json!("acme"), &json!({"id": 1})),
+        "{e}"
+    );
+    let e = acme.next_change().await;
+    assert_eq!(
+        (&e["table"], &e["tenant"], &e["new"]["org"]),
+        (&json!("public.files"), &json!("acme"), &json!("acme")),
+        "{e}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_renamed_table_or_schema_renames_the_events() {
+    let Setup { db, app, admin } = setup(&format!(
+        "{MEASUREMENTS}
+         CREATE SCHEMA crm;
+         CREATE TABLE crm.orders (id int PRIMARY KEY, tenant text NOT NULL, v text);"
+    ))
+    .await;
+    watch_measurements(&admin).await;
+    admin
+        .batch_execute("SELECT pgfeed.watch('crm.orders', tenant_column => 'tenant')")
+        .await
+        .unwrap();
+    let gw = Gateway::start(&db).await;
+    let mut acme = live(&gw, "acme").await;
+
+    // Each rename, then a write under the new name: the event carries that name.
+    let steps = [
+        (
+            "ALTER TABLE measurements RENAME TO readings",
+            "readings",
+            "public.readings",
+        ),
+        // ALTER INDEX renames tables too, under a tag of its own.
+        (
+            "ALTER INDEX readings RENAME TO samples",
+            "samples",
+            "public.samples",
+        ),
+        (
+            "ALTER SCHEMA crm RENAME TO sales",
+            "sales.orders",
+            "sales.orders",
+        ),
+        (
+            "ALTER TABLE sales.orders SET SCHEMA public",
+            "orders",
+            "public.orders",
+        ),
+    ];
+    for (i, (ddl, table, event_name)) in steps.into_iter().enumerate() {
+        app.batch_execute(ddl).await.unwrap();
+        app.batch_execute(&format!(
+            "INSERT INTO {table} VALUES ({i}, 'acme', 'after')"
+        ))
+        .await
+        .unwrap();
+        let e = acme.next_change().await;
+        assert_eq!(e["table"], event_name, "after `{ddl}`: {e}");
+    }
+    let status = support::status_json(&db).await;
+    let mut listed: Vec<&str> = status["watched"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["table"].as_str().unwrap())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["public.orders", "public.samples"], "{status}");
+
+    // Streams may name the tables by their new names at once, and receive their changes.
+    support::eventually_within(
+        "tables=samples,orders is accepted",
+        Duration::from_secs(5),
+        || async { stream_status(&gw, "acme", "tables=samples,orders").await == 200 },
+    )
+    .await;
+    let mut named = gw.stream("acme", "tables=samples,orders").await;
+    assert!(named.until_live().await.is_empty());
+    app.batch_execute(
+        "INSERT INTO samples VALUES (10, 'acme', 'named');
+         INSERT INTO orders VALUES (10, 'acme', 'named');",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        summary(&named.next_change().await),
+        "insert public.samples named"
+    );
+    assert_eq!(
+        summary(&named.next_change().await),
+        "insert public.orders named"
+    );
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Item 4: partitions and inheritance.
+
+/// `measurements`, partitioned by tenant, with partitions for `acme` and `globex`.
+const MEASUREMENTS: &str = "
+    CREATE TABLE measurements (id int, tenant text NOT NULL, v text, PRIMARY KEY (tenant, id))
+        PARTITION BY LIST (tenant);
+    CREATE TABLE measurements_acme PARTITION OF measurements FOR VALUES IN ('acme');
+    CREATE TABLE measurements_globex PARTITION OF measurements FOR VALUES IN ('globex');";
+
+async fn watch_measurements(admin: &tokio_postgres::Client) {
+    admin
+        .batch_execute("SELECT pgfeed.watch('measurements', tenant_column => 'tenant')")
+        .await
+        .unwrap_or_else(|e| panic!("watching the partitioned parent: {}", message(&e)));
+}
+
+#[tokio::test]
+async fn a_partitioned_parent_captures_every_partition_under_its_own_name() {
+    let Setup { db, app, admin } = setup(MEASUREMENTS).await;
+    watch_measurements(&admin).await;
+    let gw = Gateway::start(&db).await;
+    let mut acme = live(&gw, "acme").await;
+    let mut globex = live(&gw, "globex").await;
+
+    // One statement through the parent, routed to both partitions.
+    app.batch_execute("INSERT INTO measurements VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1')")
+        .await
+        .unwrap();
+    // Straight into a partition.
+    app.batch_execute("INSERT INTO measurements_acme VALUES (3, 'acme', 'a2')")
+        .await
+        .unwrap();
+    app.batch_execute("UPDATE measurements SET v = 'a1b' WHERE id = 1")
+        .await
+        .unwrap();
+    app.batch_execute("UPDATE measurements_globex SET v = 'g1b' WHERE id = 2")
+        .await
+        .unwrap();
+    app.batch_execute("DELETE FROM measurements_acme WHERE id = 3")
+        .await
+        .unwrap();
+    app.batch_execute("DELETE FROM measurements WHERE id = 2")
+        .await
+        .unwrap();
+    // Marks the end: each change above came exactly once if these come next.
+    app.batch_execute("INSERT INTO measurements VALUES (9, 'acme', 'end'), (9, 'globex', 'end')")
+        .await
+        .unwrap();
+
+    let mut got = Vec::new();
+    loop {
+        let e = acme.next_change().await;
+        assert_eq!(e["tenant"], "acme", "{e}");
+        got.push(summary(&e));
+        if got.last().unwrap().ends_with(" end") {
+            break;
+        }
+    }
+    assert_eq!(
+        got,
+        [
+            "insert public.measurements a1",
+            "insert public.measurements a2",
+            "update public.measurements a1b",
+            "delete public.measurements a2",
+            "insert public.measurements end",
+        ]
+    );
+    let mut got = Vec::new();
+    loop {
+        let e = globex.next_change().await;
+        assert_eq!(e["tenant"], "globex", "{e}");
+        got.push(summary(&e));
+        if got.last().unwrap().ends_with(" end") {
+            break;
+        }
+    }
+    assert_eq!(
+        got,
+        [
+            "insert public.measurements g1",
+            "update public.measurements g1b",
+            "delete public.measurements g1b",
+            "insert public.measurements end",
+        ]
+    );
+    let entry = support::status_entry(&db, "public.measurements")
+        .await
+        .expect("status lists the parent");
+    assert_eq!(entry["tenant_column"], "tenant");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_row_moving_between_partitions_leaves_one_tenant_and_reaches_the_other() {
+    let Setup { db, app, admin } = setup(MEASUREMENTS).await;
+    watch_measurements(&admin).await;
+    let gw = Gateway::start(&db).await;
+    let mut acme = live(&gw, "acme").await;
+    let mut globex = live(&gw, "globex").await;
+    app.batch_execute("INSERT INTO measurements VALUES (1, 'acme', 'a1')")
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(&acme.next_change().await),
+        "insert public.measurements a1"
+    );
+
+    // PostgreSQL moves the row from measurements_acme to measurements_globex.
+    app.batch_execute("UPDATE measurements SET tenant = 'globex', v = 'moved' WHERE id = 1")
+        .await
+        .unwrap();
+    app.batch_execute("INSERT INTO measurements VALUES (9, 'acme', 'end'), (9, 'globex', 'end')")
+        .await
+        .unwrap();
+    let gone = acme.next_change().await;
+    assert_eq!(summary(&gone), "delete public.measurements a1", "{gone}");
+    assert_eq!(
+        summary(&acme.next_change().await),
+        "insert public.measurements end"
+    );
+    let came = globex.next_change().await;
+    assert_eq!(summary(&came), "insert public.measurements moved", "{came}");
+    assert_eq!(came["tenant"], "globex");
+    assert_eq!(
+        summary(&globex.next_change().await),
+        "insert public.measurements end"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn partitions_created_or_attached_after_watch_are_captured() {
+    let Setup { db, app, admin } = setup(
+        "CREATE TABLE measurements (id int, tenant text NOT NULL, v text, PRIMARY KEY (tenant, id))
+             PARTITION BY LIST (tenant);
+         CREATE TABLE measurements_acme PARTITION OF measurements FOR VALUES IN ('acme');",
+    )
+    .await;
+    watch_measurements(&admin).await;
+    let gw = Gateway::start(&db).await;
+    let mut globex = live(&gw, "globex").await;
+    let mut initech = live(&gw, "initech").await;
+
+    app.batch_execute(
+        "CREATE TABLE measurements_globex PARTITION OF measurements FOR VALUES IN ('globex')",
+    )
+    .await
+    .unwrap();
+    app.batch_execute("INSERT INTO measurements VALUES (1, 'globex', 'through the parent')")
+        .await
+        .unwrap();
+    app.batch_execute("INSERT INTO measurements_globex VALUES (2, 'globex', 'direct')")
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(&globex.next_change().await),
+        "insert public.measurements through the parent"
+    );
+    assert_eq!(
+        summary(&globex.next_change().await),
+        "insert public.measurements direct"
+    );
+
+    // A table of its own, with a row from before, attached later.
+    app.batch_execute(
+        "CREATE TABLE measurements_initech (id int NOT NULL, tenant text NOT NULL, v text);
+         INSERT INTO measurements_initech VALUES (1, 'initech', 'before');
+         ALTER TABLE measurements ATTACH PARTITION measurements_initech FOR VALUES IN ('initech');",
+    )
+    .await
+    .unwrap();
+    app.batch_execute("INSERT INTO measurements VALUES (2, 'initech', 'through the parent')")
+        .await
+        .unwrap();
+    app.batch_execute("INSERT INTO measurements_initech VALUES (3, 'initech', 'direct')")
+        .await
+        .unwrap();
+    app.batch_execute("UPDATE measurements_initech SET v = 'updated' WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(&initech.next_change().await),
+        "insert public.measurements through the parent"
+    );
+    assert_eq!(
+        summary(&initech.next_change().await),
+        "insert public.measurements direct"
+    );
+    assert_eq!(
+        summary(&initech.next_change().await),
+        "update public.measurements updated"
+    );
+
+    // Nothing twice: the next changes are these.
+    app.batch_execute(
+        "INSERT INTO measurements VALUES (9, 'globex', 'end'), (9, 'initech', 'end')",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        summary(&globex.next_change().await),
+        "insert public.measurements end"
+    );
+    assert_eq!(
+        summary(&initech.next_change().await),
+        "insert public.measurements end"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_partition_that_is_itself_partitioned_is_captured_at_every_level() {
+    let Setup { db, app, admin } = setup(MEASUREMENTS).await;
+    watch_measurements(&admin).await;
+    let gw = Gateway::start(&db).await;
+    let mut umbrella = live(&gw, "umbrella").await;
+    app.batch_execute(
+        "CREATE TABLE measurements_umbrella PARTITION OF measurements FOR VALUES IN ('umbrella')
+             PARTITION BY RANGE (id);
+         CREATE TABLE measurements_umbrella_low PARTITION OF measurements_umbrella
+             FOR VALUES FROM (0) TO (100);
+         CREATE TABLE measurements_umbrella_high (id int NOT NULL, tenant text NOT NULL, v text);
+         ALTER TABLE measurements_umbrella ATTACH PARTITION measurements_umbrella_high
+             FOR VALUES FROM (100) TO (1000);",
+    )
+    .await
+    .unwrap();
+    app.batch_execute(
+        "INSERT INTO measurements VALUES (1, 'umbrella', 'root'), (101, 'umbrella', 'root high');
+         INSERT INTO measurements_umbrella VALUES (2, 'umbrella', 'middle');
+         INSERT INTO measurements_umbrella_low VALUES (3, 'umbrella', 'leaf');
+         INSERT INTO measurements_umbrella_high VALUES (103, 'umbrella', 'leaf high');
+         INSERT INTO measurements VALUES (9, 'umbrella', 'end');",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    loop {
+        got.push(summary(&umbrella.next_change().await));
+        if got.last().unwrap().ends_with(" end") {
+            break;
+        }
+    }
+    assert_eq!(
+        got,
+        [
+            "insert public.measurements root",
+            "insert public.measurements root high",
+            "insert public.measurements middle",
+            "insert public.measurements leaf",
+            "insert public.measurements leaf high",
+            "insert public.measurements end",
+        ]
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_detached_partition_is_no_longer_captured() {
+    let Setup { db, app, admin } = setup(
+        "CREATE TABLE measurements (id int, tenant text NOT NULL, v text, PRIMARY KEY (tenant, id))
+             PARTITION BY LIST (tenant);
+         CREATE TABLE measurements_acme PARTITION OF measurements FOR VALUES IN ('acme');
+         CREATE TABLE measurements_globex PARTITION OF measurements FOR VALUES IN ('globex');
+         CREATE TABLE measurements_initech PARTITION OF measurements FOR VALUES IN ('initech');
+         CREATE TABLE marker (id int, tenant text NOT NULL, v text, PRIMARY KEY (tenant, id));",
+    )
+    .await;
+    watch_measurements(&admin).await;
+    admin
+        .batch_execute("SELECT pgfeed.watch('marker', tenant_column => 'tenant')")
+        .await
+        .unwrap();
+    let gw = Gateway::start(&db).await;
+    let mut acme = live(&gw, "acme").await;
+    let mut globex = live(&gw, "globex").await;
+    let mut initech = live(&gw, "initech").await;
+    app.batch_execute(
+        "INSERT INTO measurements_globex VALUES (1, 'globex', 'captured');
+         INSERT INTO measurements_initech VALUES (1, 'initech', 'captured');",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        summary(&globex.next_change().await),
+        "insert public.measurements captured"
+    );
+    assert_eq!(
+        summary(&initech.next_change().await),
+        "insert public.measurements captured"
+    );
+
+    app.batch_execute("ALTER TABLE measurements DETACH PARTITION measurements_globex")
+        .await
+        .unwrap();
+    // A table of its own now, it takes any tenant's rows: none may be captured.
+    app.batch_execute(
+        "INSERT INTO measurements_globex VALUES (2, 'globex', 'detached'), (3, 'acme', 'detached');
+         UPDATE measurements_globex SET v = 'detached too';
+         DELETE FROM measurements_globex;",
+    )
+    .await
+    .unwrap();
+    // Without a transaction of its own (CONCURRENTLY cannot run in one). PostgreSQL
+    // leaves a CHECK constraint in place of the partition bound.
+    app.batch_execute(
+        "ALTER TABLE measurements DETACH PARTITION measurements_initech CONCURRENTLY",
+    )
+    .await
+    .unwrap();
+    app.batch_execute(
+        "INSERT INTO measurements_initech VALUES (4, 'initech', 'detached concurrently');
+         UPDATE measurements_initech SET v = 'detached too';",
+    )
+    .await
+    .unwrap();
+    // The markers, written last, are each tenant's next event.
+    app.batch_execute(
+        "INSERT INTO marker VALUES (1, 'acme', 'marker'), (1, 'globex', 'marker'), (1, 'initech', 'marker')",
+    )
+    .await
+    .unwrap();
+    for (tenant, stream) in [
+        ("acme", &mut acme),
+        ("globex", &mut globex),
+        ("initech", &mut initech),
+    ] {
+        let next = stream.next_change().await;
+        assert_eq!(
+            summary(&next),
+            "insert public.marker marker",
+            "{tenant}: a detached partition's write was captured: {next}"
+        );
+    }
+    acme.assert_quiet(Duration::from_millis(300)).await;
+    assert_eq!(pgfeed_triggers(&admin, "measurements_globex").await, 0);
+    assert_eq!(pgfeed_triggers(&admin, "measurements_initech").await, 0);
+    // Still captured: the partition left attached.
+    app.batch_execute("INSERT INTO measurements VALUES (2, 'acme', 'attached')")
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(&acme.next_change().await),
+        "insert public.measurements attached"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn partitions_of_any_column_layout_keep_the_parents_settings() {
+    let Setup { db, app, admin } = setup(
+        "CREATE TABLE measurements (id int, tenant text NOT NULL, v text, secret text,
+                                    PRIMARY KEY (tenant, id))
+             PARTITION BY LIST (tenant);
+         CREATE TABLE measurements_acme PARTITION OF measurements FOR VALUES IN ('acme');",
+    )
+    .await;
+    admin
+        .batch_execute(
+            "SELECT pgfeed.watch('measurements', tenant_column => 'tenant', exclude_columns => '{secret}')",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("watching the partitioned parent: {}", message(&e)));
+    let gw = Gateway::start(&db).await;
+    let mut acme = live(&gw, "acme").await;
+    let mut globex = live(&gw, "globex").await;
+    // Its columns in another order, and a dropped one: other attribute numbers than the
+    // parent's.
+    app.batch_execute(
+        "CREATE TABLE measurements_globex (secret text, junk int, v text, tenant text NOT NULL, id int NOT NULL);
+         ALTER TABLE measurements_globex DROP COLUMN junk;
+         ALTER TABLE measurements ATTACH PARTITION measurements_globex FOR VALUES IN ('globex');
+         INSERT INTO measurements (id, tenant, v, secret) VALUES (1, 'globex', 'parent', 'SECRET-1');
+         INSERT INTO measurements_globex (id, tenant, v, secret) VALUES (2, 'globex', 'direct', 'SECRET-2');",
+    )
+    .await
+    .unwrap();
+    let visible = set(&["id", "tenant", "v"]);
+    for v in ["parent", "direct"] {
+        let e = globex.next_change().await;
+        assert_eq!(summary(&e), format!("insert public.measurements {v}"));
+        assert_eq!(keys(&e["new"]), visible, "{e}");
+    }
+
+    // A rename on the parent renames the column in every partition.
+    app.batch_execute(
+        "ALTER TABLE measurements RENAME COLUMN secret TO hidden;
+         INSERT INTO measurements_acme (id, tenant, v, hidden) VALUES (3, 'acme', 'direct', 'SECRET-3');
+         INSERT INTO measurements_globex (id, tenant, v, hidden) VALUES (4, 'globex', 'direct', 'SECRET-4');
+         UPDATE measurements SET hidden = 'SECRET-5', v = 'updated' WHERE id IN (3, 4);",
+    )
+    .await
+    .unwrap();
+    for (stream, tenant) in [(&mut acme, "acme"), (&mut globex, "globex")] {
+        let e = stream.next_change().await;
+        assert_eq!(summary(&e), "insert public.measurements direct", "{tenant}");
+        assert_eq!(keys(&e["new"]), visible, "{tenant}: {e}");
+        let e = stream.next_change().await;
+        assert_eq!(
+            summary(&e),
+            "update public.measurements updated",
+            "{tenant}"
+        );
+        assert_eq!(keys(&e["new"]), visible, "{tenant}: {e}");
+        assert_eq!(keys(&e["old"]), visible, "{tenant}: {e}");
+        assert!(!stream.raw.contains("SECRET-"), "{tenant}: {}", stream.raw);
+    }
+    let entry = support::status_entry(&db, "public.measurements")
+        .await
+        .unwrap();
+    assert_eq!(entry["exclude_columns"], json!(["hidden"]), "{entry}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn watching_a_partition_or_a_table_with_inheritance_is_refused() {
+    let Setup {
+        db: _db,
+        app: _app,
+        admin,
+    } = setup(&format!(
+        "{MEASUREMENTS}
+         CREATE TABLE base (id int PRIMARY KEY, tenant text NOT NULL);
+         CREATE TABLE child (id int PRIMARY KEY, tenant text NOT NULL, extra text);
+         ALTER TABLE child INHERIT base;"
+    ))
+    .await;
+    for table in ["measurements_acme", "base", "child"] {
+        let msg = fails(
+            &admin,
+            &format!("SELECT pgfeed.watch('{table}', tenant_column => 'tenant')"),
+        )
+        .await;
+        assert!(msg.contains(table), "the refusal names {table}: {msg}");
+    }
+    let watched: i64 = admin
+        .query_one("SELECT count(*) FROM pgfeed.watched", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(watched, 0);
+}
+
+#[tokio::test]
+async fn ddl_that_would_put_a_watched_table_in_a_hierarchy_is_refused() {
+    let Setup { db, app, admin } = setup(
+        "CREATE TABLE orders (id int, tenant text NOT NULL, v text, PRIMARY KEY (tenant, id));
+         CREATE TABLE archive (id int, tenant text NOT NULL, v text, PRIMARY KEY (tenant, id))
+             PARTITION BY LIST (tenant);
+         CREATE TABLE legacy (id int NOT NULL, tenant text NOT NULL, v text);",
+    )
+    .await;
+    admin
+        .batch_execute("SELECT pgfeed.watch('orders', tenant_column => 'tenant')")
+        .await
+        .unwrap();
+
+    // As a partition of a parent nobody watches, its writes would no longer be captured.
+    refused(
+        &app,
+        "ALTER TABLE archive ATTACH PARTITION orders FOR VALUES IN ('acme')",
+    )
+    .await;
+    // Inserts into an inheritance child are not the parent's.
+    refused(&app, "CREATE TABLE orders_2024 () INHERITS (orders)").await;
+    refused(&app, "ALTER TABLE legacy INHERIT orders").await;
+    refused(&app, "ALTER TABLE orders INHERIT legacy").await;
+    let hierarchy: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_inherits
+             WHERE inhrelid = 'orders'::regclass OR inhparent = 'orders'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(hierarchy, 0, "the refused statements left orders alone");
+
+    let gw = Gateway::start(&db).await;
+    let mut acme = live(&gw, "acme").await;
+    app.batch_execute("INSERT INTO orders VALUES (1, 'acme', 'still captured')")
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(&acme.next_change().await),
+        "insert public.orders still captured"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn unwatching_a_partitioned_parent_stops_capture_on_its_partitions() {
+    let Setup { db, app, admin } = setup(&format!(
+        "{MEASUREMENTS}
+         CREATE TABLE marker (id int PRIMARY KEY, tenant text NOT NULL, v text);"
+    ))
+    .await;
+    watch_measurements(&admin).await;
+    admin
+        .batch_execute("SELECT pgfeed.watch('marker', tenant_column => 'tenant')")
+        .await
+        .unwrap();
+    let gw = Gateway::start(&db).await;
+    let mut acme = live(&gw, "acme").await;
+    app.batch_execute("INSERT INTO measurements_acme VALUES (1, 'acme', 'watched')")
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(&acme.next_change().await),
+        "insert public.measurements watched"
+    );
+
+    admin
+        .batch_execute("SELECT pgfeed.unwatch('measurements')")
+        .await
+        .unwrap();
+    for table in ["measurements", "measurements_acme", "measurements_globex"] {
+        assert_eq!(pgfeed_triggers(&admin, table).await, 0, "{table}");
+    }
+    app.batch_execute(
+        "INSERT INTO measurements VALUES (2, 'acme', 'unwatched');
+         INSERT INTO measurements_acme VALUES (3, 'acme', 'unwatched');
+         INSERT INTO marker VALUES (1, 'acme', 'marker');",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        summary(&acme.next_change().await),
+        "insert public.marker marker"
+    );
+    assert!(
+        support::status_entry(&db, "public.measurements")
+            .await
+            .is_none()
+    );
+
+    // Watched again: captured once each, not twice.
+    watch_measurements(&admin).await;
+    app.batch_execute(
+        "INSERT INTO measurements_acme VALUES (4, 'acme', 'again');
+         INSERT INTO marker VALUES (2, 'acme', 'marker 2');",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        summary(&acme.next_change().await),
+        "insert public.measurements again"
+    );
+    assert_eq!(
+        summary(&acme.next_change().await),
+        "insert public.marker marker 2"
+    );
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Item 9: DROP TABLE.
+
+#[tokio::test]
+async fn dropping_a_watched_table_forgets_it() {
+    let Setup { db, app, admin } = setup(
+        "CREATE TABLE orders (id int PRIMARY KEY, tenant text NOT NULL, v text);
+         CREATE TABLE gone (id int PRIMARY KEY, tenant text NOT NULL, v text);
+         CREATE SCHEMA crm;
+         CREATE TABLE crm.leads (id int PRIMARY KEY, tenant text NOT NULL, v text);",
+    )
+    .await;
+    admin
+        .batch_execute(
+            "SELECT pgfeed.watch('orders', tenant_column => 'tenant');
+             SELECT pgfeed.watch('gone', tenant_column => 'tenant');
+             SELECT pgfeed.watch('crm.leads', tenant_column => 'tenant');",
+        )
+        .await
+        .unwrap();
+    let watched = || async {
+        let rows = admin
+            .query(
+                "SELECT tbl::oid::bigint FROM pgfeed.watched ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>()
+    };
+    let orders_oid: i64 = admin
+        .query_one("SELECT 'orders'::regclass::oid::bigint", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(watched().await.len(), 3);
+
+    // A drop that rolls back changes nothing.
+    app.batch_execute("BEGIN; DROP TABLE gone; ROLLBACK")
+        .await
+        .unwrap();
+    assert_eq!(watched().await.len(), 3);
+    assert!(support::status_entry(&db, "public.gone").await.is_some());
+
+    app.batch_execute("DROP TABLE gone").await.unwrap();
+    app.batch_execute("DROP SCHEMA crm CASCADE").await.unwrap();
+    assert_eq!(
+        watched().await,
+        [orders_oid],
+        "pgfeed.watched keeps rows of dropped tables"
+    );
+    let status = support::status_json(&db).await;
+    assert_eq!(
+        status["watched"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["table"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["public.orders"],
+        "{status}"
+    );
+
+    // A new table of the same name is a new table: not watched.
+    app.batch_execute("CREATE TABLE gone (id int PRIMARY KEY, tenant text NOT NULL, v text)")
+        .await
+        .unwrap();
+    assert!(support::status_entry(&db, "public.gone").await.is_none());
+    assert_eq!(pgfeed_triggers(&admin, "gone").await, 0);
+    let msg = fails(&admin, "SELECT pgfeed.unwatch('gone')").await;
+    assert!(msg.contains("not watched"), "{msg}");
+    let gw = Gateway::start(&db).await;
+    let mut acme = live(&gw, "acme").await;
+    app.batch_execute(
+        "INSERT INTO gone VALUES (1, 'acme', 'not watched');
+         INSERT INTO orders VALUES (1, 'acme', 'marker');",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        summary(&acme.next_change().await),
+        "insert public.orders marker"
+    );
+    gw.stop().await;
+}
