@@ -17,7 +17,8 @@
 -- setup, and a fresh plan, in every transaction.
 --
 -- The seal: a transaction's first journal row (ord = 1) queues the deferred constraint
--- trigger `seal` on pgfeed.changes, which numbers the commit at commit time (_seal below).
+-- trigger `seal` on pgfeed.changes, which records the commit at commit time (_seal below);
+-- gateways number recorded commits (pgfeed.seal).
 --
 -- Capture runs once per watched statement, so its cost is counted in instructions
 -- (BENCHMARKS.md, "Where the time goes"). Two habits below come from that:
@@ -394,63 +395,145 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    base integer := 0;
+    base     integer := 0;
+    tbl_name text    := coalesce(TG_ARGV[4], TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
 BEGIN
     IF coalesce(current_setting('pgfeed.ord', true), '') NOT IN ('', '0') THEN
         base := coalesce((SELECT max(c.ord) FROM pgfeed.changes AS c
                           WHERE c.xid = pg_current_xact_id()), 0);
+        -- TRUNCATE of a partitioned table fires this for it and for each partition: one
+        -- event is enough when the transaction's last change already truncated it.
+        IF current_setting('pgfeed.truncated', true) = base::text || ' ' || tbl_name THEN
+            RETURN NULL;
+        END IF;
     END IF;
     INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public)
-    VALUES (pg_current_xact_id(), base + 1,
-            coalesce(TG_ARGV[4], TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME), 'truncate', NULL, true);
+    VALUES (pg_current_xact_id(), base + 1, tbl_name, 'truncate', NULL, true);
     PERFORM set_config('pgfeed.ord', (base + 1)::text, true);
+    PERFORM set_config('pgfeed.truncated', (base + 1)::text || ' ' || tbl_name, true);
     RETURN NULL;
 END
 $$;
 
--- Runs once per transaction, at commit: queued by the transaction's first journal row.
--- The lock on pgfeed.commit_order is held until the commit completes, so commit numbers
--- are drawn in commit order. Only roles with privileges on that table can take it (an
--- advisory lock's keys are anyone's). The NOTIFY is only a doorbell: "<seq>:<count>",
--- never row data.
+-- Runs once per transaction, at commit: queued by the transaction's first journal row. It
+-- takes no lock that another transaction waits on: it appends the commit to
+-- pgfeed.pending with a number drawn from a sequence (lock-free), which orders it among
+-- the commits sealed in the same batch (pgfeed.seal). A commit that finished before this
+-- one began drew a lower number. (A transaction that runs SET CONSTRAINTS ALL IMMEDIATE
+-- draws it early; README, "Guarantees".)
+--
+-- The doorbell rings only for sleeping gateways: each has a row in pgfeed.sleepers, set
+-- unrung when it goes to sleep. The first writer that finds it unrung marks it rung and
+-- sends one NOTIFY; writers that find it being rung (locked) skip it rather than wait,
+-- and under load, with every gateway awake and reading, nobody sends any. Reading the
+-- table holds a lock on it until this commit ends, which the gateway's arming barrier
+-- waits for: a writer that saw no sleeper commits before the gateway's last read (see
+-- src/listener.rs). The count is informational (commits.n): it is read from the setting,
+-- and a session that set a value that is not a number fails its own commit.
 CREATE OR REPLACE FUNCTION pgfeed._seal() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    seq     bigint;
-    n       integer;
     ignored boolean;
 BEGIN
-    LOCK TABLE pgfeed.commit_order IN EXCLUSIVE MODE;
-    -- The count is informational (commits.n, the doorbell's payload): no reader relies on
-    -- it, so it is read from the setting rather than paid for with a probe of the journal
-    -- (~9 % of a watched single-row transaction; a guard against a value that is not a
-    -- number cost ~3 %). A session that sets such a value fails its own commit.
-    n := coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer;
-    seq := nextval('pgfeed.commit_seq');
-    INSERT INTO pgfeed.commits (seq, xid, n, committed_at)
-    VALUES (seq, NEW.xid, n, clock_timestamp());
-    ignored := pg_notify('pgfeed', seq::text || ':' || n::text) IS NULL;
+    INSERT INTO pgfeed.pending (xid, draw, n, committed_at)
+    VALUES (NEW.xid, nextval('pgfeed.commit_seq'),
+            coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer,
+            clock_timestamp());
+    IF EXISTS (SELECT FROM pgfeed.sleepers AS s WHERE NOT s.rung) THEN
+        UPDATE pgfeed.sleepers AS s SET rung = true
+        WHERE s.pid IN (SELECT t.pid FROM pgfeed.sleepers AS t WHERE NOT t.rung
+                        FOR UPDATE SKIP LOCKED);
+        IF FOUND THEN
+            ignored := pg_notify('pgfeed', '') IS NULL;
+        END IF;
+    END IF;
     RETURN NULL;
 END
 $$;
 
-SET LOCAL client_min_messages = warning;
-DROP TRIGGER IF EXISTS seal ON pgfeed.changes;
-RESET client_min_messages;
-CREATE CONSTRAINT TRIGGER seal AFTER INSERT ON pgfeed.changes
-    DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW WHEN (NEW.ord = 1) EXECUTE FUNCTION pgfeed._seal();
+-- pgfeed.barrier: the last step of a gateway going to sleep (src/listener.rs). The gateway
+-- has just marked its row in pgfeed.sleepers unrung and committed; writers that read the
+-- table before that saw no sleeper and will not ring, and each holds its lock on the table
+-- until its commit ends. Taking the table's ACCESS EXCLUSIVE lock waits for exactly those
+-- commits (and makes writers that come meanwhile wait behind it), so that the gateway's
+-- next read finds them. Bounded by `timeout_ms`: returns false when the lock was not had
+-- in time (writers kept coming: the gateway stays awake and reads instead). The lock is
+-- released when the statement ends.
+CREATE OR REPLACE FUNCTION pgfeed.barrier(timeout_ms integer) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ignored boolean;
+BEGIN
+    ignored := set_config('lock_timeout', timeout_ms::text || 'ms', true) IS NULL;
+    LOCK TABLE pgfeed.sleepers IN ACCESS EXCLUSIVE MODE;
+    RETURN true;
+EXCEPTION WHEN lock_not_available THEN
+    RETURN false;
+END
+$$;
+
+-- pgfeed.seal: numbers the commits that are pending, called by gateways before they read.
+-- One sealer at a time (the lock on pgfeed.seal_lock, which writers never take); the
+-- snapshot of the DELETE, taken once the lock is held, sees every commit that finished
+-- before, and moves them into pgfeed.commits numbered after the newest sealed commit (or
+-- the pruning watermark) in the order of their drawn numbers. Returns how many it sealed.
+-- A gateway sends it as one statement, so nothing it holds waits on the gateway.
+CREATE OR REPLACE FUNCTION pgfeed.seal() RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    last   bigint;
+    sealed integer;
+BEGIN
+    LOCK TABLE pgfeed.seal_lock IN EXCLUSIVE MODE;
+    SELECT greatest((SELECT max(c.seq) FROM pgfeed.commits AS c), p.seq) INTO last
+    FROM pgfeed.pruned AS p;
+    WITH moved AS (
+        DELETE FROM pgfeed.pending RETURNING xid, draw, n, committed_at
+    )
+    INSERT INTO pgfeed.commits (seq, xid, n, committed_at)
+    SELECT last + row_number() OVER (ORDER BY m.draw), m.xid, m.n, m.committed_at
+    FROM moved AS m;
+    GET DIAGNOSTICS sealed = ROW_COUNT;
+    RETURN sealed;
+END
+$$;
+
+-- Created once: replacing it would lock the journal against every watched write, and an
+-- application transaction left open after a watched write would hold up the install.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_trigger
+                   WHERE tgrelid = 'pgfeed.changes'::regclass AND tgname = 'seal') THEN
+        CREATE CONSTRAINT TRIGGER seal AFTER INSERT ON pgfeed.changes
+            DEFERRABLE INITIALLY DEFERRED
+            FOR EACH ROW WHEN (NEW.ord = 1) EXECUTE FUNCTION pgfeed._seal();
+    END IF;
+END
+$$;
 
 -- The tables whose statements capture must see for a watched table: the table itself and,
 -- when it is partitioned, its partitions at every level (a statement fires the statement
 -- triggers of the table it names only, so each of them carries the capture triggers).
+-- Read from pg_inherits rather than with pg_partition_tree(), which locks every partition:
+-- the DDL event triggers run this for DDL on any table.
 CREATE OR REPLACE FUNCTION pgfeed._members(root regclass) RETURNS SETOF regclass
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT root UNION SELECT t.relid FROM pg_partition_tree(root) AS t
+    WITH RECURSIVE tree(rel) AS (
+        SELECT root::oid
+        UNION ALL
+        SELECT i.inhrelid FROM tree
+        JOIN pg_inherits AS i ON i.inhparent = tree.rel
+        JOIN pg_class AS c ON c.oid = i.inhrelid AND c.relispartition
+    )
+    SELECT tree.rel::regclass FROM tree
 $$;
 
 -- Why `tbl` cannot be captured as a whole (NULL when it can): a partition (its parent's
@@ -658,11 +741,11 @@ END
 $$;
 
 -- The pgfeed_ddl event trigger: after every command that can create, rename, move or
--- reshape a table (CREATE TABLE, ALTER TABLE, and the ALTER VIEW / MATERIALIZED VIEW /
--- FOREIGN TABLE / INDEX / SEQUENCE spellings PostgreSQL also accepts on tables, ALTER
--- SCHEMA), in the same transaction, re-applies the settings of the watched tables the
--- command touched (the table itself, one of its partitions, a parent it was attached to,
--- an inheritance relative; every watched table when a schema or type was altered), so
+-- reshape a table (CREATE TABLE, CREATE SCHEMA with tables in it, ALTER TABLE, and the
+-- ALTER VIEW / MATERIALIZED VIEW / FOREIGN TABLE / INDEX / SEQUENCE spellings PostgreSQL
+-- also accepts on tables, ALTER SCHEMA), in the same transaction, re-applies the settings
+-- of the watched tables the command touched (the table itself, one of its partitions, a
+-- parent it was attached to, an inheritance relative, the tables of a renamed schema), so
 -- that a renamed column keeps its role, a renamed table or schema renames the events, a
 -- new partition is captured, an added column is covered by an include list, and a change
 -- that would lose or misroute changes fails instead. Gateways are told to reload their
@@ -681,18 +764,17 @@ BEGIN
                        WHERE tg.tgfoid = 'pgfeed._capture_insert'::regproc) THEN
         RETURN;
     END IF;
-    IF EXISTS (SELECT FROM pg_event_trigger_ddl_commands() AS d
-               WHERE d.classid <> 'pg_class'::regclass) THEN
-        SELECT array_agg(w.tbl) INTO touched FROM pgfeed.watched AS w;
-    ELSE
-        SELECT array_agg(DISTINCT w.tbl) INTO touched
-        FROM pg_event_trigger_ddl_commands() AS d, pgfeed.watched AS w
-        WHERE d.objid IN (SELECT pgfeed._members(w.tbl))
-           OR w.tbl IN (SELECT pgfeed._members(d.objid::regclass))
-           OR EXISTS (SELECT FROM pg_inherits AS i
-                      WHERE (i.inhrelid = d.objid AND i.inhparent = w.tbl)
-                         OR (i.inhparent = d.objid AND i.inhrelid = w.tbl));
-    END IF;
+    SELECT array_agg(DISTINCT w.tbl) INTO touched
+    FROM pg_event_trigger_ddl_commands() AS d, pgfeed.watched AS w
+    WHERE (d.classid = 'pg_class'::regclass
+           AND (d.objid IN (SELECT pgfeed._members(w.tbl))
+                OR w.tbl IN (SELECT pgfeed._members(d.objid::regclass))
+                OR EXISTS (SELECT FROM pg_inherits AS i
+                           WHERE (i.inhrelid = d.objid AND i.inhparent = w.tbl)
+                              OR (i.inhparent = d.objid AND i.inhrelid = w.tbl))))
+       -- a schema renamed: the names of its watched tables
+       OR (d.classid = 'pg_namespace'::regclass
+           AND d.objid = (SELECT c.relnamespace FROM pg_class AS c WHERE c.oid = w.tbl));
     -- Detached partitions are found by their triggers whatever was touched.
     IF pgfeed._reconcile(coalesce(touched, '{}')) OR touched IS NOT NULL THEN
         PERFORM pg_notify('pgfeed', 'watch');
@@ -711,17 +793,19 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     changed boolean;
+    touched regclass[];
 BEGIN
     DELETE FROM pgfeed.watched AS w
     USING pg_event_trigger_dropped_objects() AS d
     WHERE d.classid = 'pg_class'::regclass AND d.objid = w.tbl AND d.objsubid = 0;
     changed := FOUND;
-    IF EXISTS (SELECT FROM pgfeed.watched)
-       AND EXISTS (SELECT FROM pg_event_trigger_dropped_objects() AS d
-                   WHERE d.classid = 'pg_class'::regclass) THEN
-        IF pgfeed._reconcile(NULL) THEN
-            changed := true;
-        END IF;
+    -- Only the watched tables that lost a column: DDL elsewhere is left alone.
+    SELECT array_agg(DISTINCT w.tbl) INTO touched
+    FROM pg_event_trigger_dropped_objects() AS d, pgfeed.watched AS w
+    WHERE d.classid = 'pg_class'::regclass AND d.objsubid > 0
+      AND d.objid IN (SELECT pgfeed._members(w.tbl));
+    IF touched IS NOT NULL AND pgfeed._reconcile(touched) THEN
+        changed := true;
     END IF;
     IF changed THEN
         PERFORM pg_notify('pgfeed', 'watch');
@@ -905,6 +989,8 @@ BEGIN
     EXCEPTION WHEN lock_not_available THEN
         RETURN -1;
     END;
+    -- Commits that finished but were never sealed (no gateway read since) age too.
+    PERFORM pgfeed.seal();
     WITH doomed AS (
         SELECT c.seq, c.xid
         FROM pgfeed.commits AS c
@@ -929,8 +1015,8 @@ BEGIN
     INTO removed, last_seq, last_ord;
     IF removed > 0 THEN
         UPDATE pgfeed.pruned AS p
-        SET commit_seq = last_seq, ord = coalesce(last_ord, 2147483647)
-        WHERE (p.commit_seq, p.ord) < (last_seq, coalesce(last_ord, 2147483647));
+        SET seq = last_seq, ord = coalesce(last_ord, 2147483647)
+        WHERE (p.seq, p.ord) < (last_seq, coalesce(last_ord, 2147483647));
     END IF;
     RETURN removed;
 END
@@ -961,13 +1047,17 @@ BEGIN
             USING HINT = 'Install as a role with CREATEROLE, or create pgfeed_capture (NOLOGIN) first, so that capture runs with the least privilege.';
         RETURN;
     END IF;
+    -- Granted afresh by every install: what earlier versions granted goes first.
+    REVOKE ALL ON ALL TABLES IN SCHEMA pgfeed FROM pgfeed_capture;
+    REVOKE ALL ON ALL SEQUENCES IN SCHEMA pgfeed FROM pgfeed_capture;
     GRANT USAGE ON SCHEMA pgfeed TO pgfeed_capture;
-    -- Row-level security (migration 4) limits these inserts to the capturing transaction's
-    -- own rows. Reading is limited to the ordinals, which capture counts from.
-    GRANT INSERT ON pgfeed.changes, pgfeed.commits TO pgfeed_capture;
+    -- Row-level security (migrations 4 and 5) limits these inserts to the capturing
+    -- transaction's own rows. Reading the journal is limited to the ordinals, which
+    -- capture counts from.
+    GRANT INSERT ON pgfeed.changes, pgfeed.pending TO pgfeed_capture;
     GRANT SELECT (xid, ord) ON pgfeed.changes TO pgfeed_capture;
-    -- LOCK TABLE ... IN EXCLUSIVE MODE needs UPDATE; the table has no columns or rows.
-    GRANT UPDATE ON pgfeed.commit_order TO pgfeed_capture;
+    -- The doorbell: read the sleepers, mark them rung (FOR UPDATE needs UPDATE).
+    GRANT SELECT, UPDATE ON pgfeed.sleepers TO pgfeed_capture;
     GRANT SELECT ON pgfeed.json_casts_since_initdb TO pgfeed_capture;
     GRANT USAGE ON SEQUENCE pgfeed.commit_seq TO pgfeed_capture;
     GRANT EXECUTE ON FUNCTION pgfeed._check_casts(oid), pgfeed._rendering_failed(oid)
@@ -1003,13 +1093,22 @@ BEGIN
             USING HINT = 'Install as a role with CREATEROLE to get a least-privilege gateway role.';
         RETURN;
     END IF;
+    REVOKE ALL ON ALL TABLES IN SCHEMA pgfeed FROM pgfeed_gateway;
     GRANT USAGE ON SCHEMA pgfeed TO pgfeed_gateway;
-    GRANT SELECT ON pgfeed.meta, pgfeed.watched, pgfeed.changes, pgfeed.commits, pgfeed.pruned
+    GRANT SELECT ON pgfeed.meta, pgfeed.watched, pgfeed.changes, pgfeed.commits, pgfeed.pruned,
+                    pgfeed.pending
         TO pgfeed_gateway;
-    GRANT DELETE ON pgfeed.changes, pgfeed.commits TO pgfeed_gateway;
+    GRANT DELETE ON pgfeed.changes, pgfeed.commits, pgfeed.pending TO pgfeed_gateway;
+    -- Sealing: pending commits become numbered commits, one sealer at a time.
+    GRANT INSERT ON pgfeed.commits TO pgfeed_gateway;
+    GRANT UPDATE ON pgfeed.seal_lock TO pgfeed_gateway;
+    -- Sleeping: a row of its own, and the arming barrier (LOCK ... ACCESS EXCLUSIVE).
+    GRANT SELECT, INSERT, UPDATE, DELETE ON pgfeed.sleepers TO pgfeed_gateway;
     -- UPDATE also lets prune() lock pgfeed.pruned.
     GRANT UPDATE ON pgfeed.pruned TO pgfeed_gateway;
-    GRANT EXECUTE ON FUNCTION pgfeed.prune(interval, integer) TO pgfeed_gateway;
+    GRANT EXECUTE ON FUNCTION pgfeed.prune(interval, integer), pgfeed.seal(),
+        pgfeed.barrier(integer)
+        TO pgfeed_gateway;
 END
 $$;
 
@@ -1021,9 +1120,9 @@ BEGIN
     DROP EVENT TRIGGER IF EXISTS pgfeed_ddl;
     DROP EVENT TRIGGER IF EXISTS pgfeed_drop;
     CREATE EVENT TRIGGER pgfeed_ddl ON ddl_command_end
-        WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'ALTER VIEW', 'ALTER MATERIALIZED VIEW',
-                     'ALTER FOREIGN TABLE', 'ALTER INDEX', 'ALTER SEQUENCE', 'ALTER SCHEMA',
-                     'ALTER TYPE')
+        WHEN TAG IN ('CREATE TABLE', 'CREATE SCHEMA', 'ALTER TABLE', 'ALTER VIEW',
+                     'ALTER MATERIALIZED VIEW', 'ALTER FOREIGN TABLE', 'ALTER INDEX',
+                     'ALTER SEQUENCE', 'ALTER SCHEMA')
         EXECUTE FUNCTION pgfeed._on_ddl();
     CREATE EVENT TRIGGER pgfeed_drop ON sql_drop
         EXECUTE FUNCTION pgfeed._on_drop();
@@ -1037,6 +1136,34 @@ $$;
 -- the next DDL on a table, or watching it again, gives it this version's arguments. Install
 -- does not do it here: recreating triggers would lock the application's tables, in an
 -- order that could deadlock with its writers.
+
+-- Watched tables in a state this version refuses, or whose settings name columns that are
+-- gone (renamed before version 4, which follows renames): said at every install, since DDL
+-- on such a table fails until it is watched again or unwatched.
+DO $$
+DECLARE
+    r   record;
+    why text;
+BEGIN
+    FOR r IN SELECT w.* FROM pgfeed.watched AS w JOIN pg_class AS c ON c.oid = w.tbl LOOP
+        why := pgfeed._unsupported(r.tbl);
+        IF why IS NULL AND NOT r.public AND NOT EXISTS (
+            SELECT FROM pg_attribute AS a
+            WHERE a.attrelid = r.tbl AND a.attnum = r.tenant_attnum AND NOT a.attisdropped
+        ) THEN
+            why := format('its tenant column %s is gone (renamed before this version?)', r.tenant_column);
+        END IF;
+        IF why IS NULL AND cardinality(r.exclude_attnums) < cardinality(r.exclude_columns) THEN
+            why := format('some of its excluded columns %s are gone (renamed before this version?) and may be published',
+                          r.exclude_columns);
+        END IF;
+        IF why IS NOT NULL THEN
+            RAISE WARNING 'pgfeed: watched table %: %', r.tbl, why
+                USING HINT = 'Watch it again with its current columns (pgfeed watch), or unwatch it.';
+        END IF;
+    END LOOP;
+END
+$$;
 
 -- The one-row watermark table is read by every journal query; without statistics the
 -- planner guesses ~2 000 rows and picks costlier plans.

@@ -180,7 +180,7 @@ macro_rules! read_after {
             ",
            to_char(p.committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
            (SELECT count(*) FROM page) AS fetched,
-           w.commit_seq, w.ord,
+           w.seq, w.ord,
            extract(epoch FROM p.committed_at)::float8
     FROM pgfeed.pruned AS w
     LEFT JOIN page AS p ON p.running - p.size < $5
@@ -215,11 +215,16 @@ const SQL_ASCII: &str =
 // The newest change, or the pruning watermark when everything was pruned.
 const HEAD: &str = "
     SELECT c.seq, (SELECT max(ch.ord) FROM pgfeed.changes AS ch WHERE ch.xid = c.xid),
-           w.commit_seq, w.ord
+           w.seq, w.ord
     FROM pgfeed.pruned AS w
     LEFT JOIN LATERAL (
         SELECT seq, xid FROM pgfeed.commits ORDER BY seq DESC LIMIT 1
     ) AS c ON true";
+
+// Numbers the commits that are pending (sql/functions.sql, pgfeed.seal): run before every
+// read of the listener and before the head, so that what they find is every commit that
+// finished before they were sent.
+const SEAL: &str = "SELECT pgfeed.seal()";
 
 // Which journal this is; fails with undefined_table when the schema is gone.
 const IDENTITY: &str = "SELECT 'pgfeed.commits'::pg_catalog.regclass::pg_catalog.oid";
@@ -276,9 +281,21 @@ impl Journal {
     }
 
     /// The position of the newest committed change (`0.0` when there never was one).
+    /// Commits that finished before are sealed first, so that a client that read its data
+    /// before asking misses nothing after this position, and sees nothing twice.
     pub async fn head(&self) -> Result<Position, JournalError> {
         let row = self
-            .with_client(|client| Box::pin(async move { client.query_one(HEAD, &[]).await }))
+            .with_client(|client| {
+                Box::pin(async move {
+                    // Pipelined: one round trip, the seal runs first on the server.
+                    let (_, head) = futures_util::future::try_join(
+                        client.query_one(SEAL, &[]),
+                        client.query_one(HEAD, &[]),
+                    )
+                    .await?;
+                    Ok(head)
+                })
+            })
             .await?;
         let newest = Position {
             commit: decode::<Option<i64>>(&row, 0, "commit number")?.unwrap_or(0),
@@ -300,12 +317,27 @@ impl Journal {
         decode(&row, 0, "identity")
     }
 
+    /// Numbers the commits that finished and are not numbered yet (`pgfeed.seal`), then
+    /// reads as [`Journal::read_after`] does, in one round trip: the listener's read.
+    pub async fn seal_and_read(&self, after: Position) -> Result<Batch, JournalError> {
+        self.read(after, Scope::All, true).await
+    }
+
     /// Changes after `after`, in commit order, at most `batch_size` of them and stopping
     /// early past `batch_bytes`.
     pub async fn read_after(
         &self,
         after: Position,
         scope: Scope<'_>,
+    ) -> Result<Batch, JournalError> {
+        self.read(after, scope, false).await
+    }
+
+    async fn read(
+        &self,
+        after: Position,
+        scope: Scope<'_>,
+        seal: bool,
     ) -> Result<Batch, JournalError> {
         let tenant = match scope {
             Scope::All => None,
@@ -326,10 +358,20 @@ impl Journal {
                         READ_AFTER
                     };
                     let stmt = client.prepare_cached(sql).await?;
-                    client
-                        .query(&stmt, &[&after.commit, &after.ord, &tenant, &limit, &bytes])
-                        .await
-                        .map(|rows| (rows, sql_ascii))
+                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+                        [&after.commit, &after.ord, &tenant, &limit, &bytes];
+                    let read = client.query(&stmt, &params);
+                    let rows = if seal {
+                        // Pipelined: one round trip; the read's snapshot is taken after the
+                        // seal committed.
+                        let sealing = client.prepare_cached(SEAL).await?;
+                        futures_util::future::try_join(client.query_one(&sealing, &[]), read)
+                            .await?
+                            .1
+                    } else {
+                        read.await?
+                    };
+                    Ok((rows, sql_ascii))
                 })
             })
             .await?;

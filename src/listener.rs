@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::Catalog;
 use crate::change::Position;
 use crate::fanout::Hub;
-use crate::journal::{Journal, JournalError, Scope};
+use crate::journal::{Journal, JournalError};
 
 /// The NOTIFY channel the seal trigger rings.
 pub const CHANNEL: &str = "pgfeed";
@@ -140,6 +140,32 @@ pub struct Listener {
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
+/// Marks this gateway asleep (its row in `pgfeed.sleepers`, keyed by the LISTEN
+/// connection's backend pid, unrung): from its commit on, writers ring the doorbell.
+const ARM: &str = "INSERT INTO pgfeed.sleepers (pid, rung)
+    VALUES (pg_catalog.pg_backend_pid(), false)
+    ON CONFLICT (pid) DO UPDATE SET rung = false";
+
+/// Waits for the commits of writers that saw this gateway awake (sql/functions.sql).
+const BARRIER: &str = "SELECT pgfeed.barrier($1)";
+
+/// Longest a writer may wait at the barrier, in milliseconds: one commit's time is enough,
+/// and a barrier that times out only means the gateway stays awake and reads again.
+pub const BARRIER_TIMEOUT_MS: i32 = 20;
+
+/// Pauses between barriers that timed out: doubling from the first to the second while
+/// they keep timing out (the gateway reads between them meanwhile).
+const BARRIER_PAUSE_MIN: Duration = Duration::from_millis(10);
+const BARRIER_PAUSE_MAX: Duration = Duration::from_secs(1);
+
+/// Leaving: writers need not ring for this connection any more.
+const FORGET_SLEEPER: &str =
+    "DELETE FROM pgfeed.sleepers WHERE pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()";
+
+/// Rows of sleepers whose connections are gone.
+const FORGET_GONE_SLEEPERS: &str = "DELETE FROM pgfeed.sleepers
+    WHERE pid OPERATOR(pg_catalog.<>) ALL (SELECT a.pid FROM pg_catalog.pg_stat_activity AS a)";
+
 /// How often the catalog is reloaded even without a `watch` doorbell (for `ALTER TABLE`).
 pub const CATALOG_REFRESH: Duration = Duration::from_secs(30);
 
@@ -234,6 +260,12 @@ impl Listener {
             .await
             .map_err(|_| ListenerError::Unresponsive)?
             .map_err(ListenerError::Connect)?;
+        // Rows of sleepers whose connections are gone (a gateway that crashed while asleep)
+        // would keep writers ringing once each for nothing.
+        client
+            .execute(FORGET_GONE_SLEEPERS, &[])
+            .await
+            .map_err(ListenerError::Connection)?;
         // Everything committed before LISTEN took effect is in the journal: read it now.
         self.reload(last, journal_id).await?;
         let caught_up = self.catch_up(last).await?;
@@ -242,6 +274,7 @@ impl Listener {
         }
         backoff.reset();
         tracing::info!(position = %last, changes = caught_up, "listener connected and caught up");
+        self.settle(&client, last).await?;
 
         let mut health = tokio::time::interval(self.health_interval);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -255,27 +288,41 @@ impl Listener {
             // health tick that would otherwise call the connection dead.
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => {
+                    // Writers need not ring for a gateway that is leaving.
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        client.execute(FORGET_SLEEPER, &[]),
+                    )
+                    .await;
+                    return Ok(());
+                }
                 lost = &mut lost_rx => {
                     return Err(lost.unwrap_or(ListenerError::Closed));
                 }
                 _ = echo.notified() => awaiting_echo = false,
                 _ = bell.notified() => {
-                    self.catch_up(last).await?;
+                    self.settle(&client, last).await?;
                 }
                 _ = watch_bell.notified() => {
                     if self.reload(last, journal_id).await? {
-                        self.catch_up(last).await?;
+                        self.settle(&client, last).await?;
                     }
                 }
                 _ = refresh.tick() => {
                     if self.reload(last, journal_id).await? {
-                        self.catch_up(last).await?;
+                        self.settle(&client, last).await?;
                     }
                 }
                 _ = health.tick() => {
                     if awaiting_echo {
                         return Err(ListenerError::Unresponsive);
+                    }
+                    // A doorbell can be lost: the writer that rang may roll back after
+                    // marking the gateway rung, while others skipped ringing. One seal and
+                    // read per health check bounds how late such changes come.
+                    if self.catch_up(last).await? > 0 {
+                        self.settle(&client, last).await?;
                     }
                     while tasks.try_join_next().is_some() {}
                     // Not awaited here: its reply and the echo both come back through the
@@ -321,14 +368,53 @@ impl Listener {
         Ok(recreated)
     }
 
-    /// Reads and publishes everything after `last`, batch by batch. Returns the count.
+    /// Reads until a read comes back empty, then goes to sleep without missing a commit:
+    /// marks its row in `pgfeed.sleepers` unrung (writers from then on ring the doorbell),
+    /// waits at the barrier for the commits of writers that saw it awake
+    /// (`pgfeed.barrier`, sql/functions.sql), and reads once more. Changes in that read
+    /// mean writers are coming: it stays awake and goes round again. So under load it
+    /// reads back to back and writers send no NOTIFY; idle, it sleeps until one rings.
+    /// A writer waits on this only at the barrier, for at most [`BARRIER_TIMEOUT_MS`].
+    async fn settle(
+        &self,
+        client: &tokio_postgres::Client,
+        last: &mut Position,
+    ) -> Result<(), ListenerError> {
+        // After a barrier that timed out, writers are not kept waiting behind the next one
+        // at once: a transaction that lingers in its commit (its own deferred triggers, a
+        // prepared transaction) would otherwise hold every writer up at each attempt.
+        let mut pause = BARRIER_PAUSE_MIN;
+        loop {
+            while self.catch_up(last).await? > 0 {}
+            // Pipelined: one round trip; the row is committed before the barrier starts.
+            let (_, passed) = futures_util::future::try_join(
+                client.execute(ARM, &[]),
+                client.query_one(BARRIER, &[&BARRIER_TIMEOUT_MS]),
+            )
+            .await
+            .map_err(ListenerError::Connection)?;
+            let passed: bool = passed.try_get(0).map_err(ListenerError::Connection)?;
+            if passed {
+                if self.catch_up(last).await? == 0 {
+                    return Ok(());
+                }
+            } else {
+                self.metrics.barrier_timeouts.inc();
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(BARRIER_PAUSE_MAX);
+            }
+        }
+    }
+
+    /// Seals, then reads and publishes everything after `last`, batch by batch. Returns
+    /// the count.
     async fn catch_up(&self, last: &mut Position) -> Result<usize, ListenerError> {
         let mut total = 0;
         loop {
             self.metrics.journal_read("listener");
             let batch = self
                 .journal
-                .read_after(*last, Scope::All)
+                .seal_and_read(*last)
                 .await
                 .map_err(ListenerError::Journal)?;
             if batch.pruned > *last {

@@ -79,6 +79,9 @@ pub struct Metrics {
     /// on `pgfeed.pruned`: normal now and then with several replicas; rising steadily, it
     /// means the journal is not being pruned.
     pub prune_skipped: Counter,
+    /// Times the listener's arming barrier timed out (writers kept committing while it
+    /// tried to go to sleep); it stayed awake and read instead.
+    pub barrier_timeouts: Counter,
     /// Journal rows the listener skipped because this binary cannot decode them.
     pub malformed_changes: Counter,
 }
@@ -113,6 +116,7 @@ impl Metrics {
             pruned_commits: Counter::default(),
             prune_runs: Counter::default(),
             prune_skipped: Counter::default(),
+            barrier_timeouts: Counter::default(),
             malformed_changes: Counter::default(),
         };
         registry.register("subscribers", "Open streams", m.subscribers.clone());
@@ -186,6 +190,11 @@ impl Metrics {
             "prune_runs",
             "Pruning rounds run by this replica",
             m.prune_runs.clone(),
+        );
+        registry.register(
+            "barrier_timeouts",
+            "Times the listener's arming barrier timed out and it stayed awake",
+            m.barrier_timeouts.clone(),
         );
         registry.register(
             "prune_skipped",

@@ -10,7 +10,7 @@
 use tokio_postgres::Client;
 
 /// The schema version this binary expects: the number of the newest migration.
-pub const VERSION: i32 = 4;
+pub const VERSION: i32 = 5;
 
 /// Table migrations, applied in order, each once.
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -18,10 +18,29 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("../sql/002_lighter_capture.sql")),
     (3, include_str!("../sql/003_render_sandbox.sql")),
     (4, include_str!("../sql/004_ddl_safety.sql")),
+    (5, include_str!("../sql/005_commits_never_wait.sql")),
 ];
 
 /// Functions and triggers, re-applied by every install.
 const FUNCTIONS: &str = include_str!("../sql/functions.sql");
+
+/// The first object of schema pgfeed (the schema itself, a relation, a function) owned by
+/// a role that is neither the installing role, nor pgfeed_capture, nor a superuser.
+const FOREIGN_OWNER: &str = "
+    WITH owned(object, owner) AS (
+        SELECT 'schema pgfeed', n.nspowner FROM pg_catalog.pg_namespace AS n
+        WHERE n.nspname = 'pgfeed'
+        UNION ALL
+        SELECT 'relation pgfeed.' || c.relname, c.relowner FROM pg_catalog.pg_class AS c
+        JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace WHERE n.nspname = 'pgfeed'
+        UNION ALL
+        SELECT 'function pgfeed.' || p.proname, p.proowner FROM pg_catalog.pg_proc AS p
+        JOIN pg_catalog.pg_namespace AS n ON n.oid = p.pronamespace WHERE n.nspname = 'pgfeed'
+    )
+    SELECT o.object, r.rolname::text FROM owned AS o
+    JOIN pg_catalog.pg_roles AS r ON r.oid = o.owner
+    WHERE r.rolname <> current_user AND r.rolname <> 'pgfeed_capture' AND NOT r.rolsuper
+    LIMIT 1";
 
 /// Run first in install's and uninstall's transaction: a pinned `search_path` (whatever
 /// the connection's), and a bounded wait for locks. Installs serialize on `pgfeed.meta`,
@@ -64,6 +83,18 @@ pub enum SchemaError {
         /// What is wrong with it.
         why: String,
     },
+    /// Something in schema pgfeed belongs to another role.
+    #[error(
+        "{object} is owned by role {owner:?}, not by the installing role: refusing to install into it. \
+         A role that owns part of schema pgfeed could make pgfeed run its code with the installer's \
+         privileges. Install as that role if it is trusted, or drop or reassign the schema first"
+    )]
+    ForeignOwner {
+        /// What is owned by someone else.
+        object: String,
+        /// Its owner.
+        owner: String,
+    },
     /// A query failed; the message carries PostgreSQL's text and hint.
     #[error("{message}")]
     Query {
@@ -97,6 +128,15 @@ pub struct Installed {
 pub async fn install(client: &mut Client) -> Result<Installed, SchemaError> {
     let tx = client.transaction().await?;
     tx.batch_execute(INSTALL_PRELUDE).await?;
+    // A schema pgfeed, or an object in it, owned by someone else (an application role
+    // that owns the database may create the schema before the first install) would let
+    // that role replace functions that pgfeed's event triggers run as the installer.
+    if let Some(row) = tx.query_opt(FOREIGN_OWNER, &[]).await? {
+        return Err(SchemaError::ForeignOwner {
+            object: row.try_get(0)?,
+            owner: row.try_get(1)?,
+        });
+    }
     tx.batch_execute(
         "CREATE SCHEMA IF NOT EXISTS pgfeed;
          CREATE TABLE IF NOT EXISTS pgfeed.meta (
@@ -246,7 +286,8 @@ pub fn table_name(input: &str) -> Result<String, SchemaError> {
                         "{c:?} is not allowed in an unquoted identifier (quote it with \"...\")"
                     )));
                 }
-                part.extend(c.to_lowercase());
+                // PostgreSQL folds ASCII letters only (in UTF-8 databases).
+                part.push(c.to_ascii_lowercase());
                 chars.next();
             }
             if part.is_empty() {
@@ -349,7 +390,7 @@ pub async fn watched(client: &Client) -> Result<Vec<Watched>, SchemaError> {
                     ARRAY(SELECT m::text FROM pgfeed._members(w.tbl) AS m
                           WHERE (SELECT count(*) FROM pg_catalog.pg_trigger AS t
                                  WHERE t.tgrelid = m AND t.tgname LIKE 'pgfeed\\_capture\\_%'
-                                   AND t.tgenabled <> 'D') < 4
+                                   AND t.tgenabled IN ('O', 'A')) < 4
                           ORDER BY 1)
              FROM pgfeed.watched AS w
              JOIN pg_catalog.pg_class AS c ON c.oid = w.tbl
@@ -387,6 +428,8 @@ mod tests {
             r#"public."Mixed Case""#
         );
         assert_eq!(table_name(r#""a.b"."x""y""#).unwrap(), r#""a.b"."x""y""#);
+        // Only ASCII letters fold, as in PostgreSQL.
+        assert_eq!(table_name("ÉCOLE").unwrap(), r#"public."École""#);
         for bad in [
             "", "a.b.c", "a..b", "\"open", "a b", "1abc", "a;drop", "\"\"",
         ] {
