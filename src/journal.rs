@@ -130,7 +130,7 @@ pub struct Journal {
     /// went silent must not hang a reader forever.
     query_timeout: Duration,
     /// Whether the database is SQL_ASCII, once the first read has asked: reads then
-    /// fetch text as bytes ([`READ_AFTER_BYTES`]). Shared by the clones.
+    /// fetch text as bytes ([`READ_ALL_BYTES`]). Shared by the clones.
     sql_ascii: Arc<OnceLock<bool>>,
 }
 
@@ -157,9 +157,9 @@ pub struct Batch {
 // The page is cut by count ($4) and by stored size ($5, always at least one row). The
 // page CTE keeps row images as stored (toasted) until the final projection, so rows past
 // the byte limit are never detoasted. `$columns` are the columns of each change (see
-// READ_AFTER_BYTES for why there are two sets).
+// READ_ALL_BYTES for why there are two sets).
 macro_rules! read_after {
-    ($columns:literal) => {
+    ($source:expr, $columns:expr) => {
         concat!(
             "
     WITH page AS (
@@ -168,10 +168,9 @@ macro_rules! read_after {
                coalesce(pg_column_size(ch.new), 0) + coalesce(pg_column_size(ch.old), 0) AS size,
                sum(coalesce(pg_column_size(ch.new), 0) + coalesce(pg_column_size(ch.old), 0))
                    OVER (ORDER BY c.seq, ch.ord) AS running
-        FROM pgfeed.commits AS c
-        JOIN pgfeed.changes AS ch ON ch.xid = c.xid
-        WHERE c.seq >= $1 AND (c.seq > $1 OR ch.ord > $2)
-          AND ($3::text IS NULL OR ch.tenant = $3 OR ch.public)
+        ",
+            $source,
+            "
         ORDER BY c.seq, ch.ord
         LIMIT $4
     )
@@ -189,24 +188,64 @@ macro_rules! read_after {
     };
 }
 
+// Every change (the listener): at most $4 commits from $1 on, and from each, in ordinal order,
+// at most $4 changes after $2 (for the commit $1 itself) by an ordered scan of the journal's
+// key. So a page of a large transaction costs a page, wherever it starts in it: filtering
+// `ord > $2` after the join, and sorting what remained of the commit again for every page,
+// made publishing a transaction quadratic in its size. Every sealed commit has changes, so
+// $4 commits always fill a page.
+macro_rules! every_change {
+    () => {
+        "FROM (SELECT seq, xid, committed_at FROM pgfeed.commits
+              WHERE seq >= $1 ORDER BY seq LIMIT $4) AS c
+        CROSS JOIN LATERAL (
+            SELECT x.ord, x.table_name, x.op, x.tenant, x.public, x.pk, x.new, x.old, x.changed
+            FROM pgfeed.changes AS x
+            WHERE x.xid = c.xid AND x.ord > CASE WHEN c.seq = $1 THEN $2 ELSE 0 END
+              AND $3::text IS NULL
+            ORDER BY x.ord
+            LIMIT $4
+        ) AS ch"
+    };
+}
+
+// A tenant's changes and public ones (a replay): commits without any would not fill a page,
+// so commits are not limited here.
+macro_rules! tenant_changes {
+    () => {
+        "FROM pgfeed.commits AS c
+        JOIN pgfeed.changes AS ch ON ch.xid = c.xid
+        WHERE c.seq >= $1 AND (c.seq > $1 OR ch.ord > $2)
+          AND (ch.tenant = $3 OR ch.public)"
+    };
+}
+
 // Text as text: the server has checked it is valid in the database's encoding and converts
 // it to the client's (UTF-8).
-const READ_AFTER: &str = read_after!(
-    "p.table_name, p.op, p.tenant, p.public, p.pk::text, p.new::text, p.old::text, p.changed"
-);
+macro_rules! as_text {
+    () => {
+        "p.table_name, p.op, p.tenant, p.public, p.pk::text, p.new::text, p.old::text, p.changed"
+    };
+}
+const READ_ALL: &str = read_after!(every_change!(), as_text!());
+const READ_TENANT: &str = read_after!(tenant_changes!(), as_text!());
 
 // For a SQL_ASCII database, whose text may hold any byte: sent as text, one byte that is
 // not UTF-8 fails the server's check on the way to the client encoding, and with it the
 // whole read. So text leaves the server as its bytes (`bytea`, unchecked), and each column
 // is checked here ([`text`]); `changed` comes as a JSON array.
-const READ_AFTER_BYTES: &str = read_after!(
-    "pg_catalog.convert_to(p.table_name, 'SQL_ASCII'), pg_catalog.convert_to(p.op, 'SQL_ASCII'),
+macro_rules! as_bytes {
+    () => {
+        "pg_catalog.convert_to(p.table_name, 'SQL_ASCII'), pg_catalog.convert_to(p.op, 'SQL_ASCII'),
            pg_catalog.convert_to(p.tenant, 'SQL_ASCII'), p.public,
            pg_catalog.convert_to(p.pk::text, 'SQL_ASCII'),
            pg_catalog.convert_to(p.new::text, 'SQL_ASCII'),
            pg_catalog.convert_to(p.old::text, 'SQL_ASCII'),
            pg_catalog.convert_to(pg_catalog.array_to_json(p.changed)::text, 'SQL_ASCII')"
-);
+    };
+}
+const READ_ALL_BYTES: &str = read_after!(every_change!(), as_bytes!());
+const READ_TENANT_BYTES: &str = read_after!(tenant_changes!(), as_bytes!());
 
 // Whether the database is SQL_ASCII.
 const SQL_ASCII: &str =
@@ -352,10 +391,11 @@ impl Journal {
                         Some(known) => known,
                         None => client.query_one(SQL_ASCII, &[]).await?.try_get(0)?,
                     };
-                    let sql = if sql_ascii {
-                        READ_AFTER_BYTES
-                    } else {
-                        READ_AFTER
+                    let sql = match (tenant.is_some(), sql_ascii) {
+                        (false, false) => READ_ALL,
+                        (false, true) => READ_ALL_BYTES,
+                        (true, false) => READ_TENANT,
+                        (true, true) => READ_TENANT_BYTES,
                     };
                     let stmt = client.prepare_cached(sql).await?;
                     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
@@ -521,7 +561,7 @@ fn column<'r, T: tokio_postgres::types::FromSql<'r>>(
         .map_err(|source| Malformed::Column { column, source })
 }
 
-/// A text column: text, or its bytes from a SQL_ASCII database ([`READ_AFTER_BYTES`]),
+/// A text column: text, or its bytes from a SQL_ASCII database ([`READ_ALL_BYTES`]),
 /// which must be UTF-8.
 fn text<'r>(
     row: &'r tokio_postgres::Row,
@@ -541,7 +581,7 @@ fn text<'r>(
         .transpose()
 }
 
-/// Whether a column comes as `bytea` ([`READ_AFTER_BYTES`]).
+/// Whether a column comes as `bytea` ([`READ_ALL_BYTES`]).
 fn is_bytes(row: &tokio_postgres::Row, index: usize) -> bool {
     row.columns()
         .get(index)
@@ -573,7 +613,7 @@ fn raw(
         .transpose()
 }
 
-/// The change in a row of [`READ_AFTER`], or why it cannot be one.
+/// The change in a row of [`READ_ALL`], or why it cannot be one.
 fn to_change(row: &tokio_postgres::Row, position: Position) -> Result<Arc<Change>, Malformed> {
     let op = required(row, 3, "op")?;
     let op: Op = op
@@ -581,7 +621,7 @@ fn to_change(row: &tokio_postgres::Row, position: Position) -> Result<Arc<Change
         // Bounded: the op is shown in a log line.
         .map_err(|()| Malformed::Op(op.chars().take(32).collect()))?;
     let changed = if is_bytes(row, 9) {
-        // A JSON array ([`READ_AFTER_BYTES`]).
+        // A JSON array ([`READ_ALL_BYTES`]).
         text(row, 9, "changed")?
             .map(|json| {
                 serde_json::from_str::<Vec<String>>(json).map_err(|source| Malformed::Json {
