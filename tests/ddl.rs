@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Gateway, SseClient, TestDb};
+use support::{Gateway, Run, SseClient, TestDb, query_i64, server_message};
 
 /// A test database handed to an application role, with a connection as that role (which
 /// runs the DDL and the writes) and one as the superuser operator (which runs `watch`).
@@ -25,17 +25,34 @@ struct Setup {
 async fn setup(app_sql: &str) -> Setup {
     let db = TestDb::new().await;
     let (_role, app) = support::app_owner(&db, "app").await;
-    app.batch_execute(app_sql)
-        .await
-        .unwrap_or_else(|e| panic!("the application's migration: {}", message(&e)));
+    app.run(app_sql).await;
     let admin = db.client().await;
     Setup { db, app, admin }
 }
 
-/// The server's message for a failed statement (the driver's text says only "db error").
-fn message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map_or_else(|| e.to_string(), |d| d.message().to_string())
+/// [`setup`], then the operator runs `watch_sql`.
+async fn setup_watched(app_sql: &str, watch_sql: &str) -> Setup {
+    let setup = setup(app_sql).await;
+    setup.admin.run(watch_sql).await;
+    setup
+}
+
+/// `users`, watched by `org` with its `password_hash` column excluded.
+async fn users_hiding_password_hash() -> Setup {
+    setup_watched(
+        "CREATE TABLE users (id int PRIMARY KEY, org text NOT NULL, name text, password_hash text)",
+        "SELECT pgfeed.watch('users', tenant_column => 'org', exclude_columns => '{password_hash}')",
+    )
+    .await
+}
+
+/// The operator watches `table` by its column `tenant`.
+async fn watch_by_tenant(admin: &tokio_postgres::Client, table: &str) {
+    admin
+        .run(&format!(
+            "SELECT pgfeed.watch('{table}', tenant_column => 'tenant')"
+        ))
+        .await;
 }
 
 /// Runs `sql` as `who` and returns the server's message for its failure; panics if it
@@ -43,7 +60,7 @@ fn message(e: &tokio_postgres::Error) -> String {
 async fn fails(who: &tokio_postgres::Client, sql: &str) -> String {
     match who.batch_execute(sql).await {
         Ok(()) => panic!("`{sql}` succeeded; it must be refused"),
-        Err(e) => message(&e),
+        Err(e) => server_message(&e),
     }
 }
 
@@ -67,16 +84,9 @@ fn keys(v: &Value) -> BTreeSet<String> {
         .collect()
 }
 
+/// `names` as a set, to compare with [`keys`].
 fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|s| s.to_string()).collect()
-}
-
-/// A stream of `tenant` that has reached `live`.
-async fn live(gw: &Gateway, tenant: &str) -> SseClient {
-    let mut s = gw.stream(tenant, "").await;
-    assert_eq!(s.status, 200, "{}", s.raw);
-    assert!(s.until_live().await.is_empty());
-    s
 }
 
 /// `op table v` of a change whose rows have a column `v`: short enough to compare whole.
@@ -94,9 +104,60 @@ fn summary(e: &Value) -> String {
     )
 }
 
+/// The [`summary`] of the next change of `s`.
+async fn next_summary(s: &mut SseClient) -> String {
+    summary(&s.next_change().await)
+}
+
+/// Assertions on the next change of a stream.
+trait AssertNext {
+    /// Asserts that the [`summary`] of the next change is `want`.
+    async fn assert_next(&mut self, want: &str);
+}
+
+impl AssertNext for SseClient {
+    async fn assert_next(&mut self, want: &str) {
+        assert_eq!(next_summary(self).await, want);
+    }
+}
+
+/// The [`summary`] of each change of `s` up to the first whose `v` is `end`; each must be
+/// of `tenant` when given.
+async fn summaries_until_end(s: &mut SseClient, tenant: Option<&str>) -> Vec<String> {
+    let mut got = Vec::new();
+    loop {
+        let e = s.next_change().await;
+        if let Some(tenant) = tenant {
+            assert_eq!(e["tenant"], tenant, "{e}");
+        }
+        got.push(summary(&e));
+        if got.last().unwrap().ends_with(" end") {
+            return got;
+        }
+    }
+}
+
 /// The status code of a stream opened with `query` (the stream is closed again).
 async fn stream_status(gw: &Gateway, tenant: &str, query: &str) -> u16 {
     gw.stream(tenant, query).await.status
+}
+
+/// Waits until a stream of `acme` with `query` is accepted, well before the gateway's
+/// periodic catalog refresh (30 s): the DDL rings the doorbell.
+async fn until_accepted(gw: &Gateway, query: &str) {
+    support::eventually_within(
+        &format!("`{query}` is accepted"),
+        Duration::from_secs(5),
+        || async { stream_status(gw, "acme", query).await == 200 },
+    )
+    .await;
+}
+
+/// The entry of `table` in `pgfeed status --json`, which must list it.
+async fn status_of(db: &TestDb, table: &str) -> Value {
+    support::status_entry(db, table)
+        .await
+        .unwrap_or_else(|| panic!("status lists {table}"))
 }
 
 /// Capture triggers (those that call a function of schema pgfeed) on `table`.
@@ -119,26 +180,15 @@ async fn pgfeed_triggers(admin: &tokio_postgres::Client, table: &str) -> i64 {
 
 #[tokio::test]
 async fn renaming_an_excluded_column_keeps_it_out_of_events_journal_and_filters() {
-    let Setup { db, app, admin } = setup(
-        "CREATE TABLE users (id int PRIMARY KEY, org text NOT NULL, name text, password_hash text)",
-    )
-    .await;
-    admin
-        .batch_execute(
-            "SELECT pgfeed.watch('users', tenant_column => 'org', exclude_columns => '{password_hash}')",
-        )
-        .await
-        .unwrap();
+    let Setup { db, app, admin } = users_hiding_password_hash().await;
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
+    let mut acme = gw.live("acme").await;
     let visible = set(&["id", "org", "name"]);
 
-    app.batch_execute("ALTER TABLE users RENAME COLUMN password_hash TO pw_hash")
-        .await
-        .unwrap();
-    app.batch_execute("INSERT INTO users VALUES (1, 'acme', 'ann', 'HASH-1')")
-        .await
-        .unwrap();
+    app.run("ALTER TABLE users RENAME COLUMN password_hash TO pw_hash")
+        .await;
+    app.run("INSERT INTO users VALUES (1, 'acme', 'ann', 'HASH-1')")
+        .await;
     let ins = acme.next_change().await;
     assert_eq!(ins["op"], "insert");
     assert_eq!(
@@ -147,9 +197,8 @@ async fn renaming_an_excluded_column_keeps_it_out_of_events_journal_and_filters(
         "renamed excluded column published: {ins}"
     );
 
-    app.batch_execute("UPDATE users SET name = 'anne', pw_hash = 'HASH-2' WHERE id = 1")
-        .await
-        .unwrap();
+    app.run("UPDATE users SET name = 'anne', pw_hash = 'HASH-2' WHERE id = 1")
+        .await;
     let upd = acme.next_change().await;
     assert_eq!(upd["op"], "update");
     assert_eq!(keys(&upd["new"]), visible, "{upd}");
@@ -158,12 +207,10 @@ async fn renaming_an_excluded_column_keeps_it_out_of_events_journal_and_filters(
 
     // An update of the hidden column alone changes nothing anyone sees: no event. The
     // next event is the insert after it.
-    app.batch_execute("UPDATE users SET pw_hash = 'HASH-3' WHERE id = 1")
-        .await
-        .unwrap();
-    app.batch_execute("INSERT INTO users VALUES (2, 'acme', 'bob', 'HASH-4')")
-        .await
-        .unwrap();
+    app.run("UPDATE users SET pw_hash = 'HASH-3' WHERE id = 1")
+        .await;
+    app.run("INSERT INTO users VALUES (2, 'acme', 'bob', 'HASH-4')")
+        .await;
     let next = acme.next_change().await;
     assert_eq!(
         (&next["op"], &next["pk"]),
@@ -173,14 +220,13 @@ async fn renaming_an_excluded_column_keeps_it_out_of_events_journal_and_filters(
     assert_eq!(keys(&next["new"]), visible, "{next}");
 
     // Renamed inside the transaction that writes, before and between its writes.
-    app.batch_execute(
+    app.run(
         "BEGIN;
          ALTER TABLE users RENAME COLUMN pw_hash TO secret_hash;
          INSERT INTO users VALUES (3, 'acme', 'cy', 'HASH-5');
          COMMIT",
     )
-    .await
-    .unwrap();
+    .await;
     let e = acme.next_change().await;
     assert_eq!(e["pk"], json!({"id": 3}));
     assert_eq!(
@@ -188,15 +234,14 @@ async fn renaming_an_excluded_column_keeps_it_out_of_events_journal_and_filters(
         visible,
         "rename in the writing transaction: {e}"
     );
-    app.batch_execute(
+    app.run(
         "BEGIN;
          INSERT INTO users VALUES (4, 'acme', 'dee', 'HASH-6');
          ALTER TABLE users RENAME COLUMN secret_hash TO h;
          UPDATE users SET h = 'HASH-7', name = 'di' WHERE id = 4;
          COMMIT",
     )
-    .await
-    .unwrap();
+    .await;
     let e = acme.next_change().await;
     assert_eq!((&e["op"], &e["pk"]), (&json!("insert"), &json!({"id": 4})));
     assert_eq!(keys(&e["new"]), visible, "{e}");
@@ -211,30 +256,24 @@ async fn renaming_an_excluded_column_keeps_it_out_of_events_journal_and_filters(
         "a hash reached a browser: {}",
         acme.raw
     );
-    let journaled: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM pgfeed.changes
+    let journaled = query_i64(
+        &admin,
+        "SELECT count(*) FROM pgfeed.changes
              WHERE coalesce(new::text, '') || coalesce(old::text, '') LIKE '%HASH-%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        &[],
+    )
+    .await;
     assert_eq!(journaled, 0, "excluded values never leave the database");
 
     // `status` shows the truth: the column under its current name.
-    let entry = support::status_entry(&db, "public.users")
-        .await
-        .expect("status lists public.users");
+    let entry = status_of(&db, "public.users").await;
     assert_eq!(entry["exclude_columns"], json!(["h"]), "{entry}");
     assert_eq!(entry["tenant_column"], "org", "{entry}");
 
     // Nor can a filter probe it. Ring the catalog doorbell by hand and wait until a newly
     // added column is filterable, so the gateway's catalog is surely current.
-    app.batch_execute("ALTER TABLE users ADD COLUMN nickname text")
-        .await
-        .unwrap();
-    admin.batch_execute("NOTIFY pgfeed, 'watch'").await.unwrap();
+    app.run("ALTER TABLE users ADD COLUMN nickname text").await;
+    admin.run("NOTIFY pgfeed, 'watch'").await;
     support::eventually("the gateway's catalog knows `nickname`", || async {
         stream_status(&gw, "acme", "filter=users:nickname=eq.x").await == 200
     })
@@ -249,37 +288,32 @@ async fn renaming_an_excluded_column_keeps_it_out_of_events_journal_and_filters(
 
 #[tokio::test]
 async fn renaming_the_tenant_column_keeps_each_change_with_its_tenant() {
-    let Setup { db, app, admin } =
-        setup("CREATE TABLE orders (id int PRIMARY KEY, org text NOT NULL, v text)").await;
-    admin
-        .batch_execute("SELECT pgfeed.watch('orders', tenant_column => 'org')")
-        .await
-        .unwrap();
+    let Setup { db, app, .. } = setup_watched(
+        "CREATE TABLE orders (id int PRIMARY KEY, org text NOT NULL, v text)",
+        "SELECT pgfeed.watch('orders', tenant_column => 'org')",
+    )
+    .await;
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
-    let mut globex = live(&gw, "globex").await;
+    let mut acme = gw.live("acme").await;
+    let mut globex = gw.live("globex").await;
 
-    app.batch_execute("ALTER TABLE orders RENAME COLUMN org TO company")
-        .await
-        .unwrap();
-    let entry = support::status_entry(&db, "public.orders")
-        .await
-        .expect("status lists public.orders");
+    app.run("ALTER TABLE orders RENAME COLUMN org TO company")
+        .await;
+    let entry = status_of(&db, "public.orders").await;
     assert_eq!(entry["tenant_column"], "company", "{entry}");
 
-    app.batch_execute(
+    app.run(
         "INSERT INTO orders VALUES (1, 'acme', 'a1');
          INSERT INTO orders VALUES (2, 'globex', 'g1');
          INSERT INTO orders VALUES (3, 'acme', 'a2');",
     )
-    .await
-    .unwrap();
+    .await;
     let a1 = acme.next_change().await;
     assert_eq!(a1["tenant"], "acme", "{a1}");
     assert_eq!(a1["new"]["company"], "acme", "{a1}");
     assert_eq!(summary(&a1), "insert public.orders a1");
     assert_eq!(
-        summary(&acme.next_change().await),
+        next_summary(&mut acme).await,
         "insert public.orders a2",
         "acme must not receive globex's row"
     );
@@ -289,9 +323,8 @@ async fn renaming_the_tenant_column_keeps_each_change_with_its_tenant() {
 
     // A row moved to another tenant under the new name: acme sees it leave, globex
     // sees it arrive.
-    app.batch_execute("UPDATE orders SET company = 'globex' WHERE id = 1")
-        .await
-        .unwrap();
+    app.run("UPDATE orders SET company = 'globex' WHERE id = 1")
+        .await;
     let left = acme.next_change().await;
     assert_eq!(
         (&left["op"], &left["pk"]),
@@ -304,47 +337,39 @@ async fn renaming_the_tenant_column_keeps_each_change_with_its_tenant() {
     );
 
     // Renamed again inside the transaction that writes.
-    app.batch_execute(
+    app.run(
         "BEGIN;
          ALTER TABLE orders RENAME COLUMN company TO tenant_id;
          INSERT INTO orders VALUES (4, 'globex', 'g2');
          COMMIT;
          INSERT INTO orders VALUES (5, 'acme', 'a3');",
     )
-    .await
-    .unwrap();
+    .await;
     let g2 = globex.next_change().await;
     assert_eq!(
         (g2["tenant"].as_str(), summary(&g2).as_str()),
         (Some("globex"), "insert public.orders g2")
     );
     assert_eq!(
-        summary(&acme.next_change().await),
+        next_summary(&mut acme).await,
         "insert public.orders a3",
         "acme must not receive globex's row"
     );
-    let entry = support::status_entry(&db, "public.orders").await.unwrap();
+    let entry = status_of(&db, "public.orders").await;
     assert_eq!(entry["tenant_column"], "tenant_id", "{entry}");
     gw.stop().await;
 }
 
 #[tokio::test]
 async fn include_columns_publish_only_the_key_the_tenant_and_the_listed_columns() {
-    let Setup { db, app, admin } = setup(
+    let Setup { db, app, admin } = setup_watched(
         "CREATE TABLE t (id int PRIMARY KEY, org text NOT NULL, title text, body text);
          CREATE TABLE t2 (id int PRIMARY KEY, org text NOT NULL, title text, body text);
          CREATE TABLE t3 (id int PRIMARY KEY, org text NOT NULL, title text, body text);",
+        "SELECT pgfeed.watch('t', tenant_column => 'org', include_columns => '{title}')",
     )
     .await;
-    admin
-        .batch_execute(
-            "SELECT pgfeed.watch('t', tenant_column => 'org', include_columns => '{title}')",
-        )
-        .await
-        .unwrap_or_else(|e| panic!("watch with include_columns: {}", message(&e)));
-    let entry = support::status_entry(&db, "public.t")
-        .await
-        .expect("status lists public.t");
+    let entry = status_of(&db, "public.t").await;
     assert_eq!(entry["include_columns"], json!(["title"]), "{entry}");
 
     // An allow-list and a deny-list together, or an allow-list naming a column the table
@@ -385,14 +410,13 @@ async fn include_columns_publish_only_the_key_the_tenant_and_the_listed_columns(
     );
 
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
+    let mut acme = gw.live("acme").await;
     let published = set(&["id", "org", "title"]);
-    app.batch_execute(
+    app.run(
         "INSERT INTO t VALUES (1, 'acme', 'T1', 'BODY-1');
          INSERT INTO t3 VALUES (1, 'acme', 'T1', 'BODY-2');",
     )
-    .await
-    .unwrap();
+    .await;
     let e = acme.next_change().await;
     assert_eq!(e["table"], "public.t");
     assert_eq!(keys(&e["new"]), published, "{e}");
@@ -402,16 +426,13 @@ async fn include_columns_publish_only_the_key_the_tenant_and_the_listed_columns(
 
     // A column added later is not published, and changes to unlisted columns alone make
     // no event.
-    app.batch_execute("ALTER TABLE t ADD COLUMN secret text")
-        .await
-        .unwrap();
-    app.batch_execute(
+    app.run("ALTER TABLE t ADD COLUMN secret text").await;
+    app.run(
         "INSERT INTO t VALUES (2, 'acme', 'T2', 'BODY-3', 'SECRET-1');
          UPDATE t SET secret = 'SECRET-2', body = 'BODY-4' WHERE id = 2;
          UPDATE t SET title = 'T2b' WHERE id = 2;",
     )
-    .await
-    .unwrap();
+    .await;
     let e = acme.next_change().await;
     assert_eq!((&e["op"], &e["pk"]), (&json!("insert"), &json!({"id": 2})));
     assert_eq!(
@@ -429,16 +450,14 @@ async fn include_columns_publish_only_the_key_the_tenant_and_the_listed_columns(
     assert_eq!(keys(&e["old"]), published, "{e}");
 
     // The listed column keeps its place in the list under a new name.
-    app.batch_execute("ALTER TABLE t RENAME COLUMN title TO headline")
-        .await
-        .unwrap();
-    app.batch_execute("INSERT INTO t VALUES (3, 'acme', 'T3', 'BODY-5', 'SECRET-3')")
-        .await
-        .unwrap();
+    app.run("ALTER TABLE t RENAME COLUMN title TO headline")
+        .await;
+    app.run("INSERT INTO t VALUES (3, 'acme', 'T3', 'BODY-5', 'SECRET-3')")
+        .await;
     let e = acme.next_change().await;
     assert_eq!(keys(&e["new"]), set(&["id", "org", "headline"]), "{e}");
     assert_eq!(e["new"]["headline"], "T3");
-    let entry = support::status_entry(&db, "public.t").await.unwrap();
+    let entry = status_of(&db, "public.t").await;
     assert_eq!(entry["include_columns"], json!(["headline"]), "{entry}");
 
     assert!(
@@ -458,47 +477,35 @@ async fn include_columns_publish_only_the_key_the_tenant_and_the_listed_columns(
 
 #[tokio::test]
 async fn dropping_the_tenant_column_or_the_key_is_refused_and_an_excluded_column_may_go() {
-    let Setup { db, app, admin } = setup(
+    let Setup { db, app, .. } = setup_watched(
         "CREATE TABLE users (id int PRIMARY KEY, org text NOT NULL, name text, password_hash text, ssn text)",
+        "SELECT pgfeed.watch('users', tenant_column => 'org', exclude_columns => '{password_hash,ssn}')",
     )
     .await;
-    admin
-        .batch_execute(
-            "SELECT pgfeed.watch('users', tenant_column => 'org', exclude_columns => '{password_hash,ssn}')",
-        )
-        .await
-        .unwrap();
 
     refused(&app, "ALTER TABLE users DROP COLUMN org").await;
     refused(&app, "ALTER TABLE users DROP COLUMN org CASCADE").await;
     refused(&app, "ALTER TABLE users DROP CONSTRAINT users_pkey").await;
     // Dropping a key column drops the primary key with it.
     refused(&app, "ALTER TABLE users DROP COLUMN id").await;
-    let columns: i64 = app
-        .query_one(
-            "SELECT count(*) FROM pg_attribute
+    let columns = query_i64(
+        &app,
+        "SELECT count(*) FROM pg_attribute
              WHERE attrelid = 'users'::regclass AND attname IN ('id', 'org') AND NOT attisdropped",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        &[],
+    )
+    .await;
     assert_eq!(columns, 2, "the refused statements changed nothing");
 
-    app.batch_execute("ALTER TABLE users DROP COLUMN password_hash")
-        .await
-        .unwrap_or_else(|e| panic!("dropping an excluded column: {}", message(&e)));
-    let entry = support::status_entry(&db, "public.users")
-        .await
-        .expect("status lists public.users");
+    app.run("ALTER TABLE users DROP COLUMN password_hash").await;
+    let entry = status_of(&db, "public.users").await;
     assert_eq!(entry["exclude_columns"], json!(["ssn"]), "{entry}");
     assert_eq!(entry["tenant_column"], "org", "{entry}");
 
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
-    app.batch_execute("INSERT INTO users VALUES (1, 'acme', 'ann', 'SSN-1')")
-        .await
-        .unwrap();
+    let mut acme = gw.live("acme").await;
+    app.run("INSERT INTO users VALUES (1, 'acme', 'ann', 'SSN-1')")
+        .await;
     let e = acme.next_change().await;
     assert_eq!(e["tenant"], "acme");
     assert_eq!(keys(&e["new"]), set(&["id", "org", "name"]), "{e}");
@@ -507,36 +514,25 @@ async fn dropping_the_tenant_column_or_the_key_is_refused_and_an_excluded_column
 
 #[tokio::test]
 async fn a_column_added_to_a_watched_table_is_filterable_at_once() {
-    let Setup { db, app, admin } =
-        setup("CREATE TABLE notes (id int PRIMARY KEY, tenant text NOT NULL, body text)").await;
-    admin
-        .batch_execute("SELECT pgfeed.watch('notes', tenant_column => 'tenant')")
-        .await
-        .unwrap();
+    let Setup { db, app, .. } = setup_watched(
+        "CREATE TABLE notes (id int PRIMARY KEY, tenant text NOT NULL, body text)",
+        "SELECT pgfeed.watch('notes', tenant_column => 'tenant')",
+    )
+    .await;
     let gw = Gateway::start(&db).await;
     let query = "filter=notes:priority=eq.high";
     assert_eq!(stream_status(&gw, "acme", query).await, 400);
 
-    app.batch_execute("ALTER TABLE notes ADD COLUMN priority text")
-        .await
-        .unwrap();
-    // Well before the gateway's periodic catalog refresh (30 s): the DDL rings the
-    // doorbell.
-    support::eventually_within(
-        "a filter on the new column is accepted",
-        Duration::from_secs(5),
-        || async { stream_status(&gw, "acme", query).await == 200 },
-    )
-    .await;
+    app.run("ALTER TABLE notes ADD COLUMN priority text").await;
+    until_accepted(&gw, query).await;
     let mut high = gw.stream("acme", query).await;
     assert_eq!(high.status, 200);
     assert!(high.until_live().await.is_empty());
-    app.batch_execute(
+    app.run(
         "INSERT INTO notes VALUES (1, 'acme', 'x', 'low');
          INSERT INTO notes VALUES (2, 'acme', 'y', 'high');",
     )
-    .await
-    .unwrap();
+    .await;
     let e = high.next_change().await;
     assert_eq!(e["pk"], json!({"id": 2}), "{e}");
     assert_eq!(e["new"]["priority"], "high");
@@ -545,21 +541,12 @@ async fn a_column_added_to_a_watched_table_is_filterable_at_once() {
 
 #[tokio::test]
 async fn swapped_column_names_keep_each_setting_with_its_column() {
-    let Setup { db, app, admin } = setup(
-        "CREATE TABLE users (id int PRIMARY KEY, org text NOT NULL, name text, password_hash text)",
-    )
-    .await;
-    admin
-        .batch_execute(
-            "SELECT pgfeed.watch('users', tenant_column => 'org', exclude_columns => '{password_hash}')",
-        )
-        .await
-        .unwrap();
+    let Setup { db, app, .. } = users_hiding_password_hash().await;
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
+    let mut acme = gw.live("acme").await;
 
     // The hashes' column is now called `name`, and the names' column `password_hash`.
-    app.batch_execute(
+    app.run(
         "BEGIN;
          ALTER TABLE users RENAME COLUMN password_hash TO tmp;
          ALTER TABLE users RENAME COLUMN name TO password_hash;
@@ -567,14 +554,13 @@ async fn swapped_column_names_keep_each_setting_with_its_column() {
          COMMIT;
          INSERT INTO users (id, org, password_hash, name) VALUES (1, 'acme', 'ann', 'HASH-1');",
     )
-    .await
-    .unwrap();
+    .await;
     let e = acme.next_change().await;
     assert_eq!(keys(&e["new"]), set(&["id", "org", "password_hash"]), "{e}");
     assert_eq!(e["new"]["password_hash"], "ann", "{e}");
 
     // And the tenants' column is now called `password_hash`.
-    app.batch_execute(
+    app.run(
         "BEGIN;
          ALTER TABLE users RENAME COLUMN org TO tmp;
          ALTER TABLE users RENAME COLUMN password_hash TO org;
@@ -582,14 +568,13 @@ async fn swapped_column_names_keep_each_setting_with_its_column() {
          COMMIT;
          INSERT INTO users (id, password_hash, org, name) VALUES (2, 'acme', 'bob', 'HASH-2');",
     )
-    .await
-    .unwrap();
+    .await;
     let e = acme.next_change().await;
     assert_eq!(e["tenant"], "acme", "{e}");
     assert_eq!(keys(&e["new"]), set(&["id", "org", "password_hash"]), "{e}");
     assert_eq!(e["new"]["org"], "bob", "{e}");
     assert!(!acme.raw.contains("HASH-"), "{}", acme.raw);
-    let entry = support::status_entry(&db, "public.users").await.unwrap();
+    let entry = status_of(&db, "public.users").await;
     assert_eq!(entry["tenant_column"], "password_hash", "{entry}");
     assert_eq!(entry["exclude_columns"], json!(["name"]), "{entry}");
     gw.stop().await;
@@ -599,18 +584,9 @@ async fn swapped_column_names_keep_each_setting_with_its_column() {
 async fn renames_spelled_as_alter_view_or_foreign_table_are_followed_too() {
     // PostgreSQL renames a table's column through ALTER VIEW, ALTER MATERIALIZED VIEW and
     // ALTER FOREIGN TABLE as well, and those statements have tags of their own.
-    let Setup { db, app, admin } = setup(
-        "CREATE TABLE users (id int PRIMARY KEY, org text NOT NULL, name text, password_hash text)",
-    )
-    .await;
-    admin
-        .batch_execute(
-            "SELECT pgfeed.watch('users', tenant_column => 'org', exclude_columns => '{password_hash}')",
-        )
-        .await
-        .unwrap();
+    let Setup { db, app, .. } = users_hiding_password_hash().await;
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
+    let mut acme = gw.live("acme").await;
     let visible = set(&["id", "org", "name"]);
     let renames = [
         ("ALTER VIEW users RENAME COLUMN password_hash TO pw1", 1),
@@ -618,29 +594,26 @@ async fn renames_spelled_as_alter_view_or_foreign_table_are_followed_too() {
         ("ALTER FOREIGN TABLE users RENAME COLUMN pw2 TO pw3", 3),
     ];
     for (rename, id) in renames {
-        app.batch_execute(rename).await.unwrap();
+        app.run(rename).await;
         let pw = rename.rsplit(' ').next().unwrap();
-        app.batch_execute(&format!(
+        app.run(&format!(
             "INSERT INTO users (id, org, name, {pw}) VALUES ({id}, 'acme', 'n', 'HASH-{id}')"
         ))
-        .await
-        .unwrap();
+        .await;
         let e = acme.next_change().await;
         assert_eq!(keys(&e["new"]), visible, "after `{rename}`: {e}");
     }
-    app.batch_execute("ALTER VIEW users RENAME COLUMN org TO company")
-        .await
-        .unwrap();
-    app.batch_execute("INSERT INTO users (id, company, name) VALUES (4, 'acme', 'routed')")
-        .await
-        .unwrap();
+    app.run("ALTER VIEW users RENAME COLUMN org TO company")
+        .await;
+    app.run("INSERT INTO users (id, company, name) VALUES (4, 'acme', 'routed')")
+        .await;
     let e = acme.next_change().await;
     assert_eq!(
         (&e["tenant"], &e["new"]["name"]),
         (&json!("acme"), &json!("routed")),
         "{e}"
     );
-    let entry = support::status_entry(&db, "public.users").await.unwrap();
+    let entry = status_of(&db, "public.users").await;
     assert_eq!(entry["exclude_columns"], json!(["pw3"]), "{entry}");
     assert_eq!(entry["tenant_column"], "company", "{entry}");
     gw.stop().await;
@@ -650,7 +623,7 @@ async fn renames_spelled_as_alter_view_or_foreign_table_are_followed_too() {
 async fn dropping_what_the_tenant_or_key_column_depends_on_is_refused() {
     // DROP DOMAIN, DROP TYPE or DROP FUNCTION ... CASCADE drops the columns that depend on
     // what it drops: no ALTER TABLE in sight.
-    let Setup { db, app, admin } = setup(
+    let Setup { db, app, .. } = setup_watched(
         "CREATE DOMAIN tenant_name AS text;
          CREATE DOMAIN order_number AS int;
          CREATE TYPE mood AS ENUM ('calm', 'angry');
@@ -659,36 +632,26 @@ async fn dropping_what_the_tenant_or_key_column_depends_on_is_refused() {
              AS $$ SELECT split_part(path, '/', 1) $$;
          CREATE TABLE files (id int PRIMARY KEY, path text NOT NULL,
                              org text GENERATED ALWAYS AS (tenant_of(path)) STORED);",
+        "SELECT pgfeed.watch('orders', tenant_column => 'org', exclude_columns => '{m}');
+             SELECT pgfeed.watch('files', tenant_column => 'org');",
     )
     .await;
-    admin
-        .batch_execute(
-            "SELECT pgfeed.watch('orders', tenant_column => 'org', exclude_columns => '{m}');
-             SELECT pgfeed.watch('files', tenant_column => 'org');",
-        )
-        .await
-        .unwrap();
     refused(&app, "DROP DOMAIN tenant_name CASCADE").await;
     refused(&app, "DROP DOMAIN order_number CASCADE").await;
     refused(&app, "DROP FUNCTION tenant_of(text) CASCADE").await;
     // An excluded column may go this way too, and leaves the list.
-    app.batch_execute("DROP TYPE mood CASCADE")
-        .await
-        .unwrap_or_else(|e| panic!("dropping an excluded column's type: {}", message(&e)));
-    let entry = support::status_entry(&db, "public.orders")
-        .await
-        .expect("status lists public.orders");
+    app.run("DROP TYPE mood CASCADE").await;
+    let entry = status_of(&db, "public.orders").await;
     assert_eq!(entry["tenant_column"], "org", "{entry}");
     assert_eq!(entry["exclude_columns"], json!([]), "{entry}");
 
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
-    app.batch_execute(
+    let mut acme = gw.live("acme").await;
+    app.run(
         "INSERT INTO orders VALUES (1, 'acme', 'routed');
          INSERT INTO files VALUES (1, 'acme/report.pdf');",
     )
-    .await
-    .unwrap();
+    .await;
     let e = acme.next_change().await;
     assert_eq!(
         (&e["table"], &e["tenant"], &e["pk"]),
@@ -712,13 +675,10 @@ async fn a_renamed_table_or_schema_renames_the_events() {
          CREATE TABLE crm.orders (id int PRIMARY KEY, tenant text NOT NULL, v text);"
     ))
     .await;
-    watch_measurements(&admin).await;
-    admin
-        .batch_execute("SELECT pgfeed.watch('crm.orders', tenant_column => 'tenant')")
-        .await
-        .unwrap();
+    watch_by_tenant(&admin, "measurements").await;
+    watch_by_tenant(&admin, "crm.orders").await;
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
+    let mut acme = gw.live("acme").await;
 
     // Each rename, then a write under the new name: the event carries that name.
     let steps = [
@@ -745,48 +705,30 @@ async fn a_renamed_table_or_schema_renames_the_events() {
         ),
     ];
     for (i, (ddl, table, event_name)) in steps.into_iter().enumerate() {
-        app.batch_execute(ddl).await.unwrap();
-        app.batch_execute(&format!(
+        app.run(ddl).await;
+        app.run(&format!(
             "INSERT INTO {table} VALUES ({i}, 'acme', 'after')"
         ))
-        .await
-        .unwrap();
+        .await;
         let e = acme.next_change().await;
         assert_eq!(e["table"], event_name, "after `{ddl}`: {e}");
     }
     let status = support::status_json(&db).await;
-    let mut listed: Vec<&str> = status["watched"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["table"].as_str().unwrap())
-        .collect();
+    let mut listed = support::status_tables(&status);
     listed.sort();
     assert_eq!(listed, ["public.orders", "public.samples"], "{status}");
 
     // Streams may name the tables by their new names at once, and receive their changes.
-    support::eventually_within(
-        "tables=samples,orders is accepted",
-        Duration::from_secs(5),
-        || async { stream_status(&gw, "acme", "tables=samples,orders").await == 200 },
-    )
-    .await;
+    until_accepted(&gw, "tables=samples,orders").await;
     let mut named = gw.stream("acme", "tables=samples,orders").await;
     assert!(named.until_live().await.is_empty());
-    app.batch_execute(
+    app.run(
         "INSERT INTO samples VALUES (10, 'acme', 'named');
          INSERT INTO orders VALUES (10, 'acme', 'named');",
     )
-    .await
-    .unwrap();
-    assert_eq!(
-        summary(&named.next_change().await),
-        "insert public.samples named"
-    );
-    assert_eq!(
-        summary(&named.next_change().await),
-        "insert public.orders named"
-    );
+    .await;
+    named.assert_next("insert public.samples named").await;
+    named.assert_next("insert public.orders named").await;
     gw.stop().await;
 }
 
@@ -800,57 +742,37 @@ const MEASUREMENTS: &str = "
     CREATE TABLE measurements_acme PARTITION OF measurements FOR VALUES IN ('acme');
     CREATE TABLE measurements_globex PARTITION OF measurements FOR VALUES IN ('globex');";
 
-async fn watch_measurements(admin: &tokio_postgres::Client) {
-    admin
-        .batch_execute("SELECT pgfeed.watch('measurements', tenant_column => 'tenant')")
-        .await
-        .unwrap_or_else(|e| panic!("watching the partitioned parent: {}", message(&e)));
+/// [`MEASUREMENTS`], watched.
+async fn measurements_watched() -> Setup {
+    let setup = setup(MEASUREMENTS).await;
+    watch_by_tenant(&setup.admin, "measurements").await;
+    setup
 }
 
 #[tokio::test]
 async fn a_partitioned_parent_captures_every_partition_under_its_own_name() {
-    let Setup { db, app, admin } = setup(MEASUREMENTS).await;
-    watch_measurements(&admin).await;
+    let Setup { db, app, .. } = measurements_watched().await;
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
-    let mut globex = live(&gw, "globex").await;
+    let mut acme = gw.live("acme").await;
+    let mut globex = gw.live("globex").await;
 
-    // One statement through the parent, routed to both partitions.
-    app.batch_execute("INSERT INTO measurements VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1')")
-        .await
-        .unwrap();
-    // Straight into a partition.
-    app.batch_execute("INSERT INTO measurements_acme VALUES (3, 'acme', 'a2')")
-        .await
-        .unwrap();
-    app.batch_execute("UPDATE measurements SET v = 'a1b' WHERE id = 1")
-        .await
-        .unwrap();
-    app.batch_execute("UPDATE measurements_globex SET v = 'g1b' WHERE id = 2")
-        .await
-        .unwrap();
-    app.batch_execute("DELETE FROM measurements_acme WHERE id = 3")
-        .await
-        .unwrap();
-    app.batch_execute("DELETE FROM measurements WHERE id = 2")
-        .await
-        .unwrap();
-    // Marks the end: each change above came exactly once if these come next.
-    app.batch_execute("INSERT INTO measurements VALUES (9, 'acme', 'end'), (9, 'globex', 'end')")
-        .await
-        .unwrap();
-
-    let mut got = Vec::new();
-    loop {
-        let e = acme.next_change().await;
-        assert_eq!(e["tenant"], "acme", "{e}");
-        got.push(summary(&e));
-        if got.last().unwrap().ends_with(" end") {
-            break;
-        }
+    for sql in [
+        // One statement through the parent, routed to both partitions.
+        "INSERT INTO measurements VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1')",
+        // Straight into a partition.
+        "INSERT INTO measurements_acme VALUES (3, 'acme', 'a2')",
+        "UPDATE measurements SET v = 'a1b' WHERE id = 1",
+        "UPDATE measurements_globex SET v = 'g1b' WHERE id = 2",
+        "DELETE FROM measurements_acme WHERE id = 3",
+        "DELETE FROM measurements WHERE id = 2",
+        // Marks the end: each change above came exactly once if these come next.
+        "INSERT INTO measurements VALUES (9, 'acme', 'end'), (9, 'globex', 'end')",
+    ] {
+        app.run(sql).await;
     }
+
     assert_eq!(
-        got,
+        summaries_until_end(&mut acme, Some("acme")).await,
         [
             "insert public.measurements a1",
             "insert public.measurements a2",
@@ -859,17 +781,8 @@ async fn a_partitioned_parent_captures_every_partition_under_its_own_name() {
             "insert public.measurements end",
         ]
     );
-    let mut got = Vec::new();
-    loop {
-        let e = globex.next_change().await;
-        assert_eq!(e["tenant"], "globex", "{e}");
-        got.push(summary(&e));
-        if got.last().unwrap().ends_with(" end") {
-            break;
-        }
-    }
     assert_eq!(
-        got,
+        summaries_until_end(&mut globex, Some("globex")).await,
         [
             "insert public.measurements g1",
             "update public.measurements g1b",
@@ -877,48 +790,33 @@ async fn a_partitioned_parent_captures_every_partition_under_its_own_name() {
             "insert public.measurements end",
         ]
     );
-    let entry = support::status_entry(&db, "public.measurements")
-        .await
-        .expect("status lists the parent");
+    let entry = status_of(&db, "public.measurements").await;
     assert_eq!(entry["tenant_column"], "tenant");
     gw.stop().await;
 }
 
 #[tokio::test]
 async fn a_row_moving_between_partitions_leaves_one_tenant_and_reaches_the_other() {
-    let Setup { db, app, admin } = setup(MEASUREMENTS).await;
-    watch_measurements(&admin).await;
+    let Setup { db, app, .. } = measurements_watched().await;
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
-    let mut globex = live(&gw, "globex").await;
-    app.batch_execute("INSERT INTO measurements VALUES (1, 'acme', 'a1')")
-        .await
-        .unwrap();
-    assert_eq!(
-        summary(&acme.next_change().await),
-        "insert public.measurements a1"
-    );
+    let mut acme = gw.live("acme").await;
+    let mut globex = gw.live("globex").await;
+    app.run("INSERT INTO measurements VALUES (1, 'acme', 'a1')")
+        .await;
+    acme.assert_next("insert public.measurements a1").await;
 
     // PostgreSQL moves the row from measurements_acme to measurements_globex.
-    app.batch_execute("UPDATE measurements SET tenant = 'globex', v = 'moved' WHERE id = 1")
-        .await
-        .unwrap();
-    app.batch_execute("INSERT INTO measurements VALUES (9, 'acme', 'end'), (9, 'globex', 'end')")
-        .await
-        .unwrap();
+    app.run("UPDATE measurements SET tenant = 'globex', v = 'moved' WHERE id = 1")
+        .await;
+    app.run("INSERT INTO measurements VALUES (9, 'acme', 'end'), (9, 'globex', 'end')")
+        .await;
     let gone = acme.next_change().await;
     assert_eq!(summary(&gone), "delete public.measurements a1", "{gone}");
-    assert_eq!(
-        summary(&acme.next_change().await),
-        "insert public.measurements end"
-    );
+    acme.assert_next("insert public.measurements end").await;
     let came = globex.next_change().await;
     assert_eq!(summary(&came), "insert public.measurements moved", "{came}");
     assert_eq!(came["tenant"], "globex");
-    assert_eq!(
-        summary(&globex.next_change().await),
-        "insert public.measurements end"
-    );
+    globex.assert_next("insert public.measurements end").await;
     gw.stop().await;
 }
 
@@ -930,85 +828,61 @@ async fn partitions_created_or_attached_after_watch_are_captured() {
          CREATE TABLE measurements_acme PARTITION OF measurements FOR VALUES IN ('acme');",
     )
     .await;
-    watch_measurements(&admin).await;
+    watch_by_tenant(&admin, "measurements").await;
     let gw = Gateway::start(&db).await;
-    let mut globex = live(&gw, "globex").await;
-    let mut initech = live(&gw, "initech").await;
+    let mut globex = gw.live("globex").await;
+    let mut initech = gw.live("initech").await;
 
-    app.batch_execute(
-        "CREATE TABLE measurements_globex PARTITION OF measurements FOR VALUES IN ('globex')",
-    )
-    .await
-    .unwrap();
-    app.batch_execute("INSERT INTO measurements VALUES (1, 'globex', 'through the parent')")
-        .await
-        .unwrap();
-    app.batch_execute("INSERT INTO measurements_globex VALUES (2, 'globex', 'direct')")
-        .await
-        .unwrap();
-    assert_eq!(
-        summary(&globex.next_change().await),
-        "insert public.measurements through the parent"
-    );
-    assert_eq!(
-        summary(&globex.next_change().await),
-        "insert public.measurements direct"
-    );
+    app.run("CREATE TABLE measurements_globex PARTITION OF measurements FOR VALUES IN ('globex')")
+        .await;
+    app.run("INSERT INTO measurements VALUES (1, 'globex', 'through the parent')")
+        .await;
+    app.run("INSERT INTO measurements_globex VALUES (2, 'globex', 'direct')")
+        .await;
+    globex
+        .assert_next("insert public.measurements through the parent")
+        .await;
+    globex
+        .assert_next("insert public.measurements direct")
+        .await;
 
     // A table of its own, with a row from before, attached later.
-    app.batch_execute(
+    app.run(
         "CREATE TABLE measurements_initech (id int NOT NULL, tenant text NOT NULL, v text);
          INSERT INTO measurements_initech VALUES (1, 'initech', 'before');
          ALTER TABLE measurements ATTACH PARTITION measurements_initech FOR VALUES IN ('initech');",
     )
-    .await
-    .unwrap();
-    app.batch_execute("INSERT INTO measurements VALUES (2, 'initech', 'through the parent')")
-        .await
-        .unwrap();
-    app.batch_execute("INSERT INTO measurements_initech VALUES (3, 'initech', 'direct')")
-        .await
-        .unwrap();
-    app.batch_execute("UPDATE measurements_initech SET v = 'updated' WHERE id = 1")
-        .await
-        .unwrap();
-    assert_eq!(
-        summary(&initech.next_change().await),
-        "insert public.measurements through the parent"
-    );
-    assert_eq!(
-        summary(&initech.next_change().await),
-        "insert public.measurements direct"
-    );
-    assert_eq!(
-        summary(&initech.next_change().await),
-        "update public.measurements updated"
-    );
+    .await;
+    app.run("INSERT INTO measurements VALUES (2, 'initech', 'through the parent')")
+        .await;
+    app.run("INSERT INTO measurements_initech VALUES (3, 'initech', 'direct')")
+        .await;
+    app.run("UPDATE measurements_initech SET v = 'updated' WHERE id = 1")
+        .await;
+    initech
+        .assert_next("insert public.measurements through the parent")
+        .await;
+    initech
+        .assert_next("insert public.measurements direct")
+        .await;
+    initech
+        .assert_next("update public.measurements updated")
+        .await;
 
     // Nothing twice: the next changes are these.
-    app.batch_execute(
-        "INSERT INTO measurements VALUES (9, 'globex', 'end'), (9, 'initech', 'end')",
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        summary(&globex.next_change().await),
-        "insert public.measurements end"
-    );
-    assert_eq!(
-        summary(&initech.next_change().await),
-        "insert public.measurements end"
-    );
+    app.run("INSERT INTO measurements VALUES (9, 'globex', 'end'), (9, 'initech', 'end')")
+        .await;
+    globex.assert_next("insert public.measurements end").await;
+    initech.assert_next("insert public.measurements end").await;
     gw.stop().await;
 }
 
 #[tokio::test]
 async fn a_partition_that_is_itself_partitioned_is_captured_at_every_level() {
-    let Setup { db, app, admin } = setup(MEASUREMENTS).await;
-    watch_measurements(&admin).await;
+    let Setup { db, app, .. } = measurements_watched().await;
     let gw = Gateway::start(&db).await;
-    let mut umbrella = live(&gw, "umbrella").await;
-    app.batch_execute(
+    let mut umbrella = gw.live("umbrella").await;
+    app.run(
         "CREATE TABLE measurements_umbrella PARTITION OF measurements FOR VALUES IN ('umbrella')
              PARTITION BY RANGE (id);
          CREATE TABLE measurements_umbrella_low PARTITION OF measurements_umbrella
@@ -1017,26 +891,17 @@ async fn a_partition_that_is_itself_partitioned_is_captured_at_every_level() {
          ALTER TABLE measurements_umbrella ATTACH PARTITION measurements_umbrella_high
              FOR VALUES FROM (100) TO (1000);",
     )
-    .await
-    .unwrap();
-    app.batch_execute(
+    .await;
+    app.run(
         "INSERT INTO measurements VALUES (1, 'umbrella', 'root'), (101, 'umbrella', 'root high');
          INSERT INTO measurements_umbrella VALUES (2, 'umbrella', 'middle');
          INSERT INTO measurements_umbrella_low VALUES (3, 'umbrella', 'leaf');
          INSERT INTO measurements_umbrella_high VALUES (103, 'umbrella', 'leaf high');
          INSERT INTO measurements VALUES (9, 'umbrella', 'end');",
     )
-    .await
-    .unwrap();
-    let mut got = Vec::new();
-    loop {
-        got.push(summary(&umbrella.next_change().await));
-        if got.last().unwrap().ends_with(" end") {
-            break;
-        }
-    }
+    .await;
     assert_eq!(
-        got,
+        summaries_until_end(&mut umbrella, None).await,
         [
             "insert public.measurements root",
             "insert public.measurements root high",
@@ -1060,60 +925,47 @@ async fn a_detached_partition_is_no_longer_captured() {
          CREATE TABLE marker (id int, tenant text NOT NULL, v text, PRIMARY KEY (tenant, id));",
     )
     .await;
-    watch_measurements(&admin).await;
-    admin
-        .batch_execute("SELECT pgfeed.watch('marker', tenant_column => 'tenant')")
-        .await
-        .unwrap();
+    watch_by_tenant(&admin, "measurements").await;
+    watch_by_tenant(&admin, "marker").await;
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
-    let mut globex = live(&gw, "globex").await;
-    let mut initech = live(&gw, "initech").await;
-    app.batch_execute(
+    let mut acme = gw.live("acme").await;
+    let mut globex = gw.live("globex").await;
+    let mut initech = gw.live("initech").await;
+    app.run(
         "INSERT INTO measurements_globex VALUES (1, 'globex', 'captured');
          INSERT INTO measurements_initech VALUES (1, 'initech', 'captured');",
     )
-    .await
-    .unwrap();
-    assert_eq!(
-        summary(&globex.next_change().await),
-        "insert public.measurements captured"
-    );
-    assert_eq!(
-        summary(&initech.next_change().await),
-        "insert public.measurements captured"
-    );
+    .await;
+    globex
+        .assert_next("insert public.measurements captured")
+        .await;
+    initech
+        .assert_next("insert public.measurements captured")
+        .await;
 
-    app.batch_execute("ALTER TABLE measurements DETACH PARTITION measurements_globex")
-        .await
-        .unwrap();
+    app.run("ALTER TABLE measurements DETACH PARTITION measurements_globex")
+        .await;
     // A table of its own now, it takes any tenant's rows: none may be captured.
-    app.batch_execute(
+    app.run(
         "INSERT INTO measurements_globex VALUES (2, 'globex', 'detached'), (3, 'acme', 'detached');
          UPDATE measurements_globex SET v = 'detached too';
          DELETE FROM measurements_globex;",
     )
-    .await
-    .unwrap();
+    .await;
     // Without a transaction of its own (CONCURRENTLY cannot run in one). PostgreSQL
     // leaves a CHECK constraint in place of the partition bound.
-    app.batch_execute(
-        "ALTER TABLE measurements DETACH PARTITION measurements_initech CONCURRENTLY",
-    )
-    .await
-    .unwrap();
-    app.batch_execute(
+    app.run("ALTER TABLE measurements DETACH PARTITION measurements_initech CONCURRENTLY")
+        .await;
+    app.run(
         "INSERT INTO measurements_initech VALUES (4, 'initech', 'detached concurrently');
          UPDATE measurements_initech SET v = 'detached too';",
     )
-    .await
-    .unwrap();
+    .await;
     // The markers, written last, are each tenant's next event.
-    app.batch_execute(
+    app.run(
         "INSERT INTO marker VALUES (1, 'acme', 'marker'), (1, 'globex', 'marker'), (1, 'initech', 'marker')",
     )
-    .await
-    .unwrap();
+    .await;
     for (tenant, stream) in [
         ("acme", &mut acme),
         ("globex", &mut globex),
@@ -1130,45 +982,36 @@ async fn a_detached_partition_is_no_longer_captured() {
     assert_eq!(pgfeed_triggers(&admin, "measurements_globex").await, 0);
     assert_eq!(pgfeed_triggers(&admin, "measurements_initech").await, 0);
     // Still captured: the partition left attached.
-    app.batch_execute("INSERT INTO measurements VALUES (2, 'acme', 'attached')")
-        .await
-        .unwrap();
-    assert_eq!(
-        summary(&acme.next_change().await),
-        "insert public.measurements attached"
-    );
+    app.run("INSERT INTO measurements VALUES (2, 'acme', 'attached')")
+        .await;
+    acme.assert_next("insert public.measurements attached")
+        .await;
     gw.stop().await;
 }
 
 #[tokio::test]
 async fn partitions_of_any_column_layout_keep_the_parents_settings() {
-    let Setup { db, app, admin } = setup(
+    let Setup { db, app, .. } = setup_watched(
         "CREATE TABLE measurements (id int, tenant text NOT NULL, v text, secret text,
                                     PRIMARY KEY (tenant, id))
              PARTITION BY LIST (tenant);
          CREATE TABLE measurements_acme PARTITION OF measurements FOR VALUES IN ('acme');",
+        "SELECT pgfeed.watch('measurements', tenant_column => 'tenant', exclude_columns => '{secret}')",
     )
     .await;
-    admin
-        .batch_execute(
-            "SELECT pgfeed.watch('measurements', tenant_column => 'tenant', exclude_columns => '{secret}')",
-        )
-        .await
-        .unwrap_or_else(|e| panic!("watching the partitioned parent: {}", message(&e)));
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
-    let mut globex = live(&gw, "globex").await;
+    let mut acme = gw.live("acme").await;
+    let mut globex = gw.live("globex").await;
     // Its columns in another order, and a dropped one: other attribute numbers than the
     // parent's.
-    app.batch_execute(
+    app.run(
         "CREATE TABLE measurements_globex (secret text, junk int, v text, tenant text NOT NULL, id int NOT NULL);
          ALTER TABLE measurements_globex DROP COLUMN junk;
          ALTER TABLE measurements ATTACH PARTITION measurements_globex FOR VALUES IN ('globex');
          INSERT INTO measurements (id, tenant, v, secret) VALUES (1, 'globex', 'parent', 'SECRET-1');
          INSERT INTO measurements_globex (id, tenant, v, secret) VALUES (2, 'globex', 'direct', 'SECRET-2');",
     )
-    .await
-    .unwrap();
+    .await;
     let visible = set(&["id", "tenant", "v"]);
     for v in ["parent", "direct"] {
         let e = globex.next_change().await;
@@ -1177,14 +1020,13 @@ async fn partitions_of_any_column_layout_keep_the_parents_settings() {
     }
 
     // A rename on the parent renames the column in every partition.
-    app.batch_execute(
+    app.run(
         "ALTER TABLE measurements RENAME COLUMN secret TO hidden;
          INSERT INTO measurements_acme (id, tenant, v, hidden) VALUES (3, 'acme', 'direct', 'SECRET-3');
          INSERT INTO measurements_globex (id, tenant, v, hidden) VALUES (4, 'globex', 'direct', 'SECRET-4');
          UPDATE measurements SET hidden = 'SECRET-5', v = 'updated' WHERE id IN (3, 4);",
     )
-    .await
-    .unwrap();
+    .await;
     for (stream, tenant) in [(&mut acme, "acme"), (&mut globex, "globex")] {
         let e = stream.next_change().await;
         assert_eq!(summary(&e), "insert public.measurements direct", "{tenant}");
@@ -1199,9 +1041,7 @@ async fn partitions_of_any_column_layout_keep_the_parents_settings() {
         assert_eq!(keys(&e["old"]), visible, "{tenant}: {e}");
         assert!(!stream.raw.contains("SECRET-"), "{tenant}: {}", stream.raw);
     }
-    let entry = support::status_entry(&db, "public.measurements")
-        .await
-        .unwrap();
+    let entry = status_of(&db, "public.measurements").await;
     assert_eq!(entry["exclude_columns"], json!(["hidden"]), "{entry}");
     gw.stop().await;
 }
@@ -1227,27 +1067,20 @@ async fn watching_a_partition_or_a_table_with_inheritance_is_refused() {
         .await;
         assert!(msg.contains(table), "the refusal names {table}: {msg}");
     }
-    let watched: i64 = admin
-        .query_one("SELECT count(*) FROM pgfeed.watched", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let watched = query_i64(&admin, "SELECT count(*) FROM pgfeed.watched", &[]).await;
     assert_eq!(watched, 0);
 }
 
 #[tokio::test]
 async fn ddl_that_would_put_a_watched_table_in_a_hierarchy_is_refused() {
-    let Setup { db, app, admin } = setup(
+    let Setup { db, app, admin } = setup_watched(
         "CREATE TABLE orders (id int, tenant text NOT NULL, v text, PRIMARY KEY (tenant, id));
          CREATE TABLE archive (id int, tenant text NOT NULL, v text, PRIMARY KEY (tenant, id))
              PARTITION BY LIST (tenant);
          CREATE TABLE legacy (id int NOT NULL, tenant text NOT NULL, v text);",
+        "SELECT pgfeed.watch('orders', tenant_column => 'tenant')",
     )
     .await;
-    admin
-        .batch_execute("SELECT pgfeed.watch('orders', tenant_column => 'tenant')")
-        .await
-        .unwrap();
 
     // As a partition of a parent nobody watches, its writes would no longer be captured.
     refused(
@@ -1259,26 +1092,21 @@ async fn ddl_that_would_put_a_watched_table_in_a_hierarchy_is_refused() {
     refused(&app, "CREATE TABLE orders_2024 () INHERITS (orders)").await;
     refused(&app, "ALTER TABLE legacy INHERIT orders").await;
     refused(&app, "ALTER TABLE orders INHERIT legacy").await;
-    let hierarchy: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM pg_inherits
+    let hierarchy = query_i64(
+        &admin,
+        "SELECT count(*) FROM pg_inherits
              WHERE inhrelid = 'orders'::regclass OR inhparent = 'orders'::regclass",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        &[],
+    )
+    .await;
     assert_eq!(hierarchy, 0, "the refused statements left orders alone");
 
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
-    app.batch_execute("INSERT INTO orders VALUES (1, 'acme', 'still captured')")
-        .await
-        .unwrap();
-    assert_eq!(
-        summary(&acme.next_change().await),
-        "insert public.orders still captured"
-    );
+    let mut acme = gw.live("acme").await;
+    app.run("INSERT INTO orders VALUES (1, 'acme', 'still captured')")
+        .await;
+    acme.assert_next("insert public.orders still captured")
+        .await;
     gw.stop().await;
 }
 
@@ -1289,39 +1117,25 @@ async fn unwatching_a_partitioned_parent_stops_capture_on_its_partitions() {
          CREATE TABLE marker (id int PRIMARY KEY, tenant text NOT NULL, v text);"
     ))
     .await;
-    watch_measurements(&admin).await;
-    admin
-        .batch_execute("SELECT pgfeed.watch('marker', tenant_column => 'tenant')")
-        .await
-        .unwrap();
+    watch_by_tenant(&admin, "measurements").await;
+    watch_by_tenant(&admin, "marker").await;
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
-    app.batch_execute("INSERT INTO measurements_acme VALUES (1, 'acme', 'watched')")
-        .await
-        .unwrap();
-    assert_eq!(
-        summary(&acme.next_change().await),
-        "insert public.measurements watched"
-    );
+    let mut acme = gw.live("acme").await;
+    app.run("INSERT INTO measurements_acme VALUES (1, 'acme', 'watched')")
+        .await;
+    acme.assert_next("insert public.measurements watched").await;
 
-    admin
-        .batch_execute("SELECT pgfeed.unwatch('measurements')")
-        .await
-        .unwrap();
+    admin.run("SELECT pgfeed.unwatch('measurements')").await;
     for table in ["measurements", "measurements_acme", "measurements_globex"] {
         assert_eq!(pgfeed_triggers(&admin, table).await, 0, "{table}");
     }
-    app.batch_execute(
+    app.run(
         "INSERT INTO measurements VALUES (2, 'acme', 'unwatched');
          INSERT INTO measurements_acme VALUES (3, 'acme', 'unwatched');
          INSERT INTO marker VALUES (1, 'acme', 'marker');",
     )
-    .await
-    .unwrap();
-    assert_eq!(
-        summary(&acme.next_change().await),
-        "insert public.marker marker"
-    );
+    .await;
+    acme.assert_next("insert public.marker marker").await;
     assert!(
         support::status_entry(&db, "public.measurements")
             .await
@@ -1329,21 +1143,14 @@ async fn unwatching_a_partitioned_parent_stops_capture_on_its_partitions() {
     );
 
     // Watched again: captured once each, not twice.
-    watch_measurements(&admin).await;
-    app.batch_execute(
+    watch_by_tenant(&admin, "measurements").await;
+    app.run(
         "INSERT INTO measurements_acme VALUES (4, 'acme', 'again');
          INSERT INTO marker VALUES (2, 'acme', 'marker 2');",
     )
-    .await
-    .unwrap();
-    assert_eq!(
-        summary(&acme.next_change().await),
-        "insert public.measurements again"
-    );
-    assert_eq!(
-        summary(&acme.next_change().await),
-        "insert public.marker marker 2"
-    );
+    .await;
+    acme.assert_next("insert public.measurements again").await;
+    acme.assert_next("insert public.marker marker 2").await;
     gw.stop().await;
 }
 
@@ -1352,21 +1159,16 @@ async fn unwatching_a_partitioned_parent_stops_capture_on_its_partitions() {
 
 #[tokio::test]
 async fn dropping_a_watched_table_forgets_it() {
-    let Setup { db, app, admin } = setup(
+    let Setup { db, app, admin } = setup_watched(
         "CREATE TABLE orders (id int PRIMARY KEY, tenant text NOT NULL, v text);
          CREATE TABLE gone (id int PRIMARY KEY, tenant text NOT NULL, v text);
          CREATE SCHEMA crm;
          CREATE TABLE crm.leads (id int PRIMARY KEY, tenant text NOT NULL, v text);",
-    )
-    .await;
-    admin
-        .batch_execute(
-            "SELECT pgfeed.watch('orders', tenant_column => 'tenant');
+        "SELECT pgfeed.watch('orders', tenant_column => 'tenant');
              SELECT pgfeed.watch('gone', tenant_column => 'tenant');
              SELECT pgfeed.watch('crm.leads', tenant_column => 'tenant');",
-        )
-        .await
-        .unwrap();
+    )
+    .await;
     let watched = || async {
         let rows = admin
             .query(
@@ -1377,22 +1179,16 @@ async fn dropping_a_watched_table_forgets_it() {
             .unwrap();
         rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>()
     };
-    let orders_oid: i64 = admin
-        .query_one("SELECT 'orders'::regclass::oid::bigint", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let orders_oid = query_i64(&admin, "SELECT 'orders'::regclass::oid::bigint", &[]).await;
     assert_eq!(watched().await.len(), 3);
 
     // A drop that rolls back changes nothing.
-    app.batch_execute("BEGIN; DROP TABLE gone; ROLLBACK")
-        .await
-        .unwrap();
+    app.run("BEGIN; DROP TABLE gone; ROLLBACK").await;
     assert_eq!(watched().await.len(), 3);
     assert!(support::status_entry(&db, "public.gone").await.is_some());
 
-    app.batch_execute("DROP TABLE gone").await.unwrap();
-    app.batch_execute("DROP SCHEMA crm CASCADE").await.unwrap();
+    app.run("DROP TABLE gone").await;
+    app.run("DROP SCHEMA crm CASCADE").await;
     assert_eq!(
         watched().await,
         [orders_oid],
@@ -1400,35 +1196,25 @@ async fn dropping_a_watched_table_forgets_it() {
     );
     let status = support::status_json(&db).await;
     assert_eq!(
-        status["watched"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|w| w["table"].as_str().unwrap())
-            .collect::<Vec<_>>(),
+        support::status_tables(&status),
         ["public.orders"],
         "{status}"
     );
 
     // A new table of the same name is a new table: not watched.
-    app.batch_execute("CREATE TABLE gone (id int PRIMARY KEY, tenant text NOT NULL, v text)")
-        .await
-        .unwrap();
+    app.run("CREATE TABLE gone (id int PRIMARY KEY, tenant text NOT NULL, v text)")
+        .await;
     assert!(support::status_entry(&db, "public.gone").await.is_none());
     assert_eq!(pgfeed_triggers(&admin, "gone").await, 0);
     let msg = fails(&admin, "SELECT pgfeed.unwatch('gone')").await;
     assert!(msg.contains("not watched"), "{msg}");
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
-    app.batch_execute(
+    let mut acme = gw.live("acme").await;
+    app.run(
         "INSERT INTO gone VALUES (1, 'acme', 'not watched');
          INSERT INTO orders VALUES (1, 'acme', 'marker');",
     )
-    .await
-    .unwrap();
-    assert_eq!(
-        summary(&acme.next_change().await),
-        "insert public.orders marker"
-    );
+    .await;
+    acme.assert_next("insert public.orders marker").await;
     gw.stop().await;
 }

@@ -78,6 +78,18 @@ fn printed_lines_work(demo: &DemoProcess, env: &[(&str, &str)]) {
     let _ = std::fs::remove_file(&out);
 }
 
+/// Asserts that the demo's banner says `demo_orders` was `how` (`created` or `found`),
+/// then stops the demo, which must exit cleanly.
+fn assert_table_then_stop(demo: DemoProcess, how: &str) {
+    assert!(
+        demo.banner.database.contains(&format!("demo_orders {how}")),
+        "{}",
+        demo.banner.database
+    );
+    let (status, _, log) = demo.stop();
+    assert!(status.success(), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn demo_runs_a_throwaway_cluster_and_removes_it() {
     let demo = DemoProcess::start(&["--listen", "127.0.0.1:0"], &[]);
@@ -199,13 +211,7 @@ async fn demo_uses_the_configured_database_and_keeps_its_rows() {
 
     // A second run finds the table, adds no seeds and still watches it.
     let demo = DemoProcess::start(&["--listen", "127.0.0.1:0"], &env);
-    assert!(
-        demo.banner.database.contains("demo_orders found"),
-        "{}",
-        demo.banner.database
-    );
-    let (status, _, log) = demo.stop();
-    assert!(status.success(), "{log}");
+    assert_table_then_stop(demo, "found");
     let rows: i64 = client
         .query_one("SELECT count(*) FROM demo_orders", &[])
         .await
@@ -317,16 +323,7 @@ async fn get_with_host(addr: SocketAddr, host: Option<&str>, path: &str) -> supp
         .unwrap_or_else(|_| panic!("GET {path} with Host {host:?}: no answer"))
         .unwrap_or_else(|e| panic!("GET {path} with Host {host:?}: {e}"));
     let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
+    let (status, headers) = support::parse_head(head);
     support::Response {
         status,
         headers,
@@ -609,13 +606,7 @@ async fn a_role_holding_an_advisory_lock_does_not_stall_the_demo() {
         "the demo waited {:?} for the lock",
         started.elapsed()
     );
-    assert!(
-        demo.banner.database.contains("demo_orders created"),
-        "{}",
-        demo.banner.database
-    );
-    let (status, _, log) = demo.stop();
-    assert!(status.success(), "{log}");
+    assert_table_then_stop(demo, "created");
     drop(holder);
 }
 
@@ -662,11 +653,5 @@ async fn a_demo_finds_the_table_another_session_was_creating() {
     // ...which commits: the demo finds the table rather than failing as a duplicate.
     tx.commit().await.unwrap();
     let demo = demo.join().expect("the demo starts");
-    assert!(
-        demo.banner.database.contains("demo_orders found"),
-        "{}",
-        demo.banner.database
-    );
-    let (status, _, log) = demo.stop();
-    assert!(status.success(), "{log}");
+    assert_table_then_stop(demo, "found");
 }

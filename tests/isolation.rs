@@ -433,33 +433,15 @@ async fn random_workload_reaches_exactly_the_right_subscribers() {
     gw.stop().await;
 }
 
-/// The name of a role of this test's own (roles are cluster-wide).
-fn role_name(db: &TestDb, what: &str) -> String {
-    format!("{}_{what}", db.name)
+/// Creates login role `{db}_{what}` with no privileges beyond PUBLIC's (NOINHERIT);
+/// returns its name.
+async fn create_role(db: &TestDb, what: &str) -> String {
+    support::create_login_role_with(db, what, "NOINHERIT").await
 }
 
-/// Creates a login role with no privileges beyond PUBLIC's.
-async fn create_role(db: &TestDb, role: &str) {
-    db.client()
-        .await
-        .batch_execute(&format!(
-            "CREATE ROLE {role} LOGIN PASSWORD 'pw' NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT"
-        ))
-        .await
-        .unwrap();
-}
-
-/// Connects to the test database as `role`, using the test URL with the user replaced.
+/// Connects to the test database as `role` and checks that the session runs as it.
 async fn connect_as(db: &TestDb, role: &str) -> tokio_postgres::Client {
-    let mut config: tokio_postgres::Config = db.url.parse().expect("the test URL parses");
-    config.user(role).password("pw");
-    let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connecting as {role}: {e}"));
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let client = support::connect_as_role(db, role).await;
     let me: String = client
         .query_one("SELECT current_user::text", &[])
         .await
@@ -475,8 +457,7 @@ async fn schema_owner(
     db: &TestDb,
     what: &str,
 ) -> (String, tokio_postgres::Client, tokio_postgres::Client) {
-    let owner = role_name(db, what);
-    create_role(db, &owner).await;
+    let owner = create_role(db, what).await;
     let admin = db.client().await;
     admin
         .batch_execute(&format!("CREATE SCHEMA app AUTHORIZATION {owner}"))
@@ -536,8 +517,7 @@ async fn forged_notify_from_another_role_delivers_nothing() {
         streams.push(s);
     }
 
-    let intruder = role_name(&db, "intruder");
-    create_role(&db, &intruder).await;
+    let intruder = create_role(&db, "intruder").await;
     let evil = connect_as(&db, &intruder).await;
     // It cannot write the table, let alone the journal ...
     let denied = evil
@@ -616,8 +596,7 @@ async fn forged_notify_from_another_role_delivers_nothing() {
 async fn application_roles_need_no_privilege_on_schema_pgfeed() {
     let db = TestDb::new().await;
     support::tenant_table(&db, "notes").await;
-    let app = role_name(&db, "app");
-    create_role(&db, &app).await;
+    let app = create_role(&db, "app").await;
     db.client()
         .await
         .batch_execute(&format!(

@@ -7,24 +7,14 @@ mod demo_process;
 mod support;
 
 use serde_json::Value;
-use support::{Gateway, SseClient, TestDb, sample, scrape};
+use support::{
+    FAST_PRUNING, Gateway, Run, SseClient, TestDb, query_i64, sample, scrape,
+    server_message as message,
+};
+use tokio_postgres::{Client, Transaction};
 
 /// The key pgfeed's advisory locks used to share (`pg_advisory_lock(KEY, k)`).
 const KEY: i32 = 1_885_824_612;
-
-/// The server's message for a failed statement.
-fn message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map_or_else(|| e.to_string(), |d| d.message().to_string())
-}
-
-/// A stream of `tenant` that has reached `live`.
-async fn live(gw: &Gateway, tenant: &str) -> SseClient {
-    let mut s = gw.stream(tenant, "").await;
-    assert_eq!(s.status, 200, "{}", s.raw);
-    assert!(s.until_live().await.is_empty());
-    s
-}
 
 /// The commit and ordinal of a position exactly as sent (any integers, so that a broken
 /// one such as `379.-1` is reported rather than failing to parse).
@@ -41,6 +31,7 @@ fn parts(position: &str) -> (i64, i64) {
     )
 }
 
+/// The position of change `e`.
 fn position(e: &Value) -> String {
     e["position"].as_str().expect("a position").to_string()
 }
@@ -51,16 +42,12 @@ fn position(e: &Value) -> String {
 /// `announcements`, watched per tenant, written by an application role.
 async fn announcements(db: &TestDb) -> tokio_postgres::Client {
     let (_role, app) = support::app_owner(db, "app").await;
-    app.batch_execute(
-        "CREATE TABLE announcements (id serial PRIMARY KEY, tenant text NOT NULL, body text)",
-    )
-    .await
-    .unwrap();
+    app.run("CREATE TABLE announcements (id serial PRIMARY KEY, tenant text NOT NULL, body text)")
+        .await;
     db.client()
         .await
-        .batch_execute("SELECT pgfeed.watch('announcements', tenant_column => 'tenant')")
-        .await
-        .unwrap();
+        .run("SELECT pgfeed.watch('announcements', tenant_column => 'tenant')")
+        .await;
     app
 }
 
@@ -91,9 +78,8 @@ async fn pgfeed_and_system_tables_cannot_be_watched() {
         .get(0);
     // A table an operator put in schema pgfeed by mistake is pgfeed's too.
     admin
-        .batch_execute("CREATE TABLE pgfeed.mine (id int PRIMARY KEY, tenant text)")
-        .await
-        .unwrap();
+        .run("CREATE TABLE pgfeed.mine (id int PRIMARY KEY, tenant text)")
+        .await;
     let attempts = [
         "SELECT pgfeed.watch('pgfeed.changes', public => true)".to_string(),
         "SELECT pgfeed.watch('pgfeed.commits', public => true)".to_string(),
@@ -122,19 +108,17 @@ async fn pgfeed_and_system_tables_cannot_be_watched() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(watched, ["announcements"]);
-    let triggers: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
+    let triggers = query_i64(
+        &admin,
+        "SELECT count(*) FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
              WHERE c.relnamespace = 'pgfeed'::regnamespace AND t.tgname LIKE 'pgfeed_capture%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        &[],
+    )
+    .await;
     assert_eq!(triggers, 0, "capture triggers on pgfeed's own tables");
 
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
+    let mut acme = gw.live("acme").await;
     assert_capture_works(&app, &mut acme, "after the attempts").await;
     gw.stop().await;
 }
@@ -153,7 +137,7 @@ async fn the_cli_refuses_to_watch_pgfeed_tables() {
         assert!(stderr.contains("cannot watch"), "{table}: {stderr}");
     }
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
+    let mut acme = gw.live("acme").await;
     assert_capture_works(&app, &mut acme, "after the CLI attempts").await;
     gw.stop().await;
 }
@@ -161,31 +145,55 @@ async fn the_cli_refuses_to_watch_pgfeed_tables() {
 // ---------------------------------------------------------------------------------------
 // Item 6: locks nobody else can take.
 
-#[tokio::test]
-async fn advisory_locks_held_by_a_role_without_grants_block_nothing() {
-    let db = TestDb::new().await;
-    let mut app = announcements(&db).await;
-    app.batch_execute("SET statement_timeout = '5s'")
-        .await
-        .unwrap();
-    let admin = db.client().await;
-    let attacker_role = support::create_login_role(&db, "attacker").await;
-    let attacker = support::connect_as_role(&db, &attacker_role).await;
+/// A role without grants whose session holds every advisory lock `(KEY, 0..=8)`; returns
+/// its name and that session.
+async fn attacker_holding_every_key(db: &TestDb) -> (String, Client) {
+    let attacker_role = support::create_login_role(db, "attacker").await;
+    let attacker = support::connect_as_role(db, &attacker_role).await;
     for k in 0..=8 {
         attacker
             .execute("SELECT pg_advisory_lock($1, $2)", &[&KEY, &k])
             .await
             .unwrap();
     }
-    let held: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM pg_locks AS l JOIN pg_stat_activity AS a USING (pid)
+    (attacker_role, attacker)
+}
+
+/// Advisory locks granted to sessions of `role`.
+async fn advisory_locks_held_by(admin: &Client, role: &str) -> i64 {
+    query_i64(
+        admin,
+        "SELECT count(*) FROM pg_locks AS l JOIN pg_stat_activity AS a USING (pid)
              WHERE l.locktype = 'advisory' AND l.granted AND a.usename = $1",
-            &[&attacker_role],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        &[&role],
+    )
+    .await
+}
+
+/// Takes the pruning lock in a transaction of `holder`, as another pruner would.
+async fn hold_pruning_lock(holder: &mut Client) -> Transaction<'_> {
+    let tx = holder.transaction().await.unwrap();
+    tx.run("LOCK TABLE pgfeed.pruned IN SHARE ROW EXCLUSIVE MODE")
+        .await;
+    tx
+}
+
+/// Waits until the journal has no commits left: pruning has removed them all.
+async fn until_pruned(admin: &Client, what: &str) {
+    support::eventually(what, || async {
+        query_i64(admin, "SELECT count(*) FROM pgfeed.commits", &[]).await == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn advisory_locks_held_by_a_role_without_grants_block_nothing() {
+    let db = TestDb::new().await;
+    let mut app = announcements(&db).await;
+    app.run("SET statement_timeout = '5s'").await;
+    let admin = db.client().await;
+    let (attacker_role, attacker) = attacker_holding_every_key(&db).await;
+    let held = advisory_locks_held_by(&admin, &attacker_role).await;
     assert_eq!(held, 9, "the attacker holds every key");
     // Nor can it take the locks that replaced them.
     for table in ["pgfeed.commit_order", "pgfeed.pruned", "pgfeed.meta"] {
@@ -194,7 +202,7 @@ async fn advisory_locks_held_by_a_role_without_grants_block_nothing() {
             .batch_execute(&sql)
             .await
             .expect_err("an unprivileged role locked a pgfeed table");
-        attacker.batch_execute("ROLLBACK").await.unwrap();
+        attacker.run("ROLLBACK").await;
         assert!(
             message(&err).contains("permission denied"),
             "{table}: {}",
@@ -202,16 +210,8 @@ async fn advisory_locks_held_by_a_role_without_grants_block_nothing() {
         );
     }
 
-    let mut sources = support::sources(&db);
-    sources.env.extend([
-        ("PGFEED_JOURNAL_RETENTION".to_string(), "1s".to_string()),
-        (
-            "PGFEED_JOURNAL_PRUNE_INTERVAL".to_string(),
-            "100ms".to_string(),
-        ),
-    ]);
-    let gw = Gateway::start_with(sources).await;
-    let mut acme = live(&gw, "acme").await;
+    let gw = Gateway::start_with(support::sources_with(&db, FAST_PRUNING)).await;
+    let mut acme = gw.live("acme").await;
 
     // Watched commits neither wait nor fail (statement_timeout is 5 s).
     for i in 0..3 {
@@ -223,11 +223,10 @@ async fn advisory_locks_held_by_a_role_without_grants_block_nothing() {
             );
     }
     let tx = app.transaction().await.unwrap();
-    tx.batch_execute(
+    tx.run(
         "INSERT INTO announcements (tenant, body) VALUES ('acme', 'multi 1'), ('acme', 'multi 2')",
     )
-    .await
-    .unwrap();
+    .await;
     tx.commit()
         .await
         .unwrap_or_else(|e| panic!("commit of a watched transaction: {}", message(&e)));
@@ -243,28 +242,9 @@ async fn advisory_locks_held_by_a_role_without_grants_block_nothing() {
     );
 
     // And pruning removes everything older than the retention.
-    support::eventually(
-        "the journal is pruned despite the attacker's locks",
-        || async {
-            admin
-                .query_one("SELECT count(*) FROM pgfeed.commits", &[])
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-                == 0
-        },
-    )
-    .await;
+    until_pruned(&admin, "the journal is pruned despite the attacker's locks").await;
     // The attacker still holds them all: nothing above waited for them to go.
-    let held: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM pg_locks AS l JOIN pg_stat_activity AS a USING (pid)
-             WHERE l.locktype = 'advisory' AND l.granted AND a.usename = $1",
-            &[&attacker_role],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let held = advisory_locks_held_by(&admin, &attacker_role).await;
     assert_eq!(held, 9);
     gw.stop().await;
 }
@@ -272,14 +252,7 @@ async fn advisory_locks_held_by_a_role_without_grants_block_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_demo_on_an_existing_database_is_not_blocked_by_advisory_locks() {
     let db = TestDb::empty().await;
-    let attacker_role = support::create_login_role(&db, "attacker").await;
-    let attacker = support::connect_as_role(&db, &attacker_role).await;
-    for k in 0..=8 {
-        attacker
-            .execute("SELECT pg_advisory_lock($1, $2)", &[&KEY, &k])
-            .await
-            .unwrap();
-    }
+    let (_attacker_role, _attacker) = attacker_holding_every_key(&db).await;
     let url = db.url.clone();
     // Panics if the banner does not come within demo_process::START.
     let demo = tokio::task::spawn_blocking(move || {
@@ -305,24 +278,13 @@ async fn the_demo_on_an_existing_database_is_not_blocked_by_advisory_locks() {
 async fn a_pruner_that_cannot_get_its_lock_is_counted_and_writes_go_on() {
     let db = TestDb::new().await;
     let app = announcements(&db).await;
-    app.batch_execute("INSERT INTO announcements (tenant, body) VALUES ('acme', 'old')")
-        .await
-        .unwrap();
-    let mut sources = support::sources(&db);
-    sources.env.extend([
-        ("PGFEED_JOURNAL_RETENTION".to_string(), "1s".to_string()),
-        (
-            "PGFEED_JOURNAL_PRUNE_INTERVAL".to_string(),
-            "100ms".to_string(),
-        ),
-    ]);
+    app.run("INSERT INTO announcements (tenant, body) VALUES ('acme', 'old')")
+        .await;
+    let sources = support::sources_with(&db, FAST_PRUNING);
 
     // Another pruner (a superuser session here) holds the pruning lock.
     let mut holder = db.client().await;
-    let tx = holder.transaction().await.unwrap();
-    tx.batch_execute("LOCK TABLE pgfeed.pruned IN SHARE ROW EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let tx = hold_pruning_lock(&mut holder).await;
 
     let gw = Gateway::start_with(sources).await;
     let skipped = |text: &str| sample(text, "pgfeed_prune_skipped_total").unwrap_or(0.0);
@@ -337,24 +299,13 @@ async fn a_pruner_that_cannot_get_its_lock_is_counted_and_writes_go_on() {
         "the metric is exported"
     );
     // Capture and delivery go on meanwhile.
-    let mut acme = live(&gw, "acme").await;
+    let mut acme = gw.live("acme").await;
     assert_capture_works(&app, &mut acme, "while pruning is blocked").await;
 
     // Once the lock is gone, pruning catches up.
     tx.rollback().await.unwrap();
     let admin = db.client().await;
-    support::eventually(
-        "the journal is pruned once the lock is released",
-        || async {
-            admin
-                .query_one("SELECT count(*) FROM pgfeed.commits", &[])
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-                == 0
-        },
-    )
-    .await;
+    until_pruned(&admin, "the journal is pruned once the lock is released").await;
     gw.stop().await;
 }
 
@@ -365,25 +316,13 @@ async fn a_pruner_skipped_interval_after_interval_says_so_at_warn() {
     let db = TestDb::new().await;
     let _app = announcements(&db).await;
     let mut holder = db.client().await;
-    let tx = holder.transaction().await.unwrap();
-    tx.batch_execute("LOCK TABLE pgfeed.pruned IN SHARE ROW EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let tx = hold_pruning_lock(&mut holder).await;
 
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgfeed"));
-    cmd.args(["serve", "--listen", &support::free_addr().to_string()])
-        .env_remove("DATABASE_URL")
-        .stdin(std::process::Stdio::null())
+    let listen = support::free_addr().to_string();
+    let mut cmd = support::pgfeed_command(&db, &["serve", "--listen", &listen]);
+    cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PGFEED_") && !k.starts_with("PGFEED_TEST_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("DATABASE_URL", &db.url)
-        .env("PGFEED_AUTH_SECRET", support::SECRET)
         .env("PGFEED_LOG_FORMAT", "json")
         .env("PGFEED_JOURNAL_PRUNE_INTERVAL", "100ms");
     let mut child = cmd.spawn().expect("starting pgfeed serve");
@@ -447,10 +386,10 @@ async fn a_negative_pgfeed_ord_cannot_corrupt_positions() {
     let db = TestDb::new().await;
     let app = announcements(&db).await;
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
-    let mut globex = live(&gw, "globex").await;
+    let mut acme = gw.live("acme").await;
+    let mut globex = gw.live("globex").await;
 
-    app.batch_execute(
+    app.run(
         "BEGIN;
          SET LOCAL pgfeed.ord = '-2';
          TRUNCATE announcements;
@@ -460,8 +399,7 @@ async fn a_negative_pgfeed_ord_cannot_corrupt_positions() {
          COMMIT;
          INSERT INTO announcements (tenant, body) VALUES ('acme', 'after');",
     )
-    .await
-    .unwrap();
+    .await;
     let changes = changes_until(&mut acme, "after").await;
     let ops: Vec<String> = changes
         .iter()
@@ -517,49 +455,48 @@ async fn changes_until_globex(globex: &mut SseClient) -> Vec<Value> {
     vec![t, g]
 }
 
+/// Writes `body` in a transaction that sets `pgfeed.ord` to `ord` before it, and checks
+/// that `acme` receives the change with ordinal 1; returns it.
+async fn assert_ord_set_first_is_ignored(
+    app: &Client,
+    acme: &mut SseClient,
+    ord: &str,
+    body: &str,
+) -> Value {
+    app.run(&format!(
+        "BEGIN;
+         SET LOCAL pgfeed.ord = '{ord}';
+         INSERT INTO announcements (tenant, body) VALUES ('acme', '{body}');
+         COMMIT;"
+    ))
+    .await;
+    let e = acme.next_change().await;
+    assert_eq!(e["new"]["body"], body);
+    assert!(position(&e).ends_with(".1"), "{e}");
+    e
+}
+
 #[tokio::test]
 async fn a_high_pgfeed_ord_loses_nothing() {
     let db = TestDb::new().await;
     let app = announcements(&db).await;
     let gw = Gateway::start(&db).await;
-    let mut acme = live(&gw, "acme").await;
+    let mut acme = gw.live("acme").await;
 
     // Before the transaction's first write.
-    app.batch_execute(
-        "BEGIN;
-         SET LOCAL pgfeed.ord = '5';
-         INSERT INTO announcements (tenant, body) VALUES ('acme', 'five');
-         COMMIT;",
-    )
-    .await
-    .unwrap();
-    let five = acme.next_change().await;
-    assert_eq!(five["new"]["body"], "five");
-    assert!(position(&five).ends_with(".1"), "{five}");
-
+    let five = assert_ord_set_first_is_ignored(&app, &mut acme, "5", "five").await;
     // The largest integer: nothing overflows.
-    app.batch_execute(
-        "BEGIN;
-         SET LOCAL pgfeed.ord = '2147483647';
-         INSERT INTO announcements (tenant, body) VALUES ('acme', 'max');
-         COMMIT;",
-    )
-    .await
-    .unwrap_or_else(|e| panic!("a write after pgfeed.ord = 2147483647: {}", message(&e)));
-    let max = acme.next_change().await;
-    assert_eq!(max["new"]["body"], "max");
-    assert!(position(&max).ends_with(".1"), "{max}");
+    let max = assert_ord_set_first_is_ignored(&app, &mut acme, "2147483647", "max").await;
 
     // Between two writes of one transaction.
-    app.batch_execute(
+    app.run(
         "BEGIN;
          INSERT INTO announcements (tenant, body) VALUES ('acme', 'first');
          SET LOCAL pgfeed.ord = '100';
          INSERT INTO announcements (tenant, body) VALUES ('acme', 'second');
          COMMIT;",
     )
-    .await
-    .unwrap();
+    .await;
     let first = acme.next_change().await;
     let second = acme.next_change().await;
     assert_eq!(
@@ -574,15 +511,13 @@ async fn a_high_pgfeed_ord_loses_nothing() {
     // it says, and must still deliver exactly what was written.
     let mut after_last = Vec::new();
     for (i, forged) in ["1", "-5", "100000"].into_iter().enumerate() {
-        app.batch_execute(&format!(
+        app.run(&format!(
             "BEGIN;
              INSERT INTO announcements (tenant, body) VALUES ('acme', 'forged {i} a');
              INSERT INTO announcements (tenant, body) VALUES ('acme', 'forged {i} b'), ('acme', 'forged {i} c');
              SET LOCAL pgfeed.ord = '{forged}';
              COMMIT;"
-        ))
-        .await
-        .unwrap_or_else(|e| panic!("pgfeed.ord = {forged} before COMMIT: {}", message(&e)));
+        )).await;
         for (ord, row) in [(1, "a"), (2, "b"), (3, "c")] {
             let e = acme.next_change().await;
             assert_eq!(e["new"]["body"], format!("forged {i} {row}"), "{e}");
@@ -592,7 +527,7 @@ async fn a_high_pgfeed_ord_loses_nothing() {
     }
 
     // For the whole session: every single-statement transaction after it.
-    app.batch_execute("SET pgfeed.ord = '7'").await.unwrap();
+    app.run("SET pgfeed.ord = '7'").await;
     for i in 0..3 {
         app.execute(
             "INSERT INTO announcements (tenant, body) VALUES ('acme', $1)",

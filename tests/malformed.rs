@@ -4,7 +4,7 @@
 
 mod support;
 
-use support::{Gateway, SseClient, TestDb};
+use support::{Gateway, Run, SseClient, TestDb};
 
 /// The `body` of each change, in order.
 fn bodies(changes: &[serde_json::Value]) -> Vec<String> {
@@ -46,26 +46,19 @@ async fn assert_healthy(gw: &Gateway, skipped: f64) {
 #[tokio::test]
 async fn rows_with_an_unknown_op_are_skipped_and_everything_else_flows() {
     let db = TestDb::new().await;
-    support::tenant_table(&db, "orders").await;
     // Pages of two changes: one of them is made of skipped rows only, and another ends
     // with one, so the readers must move past rows they could not decode.
-    let mut sources = support::sources(&db);
-    sources
-        .env
-        .push(("PGFEED_JOURNAL_BATCH_SIZE".into(), "2".into()));
-    let gw = Gateway::start_with(sources).await;
-    let mut s = gw.stream("acme", "").await;
-    s.until_live().await;
+    let batches_of_two = [("PGFEED_JOURNAL_BATCH_SIZE", "2")];
+    let (gw, mut s) = support::start_with_acme_stream(&db, "orders", &batches_of_two).await;
 
     let c = db.client().await;
-    c.batch_execute("INSERT INTO orders (tenant, body) VALUES ('acme', 'first')")
-        .await
-        .unwrap();
+    c.run("INSERT INTO orders (tenant, body) VALUES ('acme', 'first')")
+        .await;
     let first = s.next_change().await;
     assert_eq!(first["new"]["body"], "first");
     // A committed transaction of four changes, three of which carry an op this binary
     // does not know, as a newer schema's capture could write during a rolling upgrade.
-    c.batch_execute(
+    c.run(
         "BEGIN;
          INSERT INTO orders (tenant, body)
              VALUES ('acme', 'b1'), ('acme', 'b2'), ('acme', 'b3'), ('acme', 'b4');
@@ -73,11 +66,9 @@ async fn rows_with_an_unknown_op_are_skipped_and_everything_else_flows() {
              WHERE xid = pg_current_xact_id() AND new->>'body' <> 'b3';
          COMMIT;",
     )
-    .await
-    .unwrap();
-    c.batch_execute("INSERT INTO orders (tenant, body) VALUES ('acme', 'second')")
-        .await
-        .unwrap();
+    .await;
+    c.run("INSERT INTO orders (tenant, body) VALUES ('acme', 'second')")
+        .await;
     assert_eq!(bodies(&changes(&mut s, 2).await), ["b3", "second"]);
     assert_healthy(&gw, 3.0).await;
 
@@ -93,9 +84,8 @@ async fn rows_with_an_unknown_op_are_skipped_and_everything_else_flows() {
     assert_eq!(bodies(&from_first.until_live().await), ["b3", "second"]);
 
     // Live delivery goes on, and the skipped rows were counted once each.
-    c.batch_execute("INSERT INTO orders (tenant, body) VALUES ('acme', 'third')")
-        .await
-        .unwrap();
+    c.run("INSERT INTO orders (tenant, body) VALUES ('acme', 'third')")
+        .await;
     for stream in [&mut s, &mut from_start, &mut from_first] {
         assert_eq!(bodies(&changes(stream, 1).await), ["third"]);
     }
@@ -106,30 +96,25 @@ async fn rows_with_an_unknown_op_are_skipped_and_everything_else_flows() {
 #[tokio::test]
 async fn text_that_is_not_utf8_is_skipped_in_a_sql_ascii_database() {
     let db = TestDb::sql_ascii().await;
-    support::tenant_table(&db, "notes").await;
-    let gw = Gateway::start(&db).await;
-    let mut s = gw.stream("acme", "").await;
-    s.until_live().await;
+    let (gw, mut s) = support::start_with_acme_stream(&db, "notes", &[]).await;
 
     // SQL_ASCII stores byte 0xff as it is; the journal's row image then holds it too.
     let c = db.client().await;
-    c.batch_execute(
+    c.run(
         "INSERT INTO notes (tenant, body) VALUES ('acme', 'before');
          INSERT INTO notes (tenant, body) VALUES ('acme', E'caf\\377');
          INSERT INTO notes (tenant, body) VALUES (E'acm\\377', 'a tenant that is not UTF-8');
          INSERT INTO notes (tenant, body) VALUES ('acme', 'after');",
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(bodies(&changes(&mut s, 2).await), ["before", "after"]);
     assert_healthy(&gw, 2.0).await;
 
     let mut replay = gw.resume("acme", "", "0.0").await;
     assert_eq!(bodies(&replay.until_live().await), ["before", "after"]);
 
-    c.batch_execute("INSERT INTO notes (tenant, body) VALUES ('acme', 'later')")
-        .await
-        .unwrap();
+    c.run("INSERT INTO notes (tenant, body) VALUES ('acme', 'later')")
+        .await;
     assert_eq!(bodies(&changes(&mut s, 1).await), ["later"]);
     assert_eq!(bodies(&changes(&mut replay, 1).await), ["later"]);
     assert_healthy(&gw, 2.0).await;

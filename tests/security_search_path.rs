@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
-use support::{Gateway, SseClient, TestDb, eventually, sample, scrape};
+use support::{Gateway, Run, SseClient, TestDb, eventually, query_i64, sample, scrape};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 /// Notices (`SEVERITY: message`) a connection received.
@@ -570,6 +570,18 @@ fn expect(groups: &[(&str, &[i64])]) -> Vec<(String, Vec<i64>)> {
         .collect()
 }
 
+/// Reads `stream` up to the insert of row `sentinel` and asserts that its changes, grouped
+/// as [`by_commit`] groups them, are `groups`; returns the changes.
+async fn assert_commits(
+    stream: &mut SseClient,
+    sentinel: i64,
+    groups: &[(&str, &[i64])],
+) -> Vec<Value> {
+    let changes = changes_until(stream, sentinel).await;
+    assert_eq!(by_commit(&changes), expect(groups), "{changes:#?}");
+    changes
+}
+
 /// Waits until the gateway accepts a stream of `table` for `tenant`: its catalog has been
 /// reloaded since `table` was watched.
 async fn until_streamable(gw: &Gateway, tenant: &str, table: &str) {
@@ -613,15 +625,63 @@ async fn drop_roles(db: TestDb, roles: &[&str]) {
     }
 }
 
+/// Asserts that no trap has run as anyone but `app` (`what` names who would have called
+/// one).
+async fn assert_no_trap_calls(su: &Client, app: &str, what: &str) {
+    assert_eq!(
+        trap_calls_by_others(su, app).await,
+        Vec::<String>::new(),
+        "{what} called the application's traps"
+    );
+}
+
+/// Gateway settings on `db` connecting with `url` instead of the test URL, plus `env`.
+fn sources_as(db: &TestDb, url: &str, env: &[(&str, &str)]) -> pgfeed::config::Sources {
+    let mut sources = support::sources(db);
+    sources.env.retain(|(k, _)| k != "DATABASE_URL");
+    sources
+        .env
+        .push(("DATABASE_URL".to_string(), url.to_string()));
+    sources
+        .env
+        .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    sources
+}
+
+/// Streams of `acme` and `globex`, both opened before either is read up to `live`.
+async fn acme_and_globex(gw: &Gateway) -> (SseClient, SseClient) {
+    let mut acme = gw.stream("acme", "").await;
+    let mut globex = gw.stream("globex", "").await;
+    assert!(acme.until_live().await.is_empty());
+    assert!(globex.until_live().await.is_empty());
+    (acme, globex)
+}
+
+/// Resumes `acme` after the first of `acme_changes` and checks that the rest come back,
+/// read from the journal, and that `/v1/position` reports `last`'s position. Returns the
+/// first position and the resumed stream.
+async fn assert_replay(gw: &Gateway, acme_changes: &[Value], last: &Value) -> (String, SseClient) {
+    let first = acme_changes[0]["position"].as_str().unwrap().to_string();
+    let mut resumed = gw.resume("acme", "", &first).await;
+    assert_eq!(resumed.status, 200);
+    assert_eq!(resumed.until_live().await, acme_changes[1..]);
+    let metrics = scrape(gw).await;
+    assert!(
+        sample(&metrics, r#"pgfeed_journal_reads_total{kind="replay"}"#).unwrap_or(0.0) >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(head_position(gw).await, last["position"].as_str().unwrap());
+    (first, resumed)
+}
+
 #[tokio::test]
 async fn application_traps_in_search_path_are_never_called_by_pgfeed() {
     let db = TestDb::empty().await;
     let su = superuser(&db).await;
     let su_name = superuser_name(&db);
     let app = support::create_login_role(&db, "app").await;
-    su.batch_execute(&format!("ALTER DATABASE {} OWNER TO {app}", db.name))
-        .await
-        .unwrap();
+    su.run(&format!("ALTER DATABASE {} OWNER TO {app}", db.name))
+        .await;
     let can_create: bool = su
         .query_one(
             "SELECT has_schema_privilege($1, 'public', 'CREATE')",
@@ -636,32 +696,21 @@ async fn application_traps_in_search_path_are_never_called_by_pgfeed() {
     // connecting role's own schema next, as the default path has it).
     let (app_pinned, app_notices) = plant_traps(&db, &app, &su_name).await;
     app_pinned
-        .batch_execute(&format!(
+        .run(&format!(
             "ALTER DATABASE {} SET search_path = evil, \"$user\", public, pg_catalog",
             db.name
         ))
-        .await
-        .unwrap();
+        .await;
 
     // pgfeed's privileged side, from the command line.
     cli(&db, &["install"]).await;
     cli(&db, &["watch", "invoices", "--tenant-column", "tenant"]).await;
     let status_text = cli(&db, &["status"]).await;
     let status: Value = serde_json::from_str(&cli(&db, &["status", "--json"]).await).unwrap();
-    assert_eq!(
-        trap_calls_by_others(&su, &app).await,
-        Vec::<String>::new(),
-        "install, watch or status called the application's traps"
-    );
+    assert_no_trap_calls(&su, &app, "install, watch or status").await;
     assert!(status_text.contains("public.invoices"), "{status_text}");
-    let tables: Vec<&str> = status["watched"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["table"].as_str().unwrap())
-        .collect();
     assert_eq!(
-        tables,
+        support::status_tables(&status),
         ["public.invoices"],
         "a bare name means public.invoices, not {su_name}.invoices"
     );
@@ -676,15 +725,9 @@ async fn application_traps_in_search_path_are_never_called_by_pgfeed() {
     );
 
     // The gateway, as the superuser; no replay from memory, so a resume reads the journal.
-    let mut sources = support::sources(&db);
-    sources
-        .env
-        .push(("PGFEED_SERVER_REPLAY_MEMORY".into(), "0".into()));
-    let gw = Gateway::start_with(sources).await;
-    let mut acme = gw.stream("acme", "").await;
-    let mut globex = gw.stream("globex", "").await;
-    assert!(acme.until_live().await.is_empty());
-    assert!(globex.until_live().await.is_empty());
+    let no_replay_memory = [("PGFEED_SERVER_REPLAY_MEMORY", "0")];
+    let gw = Gateway::start_with(support::sources_with(&db, &no_replay_memory)).await;
+    let (mut acme, mut globex) = acme_and_globex(&gw).await;
 
     // The application writes on its pinned connection ...
     for sql in [
@@ -694,7 +737,7 @@ async fn application_traps_in_search_path_are_never_called_by_pgfeed() {
         "DELETE FROM invoices WHERE id = 2",
         "TRUNCATE invoices",
     ] {
-        app_pinned.batch_execute(sql).await.unwrap();
+        app_pinned.run(sql).await;
     }
     // ... and, as an attacker would, on one with the database's path, where pgfeed's code
     // that runs in its session (capture, the DDL event trigger) meets the traps first.
@@ -723,10 +766,10 @@ async fn application_traps_in_search_path_are_never_called_by_pgfeed() {
             .unwrap_or_else(|e| panic!("{sql}: {}", pgfeed::db::describe(&e)));
     }
 
-    let mut acme_changes = changes_until(&mut acme, 100).await;
-    assert_eq!(
-        by_commit(&acme_changes),
-        expect(&[
+    let mut acme_changes = assert_commits(
+        &mut acme,
+        100,
+        &[
             ("insert", &[1]),
             ("insert", &[2, 4]),
             ("update", &[1, 2, 4]),
@@ -735,9 +778,9 @@ async fn application_traps_in_search_path_are_never_called_by_pgfeed() {
             ("insert", &[5]),
             ("insert", &[6]),
             ("insert", &[100]),
-        ]),
-        "{acme_changes:#?}"
-    );
+        ],
+    )
+    .await;
     assert!(
         acme_changes
             .iter()
@@ -760,43 +803,27 @@ async fn application_traps_in_search_path_are_never_called_by_pgfeed() {
         insert_6["new"],
         json!({"id": 6, "tenant": "acme", "amount": 60, "memo": "m"})
     );
-    let globex_changes = changes_until(&mut globex, 101).await;
-    assert_eq!(
-        by_commit(&globex_changes),
-        expect(&[("insert", &[3]), ("truncate", &[]), ("insert", &[101])]),
-        "{globex_changes:#?}"
-    );
+    assert_commits(
+        &mut globex,
+        101,
+        &[("insert", &[3]), ("truncate", &[]), ("insert", &[101])],
+    )
+    .await;
 
     // Anyone may ring the doorbell that reloads every gateway's catalog. A second watch
     // after it shows that a reload has happened since.
-    app_pinned
-        .batch_execute("NOTIFY pgfeed, 'watch'")
-        .await
-        .unwrap();
+    app_pinned.run("NOTIFY pgfeed, 'watch'").await;
     cli(&db, &["watch", "receipts", "--tenant-column", "tenant"]).await;
     until_streamable(&gw, "acme", "public.receipts").await;
     app_pinned
-        .batch_execute("INSERT INTO receipts VALUES (1, 'acme', 'paid')")
-        .await
-        .unwrap();
+        .run("INSERT INTO receipts VALUES (1, 'acme', 'paid')")
+        .await;
     let receipt = acme.next_change().await;
     assert_eq!(receipt["table"], "public.receipts", "{receipt}");
     acme_changes.push(receipt);
 
     // A resume replays from the journal.
-    let first = acme_changes[0]["position"].as_str().unwrap().to_string();
-    let mut resumed = gw.resume("acme", "", &first).await;
-    assert_eq!(resumed.status, 200);
-    assert_eq!(resumed.until_live().await, acme_changes[1..]);
-    let metrics = scrape(&gw).await;
-    assert!(
-        sample(&metrics, r#"pgfeed_journal_reads_total{kind="replay"}"#).unwrap_or(0.0) >= 1.0,
-        "{metrics}"
-    );
-    assert_eq!(
-        head_position(&gw).await,
-        acme_changes.last().unwrap()["position"].as_str().unwrap()
-    );
+    let (_, resumed) = assert_replay(&gw, &acme_changes, acme_changes.last().unwrap()).await;
     drop((acme, globex, resumed));
     gw.stop().await;
     // The rest of the command line: with a journal to describe, an unwatch, and install
@@ -806,11 +833,7 @@ async fn application_traps_in_search_path_are_never_called_by_pgfeed() {
     cli(&db, &["install"]).await;
 
     // Not one trap ran as anyone but the application.
-    assert_eq!(
-        trap_calls_by_others(&su, &app).await,
-        Vec::<String>::new(),
-        "pgfeed's privileged side called the application's traps"
-    );
+    assert_no_trap_calls(&su, &app, "pgfeed's privileged side").await;
     let mut warnings = trap_warnings(&app_notices);
     warnings.extend(trap_warnings(&app_default_notices));
     assert_eq!(
@@ -825,15 +848,14 @@ async fn application_traps_in_search_path_are_never_called_by_pgfeed() {
         let su = &su;
         let app = app.clone();
         async move {
-            su.query_one(
+            query_i64(
+                su,
                 "SELECT count(*) FROM public.trap_log
                  WHERE caller OPERATOR(pg_catalog.=) $1::text::name
                    AND what OPERATOR(pg_catalog.=) $2",
                 &[&app, &what],
             )
             .await
-            .unwrap()
-            .get::<_, i64>(0)
         }
     };
     let before = (
@@ -883,11 +905,7 @@ async fn application_traps_in_search_path_are_never_called_by_pgfeed() {
 
     // Last, uninstall, which must not call a trap either.
     cli(&db, &["uninstall"]).await;
-    assert_eq!(
-        trap_calls_by_others(&su, &app).await,
-        Vec::<String>::new(),
-        "uninstall called the application's traps"
-    );
+    assert_no_trap_calls(&su, &app, "uninstall").await;
     drop((su, app_pinned, app_default, fresh));
     drop_roles(db, &[&app]).await;
 }
@@ -898,12 +916,11 @@ async fn a_gateway_runs_the_whole_path_as_a_role_granted_only_pgfeed_gateway() {
     let su = superuser(&db).await;
     let app = support::create_login_role(&db, "app").await;
     let gw_role = support::create_login_role(&db, "gw").await;
-    su.batch_execute(&format!(
+    su.run(&format!(
         "ALTER DATABASE {} OWNER TO {app}; GRANT pgfeed_gateway TO {gw_role}",
         db.name
     ))
-    .await
-    .unwrap();
+    .await;
     let row = su
         .query_one(
             "SELECT r.rolsuper, r.rolinherit,
@@ -919,21 +936,24 @@ async fn a_gateway_runs_the_whole_path_as_a_role_granted_only_pgfeed_gateway() {
 
     let (writer, _) = session(&db, Some(&app), Some("pg_catalog,public")).await;
     writer
-        .batch_execute(
+        .run(
             "CREATE TABLE public.orders (id int PRIMARY KEY, tenant text NOT NULL, body text);
              CREATE TABLE public.notes (id int PRIMARY KEY, tenant text NOT NULL, body text);",
         )
-        .await
-        .unwrap();
+        .await;
     cli(&db, &["watch", "orders", "--tenant-column", "tenant"]).await;
 
-    // The role cannot write the journal, nor read the application's tables.
+    // The role cannot write changes or record commits (only capture does), change what is
+    // watched, nor read the application's tables. (It numbers recorded commits: sealing
+    // is a gateway's job since schema 5.)
     let (gw_client, _) = session(&db, Some(&gw_role), None).await;
     for sql in [
         "INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public)
          VALUES (pg_current_xact_id(), 1, 'public.orders', 'insert', 'globex', false)",
-        "INSERT INTO pgfeed.commits (seq, xid, n, committed_at)
-         VALUES (1000, pg_current_xact_id(), 1, now())",
+        "INSERT INTO pgfeed.pending (xid, draw, n, committed_at)
+         VALUES (pg_current_xact_id(), 1, 1, now())",
+        "UPDATE pgfeed.watched SET public = true",
+        "SELECT pgfeed.watch('public.notes', public => true)",
         "SELECT * FROM public.orders",
     ] {
         let err = gw_client
@@ -951,13 +971,8 @@ async fn a_gateway_runs_the_whole_path_as_a_role_granted_only_pgfeed_gateway() {
     // Gateway one, as that role: live delivery with isolation, replay, position, metrics
     // and a catalog reload.
     let gw_url = url_as(&db, &gw_role);
-    let mut sources = support::sources(&db);
-    sources.env.retain(|(k, _)| k != "DATABASE_URL");
-    sources.env.extend([
-        ("DATABASE_URL".to_string(), gw_url.clone()),
-        ("PGFEED_SERVER_REPLAY_MEMORY".to_string(), "0".to_string()),
-    ]);
-    let gw = Gateway::start_with(sources).await;
+    let no_replay_memory = [("PGFEED_SERVER_REPLAY_MEMORY", "0")];
+    let gw = Gateway::start_with(sources_as(&db, &gw_url, &no_replay_memory)).await;
     let users: Vec<String> = su
         .query(
             "SELECT DISTINCT usename::text FROM pg_stat_activity
@@ -974,10 +989,7 @@ async fn a_gateway_runs_the_whole_path_as_a_role_granted_only_pgfeed_gateway() {
         [gw_role.as_str()],
         "the gateway connects as its role"
     );
-    let mut acme = gw.stream("acme", "").await;
-    let mut globex = gw.stream("globex", "").await;
-    assert!(acme.until_live().await.is_empty());
-    assert!(globex.until_live().await.is_empty());
+    let (mut acme, mut globex) = acme_and_globex(&gw).await;
     for sql in [
         "INSERT INTO orders VALUES (1, 'acme', 'a1')",
         "INSERT INTO orders VALUES (2, 'globex', 'g1')",
@@ -986,29 +998,31 @@ async fn a_gateway_runs_the_whole_path_as_a_role_granted_only_pgfeed_gateway() {
         "DELETE FROM orders WHERE id = 3",
         "INSERT INTO orders VALUES (100, 'acme', 'end'), (101, 'globex', 'end')",
     ] {
-        writer.batch_execute(sql).await.unwrap();
+        writer.run(sql).await;
     }
-    let acme_changes = changes_until(&mut acme, 100).await;
-    assert_eq!(
-        by_commit(&acme_changes),
-        expect(&[
+    let acme_changes = assert_commits(
+        &mut acme,
+        100,
+        &[
             ("insert", &[1]),
             ("insert", &[3, 5]),
             ("update", &[1]),
             ("delete", &[3]),
             ("insert", &[100]),
-        ])
-    );
-    let globex_changes = changes_until(&mut globex, 101).await;
-    assert_eq!(
-        by_commit(&globex_changes),
-        expect(&[
+        ],
+    )
+    .await;
+    let globex_changes = assert_commits(
+        &mut globex,
+        101,
+        &[
             ("insert", &[2]),
             ("insert", &[4]),
             ("update", &[2]),
             ("insert", &[101]),
-        ])
-    );
+        ],
+    )
+    .await;
     for (tenant, changes) in [("acme", &acme_changes), ("globex", &globex_changes)] {
         assert!(
             changes.iter().all(|c| c["tenant"] == tenant),
@@ -1016,28 +1030,15 @@ async fn a_gateway_runs_the_whole_path_as_a_role_granted_only_pgfeed_gateway() {
         );
     }
 
-    let first = acme_changes[0]["position"].as_str().unwrap().to_string();
-    let mut resumed = gw.resume("acme", "", &first).await;
-    assert_eq!(resumed.status, 200);
-    assert_eq!(resumed.until_live().await, acme_changes[1..]);
-    let metrics = scrape(&gw).await;
-    assert!(
-        sample(&metrics, r#"pgfeed_journal_reads_total{kind="replay"}"#).unwrap_or(0.0) >= 1.0,
-        "{metrics}"
-    );
-    assert_eq!(
-        head_position(&gw).await,
-        globex_changes.last().unwrap()["position"].as_str().unwrap()
-    );
+    let (first, resumed) = assert_replay(&gw, &acme_changes, globex_changes.last().unwrap()).await;
 
     cli(&db, &["watch", "notes", "--tenant-column", "tenant"]).await;
     until_streamable(&gw, "acme", "public.notes").await;
     let mut notes = gw.stream("acme", "tables=public.notes").await;
     assert!(notes.until_live().await.is_empty());
     writer
-        .batch_execute("INSERT INTO notes VALUES (1, 'globex', 'no'), (2, 'acme', 'yes')")
-        .await
-        .unwrap();
+        .run("INSERT INTO notes VALUES (1, 'globex', 'no'), (2, 'acme', 'yes')")
+        .await;
     let note = notes.next_change().await;
     assert_eq!(
         (note["table"].as_str(), note["pk"]["id"].as_i64()),
@@ -1049,26 +1050,11 @@ async fn a_gateway_runs_the_whole_path_as_a_role_granted_only_pgfeed_gateway() {
     // Gateway two, as the same role, prunes everything older than a second.
     let count = |table: &'static str| {
         let su = &su;
-        async move {
-            su.query_one(&format!("SELECT count(*) FROM pgfeed.{table}"), &[])
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-        }
+        async move { query_i64(su, &format!("SELECT count(*) FROM pgfeed.{table}"), &[]).await }
     };
     let commits = count("commits").await;
     assert!(commits >= 7, "{commits} commits");
-    let mut sources = support::sources(&db);
-    sources.env.retain(|(k, _)| k != "DATABASE_URL");
-    sources.env.extend([
-        ("DATABASE_URL".to_string(), gw_url),
-        ("PGFEED_JOURNAL_RETENTION".to_string(), "1s".to_string()),
-        (
-            "PGFEED_JOURNAL_PRUNE_INTERVAL".to_string(),
-            "100ms".to_string(),
-        ),
-    ]);
-    let gw = Gateway::start_with(sources).await;
+    let gw = Gateway::start_with(sources_as(&db, &gw_url, support::FAST_PRUNING)).await;
     eventually("the gateway role prunes every old commit", || async {
         sample(&scrape(&gw).await, "pgfeed_pruned_commits_total") == Some(commits as f64)
     })

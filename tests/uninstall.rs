@@ -4,27 +4,16 @@
 
 mod support;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
-use support::{Gateway, SECRET, TestDb};
+use support::{Run, SseClient, TestDb, pgfeed_cli};
 
-fn pgfeed(db: &TestDb, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgfeed"));
-    cmd.args(args)
-        .env("DATABASE_URL", &db.url)
-        .env("PGFEED_AUTH_SECRET", SECRET);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PGFEED_") && !k.starts_with("PGFEED_TEST_") && k != "PGFEED_AUTH_SECRET" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.output().expect("running pgfeed")
-}
-
+/// The standard error of `o`, as text.
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Whether schema pgfeed exists in `db`.
 async fn schema_exists(db: &TestDb) -> bool {
     db.client()
         .await
@@ -34,21 +23,29 @@ async fn schema_exists(db: &TestDb) -> bool {
         .get(0)
 }
 
+/// Reads `s` up to its `reset` event and returns it; a change before it fails the test.
+async fn until_reset(s: &mut SseClient) -> support::Event {
+    loop {
+        let e = s.next().await.expect("the stream stays open");
+        match e.event.as_str() {
+            "reset" => return e,
+            "change" => panic!("a change before the reset: {e:?}"),
+            _ => {}
+        }
+    }
+}
+
 #[tokio::test]
 async fn uninstall_asks_for_yes_and_gateways_report_the_missing_schema_until_reinstalled() {
     let db = TestDb::new().await;
-    support::tenant_table(&db, "orders").await;
-    let gw = Gateway::start(&db).await;
-    let mut s = gw.stream("acme", "").await;
-    s.until_live().await;
+    let (gw, mut s) = support::start_with_acme_stream(&db, "orders", &[]).await;
     let c = db.client().await;
-    c.batch_execute("INSERT INTO orders (tenant, body) VALUES ('acme', 'before')")
-        .await
-        .unwrap();
+    c.run("INSERT INTO orders (tenant, body) VALUES ('acme', 'before')")
+        .await;
     assert_eq!(s.next_change().await["new"]["body"], "before");
 
     // Refused while a gateway listens: nothing is removed.
-    let out = pgfeed(&db, &["uninstall"]);
+    let out = pgfeed_cli(&db, &["uninstall"]).await;
     assert!(!out.status.success(), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("1 pgfeed gateway(s) are listening")
@@ -60,7 +57,7 @@ async fn uninstall_asks_for_yes_and_gateways_report_the_missing_schema_until_rei
     assert_eq!(support::get_soon(gw.addr, "/readyz", &[]).await.status, 200);
 
     // With --yes it goes ahead, with a warning.
-    let out = pgfeed(&db, &["uninstall", "--yes"]);
+    let out = pgfeed_cli(&db, &["uninstall", "--yes"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("warning"), "{}", stderr(&out));
     assert!(!schema_exists(&db).await);
@@ -92,28 +89,20 @@ async fn uninstall_asks_for_yes_and_gateways_report_the_missing_schema_until_rei
 
     // Installed and watched again, the gateway recovers by itself. The new journal's
     // positions started over, so the open stream is told to refetch, then goes on.
-    let out = pgfeed(&db, &["install"]);
+    let out = pgfeed_cli(&db, &["install"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = pgfeed(&db, &["watch", "orders", "--tenant-column", "tenant"]);
+    let out = pgfeed_cli(&db, &["watch", "orders", "--tenant-column", "tenant"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     support::until_readyz(gw.addr, 200).await;
-    let reset = loop {
-        let e = s.next().await.expect("the stream stays open");
-        match e.event.as_str() {
-            "reset" => break e,
-            "change" => panic!("a change before the reset: {e:?}"),
-            _ => {}
-        }
-    };
+    let reset = until_reset(&mut s).await;
     assert!(
         reset.json()["reason"]
             .as_str()
             .is_some_and(|r| r.contains("reinstalled")),
         "{reset:?}"
     );
-    c.batch_execute("INSERT INTO orders (tenant, body) VALUES ('acme', 'after')")
-        .await
-        .unwrap();
+    c.run("INSERT INTO orders (tenant, body) VALUES ('acme', 'after')")
+        .await;
     let after = s.next_change().await;
     assert_eq!(after["new"]["body"], "after");
     assert_eq!(after["position"], "1.1", "positions of the new journal");
@@ -123,10 +112,7 @@ async fn uninstall_asks_for_yes_and_gateways_report_the_missing_schema_until_rei
 #[tokio::test]
 async fn a_reinstall_the_gateway_never_saw_missing_still_restarts_positions() {
     let db = TestDb::new().await;
-    support::tenant_table(&db, "orders").await;
-    let gw = Gateway::start(&db).await;
-    let mut s = gw.stream("acme", "").await;
-    s.until_live().await;
+    let (gw, mut s) = support::start_with_acme_stream(&db, "orders", &[]).await;
     let mut c = db.client().await;
     for body in ["one", "two"] {
         c.execute(
@@ -142,21 +128,11 @@ async fn a_reinstall_the_gateway_never_saw_missing_still_restarts_positions() {
     // doorbell, well within its periodic catalog reload); `watch` then rings it.
     pgfeed::schema::uninstall(&mut c).await.unwrap();
     pgfeed::schema::install(&mut c).await.unwrap();
-    c.batch_execute("SELECT pgfeed.watch('orders', 'tenant')")
-        .await
-        .unwrap();
-    let reset = loop {
-        let e = s.next().await.expect("the stream stays open");
-        match e.event.as_str() {
-            "reset" => break e,
-            "change" => panic!("a change before the reset: {e:?}"),
-            _ => {}
-        }
-    };
+    c.run("SELECT pgfeed.watch('orders', 'tenant')").await;
+    let reset = until_reset(&mut s).await;
     assert_eq!(reset.json()["position"], "0.0", "{reset:?}");
-    c.batch_execute("INSERT INTO orders (tenant, body) VALUES ('acme', 'three')")
-        .await
-        .unwrap();
+    c.run("INSERT INTO orders (tenant, body) VALUES ('acme', 'three')")
+        .await;
     let three = s.next_change().await;
     assert_eq!(three["new"]["body"], "three");
     assert_eq!(three["position"], "1.1", "positions of the new journal");

@@ -104,16 +104,25 @@ pub struct TestDb {
 impl TestDb {
     /// Creates the database and installs the schema.
     pub async fn new() -> TestDb {
-        let db = TestDb::empty().await;
-        let mut client = connect(&db.url).await;
-        pgfeed::schema::install(&mut client)
-            .await
-            .expect("installing the schema");
-        db
+        TestDb::empty().await.with_schema().await
     }
 
     /// Creates the database without the schema.
     pub async fn empty() -> TestDb {
+        TestDb::create("").await
+    }
+
+    /// Creates a `SQL_ASCII` database (which stores any byte, UTF-8 or not, in `text`)
+    /// and installs the schema.
+    pub async fn sql_ascii() -> TestDb {
+        TestDb::create(" ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+            .await
+            .with_schema()
+            .await
+    }
+
+    /// Creates a database of a new name with `CREATE DATABASE {name}{options}`.
+    async fn create(options: &str) -> TestDb {
         let server = server();
         let name = format!(
             "pgfeed_test_{}_{}",
@@ -122,13 +131,22 @@ impl TestDb {
         );
         let admin = connect(&server.url("postgres")).await;
         admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .batch_execute(&format!("CREATE DATABASE {name}{options}"))
             .await
             .unwrap_or_else(|e| panic!("creating database {name}: {e}"));
         TestDb {
             url: server.url(&name),
             name,
         }
+    }
+
+    /// Installs the schema in this database.
+    async fn with_schema(self) -> TestDb {
+        let mut client = connect(&self.url).await;
+        pgfeed::schema::install(&mut client)
+            .await
+            .expect("installing the schema");
+        self
     }
 
     /// A new connection to this database.
@@ -174,6 +192,21 @@ pub fn sources(db: &TestDb) -> Sources {
         flags: Vec::new(),
     }
 }
+
+/// [`sources`] with the environment variables `env` added after the defaults.
+pub fn sources_with(db: &TestDb, env: &[(&str, &str)]) -> Sources {
+    let mut sources = sources(db);
+    sources
+        .env
+        .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    sources
+}
+
+/// Settings that prune commits older than a second, every 100 ms.
+pub const FAST_PRUNING: &[(&str, &str)] = &[
+    ("PGFEED_JOURNAL_RETENTION", "1s"),
+    ("PGFEED_JOURNAL_PRUNE_INTERVAL", "100ms"),
+];
 
 /// A local address whose port nobody listens on right now, for a child `pgfeed serve`.
 pub fn free_addr() -> SocketAddr {
@@ -280,6 +313,15 @@ impl Gateway {
         .await
     }
 
+    /// Opens the whole stream of `tenant` and reads it up to `live`, which must come with
+    /// status 200 and no changes before it.
+    pub async fn live(&self, tenant: &str) -> SseClient {
+        let mut s = self.stream(tenant, "").await;
+        assert_eq!(s.status, 200, "{}", s.raw);
+        assert!(s.until_live().await.is_empty());
+        s
+    }
+
     /// Opens the stream of `tenant` with `Last-Event-ID: last_event_id` and `query`.
     pub async fn resume(&self, tenant: &str, query: &str, last_event_id: &str) -> SseClient {
         let auth = format!("Bearer {}", self.token(tenant));
@@ -383,7 +425,7 @@ pub fn assert_error(r: &Response, status: u16, what: &str) -> (String, String) {
 
 /// The status code (0 when unreadable) and the headers (names lower-cased) of a response
 /// head, without its final blank line.
-fn parse_head(head: &str) -> (u16, Vec<(String, String)>) {
+pub fn parse_head(head: &str) -> (u16, Vec<(String, String)>) {
     let mut lines = head.split("\r\n");
     let status = lines
         .next()
@@ -776,6 +818,60 @@ pub async fn tenant_table(db: &TestDb, name: &str) {
     .unwrap();
 }
 
+/// Creates and watches [`tenant_table`] `table` on `db`, starts a gateway with [`sources`]
+/// plus `env`, and opens `acme`'s stream, read up to `live`.
+pub async fn start_with_acme_stream(
+    db: &TestDb,
+    table: &str,
+    env: &[(&str, &str)],
+) -> (Gateway, SseClient) {
+    tenant_table(db, table).await;
+    let gw = Gateway::start_with(sources_with(db, env)).await;
+    let mut s = gw.stream("acme", "").await;
+    s.until_live().await;
+    (gw, s)
+}
+
+/// The server's message for a failed statement (the driver's text says only "db error").
+pub fn server_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map_or_else(|| e.to_string(), |d| d.message().to_string())
+}
+
+/// `batch_execute` for statements that must succeed.
+pub trait Run {
+    /// Runs `sql`; it must succeed (else the test fails with the server's message).
+    async fn run(&self, sql: &str);
+}
+
+impl Run for tokio_postgres::Client {
+    async fn run(&self, sql: &str) {
+        self.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("`{sql}`: {}", server_message(&e)));
+    }
+}
+
+impl Run for tokio_postgres::Transaction<'_> {
+    async fn run(&self, sql: &str) {
+        self.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("`{sql}`: {}", server_message(&e)));
+    }
+}
+
+/// The `bigint` in the first column of the one row `sql` returns.
+pub async fn query_i64(
+    c: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> i64 {
+    c.query_one(sql, params)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
 /// Terminates the gateway's LISTEN connection(s) on `db`; returns how many were ended.
 pub async fn terminate_listener(db: &TestDb) -> i64 {
     let admin = connect(&server().url("postgres")).await;
@@ -956,11 +1052,16 @@ where
 /// Creates login role `{db}_{what}` (roles are cluster-wide, so named after the test's
 /// database), password `pw`, with no privileges beyond PUBLIC's; returns its name.
 pub async fn create_login_role(db: &TestDb, what: &str) -> String {
+    create_login_role_with(db, what, "INHERIT").await
+}
+
+/// [`create_login_role`] with `inherit` (`INHERIT` or `NOINHERIT`) spelled out.
+pub async fn create_login_role_with(db: &TestDb, what: &str, inherit: &str) -> String {
     let role = format!("{}_{what}", db.name);
     connect(&server().url("postgres"))
         .await
         .batch_execute(&format!(
-            "CREATE ROLE {role} LOGIN PASSWORD 'pw' NOSUPERUSER NOCREATEDB NOCREATEROLE INHERIT"
+            "CREATE ROLE {role} LOGIN PASSWORD 'pw' NOSUPERUSER NOCREATEDB NOCREATEROLE {inherit}"
         ))
         .await
         .unwrap_or_else(|e| panic!("creating role {role}: {e}"));
@@ -998,9 +1099,9 @@ pub async fn app_owner(db: &TestDb, what: &str) -> (String, tokio_postgres::Clie
     (role, client)
 }
 
-/// Runs the `pgfeed` binary on `db` with a clean environment (no `PGFEED_*` of the
-/// caller's but the test secret); killed and the test failed after [`SOON`].
-pub async fn pgfeed_cli(db: &TestDb, args: &[&str]) -> std::process::Output {
+/// The `pgfeed` binary with `args` on `db`, with a clean environment (no `PGFEED_*` of
+/// the caller's but the test secret), killed when dropped.
+pub fn pgfeed_command(db: &TestDb, args: &[&str]) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgfeed"));
     cmd.args(args).env_remove("DATABASE_URL").kill_on_drop(true);
     for (k, _) in std::env::vars() {
@@ -1010,6 +1111,12 @@ pub async fn pgfeed_cli(db: &TestDb, args: &[&str]) -> std::process::Output {
     }
     cmd.env("DATABASE_URL", &db.url)
         .env("PGFEED_AUTH_SECRET", SECRET);
+    cmd
+}
+
+/// Runs [`pgfeed_command`] to its end; killed and the test failed after [`SOON`].
+pub async fn pgfeed_cli(db: &TestDb, args: &[&str]) -> std::process::Output {
+    let mut cmd = pgfeed_command(db, args);
     tokio::time::timeout(SOON, cmd.output())
         .await
         .unwrap_or_else(|_| panic!("`pgfeed {}` did not finish within {SOON:?}", args.join(" ")))
@@ -1042,31 +1149,94 @@ pub async fn status_entry(db: &TestDb, table: &str) -> Option<serde_json::Value>
         .cloned()
 }
 
-impl TestDb {
-    /// Creates a `SQL_ASCII` database (which stores any byte, UTF-8 or not, in `text`)
-    /// and installs the schema.
-    pub async fn sql_ascii() -> TestDb {
-        let server = server();
-        let name = format!(
-            "pgfeed_test_{}_{}",
-            std::process::id(),
-            DB_COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let admin = connect(&server.url("postgres")).await;
-        admin
-            .batch_execute(&format!(
-                "CREATE DATABASE {name} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
-            ))
+/// The tables `pgfeed status --json` lists (its `watched` entries' `table`), in its order.
+pub fn status_tables(status: &serde_json::Value) -> Vec<&str> {
+    status["watched"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["table"].as_str().unwrap())
+        .collect()
+}
+
+/// A `pgfeed serve` child process on a free port ([`pgfeed_command`]), for tests that stop
+/// and resume the whole gateway with signals. Its log goes to a file; killed when dropped.
+pub struct ChildGateway {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The process.
+    pub child: tokio::process::Child,
+    /// Its standard error (the log).
+    pub log: std::path::PathBuf,
+}
+
+impl ChildGateway {
+    /// Starts `pgfeed serve` on `db` with the environment variables `env` added, and waits
+    /// until `/readyz` answers 200.
+    pub async fn start(db: &TestDb, env: &[(&str, &str)]) -> ChildGateway {
+        let addr = free_addr();
+        let log = std::env::temp_dir().join(format!("{}-{}.log", db.name, addr.port()));
+        let file = std::fs::File::create(&log).expect("creating the gateway's log file");
+        let mut cmd = pgfeed_command(db, &["serve", "--listen", &addr.to_string()]);
+        cmd.envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(file);
+        let mut child = cmd.spawn().expect("starting pgfeed serve");
+        let deadline = Instant::now() + SOON;
+        while !get(addr, "/readyz", &[])
             .await
-            .unwrap_or_else(|e| panic!("creating database {name}: {e}"));
-        let db = TestDb {
-            url: server.url(&name),
-            name,
-        };
-        let mut client = connect(&db.url).await;
-        pgfeed::schema::install(&mut client)
-            .await
-            .expect("installing the schema");
-        db
+            .is_ok_and(|r| r.status == 200)
+        {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "pgfeed serve exited ({status}) before it was ready: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pgfeed serve not ready within {SOON:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ChildGateway { addr, child, log }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the gateway is running")
+    }
+
+    /// Sends it `signal` (a name as `kill` takes it: `STOP`, `CONT`, `TERM`).
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{signal} {}: {status}", self.pid());
+    }
+
+    /// Opens `tenant`'s whole stream and reads it up to `live`.
+    pub async fn live(&self, tenant: &str) -> SseClient {
+        let auth = format!("Bearer {}", hs256_token(tenant));
+        assert_streams(self.addr, "/v1/stream", &[("Authorization", &auth)]).await
+    }
+
+    /// The value of the sample `name` on its `/metrics` page.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        sample(&get_soon(self.addr, "/metrics", &[]).await.body, name)
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ChildGateway {
+    fn drop(&mut self) {
+        // SIGKILL ends a stopped process too.
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
