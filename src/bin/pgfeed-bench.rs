@@ -640,8 +640,12 @@ impl Drop for DiskProbe {
     }
 }
 
-/// Installs the schema and (re)creates the watched benchmark table.
-async fn setup_table(url: &str) -> Result<()> {
+/// Installs the schema and (re)creates the watched benchmark table. With `floor`, the
+/// table also rings a raw NOTIFY at every insert statement, carrying the statement's send
+/// time, for the raw LISTEN client ([`Floor`]): what a design with a NOTIFY from every
+/// commit would deliver at best. pgfeed itself sends no NOTIFY per commit (only to wake a
+/// sleeping gateway), so the floor is measured this way since schema 5.
+async fn setup_table(url: &str, floor: bool) -> Result<()> {
     let mut client = connect(url).await?;
     pgfeed::schema::install(&mut client)
         .await
@@ -656,8 +660,27 @@ async fn setup_table(url: &str) -> Result<()> {
         ))
         .await
         .context("creating and watching the benchmark table")?;
+    if floor {
+        client
+            .batch_execute(&format!(
+                "CREATE OR REPLACE FUNCTION public.{TABLE}_floor() RETURNS trigger
+                 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+                 BEGIN
+                     PERFORM pg_notify('{FLOOR_CHANNEL}', (SELECT min(sent_us) FROM new_rows)::text);
+                     RETURN NULL;
+                 END $$;
+                 CREATE TRIGGER {TABLE}_floor AFTER INSERT ON public.{TABLE}
+                     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
+                     EXECUTE FUNCTION public.{TABLE}_floor();"
+            ))
+            .await
+            .context("creating the raw NOTIFY of the floor")?;
+    }
     Ok(())
 }
+
+/// The channel of the raw NOTIFY the floor listens to.
+const FLOOR_CHANNEL: &str = "pgfeed_bench_floor";
 
 // ---------------------------------------------------------------------------------------
 // The gateway
@@ -1534,18 +1557,15 @@ impl Floor {
                         while let Some(Ok(msg)) = poll_fn(|cx| conn.poll_message(cx)).await {
                             if let AsyncMessage::Notification(n) = msg {
                                 let at = now_us();
-                                if let Some(seq) = n
-                                    .payload()
-                                    .split_once(':')
-                                    .and_then(|(s, _)| s.parse::<i64>().ok())
-                                {
-                                    heard.push((seq, at));
+                                if let Ok(sent) = n.payload().parse::<i64>() {
+                                    heard.push((sent, at));
                                 }
                             }
                         }
                         heard
                     });
-                    if let Err(e) = client.batch_execute("LISTEN pgfeed").await {
+                    let listen = format!("LISTEN {FLOOR_CHANNEL}");
+                    if let Err(e) = client.batch_execute(&listen).await {
                         let _ = ready_tx.send(Err(anyhow!("floor LISTEN: {e}")));
                         bail!("floor LISTEN: {e}");
                     }
@@ -1575,36 +1595,16 @@ impl Floor {
     }
 }
 
-/// Latencies (µs) of the floor's notifications: receipt minus the send time of the
-/// first row of the commit it announced.
-async fn floor_latencies(url: &str, heard: &[(i64, u64)], since_us: u64) -> Result<Vec<u32>> {
-    if heard.is_empty() {
-        return Ok(Vec::new());
-    }
-    let client = connect(url).await?;
-    let seqs: Vec<i64> = heard.iter().map(|(s, _)| *s).collect();
-    let rows = client
-        .query(
-            &format!(
-                "SELECT c.seq, (ch.new ->> 'sent_us')::bigint
-                 FROM pgfeed.commits AS c
-                 JOIN pgfeed.changes AS ch ON ch.xid = c.xid AND ch.ord = 1
-                 WHERE c.seq = ANY($1) AND ch.table_name = 'public.{TABLE}'"
-            ),
-            &[&seqs],
-        )
-        .await?;
-    let sent: HashMap<i64, i64> = rows
+/// Latencies (µs) of the floor's notifications: receipt minus the send time they carry
+/// (the first row of the statement that rang).
+fn floor_latencies(heard: &[(i64, u64)], since_us: u64) -> Vec<u32> {
+    heard
         .iter()
-        .filter_map(|r| Some((r.get::<_, i64>(0), r.get::<_, Option<i64>>(1)?)))
-        .collect();
-    Ok(heard
-        .iter()
-        .filter_map(|(seq, at)| {
-            let s = u64::try_from(*sent.get(seq)?).ok()?;
+        .filter_map(|(sent, at)| {
+            let s = u64::try_from(*sent).ok()?;
             (s >= since_us).then(|| u32::try_from(at.saturating_sub(s)).unwrap_or(u32::MAX))
         })
-        .collect())
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2442,7 +2442,7 @@ async fn delivery_run(env: &Env<'_>, run: usize) -> Result<RunResult> {
         }
     }
     if let Some(heard) = heard {
-        let mut floor = floor_latencies(url, &heard, first_sent).await?;
+        let mut floor = floor_latencies(&heard, first_sent);
         floor.sort_unstable();
         out.set("floor_notifications", floor.len() as f64);
         for (key, q) in [
@@ -2833,7 +2833,7 @@ async fn run_main(args: Args) -> Result<bool> {
             println!("{line}");
             return Ok::<bool, anyhow::Error>(true);
         }
-        setup_table(&db.url).await?;
+        setup_table(&db.url, !args.no_floor).await?;
         let mut runs = Vec::new();
         for run in 0..params.runs {
             runs.push(delivery_run(&env, run).await?);
