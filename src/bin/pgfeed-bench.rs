@@ -2493,7 +2493,7 @@ fn pgbench_binary(args: &Args) -> Result<PathBuf> {
 /// Empties the tables and the journal, vacuums and checkpoints, so each run starts alike.
 async fn reset_for_pgbench(client: &tokio_postgres::Client) -> Result<()> {
     client
-        .batch_execute("TRUNCATE pgfeed_bench_plain, pgfeed_bench_watched")
+        .batch_execute("TRUNCATE public.pgfeed_bench_plain, public.pgfeed_bench_watched")
         .await?;
     while let Ok(row) = client
         .query_one("SELECT pgfeed.prune(interval '0', 100000)", &[])
@@ -2504,8 +2504,8 @@ async fn reset_for_pgbench(client: &tokio_postgres::Client) -> Result<()> {
         }
     }
     for sql in [
-        "VACUUM ANALYZE pgfeed_bench_plain",
-        "VACUUM ANALYZE pgfeed_bench_watched",
+        "VACUUM ANALYZE public.pgfeed_bench_plain",
+        "VACUUM ANALYZE public.pgfeed_bench_watched",
         "VACUUM ANALYZE pgfeed.changes",
         "VACUUM ANALYZE pgfeed.commits",
         "CHECKPOINT",
@@ -2569,11 +2569,11 @@ async fn pgbench_scenario(env: &Env<'_>) -> Result<Value> {
         .batch_execute(
             "SELECT pgfeed.unwatch(tbl) FROM pgfeed.watched
                WHERE tbl IN (to_regclass('public.pgfeed_bench_watched'), to_regclass('public.pgfeed_bench_plain'));
-             DROP TABLE IF EXISTS pgfeed_bench_plain, pgfeed_bench_watched;
-             CREATE TABLE pgfeed_bench_plain (id bigserial PRIMARY KEY, tenant text NOT NULL,
+             DROP TABLE IF EXISTS public.pgfeed_bench_plain, public.pgfeed_bench_watched;
+             CREATE TABLE public.pgfeed_bench_plain (id bigserial PRIMARY KEY, tenant text NOT NULL,
                                               sent_us bigint NOT NULL DEFAULT 0, pad text);
-             CREATE TABLE pgfeed_bench_watched (LIKE pgfeed_bench_plain INCLUDING ALL);
-             SELECT pgfeed.watch('pgfeed_bench_watched', 'tenant');",
+             CREATE TABLE public.pgfeed_bench_watched (LIKE public.pgfeed_bench_plain INCLUDING ALL);
+             SELECT pgfeed.watch('public.pgfeed_bench_watched', 'tenant');",
         )
         .await?;
     let scripts = [("1 row/statement", 1u32), ("100 rows/statement", 100u32)];
