@@ -14,8 +14,8 @@
 --   that sees the other, so it is sealed in the same batch or an earlier one, and within a
 --   batch it drew the lower number. Positions stay (commit number, ordinal), assigned once,
 --   durably, the same for every replica.
--- * The doorbell rings only for a gateway that sleeps: pgfeed.sleepers holds a row per
---   sleeping gateway; the first writer to see it unrung rings (one NOTIFY per sleep).
+-- * The doorbell rings only for a gateway that sleeps: pgfeed.armed says one does; the first
+--   writer to see it set clears it and rings (one NOTIFY per sleep).
 --
 -- Gateways of earlier versions need a NOTIFY from every commit, which no longer comes: the
 -- watermark's column is renamed so that their journal reads fail at once (/readyz 503, an
@@ -45,10 +45,14 @@ CREATE POLICY own_transaction ON pgfeed.pending FOR INSERT
 DROP POLICY own_transaction ON pgfeed.commits;
 CREATE POLICY sealer ON pgfeed.commits FOR INSERT WITH CHECK (true);
 
-CREATE UNLOGGED TABLE pgfeed.sleepers (
-    pid  integer PRIMARY KEY,
-    rung boolean NOT NULL DEFAULT false
-);
+-- The doorbell: pgfeed.armed is 1 while some gateway sleeps and nobody has rung yet. A
+-- sequence, because its value is read and set outside transactions' snapshots: a
+-- REPEATABLE READ or SERIALIZABLE writer reads the current value at its commit, and
+-- neither reading nor setting it can make a transaction fail to serialize. pgfeed.doorbell
+-- has no rows: writers lock it (ACCESS SHARE) from before they read the flag until their
+-- commit ends, and the gateway's barrier waits on that lock.
+CREATE SEQUENCE pgfeed.armed AS integer MINVALUE 0 MAXVALUE 1 START 0 NO CYCLE;
+CREATE TABLE pgfeed.doorbell ();
 
 CREATE TABLE pgfeed.seal_lock ();
 

@@ -422,14 +422,16 @@ $$;
 -- one began drew a lower number. (A transaction that runs SET CONSTRAINTS ALL IMMEDIATE
 -- draws it early; README, "Guarantees".)
 --
--- The doorbell rings only for sleeping gateways: each has a row in pgfeed.sleepers, set
--- unrung when it goes to sleep. The first writer that finds it unrung marks it rung and
--- sends one NOTIFY; writers that find it being rung (locked) skip it rather than wait,
--- and under load, with every gateway awake and reading, nobody sends any. Reading the
--- table holds a lock on it until this commit ends, which the gateway's arming barrier
--- waits for: a writer that saw no sleeper commits before the gateway's last read (see
--- src/listener.rs). The count is informational (commits.n): it is read from the setting,
--- and a session that set a value that is not a number fails its own commit.
+-- The doorbell rings only for sleeping gateways: pgfeed.armed is set to 1 by a gateway
+-- going to sleep; the first writer to find it set clears it and sends one NOTIFY (which
+-- every gateway hears), and under load, with every gateway awake and reading, nobody sends
+-- any. The flag is a sequence, read and set outside the transaction's snapshot, so a
+-- REPEATABLE READ or SERIALIZABLE transaction reads it as it is at commit and can never
+-- fail to serialize because of it. The lock on pgfeed.doorbell, taken before the flag is
+-- read and held until this commit ends, is what the gateway's barrier waits for: a writer
+-- that saw no sleeper commits before the gateway's last read (see src/listener.rs). The
+-- count is informational (commits.n): it is read from the setting, and a session that set
+-- a value that is not a number fails its own commit.
 CREATE OR REPLACE FUNCTION pgfeed._seal() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -441,24 +443,20 @@ BEGIN
     VALUES (NEW.xid, nextval('pgfeed.commit_seq'),
             coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer,
             clock_timestamp());
-    IF EXISTS (SELECT FROM pgfeed.sleepers AS s WHERE NOT s.rung) THEN
-        UPDATE pgfeed.sleepers AS s SET rung = true
-        WHERE s.pid IN (SELECT t.pid FROM pgfeed.sleepers AS t WHERE NOT t.rung
-                        FOR UPDATE SKIP LOCKED);
-        IF FOUND THEN
-            ignored := pg_notify('pgfeed', '') IS NULL;
-        END IF;
+    PERFORM FROM pgfeed.doorbell LIMIT 0;
+    IF (SELECT a.last_value FROM pgfeed.armed AS a) = 1 THEN
+        ignored := setval('pgfeed.armed', 0) IS NULL;
+        ignored := pg_notify('pgfeed', '') IS NULL;
     END IF;
     RETURN NULL;
 END
 $$;
 
 -- pgfeed.barrier: the last step of a gateway going to sleep (src/listener.rs). The gateway
--- has just marked its row in pgfeed.sleepers unrung and committed; writers that read the
--- table before that saw no sleeper and will not ring, and each holds its lock on the table
--- until its commit ends. Taking the table's ACCESS EXCLUSIVE lock waits for exactly those
--- commits (and makes writers that come meanwhile wait behind it), so that the gateway's
--- next read finds them. Bounded by `timeout_ms`: returns false when the lock was not had
+-- has just set pgfeed.armed; writers that read it before saw no sleeper and will not ring,
+-- and each holds its lock on pgfeed.doorbell until its commit ends. Taking that table's
+-- ACCESS EXCLUSIVE lock waits for exactly those commits (and makes writers that come
+-- meanwhile wait behind it), so that the gateway's next read finds them. Bounded by `timeout_ms`: returns false when the lock was not had
 -- in time (writers kept coming: the gateway stays awake and reads instead). The lock is
 -- released when the statement ends.
 CREATE OR REPLACE FUNCTION pgfeed.barrier(timeout_ms integer) RETURNS boolean
@@ -469,7 +467,7 @@ DECLARE
     ignored boolean;
 BEGIN
     ignored := set_config('lock_timeout', timeout_ms::text || 'ms', true) IS NULL;
-    LOCK TABLE pgfeed.sleepers IN ACCESS EXCLUSIVE MODE;
+    LOCK TABLE pgfeed.doorbell IN ACCESS EXCLUSIVE MODE;
     RETURN true;
 EXCEPTION WHEN lock_not_available THEN
     RETURN false;
@@ -487,9 +485,14 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    last   bigint;
-    sealed integer;
+    last    bigint;
+    sealed  integer;
+    ignored boolean;
 BEGIN
+    -- Durable before anyone reads it, whatever the session's setting: a numbering lost in
+    -- a crash would be done again, and numbers clients already have would name other
+    -- changes. Its flush also covers the commits it numbers, which came earlier in the WAL.
+    ignored := set_config('synchronous_commit', 'on', true) IS NULL;
     LOCK TABLE pgfeed.seal_lock IN EXCLUSIVE MODE;
     SELECT greatest((SELECT max(c.seq) FROM pgfeed.commits AS c), p.seq) INTO last
     FROM pgfeed.pruned AS p;
@@ -1056,8 +1059,9 @@ BEGIN
     -- capture counts from.
     GRANT INSERT ON pgfeed.changes, pgfeed.pending TO pgfeed_capture;
     GRANT SELECT (xid, ord) ON pgfeed.changes TO pgfeed_capture;
-    -- The doorbell: read the sleepers, mark them rung (FOR UPDATE needs UPDATE).
-    GRANT SELECT, UPDATE ON pgfeed.sleepers TO pgfeed_capture;
+    -- The doorbell: lock pgfeed.doorbell, read and clear pgfeed.armed (setval needs UPDATE).
+    GRANT SELECT ON pgfeed.doorbell TO pgfeed_capture;
+    GRANT SELECT, UPDATE ON SEQUENCE pgfeed.armed TO pgfeed_capture;
     GRANT SELECT ON pgfeed.json_casts_since_initdb TO pgfeed_capture;
     GRANT USAGE ON SEQUENCE pgfeed.commit_seq TO pgfeed_capture;
     GRANT EXECUTE ON FUNCTION pgfeed._check_casts(oid), pgfeed._rendering_failed(oid)
@@ -1094,6 +1098,7 @@ BEGIN
         RETURN;
     END IF;
     REVOKE ALL ON ALL TABLES IN SCHEMA pgfeed FROM pgfeed_gateway;
+    REVOKE ALL ON ALL SEQUENCES IN SCHEMA pgfeed FROM pgfeed_gateway;
     GRANT USAGE ON SCHEMA pgfeed TO pgfeed_gateway;
     GRANT SELECT ON pgfeed.meta, pgfeed.watched, pgfeed.changes, pgfeed.commits, pgfeed.pruned,
                     pgfeed.pending
@@ -1102,8 +1107,9 @@ BEGIN
     -- Sealing: pending commits become numbered commits, one sealer at a time.
     GRANT INSERT ON pgfeed.commits TO pgfeed_gateway;
     GRANT UPDATE ON pgfeed.seal_lock TO pgfeed_gateway;
-    -- Sleeping: a row of its own, and the arming barrier (LOCK ... ACCESS EXCLUSIVE).
-    GRANT SELECT, INSERT, UPDATE, DELETE ON pgfeed.sleepers TO pgfeed_gateway;
+    -- Sleeping: set pgfeed.armed, and the barrier (LOCK pgfeed.doorbell ... ACCESS EXCLUSIVE).
+    GRANT UPDATE ON SEQUENCE pgfeed.armed TO pgfeed_gateway;
+    GRANT UPDATE ON pgfeed.doorbell TO pgfeed_gateway;
     -- UPDATE also lets prune() lock pgfeed.pruned.
     GRANT UPDATE ON pgfeed.pruned TO pgfeed_gateway;
     GRANT EXECUTE ON FUNCTION pgfeed.prune(interval, integer), pgfeed.seal(),

@@ -404,13 +404,16 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
                     (SELECT min(committed_at)::text FROM pgfeed.commits),
                     pg_catalog.pg_total_relation_size('pgfeed.changes')
                         + pg_catalog.pg_total_relation_size('pgfeed.commits'),
-                    pg_catalog.pg_notification_queue_usage()",
+                    pg_catalog.pg_notification_queue_usage(),
+                    (SELECT count(*) FROM pgfeed.pending)",
             &[],
         )
         .await
         .map_err(SchemaError::from)?;
     let changes: i64 = row.get(0);
-    let commits: i64 = row.get(1);
+    // Commits recorded but not numbered yet (no gateway has read since) count too.
+    let pending: i64 = row.get(7);
+    let commits: i64 = row.get::<_, i64>(1) + pending;
     let (oldest, newest): (Option<i64>, Option<i64>) = (row.get(2), row.get(3));
     let oldest_at: Option<String> = row.get(4);
     let bytes: i64 = row.get(5);
@@ -446,7 +449,7 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
             "schema_version": schema::VERSION,
             "watched": tables,
             "journal": {
-                "changes": changes, "commits": commits,
+                "changes": changes, "commits": commits, "unnumbered_commits": pending,
                 "oldest_commit": oldest, "newest_commit": newest,
                 "oldest_committed_at": oldest_at, "bytes": bytes,
             },
@@ -458,7 +461,7 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
     }
     println!("schema version      {}", schema::VERSION);
     println!(
-        "journal             {changes} changes in {commits} commits ({}), commits {} to {}, oldest {}",
+        "journal             {changes} changes in {commits} commits ({}, {pending} not numbered yet), commits {} to {}, oldest {}",
         human_bytes(bytes),
         opt(oldest),
         opt(newest),

@@ -140,11 +140,9 @@ pub struct Listener {
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
-/// Marks this gateway asleep (its row in `pgfeed.sleepers`, keyed by the LISTEN
-/// connection's backend pid, unrung): from its commit on, writers ring the doorbell.
-const ARM: &str = "INSERT INTO pgfeed.sleepers (pid, rung)
-    VALUES (pg_catalog.pg_backend_pid(), false)
-    ON CONFLICT (pid) DO UPDATE SET rung = false";
+/// Says a gateway sleeps (`pgfeed.armed`, a sequence: set at once, outside any
+/// transaction): from now on the first writer to commit rings the doorbell.
+const ARM: &str = "SELECT pg_catalog.setval('pgfeed.armed', 1)";
 
 /// Waits for the commits of writers that saw this gateway awake (sql/functions.sql).
 const BARRIER: &str = "SELECT pgfeed.barrier($1)";
@@ -153,18 +151,15 @@ const BARRIER: &str = "SELECT pgfeed.barrier($1)";
 /// and a barrier that times out only means the gateway stays awake and reads again.
 pub const BARRIER_TIMEOUT_MS: i32 = 20;
 
+/// How long the listener keeps reading after reads come back empty before it goes to
+/// sleep, and how often it reads meanwhile (see `settle`).
+const LINGER: Duration = Duration::from_millis(20);
+const LINGER_POLL: Duration = Duration::from_millis(1);
+
 /// Pauses between barriers that timed out: doubling from the first to the second while
 /// they keep timing out (the gateway reads between them meanwhile).
 const BARRIER_PAUSE_MIN: Duration = Duration::from_millis(10);
 const BARRIER_PAUSE_MAX: Duration = Duration::from_secs(1);
-
-/// Leaving: writers need not ring for this connection any more.
-const FORGET_SLEEPER: &str =
-    "DELETE FROM pgfeed.sleepers WHERE pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()";
-
-/// Rows of sleepers whose connections are gone.
-const FORGET_GONE_SLEEPERS: &str = "DELETE FROM pgfeed.sleepers
-    WHERE pid OPERATOR(pg_catalog.<>) ALL (SELECT a.pid FROM pg_catalog.pg_stat_activity AS a)";
 
 /// How often the catalog is reloaded even without a `watch` doorbell (for `ALTER TABLE`).
 pub const CATALOG_REFRESH: Duration = Duration::from_secs(30);
@@ -260,12 +255,6 @@ impl Listener {
             .await
             .map_err(|_| ListenerError::Unresponsive)?
             .map_err(ListenerError::Connect)?;
-        // Rows of sleepers whose connections are gone (a gateway that crashed while asleep)
-        // would keep writers ringing once each for nothing.
-        client
-            .execute(FORGET_GONE_SLEEPERS, &[])
-            .await
-            .map_err(ListenerError::Connection)?;
         // Everything committed before LISTEN took effect is in the journal: read it now.
         self.reload(last, journal_id).await?;
         let caught_up = self.catch_up(last).await?;
@@ -288,15 +277,7 @@ impl Listener {
             // health tick that would otherwise call the connection dead.
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    // Writers need not ring for a gateway that is leaving.
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        client.execute(FORGET_SLEEPER, &[]),
-                    )
-                    .await;
-                    return Ok(());
-                }
+                _ = shutdown.cancelled() => return Ok(()),
                 lost = &mut lost_rx => {
                     return Err(lost.unwrap_or(ListenerError::Closed));
                 }
@@ -368,8 +349,9 @@ impl Listener {
         Ok(recreated)
     }
 
-    /// Reads until a read comes back empty, then goes to sleep without missing a commit:
-    /// marks its row in `pgfeed.sleepers` unrung (writers from then on ring the doorbell),
+    /// Reads until reads have come back empty for [`LINGER`], then goes to sleep without
+    /// missing a commit:
+    /// sets `pgfeed.armed` (writers from then on ring the doorbell),
     /// waits at the barrier for the commits of writers that saw it awake
     /// (`pgfeed.barrier`, sql/functions.sql), and reads once more. Changes in that read
     /// mean writers are coming: it stays awake and goes round again. So under load it
@@ -385,10 +367,24 @@ impl Listener {
         // prepared transaction) would otherwise hold every writer up at each attempt.
         let mut pause = BARRIER_PAUSE_MIN;
         loop {
-            while self.catch_up(last).await? > 0 {}
-            // Pipelined: one round trip; the row is committed before the barrier starts.
+            // Linger before going to sleep: arming costs writers a wait at the barrier, and
+            // at a steady moderate rate (commits a millisecond or so apart) a gateway that
+            // armed after every empty read would make them wait at nearly every commit.
+            // Polling for a moment instead keeps it awake while changes keep coming.
+            let mut idle = Duration::ZERO;
+            loop {
+                if self.catch_up(last).await? > 0 {
+                    idle = Duration::ZERO;
+                } else if idle >= LINGER {
+                    break;
+                } else {
+                    tokio::time::sleep(LINGER_POLL).await;
+                    idle += LINGER_POLL;
+                }
+            }
+            // Pipelined: one round trip; the flag is set before the barrier starts.
             let (_, passed) = futures_util::future::try_join(
-                client.execute(ARM, &[]),
+                client.query_one(ARM, &[]),
                 client.query_one(BARRIER, &[&BARRIER_TIMEOUT_MS]),
             )
             .await

@@ -189,7 +189,10 @@ async fn gateway_restart_with_clients_resuming() {
         received, expected,
         "exactly once, in order, across the restart"
     );
-    b.assert_quiet(Duration::from_millis(300)).await;
+    // `live` comes once the replay has caught up, which may be after the last change when
+    // the writer finished during the replay; nothing else may follow.
+    b.assert_quiet_but(Duration::from_millis(300), &["live"])
+        .await;
     gw.stop().await;
 }
 

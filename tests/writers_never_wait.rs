@@ -242,13 +242,13 @@ fn measure(commits: &[Vec<Commit>], w: &Window) -> (f64, Duration) {
     (n as f64 / (w.end - w.start).as_secs_f64(), worst)
 }
 
-/// The gateway's `pgfeed.sleepers` row is unrung: it armed the doorbell and goes to sleep.
+/// `pgfeed.armed` is set: the gateway armed the doorbell and goes to sleep.
 async fn armed(c: &tokio_postgres::Client) -> bool {
     let row = c
-        .query_one("SELECT count(*) FROM pgfeed.sleepers WHERE NOT rung", &[])
+        .query_one("SELECT last_value FROM pgfeed.armed", &[])
         .await
-        .unwrap_or_else(|e| panic!("reading pgfeed.sleepers: {}", support::server_message(&e)));
-    row.get::<_, i64>(0) > 0
+        .unwrap_or_else(|e| panic!("reading pgfeed.armed: {}", support::server_message(&e)));
+    row.get::<_, i64>(0) == 1
 }
 
 async fn notification_queue_usage(c: &tokio_postgres::Client) -> f64 {

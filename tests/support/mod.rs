@@ -753,10 +753,19 @@ impl SseClient {
 
     /// Asserts that no event arrives within `wait` (heartbeats aside).
     pub async fn assert_quiet(&mut self, wait: Duration) {
+        self.assert_quiet_but(wait, &[]).await
+    }
+
+    /// Asserts that no event other than those of the kinds in `allowed` (such as `live`,
+    /// which may come after the last replayed change) arrives within `wait`.
+    pub async fn assert_quiet_but(&mut self, wait: Duration, allowed: &[&str]) {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            if let Some(e) = self.parse_one() {
-                panic!("unexpected event: {e:?}");
+            while let Some(e) = self.parse_one() {
+                assert!(
+                    allowed.contains(&e.event.as_str()),
+                    "unexpected event: {e:?}"
+                );
             }
             match tokio::time::timeout_at(deadline, self.conn.read_body_chunk()).await {
                 Err(_) => return,
