@@ -40,6 +40,8 @@ CREATE POLICY readable ON pgfeed.pending FOR SELECT USING (true);
 CREATE POLICY sealable ON pgfeed.pending FOR DELETE USING (true);
 CREATE POLICY own_transaction ON pgfeed.pending FOR INSERT
     WITH CHECK (xid OPERATOR(pg_catalog.=) pg_catalog.pg_current_xact_id());
+CREATE POLICY redraw ON pgfeed.pending FOR UPDATE
+    USING (xid OPERATOR(pg_catalog.=) pg_catalog.pg_current_xact_id());
 
 -- pgfeed.commits now holds sealed commits, written by gateways.
 DROP POLICY own_transaction ON pgfeed.commits;

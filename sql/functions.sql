@@ -119,6 +119,18 @@ BEGIN
 END
 $$;
 
+-- A watched write after this transaction recorded its commit (_seal below): an application's
+-- deferred trigger that runs after the seal, or SET CONSTRAINTS ALL IMMEDIATE. Its number is
+-- drawn again, now, so that a write it makes after waiting for another transaction's row
+-- lock is ordered after that transaction. Called by the capture functions (as their owner).
+CREATE OR REPLACE FUNCTION pgfeed._redraw() RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    UPDATE pgfeed.pending SET draw = nextval('pgfeed.commit_seq')
+    WHERE xid = pg_current_xact_id()
+$$;
+
 -- Trigger arguments, fixed by pgfeed.watch():
 --   TG_ARGV[0] tenant column ('' for a public table)
 --   TG_ARGV[1] public ('true' / 'false')
@@ -201,6 +213,9 @@ BEGIN
     END IF;
     IF n > 0 THEN
         ignored := set_config('pgfeed.ord', (base + n)::text, true) IS NULL;
+        IF current_setting('pgfeed.sealed', true) = 'on' THEN
+            PERFORM pgfeed._redraw();
+        END IF;
     END IF;
     RETURN NULL;
 END
@@ -306,6 +321,9 @@ BEGIN
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
         ignored := set_config('pgfeed.ord', (base + n)::text, true) IS NULL;
+        IF current_setting('pgfeed.sealed', true) = 'on' THEN
+            PERFORM pgfeed._redraw();
+        END IF;
     END IF;
     RETURN NULL;
 END
@@ -384,6 +402,9 @@ BEGIN
     END IF;
     IF n > 0 THEN
         ignored := set_config('pgfeed.ord', (base + n)::text, true) IS NULL;
+        IF current_setting('pgfeed.sealed', true) = 'on' THEN
+            PERFORM pgfeed._redraw();
+        END IF;
     END IF;
     RETURN NULL;
 END
@@ -410,6 +431,9 @@ BEGIN
     INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public)
     VALUES (pg_current_xact_id(), base + 1, tbl_name, 'truncate', NULL, true);
     PERFORM set_config('pgfeed.ord', (base + 1)::text, true);
+    IF current_setting('pgfeed.sealed', true) = 'on' THEN
+        PERFORM pgfeed._redraw();
+    END IF;
     PERFORM set_config('pgfeed.truncated', (base + 1)::text || ' ' || tbl_name, true);
     RETURN NULL;
 END
@@ -435,6 +459,9 @@ $$;
 CREATE OR REPLACE FUNCTION pgfeed._seal() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+-- The barrier may hold the doorbell's lock for up to 20 ms: an application's shorter
+-- lock_timeout must not fail its commit there.
+SET lock_timeout = 0
 AS $$
 DECLARE
     ignored boolean;
@@ -443,6 +470,7 @@ BEGIN
     VALUES (NEW.xid, nextval('pgfeed.commit_seq'),
             coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer,
             clock_timestamp());
+    ignored := set_config('pgfeed.sealed', 'on', true) IS NULL;
     PERFORM FROM pgfeed.doorbell LIMIT 0;
     IF (SELECT a.last_value FROM pgfeed.armed AS a) = 1 THEN
         ignored := setval('pgfeed.armed', 0) IS NULL;
@@ -1058,13 +1086,16 @@ BEGIN
     -- transaction's own rows. Reading the journal is limited to the ordinals, which
     -- capture counts from.
     GRANT INSERT ON pgfeed.changes, pgfeed.pending TO pgfeed_capture;
+    -- _redraw: its own pending commit's number (row-level security: its own transaction).
+    GRANT SELECT (xid), UPDATE (draw) ON pgfeed.pending TO pgfeed_capture;
     GRANT SELECT (xid, ord) ON pgfeed.changes TO pgfeed_capture;
     -- The doorbell: lock pgfeed.doorbell, read and clear pgfeed.armed (setval needs UPDATE).
     GRANT SELECT ON pgfeed.doorbell TO pgfeed_capture;
     GRANT SELECT, UPDATE ON SEQUENCE pgfeed.armed TO pgfeed_capture;
     GRANT SELECT ON pgfeed.json_casts_since_initdb TO pgfeed_capture;
     GRANT USAGE ON SEQUENCE pgfeed.commit_seq TO pgfeed_capture;
-    GRANT EXECUTE ON FUNCTION pgfeed._check_casts(oid), pgfeed._rendering_failed(oid)
+    GRANT EXECUTE ON FUNCTION pgfeed._check_casts(oid), pgfeed._rendering_failed(oid),
+        pgfeed._redraw()
         TO pgfeed_capture;
     BEGIN
         ALTER FUNCTION pgfeed._capture_insert() OWNER TO pgfeed_capture;

@@ -26,7 +26,10 @@ pub enum DbError {
 }
 
 /// The `search_path` of every connection pgfeed opens, as a startup option.
-pub const PINNED_SEARCH_PATH: &str = "-c search_path=pg_catalog,pg_temp";
+/// Also pins the isolation level: pgfeed's statements (sealing above all) are written for
+/// READ COMMITTED, whatever default a role or database sets.
+pub const PINNED_SEARCH_PATH: &str =
+    "-c search_path=pg_catalog,pg_temp -c default_transaction_isolation=read\\ committed";
 
 /// Appends [`PINNED_SEARCH_PATH`] to `config`'s options. Last, so that it wins over the
 /// URL's own options and, being a client setting, over any `ALTER DATABASE/ROLE ... SET

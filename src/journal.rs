@@ -193,11 +193,11 @@ macro_rules! read_after {
 // key. So a page of a large transaction costs a page, wherever it starts in it: filtering
 // `ord > $2` after the join, and sorting what remained of the commit again for every page,
 // made publishing a transaction quadratic in its size. Every sealed commit has changes, so
-// $4 commits always fill a page.
+// $4 commits after the one at $1 (which may have none left after $2) always fill a page.
 macro_rules! every_change {
     () => {
         "FROM (SELECT seq, xid, committed_at FROM pgfeed.commits
-              WHERE seq >= $1 ORDER BY seq LIMIT $4) AS c
+              WHERE seq >= $1 ORDER BY seq LIMIT $4::bigint + 1) AS c
         CROSS JOIN LATERAL (
             SELECT x.ord, x.table_name, x.op, x.tenant, x.public, x.pk, x.new, x.old, x.changed
             FROM pgfeed.changes AS x

@@ -156,6 +156,9 @@ pub const BARRIER_TIMEOUT_MS: i32 = 20;
 const LINGER: Duration = Duration::from_millis(20);
 const LINGER_POLL: Duration = Duration::from_millis(1);
 
+/// Longest `settle` reads before it lets the listener handle other things.
+const SETTLE_SLICE: Duration = Duration::from_millis(250);
+
 /// Pauses between barriers that timed out: doubling from the first to the second while
 /// they keep timing out (the gateway reads between them meanwhile).
 const BARRIER_PAUSE_MIN: Duration = Duration::from_millis(10);
@@ -263,7 +266,10 @@ impl Listener {
         }
         backoff.reset();
         tracing::info!(position = %last, changes = caught_up, "listener connected and caught up");
-        self.settle(&client, last).await?;
+        // True while `settle` came back with writes still coming: the loop below then goes
+        // on reading, after handling what else is due (shutdown, the health check, a
+        // `watch` doorbell), rather than waiting for a doorbell nobody will ring.
+        let mut busy = self.settle(&client, last).await?;
 
         let mut health = tokio::time::interval(self.health_interval);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -283,16 +289,16 @@ impl Listener {
                 }
                 _ = echo.notified() => awaiting_echo = false,
                 _ = bell.notified() => {
-                    self.settle(&client, last).await?;
+                    busy = self.settle(&client, last).await?;
                 }
                 _ = watch_bell.notified() => {
                     if self.reload(last, journal_id).await? {
-                        self.settle(&client, last).await?;
+                        busy = self.settle(&client, last).await?;
                     }
                 }
                 _ = refresh.tick() => {
                     if self.reload(last, journal_id).await? {
-                        self.settle(&client, last).await?;
+                        busy = self.settle(&client, last).await?;
                     }
                 }
                 _ = health.tick() => {
@@ -303,7 +309,7 @@ impl Listener {
                     // marking the gateway rung, while others skipped ringing. One seal and
                     // read per health check bounds how late such changes come.
                     if self.catch_up(last).await? > 0 {
-                        self.settle(&client, last).await?;
+                        busy = self.settle(&client, last).await?;
                     }
                     while tasks.try_join_next().is_some() {}
                     // Not awaited here: its reply and the echo both come back through the
@@ -313,6 +319,9 @@ impl Listener {
                         let _ = client.batch_execute(&sql).await;
                     });
                     awaiting_echo = true;
+                }
+                _ = std::future::ready(()), if busy => {
+                    busy = self.settle(&client, last).await?;
                 }
             }
         }
@@ -357,11 +366,15 @@ impl Listener {
     /// mean writers are coming: it stays awake and goes round again. So under load it
     /// reads back to back and writers send no NOTIFY; idle, it sleeps until one rings.
     /// A writer waits on this only at the barrier, for at most [`BARRIER_TIMEOUT_MS`].
+    ///
+    /// Returns false once asleep, or true after [`SETTLE_SLICE`] of reading with writes
+    /// still coming, so that the caller can handle what else is due and call it again.
     async fn settle(
         &self,
         client: &tokio_postgres::Client,
         last: &mut Position,
-    ) -> Result<(), ListenerError> {
+    ) -> Result<bool, ListenerError> {
+        let started = tokio::time::Instant::now();
         // After a barrier that timed out, writers are not kept waiting behind the next one
         // at once: a transaction that lingers in its commit (its own deferred triggers, a
         // prepared transaction) would otherwise hold every writer up at each attempt.
@@ -373,6 +386,9 @@ impl Listener {
             // Polling for a moment instead keeps it awake while changes keep coming.
             let mut idle = Duration::ZERO;
             loop {
+                if started.elapsed() >= SETTLE_SLICE {
+                    return Ok(true);
+                }
                 if self.catch_up(last).await? > 0 {
                     idle = Duration::ZERO;
                 } else if idle >= LINGER {
@@ -392,7 +408,7 @@ impl Listener {
             let passed: bool = passed.try_get(0).map_err(ListenerError::Connection)?;
             if passed {
                 if self.catch_up(last).await? == 0 {
-                    return Ok(());
+                    return Ok(false);
                 }
             } else {
                 self.metrics.barrier_timeouts.inc();
