@@ -8,12 +8,10 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
 use support::{Gateway, Run, SseClient, TestDb, query_i64, server_message};
-use tokio_postgres::{AsyncMessage, NoTls};
 
 /// What a watched table's writes and DDL run as, and the operator (a superuser).
 struct Setup {
@@ -112,30 +110,10 @@ async fn summaries_until_end(s: &mut SseClient) -> Vec<String> {
     }
 }
 
-/// Notices (`SEVERITY: message`) received on a connection.
-type Notices = Arc<Mutex<Vec<String>>>;
-
 /// A superuser connection to `db` whose notices and warnings are collected.
-async fn connect_collecting_notices(db: &TestDb) -> (tokio_postgres::Client, Notices) {
-    let (client, mut connection) = tokio_postgres::connect(&db.url, NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connecting to the test database: {e}"));
-    let notices = Notices::default();
-    let sink = Arc::clone(&notices);
-    tokio::spawn(async move {
-        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-            match message {
-                Ok(AsyncMessage::Notice(n)) => {
-                    sink.lock()
-                        .unwrap()
-                        .push(format!("{}: {}", n.severity(), n.message()))
-                }
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-    });
-    (client, notices)
+async fn connect_collecting_notices(db: &TestDb) -> (tokio_postgres::Client, support::Notices) {
+    let config: tokio_postgres::Config = db.url.parse().expect("the test URL parses");
+    support::connect_collecting_notices(&config).await
 }
 
 /// Whether the pgfeed schema was left uninstalled: no journal, no event triggers.

@@ -10,14 +10,12 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
 use support::{Gateway, Run, SseClient, TestDb, eventually, query_i64, sample, scrape};
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::Client;
 
-/// Notices (`SEVERITY: message`) a connection received.
-type Notices = Arc<Mutex<Vec<String>>>;
+use support::Notices;
 
 /// The prefix of the warning a trap raises when a role other than the application's calls
 /// it: the only record left when the caller's work is rolled back (capture's rendering
@@ -38,26 +36,7 @@ async fn session(db: &TestDb, role: Option<&str>, search_path: Option<&str>) -> 
         };
         config.options(&options);
     }
-    let (client, mut connection) = config
-        .connect(NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connecting as {role:?}: {e}"));
-    let notices = Notices::default();
-    let sink = Arc::clone(&notices);
-    tokio::spawn(async move {
-        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-            match message {
-                Ok(AsyncMessage::Notice(n)) => {
-                    sink.lock()
-                        .unwrap()
-                        .push(format!("{}: {}", n.severity(), n.message()))
-                }
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-    });
-    (client, notices)
+    support::connect_collecting_notices(&config).await
 }
 
 /// A connection as the test URL's (super)user that searches nothing an application can

@@ -1249,3 +1249,32 @@ impl Drop for ChildGateway {
         let _ = std::fs::remove_file(&self.log);
     }
 }
+
+/// Notices (`SEVERITY: message`) received on a connection.
+pub type Notices = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Connects with `config`, collecting the server's notices and warnings.
+pub async fn connect_collecting_notices(
+    config: &tokio_postgres::Config,
+) -> (tokio_postgres::Client, Notices) {
+    let (client, mut connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting as {:?}: {e}", config.get_user()));
+    let notices = Notices::default();
+    let sink = std::sync::Arc::clone(&notices);
+    tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            match message {
+                Ok(tokio_postgres::AsyncMessage::Notice(n)) => {
+                    sink.lock()
+                        .unwrap()
+                        .push(format!("{}: {}", n.severity(), n.message()))
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    (client, notices)
+}
