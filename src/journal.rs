@@ -145,6 +145,11 @@ pub struct Batch {
     /// Newest position removed by pruning: a reader whose position is older missed
     /// changes.
     pub pruned: Position,
+    /// The position read after names a commit that does not exist and was not pruned: its
+    /// number was handed out by a seal that a database crash took back, and the same
+    /// commits carry other numbers now (`pgfeed.seal`, sql/functions.sql). The reader must
+    /// start over from the head (`reset`); `changes` are not for it.
+    pub void: bool,
     /// Rows of this read that could not be decoded, in commit order; they are not in
     /// `changes`.
     pub skipped: Vec<Skipped>,
@@ -180,7 +185,8 @@ macro_rules! read_after {
            to_char(p.committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
            (SELECT count(*) FROM page) AS fetched,
            w.seq, w.ord,
-           extract(epoch FROM p.committed_at)::float8
+           extract(epoch FROM p.committed_at)::float8,
+           $1 > w.seq AND NOT EXISTS (SELECT FROM pgfeed.commits AS v WHERE v.seq = $1)
     FROM pgfeed.pruned AS w
     LEFT JOIN page AS p ON p.running - p.size < $5
     ORDER BY p.seq, p.ord"
@@ -424,6 +430,7 @@ impl Journal {
                 ord: decode(row, 13, "pruning watermark")?,
             };
             fetched = decode(row, 11, "page size")?;
+            batch.void = decode(row, 15, "void position")?;
             batch.more = fetched == limit;
             // Without a position a row could only be skipped by reading it again forever.
             let Some(commit) = decode::<Option<i64>>(row, 0, "commit number")? else {
