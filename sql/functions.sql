@@ -223,7 +223,10 @@ $$;
 
 -- Old and new rows are paired by their position in the transition tables: PostgreSQL
 -- appends both images of each updated row together, so the n-th old row is the n-th new
--- row's predecessor (pairing by key would break when the key itself changes).
+-- row's predecessor (pairing by key would break when the key itself changes). PostgreSQL
+-- does not document this order; tests/update_pairing.rs proves it over HOT and non-HOT
+-- updates, rows moved to other pages or partitions, changed keys, a random visiting
+-- order and rows skipped by an application's trigger.
 -- An update that moves a row to another tenant is captured as a delete for the old tenant
 -- and an insert for the new one, so neither tenant sees the other's row.
 CREATE OR REPLACE FUNCTION pgfeed._capture_update() RETURNS trigger
