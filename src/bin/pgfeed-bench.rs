@@ -8,8 +8,10 @@
 //! receipt, computed from a send timestamp stored in the row), deliveries per second,
 //! expected versus received, missing, duplicated, cross-tenant leaks and the gateway's
 //! memory. A plain tokio-postgres `LISTEN` client hears the same commits' doorbells in the
-//! same run: that is the floor the gateway is compared with. Scenario `e` measures the
-//! write path with pgbench instead.
+//! same run: that is the floor the gateway is compared with. After the gateway stops, the
+//! CPU cost of one bare `write()` of a frame of the run's mean size to loopback TCP is the
+//! floor its CPU per delivery is compared with. Scenario `e` measures the write path with
+//! pgbench instead.
 //!
 //! Output: a human table on stdout, then one JSON line starting with `{"bench":`.
 //! Exit status: 0, or 2 when anything was missing, duplicated, leaked or refused.
@@ -17,6 +19,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -359,12 +362,32 @@ fn proc_stat(pid: u32) -> Option<(u64, u32)> {
 /// (utime, stime, parent pid, cutime + cstime of reaped children; times in clock ticks)
 /// of a process.
 fn proc_times(pid: u32) -> Option<(u64, u64, u32, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_times(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// [`proc_times`]' fields out of the text of a `stat` file (a process's or a thread's).
+fn stat_times(text: &str) -> Option<(u64, u64, u32, u64)> {
     let rest = &text[text.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ppid = f.get(1)?.parse().ok()?;
     let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
     Some((tick(11)?, tick(12)?, ppid, tick(13)? + tick(14)?))
+}
+
+/// CPU seconds used so far by the calling thread: the scheduler's nanosecond count
+/// (`/proc/thread-self/schedstat`), else utime + stime in clock ticks
+/// (`/proc/thread-self/stat`). The crate forbids `unsafe`, so no `clock_gettime`.
+fn thread_cpu_s() -> Option<f64> {
+    if let Ok(text) = std::fs::read_to_string("/proc/thread-self/schedstat")
+        && let Some(ns) = text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+    {
+        return Some(ns as f64 / 1e9);
+    }
+    let (user, sys, _, _) = stat_times(&std::fs::read_to_string("/proc/thread-self/stat").ok()?)?;
+    Some((user + sys) as f64 / *CLK_TCK)
 }
 
 /// Kernel CPU seconds used so far by `pid`.
@@ -419,6 +442,84 @@ fn tree_cpu_s(pid: u32) -> f64 {
         }
     }
     ticks as f64 / *CLK_TCK
+}
+
+// ---------------------------------------------------------------------------------------
+// The write floor: the bare kernel cost of one unbatched delivery
+// ---------------------------------------------------------------------------------------
+
+/// Writes timed at least, after the warm-up: the floor is a mean over many thousands.
+const FLOOR_WRITES: u64 = 20_000;
+/// Time spent writing at least, so that the tick-grained fallback of [`thread_cpu_s`]
+/// still resolves the total to a few percent.
+const FLOOR_MIN_TIME: Duration = Duration::from_millis(300);
+/// Writes between two looks at the clock, and of the warm-up.
+const FLOOR_BATCH: u64 = 1_000;
+
+/// CPU time, in µs, of one `write()` of a `frame_bytes`-byte frame to a connected loopback
+/// TCP socket: the least a delivery written on its own costs, whatever the gateway does
+/// around it. Like the gateway's sockets, the writer has `TCP_NODELAY` (each write sends
+/// its segment, as a lone frame does); a thread drains the other end so the writer never
+/// waits for room. Only the writing thread's CPU counts; on loopback the kernel mostly
+/// runs the receiving side's TCP input in the writer's context too, as it does for the
+/// gateway's writes to the benchmark's streams.
+fn write_floor_us(frame_bytes: usize) -> Result<f64> {
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let mut writer = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let (reader, _) = listener.accept()?;
+    writer.set_nodelay(true)?;
+    let drainer = std::thread::spawn(move || drain(reader));
+    let frame = vec![b'x'; frame_bytes.max(1)];
+    for _ in 0..FLOOR_BATCH {
+        writer.write_all(&frame)?;
+    }
+    let cpu0 = thread_cpu_s().context("reading /proc/thread-self")?;
+    let start = Instant::now();
+    let mut writes = 0u64;
+    while writes < FLOOR_WRITES || start.elapsed() < FLOOR_MIN_TIME {
+        for _ in 0..FLOOR_BATCH {
+            writer.write_all(&frame)?;
+        }
+        writes += FLOOR_BATCH;
+    }
+    let cpu = thread_cpu_s().context("reading /proc/thread-self")? - cpu0;
+    drop(writer);
+    drainer
+        .join()
+        .map_err(|_| anyhow!("the write floor's reader panicked"))?;
+    Ok(cpu * 1e6 / writes as f64)
+}
+
+/// Reads `stream` until the other end closes it.
+fn drain(mut stream: std::net::TcpStream) {
+    let mut buf = vec![0u8; 256 * 1024];
+    while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+}
+
+/// Measures the write floor for a frame of `frame_bytes` (the run's mean change frame) on
+/// a blocking thread and sets it, with the gateway's CPU per delivery over it. Called
+/// once the gateway has stopped: the floor neither competes with the gateway's work nor
+/// counts in the write phase's CPU figures.
+async fn set_write_floor(out: &mut RunResult, frame_bytes: usize) {
+    let floor = tokio::task::spawn_blocking(move || write_floor_us(frame_bytes))
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r);
+    match floor {
+        Ok(us) if us > 0.0 => {
+            out.set("write_floor_us", us);
+            if let Some(gw) = out.figures.get("gw_cpu_us_per_delivery").copied() {
+                out.set("gw_cpu_per_delivery_vs_write", gw / us);
+            }
+        }
+        Ok(_) => {
+            out.first_error
+                .get_or_insert("write floor: no CPU time was counted".into());
+        }
+        Err(e) => {
+            out.first_error.get_or_insert(format!("write floor: {e:#}"));
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1040,6 +1141,12 @@ struct SubResult {
     malformed: u64,
     /// Control events other than `live` (shutdown, expired, reset).
     other_control: u64,
+    /// Change events received, well-formed or not: with `change_bytes`, the mean size of
+    /// a change frame, which sizes the write floor's frame.
+    change_frames: u64,
+    /// Bytes of those change events as SSE text (`id:`, `event:`, `data:` lines and the
+    /// blank line; chunked encoding removed).
+    change_bytes: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1251,6 +1358,8 @@ impl Reader {
             match event {
                 b"change" => {
                     changes += 1;
+                    res.change_frames += 1;
+                    res.change_bytes += (end + 2) as u64;
                     self.change(id, data, now, res, shared);
                 }
                 b"live" => res.live = true,
@@ -1757,6 +1866,21 @@ const FIGURES: &[(&str, &str, Agg)] = &[
     (
         "gw_cpu_us_per_change",
         "gateway CPU per change (us)",
+        Agg::Median,
+    ),
+    (
+        "change_frame_bytes",
+        "change frame, mean size (bytes)",
+        Agg::Median,
+    ),
+    (
+        "write_floor_us",
+        "bare write() of a frame, loopback (us)",
+        Agg::Median,
+    ),
+    (
+        "gw_cpu_per_delivery_vs_write",
+        "gateway CPU per delivery / write()",
         Agg::Median,
     ),
     ("pg_cpu_s", "PostgreSQL CPU in write phase (s)", Agg::Median),
@@ -2386,8 +2510,11 @@ async fn delivery_run(env: &Env<'_>, run: usize) -> Result<RunResult> {
     let (mut missing, mut duplicated, mut leaks, mut phantom) = (0u64, 0u64, 0u64, 0u64);
     let (mut out_of_order, mut malformed, mut ended, mut failed) = (0u64, 0u64, 0u64, 0u64);
     let mut lat: Vec<u32> = Vec::new();
+    let (mut change_frames, mut change_bytes) = (0u64, 0u64);
     for mut r in results {
         received += r.seqs.len() as u64;
+        change_frames += r.change_frames;
+        change_bytes += r.change_bytes;
         leaks += r.leaks;
         out_of_order += r.out_of_order;
         malformed += r.malformed;
@@ -2465,6 +2592,11 @@ async fn delivery_run(env: &Env<'_>, run: usize) -> Result<RunResult> {
     }
     if changes > 0 {
         out.set("gw_cpu_us_per_change", gw_cpu * 1e6 / changes as f64);
+    }
+    if change_frames > 0 {
+        let mean = change_bytes as f64 / change_frames as f64;
+        out.set("change_frame_bytes", mean);
+        set_write_floor(&mut out, mean.round() as usize).await;
     }
     Ok(out)
 }
