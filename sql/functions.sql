@@ -13,8 +13,8 @@
 -- Only a forged "first" ('' or '0') after a capture has an effect: that session's next
 -- watched statement fails on the journal's primary key, and nothing is written. A rolled
 -- back savepoint undoes the setting and the journal rows together. The expression is
--- written out in every function below rather than called: a helper function cost a call
--- setup, and a fresh plan, in every transaction.
+-- written once, as a piece of the capture functions' generator below, rather than called:
+-- a helper function cost a call setup, and a fresh plan, in every transaction.
 --
 -- The seal: a transaction's first journal row (ord = 1) queues the deferred constraint
 -- trigger `seal` on pgfeed.changes, which records the commit at commit time (_seal below);
@@ -140,11 +140,14 @@ $$;
 --   TG_ARGV[4] the table's name in events ("schema.table"; a partition's names its root)
 -- pgfeed._apply keeps them current through DDL (renames, added columns, new partitions).
 
-CREATE OR REPLACE FUNCTION pgfeed._capture_insert() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
+-- The capture functions are generated here, at install, from pieces each written once: the
+-- declarations, the ordinal counter, the check for casts, the rendering sandbox, a row's
+-- key and tenant, and what follows journaling. Each generated function is plain PL/pgSQL
+-- (see it with \sf pgfeed._capture_insert), so generation costs nothing per statement.
+DO $generate$
 DECLARE
+    -- Every capture function's variables.
+    declarations CONSTANT text := $piece$
     tenant_col text    := TG_ARGV[0];
     is_public  boolean := TG_ARGV[1]::boolean;
     pk_cols    text[]  := TG_ARGV[2]::text[];
@@ -153,22 +156,26 @@ DECLARE
     tbl_name   text    := coalesce(TG_ARGV[4], TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
     rendered   boolean := false;
     ignored    boolean;
-    rows       jsonb[];
-    j          jsonb;
-    pk         jsonb;
     not_pk     text[];
     n          integer;
-BEGIN
+$piece$;
+    -- The transaction's highest ordinal so far ("The ordinal counter" above).
+    ordinal CONSTANT text := $piece$
     IF coalesce(current_setting('pgfeed.ord', true), '') NOT IN ('', '0') THEN
         base := coalesce((SELECT max(c.ord) FROM pgfeed.changes AS c
                           WHERE c.xid = pg_current_xact_id()), 0);
     END IF;
+$piece$;
+    casts CONSTANT text := $piece$
     IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
         PERFORM pgfeed._check_casts(TG_RELID);
     END IF;
+$piece$;
+    -- Rendering in the sandbox ("Rendering" above); %s: the assignments that render.
+    sandbox CONSTANT text := $piece$
     BEGIN
         ignored := set_config('transaction_read_only', 'on', true) IS NULL;
-        rows := ARRAY(SELECT to_jsonb(r) FROM pgfeed_new AS r);
+        %s
         rendered := true;
         RAISE SQLSTATE 'PGFR0';
     EXCEPTION WHEN SQLSTATE 'PGFR0' THEN
@@ -177,117 +184,115 @@ BEGIN
     IF NOT rendered THEN
         PERFORM pgfeed._rendering_failed(TG_RELID);
     END IF;
-    n := cardinality(rows);
-    IF n = 1 THEN
-        j := rows[1];
-        IF cardinality(pk_cols) = 1 THEN
-            pk := jsonb_build_object(pk_cols[1], j -> pk_cols[1]);
-        ELSE
-            pk := (SELECT jsonb_object_agg(c, j -> c) FROM unnest(pk_cols) AS c);
+$piece$;
+    -- For statements of several rows, whose images are in the array %s: each row's key is
+    -- the row less its other columns when those are few (one operator per row; it
+    -- compares every column with every name, so not for wide tables), else built from the
+    -- one key column; the aggregate is left for composite keys of wide tables and for key
+    -- columns gone from the row (renamed since watch()).
+    keys_of_many CONSTANT text := $piece$
+    IF cardinality(%1$s) > 1 AND %1$s[1] ?& pk_cols THEN
+        not_pk := ARRAY(SELECT k FROM jsonb_object_keys(%1$s[1]) AS k WHERE k <> ALL (pk_cols));
+        IF cardinality(not_pk) > 8 THEN
+            not_pk := NULL;
         END IF;
-        INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
-        VALUES (pg_current_xact_id(), base + 1, tbl_name, 'insert',
-                CASE WHEN is_public THEN NULL ELSE j ->> tenant_col END, is_public, pk, j - excl);
-    ELSIF n > 1 THEN
-        -- Each row's key: the row less its other columns when those are few (one
-        -- operator per row; it compares every column with every name, so not for wide
-        -- tables), else built from the one key column; the aggregate is left for
-        -- composite keys of wide tables and for key columns gone from the row (renamed
-        -- since watch()).
-        IF rows[1] ?& pk_cols THEN
-            not_pk := ARRAY(SELECT k FROM jsonb_object_keys(rows[1]) AS k WHERE k <> ALL (pk_cols));
-            IF cardinality(not_pk) > 8 THEN
-                not_pk := NULL;
-            END IF;
-        END IF;
-        INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, new)
-        SELECT pg_current_xact_id(), base + s.i::integer,
-               tbl_name, 'insert',
-               CASE WHEN is_public THEN NULL ELSE s.j ->> tenant_col END, is_public,
-               CASE WHEN not_pk IS NOT NULL THEN s.j - not_pk
-                    WHEN cardinality(pk_cols) = 1
-                    THEN jsonb_build_object(pk_cols[1], s.j -> pk_cols[1])
-                    ELSE (SELECT jsonb_object_agg(c, s.j -> c) FROM unnest(pk_cols) AS c)
-               END, s.j - excl
-        FROM unnest(rows) WITH ORDINALITY AS s(j, i);
     END IF;
+$piece$;
+    -- The key of the row image %s in a statement of several rows (keys_of_many).
+    key_of CONSTANT text := $piece$CASE WHEN not_pk IS NOT NULL THEN %1$s - not_pk
+                    WHEN cardinality(pk_cols) = 1
+                    THEN jsonb_build_object(pk_cols[1], %1$s -> pk_cols[1])
+                    ELSE (SELECT jsonb_object_agg(c, %1$s -> c) FROM unnest(pk_cols) AS c)
+               END$piece$;
+    -- The tenant of the row image %s.
+    tenant_of CONSTANT text := $piece$CASE WHEN is_public THEN NULL ELSE %1$s ->> tenant_col END$piece$;
+    -- After n changes were journaled: the counter, and a new draw for a write after the
+    -- seal (_redraw above).
+    journaled CONSTANT text := $piece$
     IF n > 0 THEN
         ignored := set_config('pgfeed.ord', (base + n)::text, true) IS NULL;
         IF current_setting('pgfeed.sealed', true) = 'on' THEN
             PERFORM pgfeed._redraw();
         END IF;
     END IF;
-    RETURN NULL;
-END
-$$;
-
--- Old and new rows are paired by their position in the transition tables: PostgreSQL
--- appends both images of each updated row together, so the n-th old row is the n-th new
--- row's predecessor (pairing by key would break when the key itself changes). PostgreSQL
--- does not document this order; tests/update_pairing.rs proves it over HOT and non-HOT
--- updates, rows moved to other pages or partitions, changed keys, a random visiting
--- order and rows skipped by an application's trigger.
--- An update that moves a row to another tenant is captured as a delete for the old tenant
--- and an insert for the new one, so neither tenant sees the other's row.
-CREATE OR REPLACE FUNCTION pgfeed._capture_update() RETURNS trigger
+$piece$;
+    header CONSTANT text := $piece$CREATE OR REPLACE FUNCTION pgfeed.%I() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    tenant_col text    := TG_ARGV[0];
-    is_public  boolean := TG_ARGV[1]::boolean;
-    pk_cols    text[]  := TG_ARGV[2]::text[];
-    excl       text[]  := TG_ARGV[3]::text[];
-    base       integer := 0;
-    tbl_name   text    := coalesce(TG_ARGV[4], TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
-    rendered   boolean := false;
-    ignored    boolean;
+AS %L$piece$;
+    -- Inserts and deletes: one image per row (%1$s the transition table, %2$s the op,
+    -- %3$s the journal's column for the image). A statement that changed one row, the
+    -- common case, is journaled by an INSERT ... VALUES of PL/pgSQL variables; several
+    -- rows by one INSERT ... SELECT over unnest().
+    one_image CONSTANT text := $piece$
+    IF n = 1 THEN
+        -- The key by an assignment: in the INSERT, the aggregate's subquery would be set
+        -- up at every execution.
+        j := rows[1];
+        IF cardinality(pk_cols) = 1 THEN
+            pk := jsonb_build_object(pk_cols[1], j -> pk_cols[1]);
+        ELSE
+            pk := (SELECT jsonb_object_agg(c, j -> c) FROM unnest(pk_cols) AS c);
+        END IF;
+        INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, %3$s)
+        VALUES (pg_current_xact_id(), base + 1, tbl_name, '%2$s', $piece$
+        || format(tenant_of, 'j') || $piece$, is_public, pk, j - excl);
+    ELSIF n > 1 THEN$piece$ || format(keys_of_many, 'rows') || $piece$
+        INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, %3$s)
+        SELECT pg_current_xact_id(), base + s.i::integer, tbl_name, '%2$s', $piece$
+        || format(tenant_of, 's.j') || ', is_public, ' || format(key_of, 's.j') || $piece$, s.j - excl
+        FROM unnest(rows) WITH ORDINALITY AS s(j, i);
+    END IF;
+$piece$;
+    body text;
+    fn   text;
+    tt   text;
+    op   text;
+    col  text;
+BEGIN
+    -- Inserts and deletes.
+    FOR fn, tt, op, col IN VALUES ('_capture_insert', 'pgfeed_new', 'insert', 'new'),
+                                  ('_capture_delete', 'pgfeed_old', 'delete', 'old') LOOP
+        body := 'DECLARE' || declarations || $piece$
+    rows       jsonb[];
+    j          jsonb;
+    pk         jsonb;
+BEGIN$piece$ || ordinal || casts
+            || format(sandbox, format('rows := ARRAY(SELECT to_jsonb(r) FROM %s AS r);', tt))
+            || $piece$
+    n := cardinality(rows);$piece$
+            || format(one_image, tt, op, col)
+            || journaled || $piece$
+    RETURN NULL;
+END$piece$;
+        EXECUTE format(header, fn, body);
+    END LOOP;
+
+    -- Updates. Old and new rows are paired by their position in the transition tables:
+    -- PostgreSQL appends both images of each updated row together, so the n-th old row is
+    -- the n-th new row's predecessor (pairing by key would break when the key itself
+    -- changes). PostgreSQL does not document this order; tests/update_pairing.rs proves
+    -- it over HOT and non-HOT updates, rows moved to other pages or partitions, changed
+    -- keys, a random visiting order and rows skipped by an application's trigger. An
+    -- update that moves a row to another tenant is captured as a delete for the old tenant
+    -- and an insert for the new one, so neither tenant sees the other's row.
+    body := 'DECLARE' || declarations || $piece$
     olds       jsonb[];
     news       jsonb[];
-    not_pk     text[];
-    n          integer;
-BEGIN
-    IF coalesce(current_setting('pgfeed.ord', true), '') NOT IN ('', '0') THEN
-        base := coalesce((SELECT max(c.ord) FROM pgfeed.changes AS c
-                          WHERE c.xid = pg_current_xact_id()), 0);
-    END IF;
-    IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
-        PERFORM pgfeed._check_casts(TG_RELID);
-    END IF;
-    BEGIN
-        ignored := set_config('transaction_read_only', 'on', true) IS NULL;
-        olds := ARRAY(SELECT to_jsonb(r) - excl FROM pgfeed_old AS r);
-        news := ARRAY(SELECT to_jsonb(r) - excl FROM pgfeed_new AS r);
-        rendered := true;
-        RAISE SQLSTATE 'PGFR0';
-    EXCEPTION WHEN SQLSTATE 'PGFR0' THEN
-        NULL;
-    END;
-    IF NOT rendered THEN
-        PERFORM pgfeed._rendering_failed(TG_RELID);
-    END IF;
-    -- Keys of multi-row statements as in _capture_insert.
-    IF cardinality(news) > 1 AND news[1] ?& pk_cols THEN
-        not_pk := ARRAY(SELECT k FROM jsonb_object_keys(news[1]) AS k WHERE k <> ALL (pk_cols));
-        IF cardinality(not_pk) > 8 THEN
-            not_pk := NULL;
-        END IF;
-    END IF;
+BEGIN$piece$ || ordinal || casts
+        || format(sandbox, $piece$olds := ARRAY(SELECT to_jsonb(r) - excl FROM pgfeed_old AS r);
+        news := ARRAY(SELECT to_jsonb(r) - excl FROM pgfeed_new AS r);$piece$)
+        || format(keys_of_many, 'news')
+        || $piece$
     WITH pairs AS (
-        SELECT o.i, o.j AS oj, nw.j AS nj,
-               CASE WHEN is_public THEN NULL ELSE o.j ->> tenant_col END AS old_tenant,
-               CASE WHEN is_public THEN NULL ELSE nw.j ->> tenant_col END AS new_tenant
+        SELECT o.i, o.j AS oj, nw.j AS nj, $piece$ || format(tenant_of, 'o.j') || $piece$ AS old_tenant,
+               $piece$ || format(tenant_of, 'nw.j') || $piece$ AS new_tenant
         FROM unnest(olds) WITH ORDINALITY AS o(j, i)
         JOIN unnest(news) WITH ORDINALITY AS nw(j, i) USING (i)
     ),
     events AS (
         -- same tenant: an update, unless no (captured) column changed
-        SELECT p.i, 0 AS k, 'update' AS op, p.new_tenant AS tenant,
-               CASE WHEN not_pk IS NOT NULL THEN p.nj - not_pk
-                    WHEN cardinality(pk_cols) = 1
-                    THEN jsonb_build_object(pk_cols[1], p.nj -> pk_cols[1])
-                    ELSE (SELECT jsonb_object_agg(c, p.nj -> c) FROM unnest(pk_cols) AS c)
-               END AS pk,
+        SELECT p.i, 0 AS k, 'update' AS op, p.new_tenant AS tenant, $piece$ || format(key_of, 'p.nj') || $piece$ AS pk,
                p.nj AS new, p.oj AS old,
                ARRAY(SELECT e.key FROM jsonb_each(p.nj) AS e
                      WHERE e.value IS DISTINCT FROM p.oj -> e.key ORDER BY e.key) AS changed
@@ -295,23 +300,13 @@ BEGIN
         WHERE p.old_tenant IS NOT DISTINCT FROM p.new_tenant
         UNION ALL
         -- tenant moved: the old tenant sees the row leave ...
-        SELECT p.i, 0, 'delete', p.old_tenant,
-               CASE WHEN not_pk IS NOT NULL THEN p.oj - not_pk
-                    WHEN cardinality(pk_cols) = 1
-                    THEN jsonb_build_object(pk_cols[1], p.oj -> pk_cols[1])
-                    ELSE (SELECT jsonb_object_agg(c, p.oj -> c) FROM unnest(pk_cols) AS c)
-               END,
+        SELECT p.i, 0, 'delete', p.old_tenant, $piece$ || format(key_of, 'p.oj') || $piece$,
                NULL, p.oj, NULL
         FROM pairs AS p
         WHERE p.old_tenant IS DISTINCT FROM p.new_tenant
         UNION ALL
         -- ... and the new tenant sees it arrive
-        SELECT p.i, 1, 'insert', p.new_tenant,
-               CASE WHEN not_pk IS NOT NULL THEN p.nj - not_pk
-                    WHEN cardinality(pk_cols) = 1
-                    THEN jsonb_build_object(pk_cols[1], p.nj -> pk_cols[1])
-                    ELSE (SELECT jsonb_object_agg(c, p.nj -> c) FROM unnest(pk_cols) AS c)
-               END,
+        SELECT p.i, 1, 'insert', p.new_tenant, $piece$ || format(key_of, 'p.nj') || $piece$,
                p.nj, NULL, NULL
         FROM pairs AS p
         WHERE p.old_tenant IS DISTINCT FROM p.new_tenant
@@ -321,126 +316,28 @@ BEGIN
            tbl_name, ev.op, ev.tenant, is_public, ev.pk, ev.new, ev.old, ev.changed
     FROM events AS ev
     WHERE ev.op <> 'update' OR cardinality(ev.changed) > 0;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    IF n > 0 THEN
-        ignored := set_config('pgfeed.ord', (base + n)::text, true) IS NULL;
-        IF current_setting('pgfeed.sealed', true) = 'on' THEN
-            PERFORM pgfeed._redraw();
-        END IF;
-    END IF;
+    GET DIAGNOSTICS n = ROW_COUNT;$piece$
+        || journaled || $piece$
     RETURN NULL;
-END
-$$;
+END$piece$;
+    EXECUTE format(header, '_capture_update', body);
 
-CREATE OR REPLACE FUNCTION pgfeed._capture_delete() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    tenant_col text    := TG_ARGV[0];
-    is_public  boolean := TG_ARGV[1]::boolean;
-    pk_cols    text[]  := TG_ARGV[2]::text[];
-    excl       text[]  := TG_ARGV[3]::text[];
-    base       integer := 0;
-    tbl_name   text    := coalesce(TG_ARGV[4], TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
-    rendered   boolean := false;
-    ignored    boolean;
-    rows       jsonb[];
-    j          jsonb;
-    pk         jsonb;
-    not_pk     text[];
-    n          integer;
-BEGIN
-    IF coalesce(current_setting('pgfeed.ord', true), '') NOT IN ('', '0') THEN
-        base := coalesce((SELECT max(c.ord) FROM pgfeed.changes AS c
-                          WHERE c.xid = pg_current_xact_id()), 0);
-    END IF;
-    IF EXISTS (SELECT FROM pgfeed.json_casts_since_initdb) THEN
-        PERFORM pgfeed._check_casts(TG_RELID);
-    END IF;
-    BEGIN
-        ignored := set_config('transaction_read_only', 'on', true) IS NULL;
-        rows := ARRAY(SELECT to_jsonb(r) FROM pgfeed_old AS r);
-        rendered := true;
-        RAISE SQLSTATE 'PGFR0';
-    EXCEPTION WHEN SQLSTATE 'PGFR0' THEN
-        NULL;
-    END;
-    IF NOT rendered THEN
-        PERFORM pgfeed._rendering_failed(TG_RELID);
-    END IF;
-    n := cardinality(rows);
-    IF n = 1 THEN
-        j := rows[1];
-        IF cardinality(pk_cols) = 1 THEN
-            pk := jsonb_build_object(pk_cols[1], j -> pk_cols[1]);
-        ELSE
-            pk := (SELECT jsonb_object_agg(c, j -> c) FROM unnest(pk_cols) AS c);
-        END IF;
-        INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, old)
-        VALUES (pg_current_xact_id(), base + 1, tbl_name, 'delete',
-                CASE WHEN is_public THEN NULL ELSE j ->> tenant_col END, is_public, pk, j - excl);
-    ELSIF n > 1 THEN
-        -- Each row's key: the row less its other columns when those are few (one
-        -- operator per row; it compares every column with every name, so not for wide
-        -- tables), else built from the one key column; the aggregate is left for
-        -- composite keys of wide tables and for key columns gone from the row (renamed
-        -- since watch()).
-        IF rows[1] ?& pk_cols THEN
-            not_pk := ARRAY(SELECT k FROM jsonb_object_keys(rows[1]) AS k WHERE k <> ALL (pk_cols));
-            IF cardinality(not_pk) > 8 THEN
-                not_pk := NULL;
-            END IF;
-        END IF;
-        INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public, pk, old)
-        SELECT pg_current_xact_id(), base + s.i::integer,
-               tbl_name, 'delete',
-               CASE WHEN is_public THEN NULL ELSE s.j ->> tenant_col END, is_public,
-               CASE WHEN not_pk IS NOT NULL THEN s.j - not_pk
-                    WHEN cardinality(pk_cols) = 1
-                    THEN jsonb_build_object(pk_cols[1], s.j -> pk_cols[1])
-                    ELSE (SELECT jsonb_object_agg(c, s.j -> c) FROM unnest(pk_cols) AS c)
-               END, s.j - excl
-        FROM unnest(rows) WITH ORDINALITY AS s(j, i);
-    END IF;
-    IF n > 0 THEN
-        ignored := set_config('pgfeed.ord', (base + n)::text, true) IS NULL;
-        IF current_setting('pgfeed.sealed', true) = 'on' THEN
-            PERFORM pgfeed._redraw();
-        END IF;
-    END IF;
-    RETURN NULL;
-END
-$$;
-
--- A truncate carries no row, so every subscriber allowed the table receives it.
-CREATE OR REPLACE FUNCTION pgfeed._capture_truncate() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    base     integer := 0;
-    tbl_name text    := coalesce(TG_ARGV[4], TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
-BEGIN
-    IF coalesce(current_setting('pgfeed.ord', true), '') NOT IN ('', '0') THEN
-        base := coalesce((SELECT max(c.ord) FROM pgfeed.changes AS c
-                          WHERE c.xid = pg_current_xact_id()), 0);
-        -- TRUNCATE of a partitioned table fires this for it and for each partition: one
-        -- event is enough when the transaction's last change already truncated it.
-        IF current_setting('pgfeed.truncated', true) = base::text || ' ' || tbl_name THEN
-            RETURN NULL;
-        END IF;
+    -- Truncates carry no row, so every subscriber allowed the table receives them. A
+    -- TRUNCATE of a partitioned table fires this for it and for each partition: one event
+    -- is enough when the transaction's last change already truncated it.
+    body := 'DECLARE' || declarations || 'BEGIN' || ordinal || $piece$
+    IF base > 0 AND current_setting('pgfeed.truncated', true) = base::text || ' ' || tbl_name THEN
+        RETURN NULL;
     END IF;
     INSERT INTO pgfeed.changes (xid, ord, table_name, op, tenant, public)
     VALUES (pg_current_xact_id(), base + 1, tbl_name, 'truncate', NULL, true);
-    PERFORM set_config('pgfeed.ord', (base + 1)::text, true);
-    IF current_setting('pgfeed.sealed', true) = 'on' THEN
-        PERFORM pgfeed._redraw();
-    END IF;
-    PERFORM set_config('pgfeed.truncated', (base + 1)::text || ' ' || tbl_name, true);
+    n := 1;$piece$ || journaled || $piece$
+    ignored := set_config('pgfeed.truncated', (base + 1)::text || ' ' || tbl_name, true) IS NULL;
     RETURN NULL;
+END$piece$;
+    EXECUTE format(header, '_capture_truncate', body);
 END
-$$;
+$generate$;
 
 -- Runs once per transaction, at commit: queued by the transaction's first journal row. It
 -- takes no lock that another transaction waits on: it appends the commit to
