@@ -30,6 +30,9 @@ pub const KEYS: &[(&str, Kind)] = &[
     ("server.max_subscribers_per_tenant", Kind::Int),
     ("server.max_stream_rate", Kind::Int),
     ("server.threads", Kind::Int),
+    ("server.max_connections", Kind::Int),
+    ("server.header_timeout", Kind::Str),
+    ("server.write_timeout", Kind::Str),
     ("auth.mode", Kind::Str),
     ("auth.secret", Kind::Str),
     ("auth.public_key_file", Kind::Str),
@@ -184,6 +187,9 @@ struct ServerSection {
     max_subscribers_per_tenant: Option<i64>,
     max_stream_rate: Option<i64>,
     threads: Option<i64>,
+    max_connections: Option<i64>,
+    header_timeout: Option<String>,
+    write_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -260,6 +266,17 @@ pub struct Config {
     /// CPU: on 2 cores, one thread delivered about a quarter more than two
     /// (BENCHMARKS.md). On a machine of its own, set it to the number of CPUs.
     pub threads: usize,
+    /// `server.max_connections` (default 11000): open connections at most (streams and
+    /// everything else). Beyond it a request gets a JSON 503 `too_many_connections`, while
+    /// `/healthz` and `/readyz` are still answered. Lowered at start-up if the open-file
+    /// limit cannot hold it.
+    pub max_connections: usize,
+    /// `server.header_timeout` (default 30s): how long a client may take to send its whole
+    /// request head, however slowly it trickles; then it gets 408 and is closed.
+    pub header_timeout: Duration,
+    /// `server.write_timeout` (default 30s): a stream whose client accepts no bytes for
+    /// this long is closed (`pgfeed_write_timeouts_total`).
+    pub write_timeout: Duration,
     /// The `auth` section.
     pub auth: AuthConfig,
     /// `cors.allowed_origins` (default `[]`): origins allowed to read responses from a
@@ -278,6 +295,9 @@ pub struct Config {
     /// `journal.prune_interval` (default 1m): how often a replica tries to prune changes
     /// older than `journal.retention`.
     pub prune_interval: Duration,
+    /// Problems that did not stop loading (unknown `PGFEED_` variables), for the caller to
+    /// log once logging is set up.
+    pub warnings: Vec<String>,
 }
 
 /// How subscribers are authenticated.
@@ -320,6 +340,17 @@ pub enum AuthMode {
     /// No authentication (development only): the tenant from the `tenant` query
     /// parameter or the tenant header.
     None,
+}
+
+impl AuthMode {
+    /// The mode as `auth.mode` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Jwt => "jwt",
+            AuthMode::TrustedHeader => "trusted_header",
+            AuthMode::None => "none",
+        }
+    }
 }
 
 impl AuthConfig {
@@ -390,7 +421,8 @@ impl Config {
             Some(path) => read_file(path)?,
             None => toml::Table::new(),
         };
-        for (origin, key, value) in env_overrides(&sources.env)? {
+        let (overrides, warnings) = env_overrides(&sources.env);
+        for (origin, key, value) in overrides {
             set_key(&mut table, key, value, &origin)?;
         }
         for (key, value) in &sources.flags {
@@ -406,7 +438,9 @@ impl Config {
                     }),
                     message: e.message().to_string(),
                 })?;
-        Config::validate(file)
+        let mut config = Config::validate(file)?;
+        config.warnings = warnings;
+        Ok(config)
     }
 
     fn validate(file: FileConfig) -> Result<Config, ConfigError> {
@@ -562,6 +596,24 @@ impl Config {
                 default_threads(),
                 1024,
             )?,
+            max_connections: positive(
+                "server.max_connections",
+                file.server.max_connections,
+                11_000,
+                10_000_000,
+            )?,
+            header_timeout: duration(
+                "server.header_timeout",
+                &file.server.header_timeout,
+                "30s",
+                true,
+            )?,
+            write_timeout: duration(
+                "server.write_timeout",
+                &file.server.write_timeout,
+                "30s",
+                true,
+            )?,
             auth: AuthConfig {
                 mode,
                 secret,
@@ -600,6 +652,7 @@ impl Config {
                 "1m",
                 true,
             )?,
+            warnings: Vec::new(),
         })
     }
 }
@@ -615,13 +668,16 @@ fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
     })
 }
 
-/// Environment variables that set keys, as (origin, key, value). `DATABASE_URL` sets
-/// `database.url` unless `PGFEED_DATABASE_URL` does. `PGFEED_TEST_*` belongs to the test
-/// suite and `PGFEED_LOG` to logging; any other `PGFEED_` variable must name a key.
-fn env_overrides(
-    env: &[(String, String)],
-) -> Result<Vec<(String, &'static str, String)>, ConfigError> {
+/// Environment variables that set keys, as (origin, key, value), and warnings for the
+/// `PGFEED_` variables that name no key. `DATABASE_URL` sets `database.url` unless
+/// `PGFEED_DATABASE_URL` does. `PGFEED_TEST_*` belongs to the test suite, `PGFEED_LOG` to
+/// logging and `PGFEED_CONFIG` names the config file; any other `PGFEED_` variable that
+/// names no key is ignored with a warning (Kubernetes injects `PGFEED_SERVICE_HOST`,
+/// `PGFEED_PORT`, ... for a Service named `pgfeed`), while an unknown key in the config
+/// file stays an error.
+fn env_overrides(env: &[(String, String)]) -> (Vec<(String, &'static str, String)>, Vec<String>) {
     let mut found: BTreeMap<&'static str, (String, String)> = BTreeMap::new();
+    let mut warnings = Vec::new();
     for (name, value) in env {
         if name == "DATABASE_URL" {
             found
@@ -632,20 +688,26 @@ fn env_overrides(
         let Some(rest) = name.strip_prefix("PGFEED_") else {
             continue;
         };
-        if rest.starts_with("TEST_") || rest == "LOG" {
+        if rest.starts_with("TEST_") || rest == "LOG" || rest == "CONFIG" {
             continue;
         }
-        let key = KEYS
+        match KEYS
             .iter()
             .map(|(k, _)| *k)
             .find(|k| k.replace('.', "_").eq_ignore_ascii_case(rest))
-            .ok_or_else(|| ConfigError::Source {
-                origin: format!("environment variable {name}"),
-                message: "names no setting (see config.example.toml for the keys)".into(),
-            })?;
-        found.insert(key, (format!("environment variable {name}"), value.clone()));
+        {
+            Some(key) => {
+                found.insert(key, (format!("environment variable {name}"), value.clone()));
+            }
+            None => warnings.push(format!(
+                "ignoring environment variable {name}: it names no setting (see config.example.toml for the keys)"
+            )),
+        }
     }
-    Ok(found.into_iter().map(|(k, (o, v))| (o, k, v)).collect())
+    (
+        found.into_iter().map(|(k, (o, v))| (o, k, v)).collect(),
+        warnings,
+    )
 }
 
 /// Sets `section.key` in the table from a string, converting it to the key's kind.
@@ -858,15 +920,20 @@ mod tests {
         let err = c.database_url().unwrap_err().to_string();
         assert!(err.contains("database.url"), "{err}");
 
+        // A misspelt variable is not fatal (Kubernetes injects PGFEED_* variables of its
+        // own), but it is named in a warning.
         let mut e = base();
         e.push(("PGFEED_SERVER_LISTN".into(), "x".into()));
-        let err = Config::load(&Sources {
+        let c = Config::load(&Sources {
             env: e,
             ..Default::default()
         })
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("PGFEED_SERVER_LISTN"), "{err}");
+        .unwrap();
+        assert!(
+            c.warnings.iter().any(|w| w.contains("PGFEED_SERVER_LISTN")),
+            "{:?}",
+            c.warnings
+        );
 
         let mut e = base();
         e.push(("PGFEED_DATABASE_POOL_SIZE".into(), "many".into()));

@@ -73,6 +73,31 @@ pub fn parse_url(url: &Secret) -> Result<tokio_postgres::Config, DbError> {
     Ok(config)
 }
 
+/// Where `config` connects, as `host:port/dbname` (never the user's password), for logs.
+pub fn endpoint(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                Host::Tcp(name) if name.contains(':') => format!("[{name}]:{port}"),
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(dir) => format!("{}:{port}", dir.display()),
+            }
+        })
+        .collect();
+    let hosts = if hosts.is_empty() {
+        "localhost:5432".to_string()
+    } else {
+        hosts.join(",")
+    };
+    format!("{hosts}/{}", config.get_dbname().unwrap_or("-"))
+}
+
 /// The pool for journal reads and other short queries.
 pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, DbError> {
     let manager = Manager::from_config(

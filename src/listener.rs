@@ -81,6 +81,9 @@ pub enum NotReady {
     Disconnected,
     /// Connected, but the pgfeed schema is gone: it was uninstalled.
     SchemaMissing,
+    /// An essential task (the listener itself, pruning) ended unexpectedly: the process is
+    /// exiting so that its supervisor restarts it. Final.
+    Failed,
 }
 
 /// Whether the listener is connected and caught up, and if not why (`/readyz`).
@@ -91,6 +94,7 @@ pub struct Readiness(AtomicU8);
 const DISCONNECTED: u8 = 0;
 const READY: u8 = 1;
 const SCHEMA_MISSING: u8 = 2;
+const FAILED: u8 = 3;
 
 impl Readiness {
     /// True while connected and caught up.
@@ -103,8 +107,14 @@ impl Readiness {
         match self.0.load(Ordering::Acquire) {
             READY => None,
             SCHEMA_MISSING => Some(NotReady::SchemaMissing),
+            FAILED => Some(NotReady::Failed),
             _ => Some(NotReady::Disconnected),
         }
+    }
+
+    /// Marks the gateway failed for good (see [`NotReady::Failed`]).
+    pub fn fail(&self) {
+        self.0.store(FAILED, Ordering::Release);
     }
 
     /// Sets the state (`None`: ready) and returns the previous one.
@@ -113,10 +123,19 @@ impl Readiness {
             None => READY,
             Some(NotReady::Disconnected) => DISCONNECTED,
             Some(NotReady::SchemaMissing) => SCHEMA_MISSING,
+            Some(NotReady::Failed) => FAILED,
         };
-        match self.0.swap(value, Ordering::AcqRel) {
+        // A failed gateway stays failed.
+        let before = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+                (old != FAILED).then_some(value)
+            })
+            .unwrap_or(FAILED);
+        match before {
             READY => None,
             SCHEMA_MISSING => Some(NotReady::SchemaMissing),
+            FAILED => Some(NotReady::Failed),
             _ => Some(NotReady::Disconnected),
         }
     }
