@@ -126,6 +126,13 @@ pub enum ConfigError {
         /// The rule it breaks.
         message: String,
     },
+    /// Several of the above, all reported at once.
+    #[error("{} configuration errors:{}", .0.len(), list(.0))]
+    Many(Vec<ConfigError>),
+}
+
+fn list(errors: &[ConfigError]) -> String {
+    errors.iter().map(|e| format!("\n  - {e}")).collect()
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -415,19 +422,40 @@ impl Config {
         })
     }
 
-    /// Loads and validates: file, then environment, then flags.
+    /// Loads and validates: file, then environment, then flags. Every problem is
+    /// reported at once, each naming its `section.key` and where the value came from (the
+    /// file and line, the environment variable or the flag).
     pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+        let mut errs = Vec::new();
+        let mut origins: BTreeMap<&'static str, String> = BTreeMap::new();
         let mut table = match &sources.file {
-            Some(path) => read_file(path)?,
+            Some(path) => {
+                let (table, text) = read_file(path)?;
+                check_file(&table, path, &text, &mut errs, &mut origins);
+                table
+            }
             None => toml::Table::new(),
         };
         let (overrides, warnings) = env_overrides(&sources.env);
         for (origin, key, value) in overrides {
-            set_key(&mut table, key, value, &origin)?;
+            match set_key(&mut table, key, value, &origin) {
+                Ok(()) => {
+                    origins.insert(key, origin);
+                }
+                Err(err) => errs.push(err),
+            }
         }
         for (key, value) in &sources.flags {
             let origin = format!("flag for `{key}`");
-            set_key(&mut table, key, value.clone(), &origin)?;
+            match set_key(&mut table, key, value.clone(), &origin) {
+                Ok(()) => {
+                    origins.insert(key, origin);
+                }
+                Err(err) => errs.push(err),
+            }
+        }
+        if !errs.is_empty() {
+            return Err(many(errs));
         }
         let file: FileConfig =
             table
@@ -438,43 +466,52 @@ impl Config {
                     }),
                     message: e.message().to_string(),
                 })?;
-        let mut config = Config::validate(file)?;
+        let mut config = Config::validate(file).map_err(|err| locate(err, &origins))?;
         config.warnings = warnings;
         Ok(config)
     }
 
     fn validate(file: FileConfig) -> Result<Config, ConfigError> {
+        // Every problem is collected, so that an operator fixes them all in one go.
+        let mut errs = Vec::new();
         let database_url = file.database.url;
         if database_url
             .as_ref()
             .is_some_and(|u| u.expose().trim().is_empty())
         {
-            return Err(invalid("database.url", "must not be empty"));
+            errs.push(invalid("database.url", "must not be empty"));
         }
         let listen = file.server.listen.as_deref().unwrap_or("127.0.0.1:8080");
-        let listen: SocketAddr = listen.parse().map_err(|_| {
-            invalid(
-                "server.listen",
-                format!("{listen:?} is not an address of the form 127.0.0.1:8080"),
-            )
-        })?;
+        let listen: SocketAddr = listen
+            .parse()
+            .map_err(|_| {
+                invalid(
+                    "server.listen",
+                    format!("{listen:?} is not an address of the form 127.0.0.1:8080"),
+                )
+            })
+            .unwrap_or_else(|e| {
+                errs.push(e);
+                SocketAddr::from(([127, 0, 0, 1], 8080))
+            });
         let auth = &file.auth;
         let mode = match auth.mode.as_deref().unwrap_or("jwt") {
             "jwt" => AuthMode::Jwt,
             "trusted_header" => AuthMode::TrustedHeader,
             "none" => AuthMode::None,
             other => {
-                return Err(invalid(
+                errs.push(invalid(
                     "auth.mode",
                     format!("{other:?} is not one of \"jwt\", \"trusted_header\", \"none\""),
                 ));
+                AuthMode::Jwt
             }
         };
         if mode != AuthMode::Jwt
             && !listen.ip().is_loopback()
             && !auth.allow_remote.unwrap_or(false)
         {
-            return Err(invalid(
+            errs.push(invalid(
                 "auth.mode",
                 format!(
                     "{:?} trusts whoever can reach the port, so it is refused on the non-loopback \
@@ -486,7 +523,7 @@ impl Config {
         }
         let secret = auth.secret.clone();
         if secret.as_ref().is_some_and(|s| s.expose().len() < 16) {
-            return Err(invalid("auth.secret", "must be at least 16 bytes long"));
+            errs.push(invalid("auth.secret", "must be at least 16 bytes long"));
         }
         let sources = [
             secret.is_some(),
@@ -494,7 +531,7 @@ impl Config {
             auth.jwks_file.is_some(),
         ];
         if sources.iter().filter(|s| **s).count() > 1 {
-            return Err(invalid(
+            errs.push(invalid(
                 "auth.secret",
                 "only one of auth.secret, auth.public_key_file and auth.jwks_file may be set",
             ));
@@ -504,17 +541,17 @@ impl Config {
             .clone()
             .unwrap_or_else(|| "tenant_id".into());
         if tenant_claim.is_empty() {
-            return Err(invalid("auth.tenant_claim", "must not be empty"));
+            errs.push(invalid("auth.tenant_claim", "must not be empty"));
         }
         if auth.tables_claim.as_deref() == Some("") {
-            return Err(invalid("auth.tables_claim", "must not be empty when set"));
+            errs.push(invalid("auth.tables_claim", "must not be empty when set"));
         }
         let tenant_header = auth
             .tenant_header
             .clone()
             .unwrap_or_else(|| "X-Tenant-Id".into());
         if hyper::header::HeaderName::from_bytes(tenant_header.as_bytes()).is_err() {
-            return Err(invalid(
+            errs.push(invalid(
                 "auth.tenant_header",
                 format!("{tenant_header:?} is not a header name"),
             ));
@@ -522,7 +559,7 @@ impl Config {
         if let Some(cookie) = &auth.cookie
             && (cookie.is_empty() || cookie.contains([';', '=', ' ', ',']))
         {
-            return Err(invalid(
+            errs.push(invalid(
                 "auth.cookie",
                 format!("{cookie:?} is not a cookie name"),
             ));
@@ -534,7 +571,7 @@ impl Config {
                     && !origin.ends_with('/')
                     && hyper::header::HeaderValue::from_str(origin).is_ok());
             if !ok {
-                return Err(invalid(
+                errs.push(invalid(
                     "cors.allowed_origins",
                     format!(
                         "{origin:?} is not an origin like \"https://app.example.com\" (no path, no trailing slash) or \"*\""
@@ -542,78 +579,123 @@ impl Config {
                 ));
             }
         }
-        Ok(Config {
+        let config = Config {
             database_url,
-            pool_size: positive("database.pool_size", file.database.pool_size, 8, 1000)?,
-            query_timeout: duration(
-                "database.query_timeout",
-                &file.database.query_timeout,
-                "30s",
-                true,
-            )?,
-            health_interval: duration(
-                "database.health_interval",
-                &file.database.health_interval,
-                "5s",
-                true,
-            )?,
+            pool_size: take(
+                &mut errs,
+                positive("database.pool_size", file.database.pool_size, 8, 1000),
+            ),
+            query_timeout: take(
+                &mut errs,
+                duration(
+                    "database.query_timeout",
+                    &file.database.query_timeout,
+                    "30s",
+                    true,
+                ),
+            ),
+            health_interval: take(
+                &mut errs,
+                duration(
+                    "database.health_interval",
+                    &file.database.health_interval,
+                    "5s",
+                    true,
+                ),
+            ),
             listen,
-            heartbeat: duration("server.heartbeat", &file.server.heartbeat, "15s", true)?,
-            shutdown_grace: duration(
-                "server.shutdown_grace",
-                &file.server.shutdown_grace,
-                "10s",
-                false,
-            )?,
-            retry: duration("server.retry", &file.server.retry, "2s", true)?,
-            live_buffer: positive("server.live_buffer", file.server.live_buffer, 256, 1 << 20)?,
-            replay_memory: bytes(
-                "server.replay_memory",
-                file.server.replay_memory,
-                crate::fanout::RECENT_BYTES,
-            )?,
-            max_subscribers: positive(
-                "server.max_subscribers",
-                file.server.max_subscribers,
-                10_000,
-                10_000_000,
-            )?,
-            max_subscribers_per_tenant: positive(
-                "server.max_subscribers_per_tenant",
-                file.server.max_subscribers_per_tenant,
-                1000,
-                10_000_000,
-            )?,
-            max_stream_rate: positive(
-                "server.max_stream_rate",
-                file.server.max_stream_rate,
-                50,
-                1_000_000,
-            )? as u32,
-            threads: positive(
-                "server.threads",
-                file.server.threads,
-                default_threads(),
-                1024,
-            )?,
-            max_connections: positive(
-                "server.max_connections",
-                file.server.max_connections,
-                11_000,
-                10_000_000,
-            )?,
-            header_timeout: duration(
-                "server.header_timeout",
-                &file.server.header_timeout,
-                "30s",
-                true,
-            )?,
-            write_timeout: duration(
-                "server.write_timeout",
-                &file.server.write_timeout,
-                "30s",
-                true,
-            )?,
+            heartbeat: take(
+                &mut errs,
+                duration("server.heartbeat", &file.server.heartbeat, "15s", true),
+            ),
+            shutdown_grace: take(
+                &mut errs,
+                duration(
+                    "server.shutdown_grace",
+                    &file.server.shutdown_grace,
+                    "10s",
+                    false,
+                ),
+            ),
+            retry: take(
+                &mut errs,
+                duration("server.retry", &file.server.retry, "2s", true),
+            ),
+            live_buffer: take(
+                &mut errs,
+                positive("server.live_buffer", file.server.live_buffer, 256, 1 << 20),
+            ),
+            replay_memory: take(
+                &mut errs,
+                bytes(
+                    "server.replay_memory",
+                    file.server.replay_memory,
+                    crate::fanout::RECENT_BYTES,
+                ),
+            ),
+            max_subscribers: take(
+                &mut errs,
+                positive(
+                    "server.max_subscribers",
+                    file.server.max_subscribers,
+                    10_000,
+                    10_000_000,
+                ),
+            ),
+            max_subscribers_per_tenant: take(
+                &mut errs,
+                positive(
+                    "server.max_subscribers_per_tenant",
+                    file.server.max_subscribers_per_tenant,
+                    1000,
+                    10_000_000,
+                ),
+            ),
+            max_stream_rate: take(
+                &mut errs,
+                positive(
+                    "server.max_stream_rate",
+                    file.server.max_stream_rate,
+                    50,
+                    1_000_000,
+                ),
+            ) as u32,
+            threads: take(
+                &mut errs,
+                positive(
+                    "server.threads",
+                    file.server.threads,
+                    default_threads(),
+                    1024,
+                ),
+            ),
+            max_connections: take(
+                &mut errs,
+                positive(
+                    "server.max_connections",
+                    file.server.max_connections,
+                    11_000,
+                    10_000_000,
+                ),
+            ),
+            header_timeout: take(
+                &mut errs,
+                duration(
+                    "server.header_timeout",
+                    &file.server.header_timeout,
+                    "30s",
+                    true,
+                ),
+            ),
+            write_timeout: take(
+                &mut errs,
+                duration(
+                    "server.write_timeout",
+                    &file.server.write_timeout,
+                    "30s",
+                    true,
+                ),
+            ),
             auth: AuthConfig {
                 mode,
                 secret,
@@ -623,7 +705,10 @@ impl Config {
                 audience: auth.audience.clone(),
                 tenant_claim,
                 tables_claim: auth.tables_claim.clone(),
-                leeway: duration("auth.leeway", &auth.leeway, "5s", false)?,
+                leeway: take(
+                    &mut errs,
+                    duration("auth.leeway", &auth.leeway, "5s", false),
+                ),
                 cookie: auth.cookie.clone(),
                 tenant_header,
             },
@@ -632,40 +717,209 @@ impl Config {
                 "text" => false,
                 "json" => true,
                 other => {
-                    return Err(invalid(
+                    errs.push(invalid(
                         "log.format",
                         format!("{other:?} is not \"text\" or \"json\""),
                     ));
+                    false
                 }
             },
-            retention: duration("journal.retention", &file.journal.retention, "24h", true)?,
-            batch_size: positive("journal.batch_size", file.journal.batch_size, 5000, 100_000)?,
-            batch_bytes: positive(
-                "journal.batch_bytes",
-                file.journal.batch_bytes,
-                8 << 20,
-                1 << 30,
-            )?,
-            prune_interval: duration(
-                "journal.prune_interval",
-                &file.journal.prune_interval,
-                "1m",
-                true,
-            )?,
+            retention: take(
+                &mut errs,
+                duration("journal.retention", &file.journal.retention, "24h", true),
+            ),
+            batch_size: take(
+                &mut errs,
+                positive("journal.batch_size", file.journal.batch_size, 5000, 100_000),
+            ),
+            batch_bytes: take(
+                &mut errs,
+                positive(
+                    "journal.batch_bytes",
+                    file.journal.batch_bytes,
+                    8 << 20,
+                    1 << 30,
+                ),
+            ),
+            prune_interval: take(
+                &mut errs,
+                duration(
+                    "journal.prune_interval",
+                    &file.journal.prune_interval,
+                    "1m",
+                    true,
+                ),
+            ),
             warnings: Vec::new(),
-        })
+        };
+        match errs.len() {
+            0 => Ok(config),
+            1 => Err(errs.remove(0)),
+            _ => Err(ConfigError::Many(errs)),
+        }
     }
 }
 
-fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
+/// A check's value, or its type's default with the error collected in `errs`.
+fn take<T: Default>(errs: &mut Vec<ConfigError>, result: Result<T, ConfigError>) -> T {
+    result.unwrap_or_else(|err| {
+        errs.push(err);
+        T::default()
+    })
+}
+
+fn read_file(path: &Path) -> Result<(toml::Table, String), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    let table = text
+        .parse::<toml::Table>()
+        .map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    Ok((table, text))
+}
+
+/// One error, or all of them.
+fn many(mut errs: Vec<ConfigError>) -> ConfigError {
+    if errs.len() == 1 {
+        errs.remove(0)
+    } else {
+        ConfigError::Many(errs)
+    }
+}
+
+/// Adds where an invalid value came from to its error.
+fn locate(err: ConfigError, origins: &BTreeMap<&'static str, String>) -> ConfigError {
+    match err {
+        ConfigError::Invalid { key, message } => match origins.get(key) {
+            Some(origin) => ConfigError::Invalid {
+                key,
+                message: format!("{message} (set by {origin})"),
+            },
+            None => ConfigError::Invalid { key, message },
+        },
+        ConfigError::Many(errs) => {
+            ConfigError::Many(errs.into_iter().map(|e| locate(e, origins)).collect())
+        }
+        other => other,
+    }
+}
+
+/// The sections of the config file.
+const SECTIONS: &[&str] = &["database", "server", "auth", "journal", "cors", "log"];
+
+/// Checks the file's sections, keys and value types, collecting every problem with its
+/// file and line; records where each key was set.
+fn check_file(
+    table: &toml::Table,
+    path: &Path,
+    text: &str,
+    errs: &mut Vec<ConfigError>,
+    origins: &mut BTreeMap<&'static str, String>,
+) {
+    let place = |section: &str, key: Option<&str>| match find_line(text, section, key) {
+        Some(line) => format!("{} line {line}", path.display()),
+        None => path.display().to_string(),
+    };
+    for (section, value) in table {
+        if !SECTIONS.contains(&section.as_str()) {
+            errs.push(ConfigError::Source {
+                origin: place(section, None),
+                message: format!(
+                    "unknown section `[{section}]` (the sections are {})",
+                    SECTIONS.join(", ")
+                ),
+            });
+            continue;
+        }
+        let Some(keys) = value.as_table() else {
+            errs.push(ConfigError::Source {
+                origin: place(section, None),
+                message: format!("`{section}` must be a section (`[{section}]`)"),
+            });
+            continue;
+        };
+        for (name, value) in keys {
+            let dotted = format!("{section}.{name}");
+            let origin = place(section, Some(name));
+            let Some((key, kind)) = KEYS.iter().find(|(k, _)| *k == dotted) else {
+                errs.push(ConfigError::Source {
+                    origin,
+                    message: format!(
+                        "unknown key `{dotted}` (see config.example.toml for the keys)"
+                    ),
+                });
+                continue;
+            };
+            let fits = match kind {
+                Kind::Str => value.is_str(),
+                Kind::Int => value.is_integer(),
+                Kind::Bool => value.is_bool(),
+                Kind::List => value
+                    .as_array()
+                    .is_some_and(|items| items.iter().all(toml::Value::is_str)),
+            };
+            if !fits {
+                let wanted = match kind {
+                    Kind::Str if is_duration(key) => "a string such as \"15s\" (a duration)",
+                    Kind::Str => "a string",
+                    Kind::Int => "an integer (without quotes)",
+                    Kind::Bool => "true or false",
+                    Kind::List => "a list of strings",
+                };
+                let shown: String = value.to_string().chars().take(64).collect();
+                errs.push(ConfigError::Invalid {
+                    key,
+                    message: format!(
+                        "must be {wanted}, got {} `{shown}` (set by {origin})",
+                        value.type_str()
+                    ),
+                });
+            }
+            origins.insert(key, origin);
+        }
+    }
+}
+
+/// Whether `key` takes a duration.
+fn is_duration(key: &str) -> bool {
+    let name = key.rsplit('.').next().unwrap_or(key);
+    name.ends_with("timeout")
+        || name.ends_with("interval")
+        || matches!(
+            name,
+            "heartbeat" | "shutdown_grace" | "retry" | "leeway" | "retention"
+        )
+}
+
+/// The 1-based line of `[section]` (no `key`) or of `key = ...` inside it, as most files
+/// write them (dotted `section.key = ...` at the top too).
+fn find_line(text: &str, section: &str, key: Option<&str>) -> Option<usize> {
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            current = name.trim().to_string();
+            if key.is_none() && current == section {
+                return Some(i + 1);
+            }
+            continue;
+        }
+        let Some(key) = key else { continue };
+        let Some((left, _)) = line.split_once('=') else {
+            continue;
+        };
+        let left = left.trim().trim_matches('"');
+        if (current == section && left == key)
+            || (current.is_empty() && left == format!("{section}.{key}"))
+        {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// Environment variables that set keys, as (origin, key, value), and warnings for the

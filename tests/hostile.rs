@@ -740,3 +740,68 @@ async fn client_values_cannot_forge_log_lines() {
     );
     assert!(log.contains(r"evil\n2026"), "{log}");
 }
+
+// ---- 16: config errors ----------------------------------------------------------------
+
+/// An operator's file with several mistakes: every one is reported at once, each naming
+/// `section.key`, the file and the line.
+#[tokio::test]
+async fn config_errors_name_the_key_file_and_line_all_at_once() {
+    let db = TestDb::new().await;
+    let dir = std::env::temp_dir().join(format!("pgfeed-hostile-16-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("pgfeed.toml");
+    std::fs::write(
+        &path,
+        "[server]\nheartbeat = 15\nlisten_addr = \"127.0.0.1:1\"\n\n[database]\npool_size = \"8\"\n",
+    )
+    .unwrap();
+    let out = check_config(&db, &[("PGFEED_CONFIG", path.to_str().unwrap())]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let file = path.display().to_string();
+    for (key, line) in [
+        ("server.heartbeat", 2),
+        ("server.listen_addr", 3),
+        ("database.pool_size", 6),
+    ] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains(key) && l.contains(&format!("{file} line {line}"))),
+            "{key} at line {line}: {stderr}"
+        );
+    }
+    // Values of the right type that break a rule: all of them too, with their place.
+    std::fs::write(
+        &path,
+        "[server]\nheartbeat = \"soon\"\nretry = \"later\"\n[auth]\nmode = \"open\"\n",
+    )
+    .unwrap();
+    let mut cmd = pgfeed_command(&db, &["serve", "--check-config"]);
+    cmd.env("PGFEED_CONFIG", &path)
+        .env("PGFEED_SERVER_MAX_CONNECTIONS", "0");
+    let out = tokio::time::timeout(SOON, cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    for (key, place) in [
+        ("server.heartbeat", format!("{file} line 2")),
+        ("server.retry", format!("{file} line 3")),
+        ("auth.mode", format!("{file} line 5")),
+        (
+            "server.max_connections",
+            "environment variable PGFEED_SERVER_MAX_CONNECTIONS".to_string(),
+        ),
+    ] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains(key) && l.contains(&place)),
+            "{key} by {place}: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
