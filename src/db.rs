@@ -18,8 +18,14 @@ pub enum DbError {
     #[error("invalid setting `database.url`: {0}")]
     Url(#[source] tokio_postgres::Error),
     /// Connecting failed.
-    #[error("cannot connect to PostgreSQL")]
-    Connect(#[source] tokio_postgres::Error),
+    #[error("cannot connect to PostgreSQL at {endpoint}")]
+    Connect {
+        /// `host:port/dbname` ([`endpoint`]), never the credentials.
+        endpoint: String,
+        /// Why.
+        #[source]
+        source: tokio_postgres::Error,
+    },
     /// The pool could not be built.
     #[error("cannot create the connection pool")]
     Pool(#[source] deadpool_postgres::BuildError),
@@ -118,7 +124,13 @@ pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, DbErro
 
 /// One connection, driven by a background task that ends when the client is dropped.
 pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {
-    let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|source| DbError::Connect {
+            endpoint: endpoint(config),
+            source,
+        })?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(cause = %err, "database connection ended");

@@ -44,8 +44,14 @@ pub enum ServeError {
     #[error(transparent)]
     Db(#[from] db::DbError),
     /// No pooled connection could be opened.
-    #[error("cannot connect to PostgreSQL: {0}")]
-    Pool(#[source] deadpool_postgres::PoolError),
+    #[error("cannot connect to PostgreSQL at {endpoint}")]
+    Pool {
+        /// `host:port/dbname`, never the credentials.
+        endpoint: String,
+        /// Why.
+        #[source]
+        source: deadpool_postgres::PoolError,
+    },
     /// The schema is missing or of another version.
     #[error(transparent)]
     Schema(#[from] schema::SchemaError),
@@ -76,7 +82,18 @@ pub async fn serve(
     let pg = db::parse_url(config.database_url()?)?;
     let pool = db::pool(&pg, config.pool_size)?;
     {
-        let client = pool.get().await.map_err(ServeError::Pool)?;
+        let client = pool.get().await.map_err(|err| match err {
+            // The driver's own error, once, with where it tried (deadpool's wrapper
+            // repeats it and names no host).
+            deadpool_postgres::PoolError::Backend(source) => ServeError::Db(db::DbError::Connect {
+                endpoint: db::endpoint(&pg),
+                source,
+            }),
+            other => ServeError::Pool {
+                endpoint: db::endpoint(&pg),
+                source: other,
+            },
+        })?;
         schema::check(&client).await?;
     }
     let journal = journal::Journal::new(
@@ -185,7 +202,7 @@ pub async fn serve(
         .await
         .is_err()
     {
-        tracing::warn!(grace = ?config.shutdown_grace, "connections still open after the shutdown grace; exiting anyway");
+        tracing::warn!(grace = %humantime::format_duration(config.shutdown_grace), "connections still open after the shutdown grace; exiting anyway");
     }
     match failed {
         Some(err) => Err(err),

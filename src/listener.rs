@@ -206,15 +206,15 @@ impl Listener {
                     // Said once, not at every retry while it stays missing.
                     let before = self.readiness.set(Some(NotReady::SchemaMissing));
                     if before == Some(NotReady::SchemaMissing) {
-                        tracing::debug!(cause = %err, source = ?std::error::Error::source(&err), "the pgfeed schema is still missing");
+                        tracing::debug!(cause = %crate::logging::Chain(&err), "the pgfeed schema is still missing");
                     } else {
-                        tracing::error!(cause = %err, source = ?std::error::Error::source(&err), "the pgfeed schema is gone (was it uninstalled?); run `pgfeed install`");
+                        tracing::error!(cause = %crate::logging::Chain(&err), "the pgfeed schema is gone (was it uninstalled?); run `pgfeed install`");
                     }
                 }
                 Err(err) => {
                     self.readiness.set(Some(NotReady::Disconnected));
                     self.metrics.listener_reconnects.inc();
-                    tracing::warn!(cause = %err, source = ?std::error::Error::source(&err), "listener lost; reconnecting");
+                    tracing::warn!(cause = %crate::logging::Chain(&err), database = %crate::db::endpoint(&self.config), "listener lost; reconnecting");
                 }
             }
             let delay = backoff.next_delay();

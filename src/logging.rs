@@ -193,6 +193,26 @@ impl std::fmt::Display for Untrusted<'_> {
     }
 }
 
+/// An error with its causes, for one log field: `outer: cause: root cause`, each cause's
+/// text once (drivers often repeat their cause in their own message).
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut text = self.0.to_string();
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            let more = cause.to_string();
+            if !text.contains(&more) {
+                text.push_str(": ");
+                text.push_str(&more);
+            }
+            source = cause.source();
+        }
+        f.write_str(&text)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Untrusted;

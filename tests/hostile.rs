@@ -805,3 +805,102 @@ async fn config_errors_name_the_key_file_and_line_all_at_once() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---- 17: log hygiene ------------------------------------------------------------------
+
+/// Logs read like logs: the start-up line says version, auth mode and database (never
+/// its credentials); streams and a lost listener are logged without Rust debug output;
+/// a database that cannot be reached is named once, with its host and port.
+#[tokio::test]
+async fn logs_carry_no_debug_output_and_name_the_database_once() {
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "orders").await;
+    let addr = free_addr();
+    let mut cmd = pgfeed_command(&db, &["serve", "--listen", &addr.to_string()]);
+    cmd.env("PGFEED_LOG_FORMAT", "json");
+    let gw = ChildGateway::start_command(cmd, addr, None).await;
+    let mut s = gw.live("acme").await;
+    db.client()
+        .await
+        .run("INSERT INTO orders (tenant, body) VALUES ('acme', 'x')")
+        .await;
+    let position = s.next_change().await["position"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    drop(s);
+    let auth = format!("Bearer {}", support::hs256_token("acme"));
+    let mut resumed = SseClient::open(
+        addr,
+        "/v1/stream",
+        &[("Authorization", &auth), ("Last-Event-ID", &position)],
+    )
+    .await;
+    resumed.until_live().await;
+    drop(resumed);
+    assert_eq!(support::terminate_listener(&db).await, 1);
+    eventually("the lost listener is logged", || async {
+        gw.log_text().contains("listener lost")
+    })
+    .await;
+    eventually("the streams' ends are logged", || async {
+        gw.log_text().matches("stream closed").count() >= 2
+    })
+    .await;
+    let log = gw.log_text();
+    for line in log.lines() {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let text = event.to_string();
+        assert!(
+            !text.contains("Some(") && !text.contains("\"None\"") && !text.contains("Error {"),
+            "debug output in the log: {line}"
+        );
+    }
+    let start = log
+        .lines()
+        .find(|l| l.contains("pgfeed serving"))
+        .expect("a start-up line");
+    let start: serde_json::Value = serde_json::from_str(start).unwrap();
+    assert_eq!(start["version"], env!("CARGO_PKG_VERSION"), "{start}");
+    assert_eq!(start["auth_mode"], "jwt", "{start}");
+    let port = db
+        .url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    assert!(
+        start["database"]
+            .as_str()
+            .is_some_and(|d| d.contains(&format!(":{port}/{}", db.name))),
+        "{start}"
+    );
+    assert!(log.contains(&format!("\"resume\":\"{position}\"")), "{log}");
+
+    // A database nobody answers at: named once, with host and port, never the password.
+    let mut cmd = pgfeed_command(&db, &["serve", "--listen", &free_addr().to_string()]);
+    cmd.env(
+        "DATABASE_URL",
+        "postgres://app:hunter2secret@127.0.0.1:1/appdb",
+    );
+    let out = tokio::time::timeout(SOON, cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("127.0.0.1:1/appdb"), "{stderr}");
+    assert_eq!(
+        stderr.matches("error connecting to server").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2secret"), "{stderr}");
+    assert!(
+        !stderr.contains("Error occurred while creating"),
+        "{stderr}"
+    );
+}
