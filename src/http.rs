@@ -34,8 +34,9 @@ use crate::sse::{EventStream, StreamSettings};
 /// Response body type: a full JSON document or an endless stream.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
-/// Most bytes of request head hyper buffers; a larger head is cut off by hyper itself
-/// with a bare 431.
+/// Most bytes of request head read. A connection's first head is read by
+/// [`crate::streamconn`], which answers a larger one with a JSON 431 (or 414); on a
+/// kept-alive connection's later requests, hyper cuts it off itself with a bare 431.
 pub(crate) const MAX_BUFFER: usize = 64 * 1024;
 
 /// Connections over `server.max_connections` whose request is still read (to answer

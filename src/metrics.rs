@@ -86,7 +86,8 @@ pub struct Metrics {
     pub malformed_changes: Counter,
     /// Open client connections (set at scrape time).
     pub connections: Gauge,
-    /// Connections refused because `server.max_connections` were open.
+    /// Connections beyond `server.max_connections`: answered 503 `too_many_connections`
+    /// (or, for `/healthz` and `/readyz`, answered and closed).
     pub connections_refused: Counter,
     /// Connections closed because their request head did not arrive within
     /// `server.header_timeout`.
@@ -226,7 +227,7 @@ impl Metrics {
         );
         registry.register(
             "connections_refused",
-            "Connections answered 503 because server.max_connections were open",
+            "Connections beyond server.max_connections: answered 503 (or only /healthz and /readyz)",
             m.connections_refused.clone(),
         );
         registry.register(

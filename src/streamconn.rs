@@ -445,9 +445,16 @@ pub(crate) struct Prefixed {
     prefix: Bytes,
     socket: TcpStream,
     write_timeout: std::time::Duration,
-    /// Armed while a write waits for the socket.
-    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Armed while a write waits for the socket: the write timeout, and shutdown, which
+    /// must not wait out the grace for a client that stopped reading.
+    stalled: Option<Stalled>,
+    shutdown: CancellationToken,
     metrics: Arc<crate::metrics::Metrics>,
+}
+
+struct Stalled {
+    timeout: Pin<Box<tokio::time::Sleep>>,
+    shutdown: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
 impl Prefixed {
@@ -457,6 +464,7 @@ impl Prefixed {
             socket,
             write_timeout: state.connections.write_timeout,
             stalled: None,
+            shutdown: state.shutdown.clone(),
             metrics: Arc::clone(&state.metrics),
         }
     }
@@ -473,10 +481,19 @@ impl Prefixed {
             return poll;
         }
         let timeout = self.write_timeout;
-        let stalled = self
-            .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        if stalled.as_mut().poll(cx).is_ready() {
+        let shutdown = &self.shutdown;
+        let stalled = self.stalled.get_or_insert_with(|| Stalled {
+            timeout: Box::pin(tokio::time::sleep(timeout)),
+            shutdown: Box::pin(shutdown.clone().cancelled_owned()),
+        });
+        if stalled.shutdown.as_mut().poll(cx).is_ready() {
+            self.stalled = None;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "shutting down; the client is not reading",
+            )));
+        }
+        if stalled.timeout.as_mut().poll(cx).is_ready() {
             self.stalled = None;
             self.metrics.write_timeouts.inc();
             return Poll::Ready(Err(io::Error::new(

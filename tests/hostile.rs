@@ -904,3 +904,46 @@ async fn logs_carry_no_debug_output_and_name_the_database_once() {
         "{stderr}"
     );
 }
+
+/// A stream served by hyper (one that is not its connection's first request) whose
+/// client stopped reading: shutdown does not wait out the grace for it either.
+#[tokio::test]
+async fn a_stalled_reader_on_a_kept_alive_connection_is_cut_off_too() {
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "orders").await;
+    let gw = Gateway::start_with(sources_with(
+        &db,
+        &[
+            ("PGFEED_SERVER_WRITE_TIMEOUT", "300s"),
+            ("PGFEED_SERVER_SHUTDOWN_GRACE", "300s"),
+        ],
+    ))
+    .await;
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n{}",
+        gw.addr,
+        stream_head(gw.addr, &gw.token("acme"))
+    );
+    let _stalled = support::stalled_reader(gw.addr, &head).await;
+    eventually("the stalled stream is open", || async {
+        support::subscribers(gw.addr).await == Some(1.0)
+    })
+    .await;
+    insert_big_rows(&db, "orders", 40, 256 * 1024).await;
+    let mut last = 0.0;
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = support::sample(&support::scrape(&gw).await, "pgfeed_bytes_written_total")
+            .unwrap_or(0.0);
+        if now > 1e6 && now == last {
+            break;
+        }
+        last = now;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stalled stream kept taking bytes"
+        );
+    }
+    gw.stop().await;
+}
