@@ -28,8 +28,10 @@ pub struct Principal {
     pub tenant: String,
     /// Tables it is limited to (qualified names); `None` means every watched table.
     pub tables: Option<BTreeSet<String>>,
-    /// When its credentials expire (seconds since the epoch): its stream ends then.
-    pub expires_at: Option<u64>,
+    /// When its credentials stop being accepted (`exp` plus `auth.leeway`, the same rule
+    /// as at connect): its stream ends then. `None` for no expiry, or one too far in the
+    /// future to represent.
+    pub expires_at: Option<SystemTime>,
 }
 
 /// Why a request was not authenticated. Messages are safe to return to the client.
@@ -92,6 +94,8 @@ struct JwtVerifier {
     tenant_claim: String,
     /// Claim listing allowed tables, if configured.
     tables_claim: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`, at connect and mid-stream alike.
+    leeway: Duration,
 }
 
 enum KeySource {
@@ -260,10 +264,14 @@ impl Authenticator {
                         ));
                     }
                 };
+                // `exp` and `nbf` are checked here ([`JwtVerifier::check_times`]), as numbers
+                // of any JSON form (`1.7e9`, `1700000000.5`), with the leeway that also
+                // decides when a stream ends.
                 let mut validation = Validation::new(Algorithm::HS256);
-                validation.leeway = auth.leeway.as_secs();
-                validation.validate_nbf = true;
-                let mut required = vec!["exp"];
+                validation.leeway = 0;
+                validation.validate_exp = false;
+                validation.validate_nbf = false;
+                let mut required = vec![];
                 if let Some(iss) = &auth.issuer {
                     validation.set_issuer(&[iss]);
                     required.push("iss");
@@ -281,6 +289,7 @@ impl Authenticator {
                     validation,
                     tenant_claim: auth.tenant_claim.clone(),
                     tables_claim: auth.tables_claim.clone(),
+                    leeway: auth.leeway,
                 }))
             }
         };
@@ -408,13 +417,14 @@ impl JwtVerifier {
                 AuthError::Invalid("algorithm not allowed")
             }
             ErrorKind::MissingRequiredClaim(_) => {
-                AuthError::Invalid("missing a required claim (exp, iss or aud)")
+                AuthError::Invalid("missing a required claim (iss or aud)")
             }
             ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer"),
             ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience"),
             _ => AuthError::Invalid("malformed token"),
         })?;
         let claims = data.claims;
+        let expires_at = self.check_times(&claims)?;
         let tenant = match claims.get(&self.tenant_claim) {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
@@ -437,12 +447,51 @@ impl JwtVerifier {
                 Some(_) => return Err(AuthError::BadTables(name.clone())),
             },
         };
-        let expires_at = claims.get("exp").and_then(Value::as_u64);
         Ok(Principal {
             tenant,
             tables,
             expires_at,
         })
+    }
+}
+
+impl JwtVerifier {
+    /// Checks `exp` (required) and `nbf` with the leeway, whatever their JSON number form
+    /// (integer, fraction, exponent); returns when the credentials stop being accepted.
+    fn check_times(&self, claims: &Value) -> Result<Option<SystemTime>, AuthError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        let leeway = self.leeway.as_secs_f64();
+        let exp = match claims.get("exp") {
+            None => {
+                return Err(AuthError::Invalid(
+                    "missing a required claim (exp, iss or aud)",
+                ));
+            }
+            Some(value) => value
+                .as_f64()
+                .filter(|v| v.is_finite())
+                .ok_or(AuthError::Invalid("`exp` must be a number of seconds"))?,
+        };
+        if let Some(nbf) = claims.get("nbf") {
+            let nbf = nbf
+                .as_f64()
+                .filter(|v| v.is_finite())
+                .ok_or(AuthError::Invalid("`nbf` must be a number of seconds"))?;
+            if nbf > now + leeway {
+                return Err(AuthError::Invalid("not valid yet (nbf)"));
+            }
+        }
+        let until = exp + leeway;
+        if until <= now {
+            return Err(AuthError::Expired);
+        }
+        // Far-future values (1e19, 1e300) mean no expiry rather than an overflow.
+        Ok(Duration::try_from_secs_f64(until)
+            .ok()
+            .and_then(|d| UNIX_EPOCH.checked_add(d)))
     }
 }
 

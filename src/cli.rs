@@ -19,7 +19,7 @@ use crate::{ServeError, db};
 #[command(name = "pgfeed", version, about)]
 pub struct Cli {
     /// Configuration file (TOML); environment variables and flags override it.
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE", env = "PGFEED_CONFIG")]
     pub config: Option<PathBuf>,
     /// The database (overrides `database.url` and DATABASE_URL).
     #[arg(long, global = true, value_name = "URL")]
@@ -183,14 +183,17 @@ async fn client(config: &Config) -> Result<tokio_postgres::Client, CliError> {
 }
 
 /// Starts logging to stderr: the level from `PGFEED_LOG` (default `info`), the format
-/// from `log.format`. Safe to call more than once (later calls do nothing).
+/// from `log.format`. Safe to call more than once (later calls do nothing). Lines go
+/// through [`crate::logging`], so a broken or stalled stderr never panics or blocks a
+/// task that logs.
 pub fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("PGFEED_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .log_internal_errors(false)
+        .with_writer(crate::logging::StderrQueue);
     let _ = if json {
         builder.json().flatten_event(true).try_init()
     } else {
@@ -210,12 +213,17 @@ pub fn run(mut cli: Cli) -> Result<(), CliError> {
     };
     let config = Config::load(&cli.sources(listen))?;
     init_logging(config.log_json);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.threads)
         .enable_all()
         .build()
         .map_err(CliError::Runtime)?;
-    runtime.block_on(execute(&command, config))
+    let result = runtime.block_on(execute(&command, config));
+    crate::logging::flush();
+    result
 }
 
 async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
@@ -225,7 +233,7 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
         } => {
             crate::auth::Authenticator::new(&config.auth)?;
             db::parse_url(config.database_url()?)?;
-            eprintln!("configuration is valid");
+            crate::logging::eprint("configuration is valid");
             Ok(())
         }
         Command::Serve { .. } => serve(config).await,
@@ -233,14 +241,20 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
             let mut client = client(&config).await?;
             let done = schema::install(&mut client).await?;
             if done.from == done.to {
-                eprintln!("pgfeed schema is up to date (version {})", done.to);
+                crate::logging::eprint(&format!(
+                    "pgfeed schema is up to date (version {})",
+                    done.to
+                ));
             } else if done.from == 0 {
-                eprintln!("installed the pgfeed schema (version {})", done.to);
+                crate::logging::eprint(&format!(
+                    "installed the pgfeed schema (version {})",
+                    done.to
+                ));
             } else {
-                eprintln!(
+                crate::logging::eprint(&format!(
                     "upgraded the pgfeed schema from version {} to {}",
                     done.from, done.to
-                );
+                ));
             }
             Ok(())
         }
@@ -262,9 +276,9 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
                 if !*yes {
                     return Err(CliError::GatewaysListening { gateways });
                 }
-                eprintln!(
+                crate::logging::eprint(&format!(
                     "warning: {gateways} pgfeed gateway(s) are listening on this database; they report the schema missing (/readyz 503) until `pgfeed install` runs again"
-                );
+                ));
             }
             if schema::uninstall(&mut client).await? {
                 // Rings every gateway's catalog reload, so that they notice at once
@@ -273,9 +287,11 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
                     .execute("SELECT pg_catalog.pg_notify('pgfeed', 'watch')", &[])
                     .await
                     .map_err(SchemaError::from)?;
-                eprintln!("removed the pgfeed schema, its journal and all capture triggers");
+                crate::logging::eprint(
+                    "removed the pgfeed schema, its journal and all capture triggers",
+                );
             } else {
-                eprintln!("the pgfeed schema was not installed; nothing to do");
+                crate::logging::eprint("the pgfeed schema was not installed; nothing to do");
             }
             Ok(())
         }
@@ -295,13 +311,13 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
                 public: *public,
             };
             schema::watch(&client, &spec).await?;
-            eprintln!("watching {table}");
+            crate::logging::eprint(&format!("watching {table}"));
             Ok(())
         }
         Command::Unwatch { table } => {
             let client = client(&config).await?;
             schema::unwatch(&client, table).await?;
-            eprintln!("no longer watching {table}");
+            crate::logging::eprint(&format!("no longer watching {table}"));
             Ok(())
         }
         Command::Status { json } => status(&config, *json).await,
@@ -366,7 +382,29 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
     }
 }
 
+/// Raises the open-file soft limit to the hard limit (each connection is a file: under
+/// systemd the soft limit is 1024) and logs both.
+fn raise_open_file_limit() {
+    use rlimit::Resource;
+    let Ok((soft, hard)) = rlimit::getrlimit(Resource::NOFILE) else {
+        return;
+    };
+    match rlimit::increase_nofile_limit(hard) {
+        Ok(raised) if raised > soft => tracing::info!(
+            soft_was = soft,
+            soft = raised,
+            hard,
+            "raised the open-file soft limit to the hard limit"
+        ),
+        Ok(raised) => tracing::info!(soft = raised, hard, "open-file limit"),
+        Err(err) => {
+            tracing::warn!(soft, hard, cause = %err, "cannot raise the open-file soft limit")
+        }
+    }
+}
+
 async fn serve(config: Config) -> Result<(), CliError> {
+    raise_open_file_limit();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| CliError::Bind {
@@ -377,8 +415,9 @@ async fn serve(config: Config) -> Result<(), CliError> {
     let trigger = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutting down");
+        // Cancelled before anything else: nothing (not even the log) stands in its way.
         trigger.cancel();
+        tracing::info!("shutting down");
     });
     crate::serve(config, listener, shutdown).await?;
     Ok(())

@@ -30,6 +30,9 @@ pub const KEYS: &[(&str, Kind)] = &[
     ("server.max_subscribers_per_tenant", Kind::Int),
     ("server.max_stream_rate", Kind::Int),
     ("server.threads", Kind::Int),
+    ("server.max_connections", Kind::Int),
+    ("server.header_timeout", Kind::Str),
+    ("server.write_timeout", Kind::Str),
     ("auth.mode", Kind::Str),
     ("auth.secret", Kind::Str),
     ("auth.public_key_file", Kind::Str),
@@ -123,6 +126,13 @@ pub enum ConfigError {
         /// The rule it breaks.
         message: String,
     },
+    /// Several of the above, all reported at once.
+    #[error("{} configuration errors:{}", .0.len(), list(.0))]
+    Many(Vec<ConfigError>),
+}
+
+fn list(errors: &[ConfigError]) -> String {
+    errors.iter().map(|e| format!("\n  - {e}")).collect()
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -184,6 +194,9 @@ struct ServerSection {
     max_subscribers_per_tenant: Option<i64>,
     max_stream_rate: Option<i64>,
     threads: Option<i64>,
+    max_connections: Option<i64>,
+    header_timeout: Option<String>,
+    write_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -260,6 +273,17 @@ pub struct Config {
     /// CPU: on 2 cores, one thread delivered about a quarter more than two
     /// (BENCHMARKS.md). On a machine of its own, set it to the number of CPUs.
     pub threads: usize,
+    /// `server.max_connections` (default 11000): open connections at most (streams and
+    /// everything else). Beyond it a request gets a JSON 503 `too_many_connections`, while
+    /// `/healthz` and `/readyz` are still answered. Lowered at start-up if the open-file
+    /// limit cannot hold it.
+    pub max_connections: usize,
+    /// `server.header_timeout` (default 30s): how long a client may take to send its whole
+    /// request head, however slowly it trickles; then it gets 408 and is closed.
+    pub header_timeout: Duration,
+    /// `server.write_timeout` (default 30s): a stream whose client accepts no bytes for
+    /// this long is closed (`pgfeed_write_timeouts_total`).
+    pub write_timeout: Duration,
     /// The `auth` section.
     pub auth: AuthConfig,
     /// `cors.allowed_origins` (default `[]`): origins allowed to read responses from a
@@ -278,6 +302,9 @@ pub struct Config {
     /// `journal.prune_interval` (default 1m): how often a replica tries to prune changes
     /// older than `journal.retention`.
     pub prune_interval: Duration,
+    /// Problems that did not stop loading (unknown `PGFEED_` variables), for the caller to
+    /// log once logging is set up.
+    pub warnings: Vec<String>,
 }
 
 /// How subscribers are authenticated.
@@ -320,6 +347,17 @@ pub enum AuthMode {
     /// No authentication (development only): the tenant from the `tenant` query
     /// parameter or the tenant header.
     None,
+}
+
+impl AuthMode {
+    /// The mode as `auth.mode` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Jwt => "jwt",
+            AuthMode::TrustedHeader => "trusted_header",
+            AuthMode::None => "none",
+        }
+    }
 }
 
 impl AuthConfig {
@@ -384,18 +422,40 @@ impl Config {
         })
     }
 
-    /// Loads and validates: file, then environment, then flags.
+    /// Loads and validates: file, then environment, then flags. Every problem is
+    /// reported at once, each naming its `section.key` and where the value came from (the
+    /// file and line, the environment variable or the flag).
     pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+        let mut errs = Vec::new();
+        let mut origins: BTreeMap<&'static str, String> = BTreeMap::new();
         let mut table = match &sources.file {
-            Some(path) => read_file(path)?,
+            Some(path) => {
+                let (table, text) = read_file(path)?;
+                check_file(&table, path, &text, &mut errs, &mut origins);
+                table
+            }
             None => toml::Table::new(),
         };
-        for (origin, key, value) in env_overrides(&sources.env)? {
-            set_key(&mut table, key, value, &origin)?;
+        let (overrides, warnings) = env_overrides(&sources.env);
+        for (origin, key, value) in overrides {
+            match set_key(&mut table, key, value, &origin) {
+                Ok(()) => {
+                    origins.insert(key, origin);
+                }
+                Err(err) => errs.push(err),
+            }
         }
         for (key, value) in &sources.flags {
             let origin = format!("flag for `{key}`");
-            set_key(&mut table, key, value.clone(), &origin)?;
+            match set_key(&mut table, key, value.clone(), &origin) {
+                Ok(()) => {
+                    origins.insert(key, origin);
+                }
+                Err(err) => errs.push(err),
+            }
+        }
+        if !errs.is_empty() {
+            return Err(many(errs));
         }
         let file: FileConfig =
             table
@@ -406,41 +466,52 @@ impl Config {
                     }),
                     message: e.message().to_string(),
                 })?;
-        Config::validate(file)
+        let mut config = Config::validate(file).map_err(|err| locate(err, &origins))?;
+        config.warnings = warnings;
+        Ok(config)
     }
 
     fn validate(file: FileConfig) -> Result<Config, ConfigError> {
+        // Every problem is collected, so that an operator fixes them all in one go.
+        let mut errs = Vec::new();
         let database_url = file.database.url;
         if database_url
             .as_ref()
             .is_some_and(|u| u.expose().trim().is_empty())
         {
-            return Err(invalid("database.url", "must not be empty"));
+            errs.push(invalid("database.url", "must not be empty"));
         }
         let listen = file.server.listen.as_deref().unwrap_or("127.0.0.1:8080");
-        let listen: SocketAddr = listen.parse().map_err(|_| {
-            invalid(
-                "server.listen",
-                format!("{listen:?} is not an address of the form 127.0.0.1:8080"),
-            )
-        })?;
+        let listen: SocketAddr = listen
+            .parse()
+            .map_err(|_| {
+                invalid(
+                    "server.listen",
+                    format!("{listen:?} is not an address of the form 127.0.0.1:8080"),
+                )
+            })
+            .unwrap_or_else(|e| {
+                errs.push(e);
+                SocketAddr::from(([127, 0, 0, 1], 8080))
+            });
         let auth = &file.auth;
         let mode = match auth.mode.as_deref().unwrap_or("jwt") {
             "jwt" => AuthMode::Jwt,
             "trusted_header" => AuthMode::TrustedHeader,
             "none" => AuthMode::None,
             other => {
-                return Err(invalid(
+                errs.push(invalid(
                     "auth.mode",
                     format!("{other:?} is not one of \"jwt\", \"trusted_header\", \"none\""),
                 ));
+                AuthMode::Jwt
             }
         };
         if mode != AuthMode::Jwt
             && !listen.ip().is_loopback()
             && !auth.allow_remote.unwrap_or(false)
         {
-            return Err(invalid(
+            errs.push(invalid(
                 "auth.mode",
                 format!(
                     "{:?} trusts whoever can reach the port, so it is refused on the non-loopback \
@@ -452,7 +523,7 @@ impl Config {
         }
         let secret = auth.secret.clone();
         if secret.as_ref().is_some_and(|s| s.expose().len() < 16) {
-            return Err(invalid("auth.secret", "must be at least 16 bytes long"));
+            errs.push(invalid("auth.secret", "must be at least 16 bytes long"));
         }
         let sources = [
             secret.is_some(),
@@ -460,7 +531,7 @@ impl Config {
             auth.jwks_file.is_some(),
         ];
         if sources.iter().filter(|s| **s).count() > 1 {
-            return Err(invalid(
+            errs.push(invalid(
                 "auth.secret",
                 "only one of auth.secret, auth.public_key_file and auth.jwks_file may be set",
             ));
@@ -470,17 +541,17 @@ impl Config {
             .clone()
             .unwrap_or_else(|| "tenant_id".into());
         if tenant_claim.is_empty() {
-            return Err(invalid("auth.tenant_claim", "must not be empty"));
+            errs.push(invalid("auth.tenant_claim", "must not be empty"));
         }
         if auth.tables_claim.as_deref() == Some("") {
-            return Err(invalid("auth.tables_claim", "must not be empty when set"));
+            errs.push(invalid("auth.tables_claim", "must not be empty when set"));
         }
         let tenant_header = auth
             .tenant_header
             .clone()
             .unwrap_or_else(|| "X-Tenant-Id".into());
         if hyper::header::HeaderName::from_bytes(tenant_header.as_bytes()).is_err() {
-            return Err(invalid(
+            errs.push(invalid(
                 "auth.tenant_header",
                 format!("{tenant_header:?} is not a header name"),
             ));
@@ -488,7 +559,7 @@ impl Config {
         if let Some(cookie) = &auth.cookie
             && (cookie.is_empty() || cookie.contains([';', '=', ' ', ',']))
         {
-            return Err(invalid(
+            errs.push(invalid(
                 "auth.cookie",
                 format!("{cookie:?} is not a cookie name"),
             ));
@@ -500,7 +571,7 @@ impl Config {
                     && !origin.ends_with('/')
                     && hyper::header::HeaderValue::from_str(origin).is_ok());
             if !ok {
-                return Err(invalid(
+                errs.push(invalid(
                     "cors.allowed_origins",
                     format!(
                         "{origin:?} is not an origin like \"https://app.example.com\" (no path, no trailing slash) or \"*\""
@@ -508,60 +579,123 @@ impl Config {
                 ));
             }
         }
-        Ok(Config {
+        let config = Config {
             database_url,
-            pool_size: positive("database.pool_size", file.database.pool_size, 8, 1000)?,
-            query_timeout: duration(
-                "database.query_timeout",
-                &file.database.query_timeout,
-                "30s",
-                true,
-            )?,
-            health_interval: duration(
-                "database.health_interval",
-                &file.database.health_interval,
-                "5s",
-                true,
-            )?,
+            pool_size: take(
+                &mut errs,
+                positive("database.pool_size", file.database.pool_size, 8, 1000),
+            ),
+            query_timeout: take(
+                &mut errs,
+                duration(
+                    "database.query_timeout",
+                    &file.database.query_timeout,
+                    "30s",
+                    true,
+                ),
+            ),
+            health_interval: take(
+                &mut errs,
+                duration(
+                    "database.health_interval",
+                    &file.database.health_interval,
+                    "5s",
+                    true,
+                ),
+            ),
             listen,
-            heartbeat: duration("server.heartbeat", &file.server.heartbeat, "15s", true)?,
-            shutdown_grace: duration(
-                "server.shutdown_grace",
-                &file.server.shutdown_grace,
-                "10s",
-                false,
-            )?,
-            retry: duration("server.retry", &file.server.retry, "2s", true)?,
-            live_buffer: positive("server.live_buffer", file.server.live_buffer, 256, 1 << 20)?,
-            replay_memory: bytes(
-                "server.replay_memory",
-                file.server.replay_memory,
-                crate::fanout::RECENT_BYTES,
-            )?,
-            max_subscribers: positive(
-                "server.max_subscribers",
-                file.server.max_subscribers,
-                10_000,
-                10_000_000,
-            )?,
-            max_subscribers_per_tenant: positive(
-                "server.max_subscribers_per_tenant",
-                file.server.max_subscribers_per_tenant,
-                1000,
-                10_000_000,
-            )?,
-            max_stream_rate: positive(
-                "server.max_stream_rate",
-                file.server.max_stream_rate,
-                50,
-                1_000_000,
-            )? as u32,
-            threads: positive(
-                "server.threads",
-                file.server.threads,
-                default_threads(),
-                1024,
-            )?,
+            heartbeat: take(
+                &mut errs,
+                duration("server.heartbeat", &file.server.heartbeat, "15s", true),
+            ),
+            shutdown_grace: take(
+                &mut errs,
+                duration(
+                    "server.shutdown_grace",
+                    &file.server.shutdown_grace,
+                    "10s",
+                    false,
+                ),
+            ),
+            retry: take(
+                &mut errs,
+                duration("server.retry", &file.server.retry, "2s", true),
+            ),
+            live_buffer: take(
+                &mut errs,
+                positive("server.live_buffer", file.server.live_buffer, 256, 1 << 20),
+            ),
+            replay_memory: take(
+                &mut errs,
+                bytes(
+                    "server.replay_memory",
+                    file.server.replay_memory,
+                    crate::fanout::RECENT_BYTES,
+                ),
+            ),
+            max_subscribers: take(
+                &mut errs,
+                positive(
+                    "server.max_subscribers",
+                    file.server.max_subscribers,
+                    10_000,
+                    10_000_000,
+                ),
+            ),
+            max_subscribers_per_tenant: take(
+                &mut errs,
+                positive(
+                    "server.max_subscribers_per_tenant",
+                    file.server.max_subscribers_per_tenant,
+                    1000,
+                    10_000_000,
+                ),
+            ),
+            max_stream_rate: take(
+                &mut errs,
+                positive(
+                    "server.max_stream_rate",
+                    file.server.max_stream_rate,
+                    50,
+                    1_000_000,
+                ),
+            ) as u32,
+            threads: take(
+                &mut errs,
+                positive(
+                    "server.threads",
+                    file.server.threads,
+                    default_threads(),
+                    1024,
+                ),
+            ),
+            max_connections: take(
+                &mut errs,
+                positive(
+                    "server.max_connections",
+                    file.server.max_connections,
+                    11_000,
+                    10_000_000,
+                ),
+            ),
+            header_timeout: take(
+                &mut errs,
+                duration(
+                    "server.header_timeout",
+                    &file.server.header_timeout,
+                    "30s",
+                    true,
+                ),
+            ),
+            write_timeout: take(
+                &mut errs,
+                duration(
+                    "server.write_timeout",
+                    &file.server.write_timeout,
+                    "30s",
+                    true,
+                ),
+            ),
             auth: AuthConfig {
                 mode,
                 secret,
@@ -571,7 +705,10 @@ impl Config {
                 audience: auth.audience.clone(),
                 tenant_claim,
                 tables_claim: auth.tables_claim.clone(),
-                leeway: duration("auth.leeway", &auth.leeway, "5s", false)?,
+                leeway: take(
+                    &mut errs,
+                    duration("auth.leeway", &auth.leeway, "5s", false),
+                ),
                 cookie: auth.cookie.clone(),
                 tenant_header,
             },
@@ -580,48 +717,221 @@ impl Config {
                 "text" => false,
                 "json" => true,
                 other => {
-                    return Err(invalid(
+                    errs.push(invalid(
                         "log.format",
                         format!("{other:?} is not \"text\" or \"json\""),
                     ));
+                    false
                 }
             },
-            retention: duration("journal.retention", &file.journal.retention, "24h", true)?,
-            batch_size: positive("journal.batch_size", file.journal.batch_size, 5000, 100_000)?,
-            batch_bytes: positive(
-                "journal.batch_bytes",
-                file.journal.batch_bytes,
-                8 << 20,
-                1 << 30,
-            )?,
-            prune_interval: duration(
-                "journal.prune_interval",
-                &file.journal.prune_interval,
-                "1m",
-                true,
-            )?,
-        })
+            retention: take(
+                &mut errs,
+                duration("journal.retention", &file.journal.retention, "24h", true),
+            ),
+            batch_size: take(
+                &mut errs,
+                positive("journal.batch_size", file.journal.batch_size, 5000, 100_000),
+            ),
+            batch_bytes: take(
+                &mut errs,
+                positive(
+                    "journal.batch_bytes",
+                    file.journal.batch_bytes,
+                    8 << 20,
+                    1 << 30,
+                ),
+            ),
+            prune_interval: take(
+                &mut errs,
+                duration(
+                    "journal.prune_interval",
+                    &file.journal.prune_interval,
+                    "1m",
+                    true,
+                ),
+            ),
+            warnings: Vec::new(),
+        };
+        match errs.len() {
+            0 => Ok(config),
+            1 => Err(errs.remove(0)),
+            _ => Err(ConfigError::Many(errs)),
+        }
     }
 }
 
-fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
+/// A check's value, or its type's default with the error collected in `errs`.
+fn take<T: Default>(errs: &mut Vec<ConfigError>, result: Result<T, ConfigError>) -> T {
+    result.unwrap_or_else(|err| {
+        errs.push(err);
+        T::default()
+    })
+}
+
+fn read_file(path: &Path) -> Result<(toml::Table, String), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    let table = text
+        .parse::<toml::Table>()
+        .map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    Ok((table, text))
 }
 
-/// Environment variables that set keys, as (origin, key, value). `DATABASE_URL` sets
-/// `database.url` unless `PGFEED_DATABASE_URL` does. `PGFEED_TEST_*` belongs to the test
-/// suite and `PGFEED_LOG` to logging; any other `PGFEED_` variable must name a key.
-fn env_overrides(
-    env: &[(String, String)],
-) -> Result<Vec<(String, &'static str, String)>, ConfigError> {
+/// One error, or all of them.
+fn many(mut errs: Vec<ConfigError>) -> ConfigError {
+    if errs.len() == 1 {
+        errs.remove(0)
+    } else {
+        ConfigError::Many(errs)
+    }
+}
+
+/// Adds where an invalid value came from to its error.
+fn locate(err: ConfigError, origins: &BTreeMap<&'static str, String>) -> ConfigError {
+    match err {
+        ConfigError::Invalid { key, message } => match origins.get(key) {
+            Some(origin) => ConfigError::Invalid {
+                key,
+                message: format!("{message} (set by {origin})"),
+            },
+            None => ConfigError::Invalid { key, message },
+        },
+        ConfigError::Many(errs) => {
+            ConfigError::Many(errs.into_iter().map(|e| locate(e, origins)).collect())
+        }
+        other => other,
+    }
+}
+
+/// The sections of the config file.
+const SECTIONS: &[&str] = &["database", "server", "auth", "journal", "cors", "log"];
+
+/// Checks the file's sections, keys and value types, collecting every problem with its
+/// file and line; records where each key was set.
+fn check_file(
+    table: &toml::Table,
+    path: &Path,
+    text: &str,
+    errs: &mut Vec<ConfigError>,
+    origins: &mut BTreeMap<&'static str, String>,
+) {
+    let place = |section: &str, key: Option<&str>| match find_line(text, section, key) {
+        Some(line) => format!("{} line {line}", path.display()),
+        None => path.display().to_string(),
+    };
+    for (section, value) in table {
+        if !SECTIONS.contains(&section.as_str()) {
+            errs.push(ConfigError::Source {
+                origin: place(section, None),
+                message: format!(
+                    "unknown section `[{section}]` (the sections are {})",
+                    SECTIONS.join(", ")
+                ),
+            });
+            continue;
+        }
+        let Some(keys) = value.as_table() else {
+            errs.push(ConfigError::Source {
+                origin: place(section, None),
+                message: format!("`{section}` must be a section (`[{section}]`)"),
+            });
+            continue;
+        };
+        for (name, value) in keys {
+            let dotted = format!("{section}.{name}");
+            let origin = place(section, Some(name));
+            let Some((key, kind)) = KEYS.iter().find(|(k, _)| *k == dotted) else {
+                errs.push(ConfigError::Source {
+                    origin,
+                    message: format!(
+                        "unknown key `{dotted}` (see config.example.toml for the keys)"
+                    ),
+                });
+                continue;
+            };
+            let fits = match kind {
+                Kind::Str => value.is_str(),
+                Kind::Int => value.is_integer(),
+                Kind::Bool => value.is_bool(),
+                Kind::List => value
+                    .as_array()
+                    .is_some_and(|items| items.iter().all(toml::Value::is_str)),
+            };
+            if !fits {
+                let wanted = match kind {
+                    Kind::Str if is_duration(key) => "a string such as \"15s\" (a duration)",
+                    Kind::Str => "a string",
+                    Kind::Int => "an integer (without quotes)",
+                    Kind::Bool => "true or false",
+                    Kind::List => "a list of strings",
+                };
+                let shown: String = value.to_string().chars().take(64).collect();
+                errs.push(ConfigError::Invalid {
+                    key,
+                    message: format!(
+                        "must be {wanted}, got {} `{shown}` (set by {origin})",
+                        value.type_str()
+                    ),
+                });
+            }
+            origins.insert(key, origin);
+        }
+    }
+}
+
+/// Whether `key` takes a duration.
+fn is_duration(key: &str) -> bool {
+    let name = key.rsplit('.').next().unwrap_or(key);
+    name.ends_with("timeout")
+        || name.ends_with("interval")
+        || matches!(
+            name,
+            "heartbeat" | "shutdown_grace" | "retry" | "leeway" | "retention"
+        )
+}
+
+/// The 1-based line of `[section]` (no `key`) or of `key = ...` inside it, as most files
+/// write them (dotted `section.key = ...` at the top too).
+fn find_line(text: &str, section: &str, key: Option<&str>) -> Option<usize> {
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            current = name.trim().to_string();
+            if key.is_none() && current == section {
+                return Some(i + 1);
+            }
+            continue;
+        }
+        let Some(key) = key else { continue };
+        let Some((left, _)) = line.split_once('=') else {
+            continue;
+        };
+        let left = left.trim().trim_matches('"');
+        if (current == section && left == key)
+            || (current.is_empty() && left == format!("{section}.{key}"))
+        {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// Environment variables that set keys, as (origin, key, value), and warnings for the
+/// `PGFEED_` variables that name no key. `DATABASE_URL` sets `database.url` unless
+/// `PGFEED_DATABASE_URL` does. `PGFEED_TEST_*` belongs to the test suite, `PGFEED_LOG` to
+/// logging and `PGFEED_CONFIG` names the config file; any other `PGFEED_` variable that
+/// names no key is ignored with a warning (Kubernetes injects `PGFEED_SERVICE_HOST`,
+/// `PGFEED_PORT`, ... for a Service named `pgfeed`), while an unknown key in the config
+/// file stays an error.
+fn env_overrides(env: &[(String, String)]) -> (Vec<(String, &'static str, String)>, Vec<String>) {
     let mut found: BTreeMap<&'static str, (String, String)> = BTreeMap::new();
+    let mut warnings = Vec::new();
     for (name, value) in env {
         if name == "DATABASE_URL" {
             found
@@ -632,20 +942,26 @@ fn env_overrides(
         let Some(rest) = name.strip_prefix("PGFEED_") else {
             continue;
         };
-        if rest.starts_with("TEST_") || rest == "LOG" {
+        if rest.starts_with("TEST_") || rest == "LOG" || rest == "CONFIG" {
             continue;
         }
-        let key = KEYS
+        match KEYS
             .iter()
             .map(|(k, _)| *k)
             .find(|k| k.replace('.', "_").eq_ignore_ascii_case(rest))
-            .ok_or_else(|| ConfigError::Source {
-                origin: format!("environment variable {name}"),
-                message: "names no setting (see config.example.toml for the keys)".into(),
-            })?;
-        found.insert(key, (format!("environment variable {name}"), value.clone()));
+        {
+            Some(key) => {
+                found.insert(key, (format!("environment variable {name}"), value.clone()));
+            }
+            None => warnings.push(format!(
+                "ignoring environment variable {name}: it names no setting (see config.example.toml for the keys)"
+            )),
+        }
     }
-    Ok(found.into_iter().map(|(k, (o, v))| (o, k, v)).collect())
+    (
+        found.into_iter().map(|(k, (o, v))| (o, k, v)).collect(),
+        warnings,
+    )
 }
 
 /// Sets `section.key` in the table from a string, converting it to the key's kind.
@@ -858,15 +1174,20 @@ mod tests {
         let err = c.database_url().unwrap_err().to_string();
         assert!(err.contains("database.url"), "{err}");
 
+        // A misspelt variable is not fatal (Kubernetes injects PGFEED_* variables of its
+        // own), but it is named in a warning.
         let mut e = base();
         e.push(("PGFEED_SERVER_LISTN".into(), "x".into()));
-        let err = Config::load(&Sources {
+        let c = Config::load(&Sources {
             env: e,
             ..Default::default()
         })
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("PGFEED_SERVER_LISTN"), "{err}");
+        .unwrap();
+        assert!(
+            c.warnings.iter().any(|w| w.contains("PGFEED_SERVER_LISTN")),
+            "{:?}",
+            c.warnings
+        );
 
         let mut e = base();
         e.push(("PGFEED_DATABASE_POOL_SIZE".into(), "many".into()));

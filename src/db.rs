@@ -18,8 +18,14 @@ pub enum DbError {
     #[error("invalid setting `database.url`: {0}")]
     Url(#[source] tokio_postgres::Error),
     /// Connecting failed.
-    #[error("cannot connect to PostgreSQL")]
-    Connect(#[source] tokio_postgres::Error),
+    #[error("cannot connect to PostgreSQL at {endpoint}")]
+    Connect {
+        /// `host:port/dbname` ([`endpoint`]), never the credentials.
+        endpoint: String,
+        /// Why.
+        #[source]
+        source: tokio_postgres::Error,
+    },
     /// The pool could not be built.
     #[error("cannot create the connection pool")]
     Pool(#[source] deadpool_postgres::BuildError),
@@ -73,6 +79,31 @@ pub fn parse_url(url: &Secret) -> Result<tokio_postgres::Config, DbError> {
     Ok(config)
 }
 
+/// Where `config` connects, as `host:port/dbname` (never the user's password), for logs.
+pub fn endpoint(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                Host::Tcp(name) if name.contains(':') => format!("[{name}]:{port}"),
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(dir) => format!("{}:{port}", dir.display()),
+            }
+        })
+        .collect();
+    let hosts = if hosts.is_empty() {
+        "localhost:5432".to_string()
+    } else {
+        hosts.join(",")
+    };
+    format!("{hosts}/{}", config.get_dbname().unwrap_or("-"))
+}
+
 /// The pool for journal reads and other short queries.
 pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, DbError> {
     let manager = Manager::from_config(
@@ -93,7 +124,13 @@ pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, DbErro
 
 /// One connection, driven by a background task that ends when the client is dropped.
 pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {
-    let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|source| DbError::Connect {
+            endpoint: endpoint(config),
+            source,
+        })?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(cause = %err, "database connection ended");

@@ -126,9 +126,22 @@ impl StreamQuery {
                     }
                 }
                 "last_event_id" => {
+                    let position =
+                        value
+                            .parse()
+                            .map_err(|e: crate::change::PositionParseError| {
+                                invalid("last_event_id", e.to_string())
+                            })?;
+                    // `lastEventId` (the newer position) wins, in whichever order they come.
+                    q.last_event_id = q.last_event_id.or(Some(position));
+                }
+                // What `event-source-polyfill` appends on reconnect (it cannot send the
+                // `Last-Event-ID` header): the newer position, so it wins over
+                // `last_event_id`, which is where the client started.
+                "lastEventId" => {
                     q.last_event_id = Some(value.parse().map_err(
                         |e: crate::change::PositionParseError| {
-                            invalid("last_event_id", e.to_string())
+                            invalid("lastEventId", e.to_string())
                         },
                     )?)
                 }

@@ -34,12 +34,90 @@ use crate::sse::{EventStream, StreamSettings};
 /// Response body type: a full JSON document or an endless stream.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
-/// Most bytes of request head hyper buffers; a larger head is cut off by hyper itself
-/// with a bare 431.
+/// Most bytes of request head read. A connection's first head is read by
+/// [`crate::streamconn`], which answers a larger one with a JSON 431 (or 414); on a
+/// kept-alive connection's later requests, hyper cuts it off itself with a bare 431.
 pub(crate) const MAX_BUFFER: usize = 64 * 1024;
 
-/// How long a client may take to send its request head.
-pub(crate) const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Connections over `server.max_connections` whose request is still read (to answer
+/// `/healthz` and `/readyz`, and give the others a JSON 503) at most at once; beyond,
+/// the 503 is written without reading.
+const OVERFLOW_SLOTS: usize = 16;
+
+/// How long a connection over the cap may take to send its request head.
+pub(crate) const OVERFLOW_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// File descriptors kept aside from `server.max_connections`: the pool, the LISTEN
+/// connection, stdio, the runtime's own, key files, and the overflow connections.
+fn reserved_fds(pool_size: usize) -> u64 {
+    pool_size as u64 + 32 + OVERFLOW_SLOTS as u64
+}
+
+/// Open connections, their cap and their deadlines.
+pub struct Connections {
+    /// `server.max_connections`, lowered to fit the open-file limit.
+    pub max: usize,
+    /// `server.header_timeout`: the whole request head must arrive within it.
+    pub header_timeout: std::time::Duration,
+    /// `server.write_timeout`: a stream that accepts no bytes for it is closed.
+    pub write_timeout: std::time::Duration,
+    open: std::sync::atomic::AtomicUsize,
+    overflow: Arc<tokio::sync::Semaphore>,
+}
+
+impl Connections {
+    /// Limits from `config`, with the cap lowered (and a warning logged) if the process's
+    /// open-file soft limit cannot hold it.
+    pub fn new(config: &crate::config::Config) -> Connections {
+        let mut max = config.max_connections;
+        if let Ok((soft, _hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+            let room = soft.saturating_sub(reserved_fds(config.pool_size)).max(1);
+            if (max as u64) > room {
+                tracing::warn!(
+                    configured = max,
+                    lowered_to = room,
+                    open_file_limit = soft,
+                    "server.max_connections lowered to fit the open-file limit (raise `ulimit -n` / LimitNOFILE)"
+                );
+                max = room as usize;
+            }
+        }
+        Connections {
+            max,
+            header_timeout: config.header_timeout,
+            write_timeout: config.write_timeout,
+            open: std::sync::atomic::AtomicUsize::new(0),
+            overflow: Arc::new(tokio::sync::Semaphore::new(OVERFLOW_SLOTS)),
+        }
+    }
+
+    /// Open connections now.
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A place for one more connection, unless `max` are open.
+    fn admit(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        use std::sync::atomic::Ordering;
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnectionSlot(Arc::clone(self)))
+    }
+}
+
+/// A counted open connection.
+struct ConnectionSlot(Arc<Connections>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 /// Most bytes of request headers accepted; more is a JSON 431.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -69,6 +147,8 @@ pub struct AppState {
     pub stream: StreamSettings,
     /// Ends streams on shutdown.
     pub shutdown: CancellationToken,
+    /// Open connections, their cap and deadlines.
+    pub connections: Arc<Connections>,
 }
 
 /// An error as the client sees it.
@@ -83,7 +163,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
         ApiError {
             status,
             code,
@@ -101,9 +185,10 @@ impl ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if self.status == StatusCode::METHOD_NOT_ALLOWED {
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, OPTIONS"));
+            response.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, OPTIONS"),
+            );
         }
         if self.status == StatusCode::TOO_MANY_REQUESTS
             || self.status == StatusCode::SERVICE_UNAVAILABLE
@@ -204,9 +289,24 @@ pub async fn run(
             },
         };
         let _ = socket.set_nodelay(true);
+        let Some(slot) = state.connections.admit() else {
+            state.metrics.connections_refused.inc();
+            match Arc::clone(&state.connections.overflow).try_acquire_owned() {
+                Ok(permit) => {
+                    let state = Arc::clone(&state);
+                    tracker.spawn(async move {
+                        crate::streamconn::overflow(socket, &state).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => crate::streamconn::refuse_now(socket),
+            }
+            continue;
+        };
         let state = Arc::clone(&state);
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
+            let _slot = slot;
             // A connection that opens with GET /v1/stream is served on the socket itself;
             // any other goes to hyper with the bytes already read.
             if let Some(io) = crate::streamconn::serve(socket, &state, &shutdown).await {
@@ -221,6 +321,7 @@ pub(crate) async fn serve_hyper<T>(io: T, state: Arc<AppState>, shutdown: Cancel
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let header_timeout = state.connections.header_timeout;
     let service = service_fn(move |req| {
         let state = Arc::clone(&state);
         async move { Ok::<_, Infallible>(route(&state, req).await) }
@@ -229,7 +330,8 @@ where
     builder
         .max_buf_size(MAX_BUFFER)
         .timer(hyper_util::rt::TokioTimer::new());
-    builder.header_read_timeout(HEADER_READ_TIMEOUT);
+    // hyper's timer runs once for the whole head, however slowly it trickles.
+    builder.header_read_timeout(header_timeout);
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let result = tokio::select! {
@@ -251,11 +353,16 @@ pub(crate) fn cors_headers(
     headers: &mut hyper::HeaderMap,
 ) {
     if let Some(origin) = origin {
+        // `*` allows any page to read, but never with the browser's credentials
+        // (cookies): only origins listed by name get `Allow-Credentials`.
+        let any = origin.as_bytes() == b"*";
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-        headers.insert(
-            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-            HeaderValue::from_static("true"),
-        );
+        if !any {
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
+        }
     }
     if !state.cors_origins.is_empty() {
         headers.append(header::VARY, HeaderValue::from_static("Origin"));
@@ -269,15 +376,20 @@ async fn route(state: &AppState, req: Request<Incoming>) -> Response<Body> {
     response
 }
 
-/// The request's `Origin`, if CORS allows it.
+/// The `Access-Control-Allow-Origin` value for the request's `Origin`, if CORS allows it:
+/// the origin itself when it is listed by name, a literal `*` (without credentials) when
+/// only `"*"` allows it.
 pub(crate) fn allowed_origin<B>(state: &AppState, req: &Request<B>) -> Option<HeaderValue> {
     let origin = req.headers().get(header::ORIGIN)?;
     let text = origin.to_str().ok()?;
+    if state.cors_origins.iter().any(|o| o == text) {
+        return Some(origin.clone());
+    }
     state
         .cors_origins
         .iter()
-        .any(|o| o == "*" || o == text)
-        .then(|| origin.clone())
+        .any(|o| o == "*")
+        .then(|| HeaderValue::from_static("*"))
 }
 
 async fn answer(state: &AppState, req: &Request<Incoming>, cors_allowed: bool) -> Response<Body> {
@@ -292,11 +404,12 @@ async fn answer(state: &AppState, req: &Request<Incoming>, cors_allowed: bool) -
     if req.method() == Method::OPTIONS {
         return preflight(req, cors_allowed);
     }
-    if req.method() != Method::GET {
+    let head_allowed = req.method() == Method::HEAD && matches!(path, "/healthz" | "/readyz");
+    if req.method() != Method::GET && !head_allowed {
         return ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
-            "only GET is allowed here",
+            "only GET (and HEAD on /healthz and /readyz) is allowed here",
         )
         .into_response();
     }
@@ -307,7 +420,7 @@ async fn answer(state: &AppState, req: &Request<Incoming>, cors_allowed: bool) -
     // the whole life of the connection, and a stream's connection lives for hours, so
     // only a small future should stay behind.
     let result = match path {
-        "/healthz" => Ok(json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))),
+        "/healthz" => Ok(healthz()),
         "/readyz" => Ok(readyz(state)),
         "/v1/position" => Box::pin(position(state, req)).await,
         "/metrics" => Ok(Box::pin(metrics(state)).await),
@@ -378,6 +491,7 @@ pub(crate) fn check_sizes<B>(req: &Request<B>) -> Result<(), ApiError> {
 async fn metrics(state: &AppState) -> Response<Body> {
     let m = &state.metrics;
     m.subscribers.set(state.hub.subscribers() as i64);
+    m.connections.set(state.connections.open() as i64);
     m.listener_ready.set(i64::from(state.readiness.is_ready()));
     if let Ok(rows) = state
         .journal
@@ -395,7 +509,13 @@ async fn metrics(state: &AppState) -> Response<Body> {
     response
 }
 
-fn readyz(state: &AppState) -> Response<Body> {
+/// `/healthz`: the process serves.
+pub(crate) fn healthz() -> Response<Body> {
+    json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
+}
+
+/// `/readyz`: the listener is connected and caught up.
+pub(crate) fn readyz(state: &AppState) -> Response<Body> {
     let (code, message) = match state.readiness.not_ready() {
         None => return json(StatusCode::OK, &serde_json::json!({ "status": "ready" })),
         Some(NotReady::Disconnected) => (
@@ -403,6 +523,10 @@ fn readyz(state: &AppState) -> Response<Body> {
             "the listener is not connected to PostgreSQL or not caught up",
         ),
         Some(NotReady::SchemaMissing) => ("schema_missing", SCHEMA_MISSING),
+        Some(NotReady::Failed) => (
+            "not_ready",
+            "an essential task of the gateway stopped; the process is exiting",
+        ),
     };
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message).into_response()
 }

@@ -19,6 +19,7 @@ pub mod filter;
 pub mod http;
 pub mod journal;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod rowfilter;
 pub mod schema;
@@ -43,14 +44,28 @@ pub enum ServeError {
     #[error(transparent)]
     Db(#[from] db::DbError),
     /// No pooled connection could be opened.
-    #[error("cannot connect to PostgreSQL: {0}")]
-    Pool(#[source] deadpool_postgres::PoolError),
+    #[error("cannot connect to PostgreSQL at {endpoint}")]
+    Pool {
+        /// `host:port/dbname`, never the credentials.
+        endpoint: String,
+        /// Why.
+        #[source]
+        source: deadpool_postgres::PoolError,
+    },
     /// The schema is missing or of another version.
     #[error(transparent)]
     Schema(#[from] schema::SchemaError),
     /// The journal's head could not be read.
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
+    /// An essential task (the listener, pruning) ended while the gateway was serving.
+    #[error("the {task} task ended unexpectedly ({cause}); the gateway stopped")]
+    TaskFailed {
+        /// Which task.
+        task: &'static str,
+        /// Its panic message, or how it ended.
+        cause: String,
+    },
 }
 
 /// Runs the gateway on `listener` until `shutdown` is cancelled, then ends every stream
@@ -67,7 +82,18 @@ pub async fn serve(
     let pg = db::parse_url(config.database_url()?)?;
     let pool = db::pool(&pg, config.pool_size)?;
     {
-        let client = pool.get().await.map_err(ServeError::Pool)?;
+        let client = pool.get().await.map_err(|err| match err {
+            // The driver's own error, once, with where it tried (deadpool's wrapper
+            // repeats it and names no host).
+            deadpool_postgres::PoolError::Backend(source) => ServeError::Db(db::DbError::Connect {
+                endpoint: db::endpoint(&pg),
+                source,
+            }),
+            other => ServeError::Pool {
+                endpoint: db::endpoint(&pg),
+                source: other,
+            },
+        })?;
         schema::check(&client).await?;
     }
     let journal = journal::Journal::new(
@@ -96,28 +122,28 @@ pub async fn serve(
 
     let metrics = Arc::new(metrics::Metrics::new());
 
-    // Phase 3: the listener, which catches up from `head` once connected.
+    // Phase 3: the listener, which catches up from `head` once connected, and pruning.
+    // Both are essential: if either ends before shutdown (a panic), the gateway would
+    // serve without delivering or without pruning, so it stops instead (below).
     let tracker = TaskTracker::new();
     let readiness = Arc::new(listener::Readiness::default());
-    tracker.spawn(
-        listener::Listener {
-            config: listener::connection_config(&pg),
-            journal: journal.clone(),
-            hub: Arc::clone(&hub),
-            readiness: Arc::clone(&readiness),
-            health_interval: config.health_interval,
-            catalog: Arc::clone(&catalog),
-            metrics: Arc::clone(&metrics),
-        }
-        .run(shutdown.child_token()),
-    );
-
-    tracker.spawn(journal.clone().prune_periodically(
+    let listener_task = listener::Listener {
+        config: listener::connection_config(&pg),
+        journal: journal.clone(),
+        hub: Arc::clone(&hub),
+        readiness: Arc::clone(&readiness),
+        health_interval: config.health_interval,
+        catalog: Arc::clone(&catalog),
+        metrics: Arc::clone(&metrics),
+    }
+    .run(shutdown.child_token());
+    let mut listener_task = tokio::spawn(tracker.track_future(with_test_panic(listener_task)));
+    let mut prune_task = tokio::spawn(tracker.track_future(journal.clone().prune_periodically(
         config.retention,
         config.prune_interval,
         Arc::clone(&metrics),
         shutdown.child_token(),
-    ));
+    )));
 
     // Phase 4: HTTP, until shutdown.
     let state = Arc::new(http::AppState {
@@ -128,15 +154,47 @@ pub async fn serve(
         catalog,
         cors_origins: config.cors_origins.clone(),
         metrics,
-        readiness,
+        readiness: Arc::clone(&readiness),
         stream: sse::StreamSettings {
             heartbeat: config.heartbeat,
             retry: config.retry,
         },
         shutdown: shutdown.child_token(),
+        connections: Arc::new(http::Connections::new(&config)),
     });
-    tracing::info!(listen = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), position = %head, "pgfeed serving");
-    http::run(listener, state, shutdown, &tracker).await;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        listen = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
+        auth_mode = config.auth.mode.as_str(),
+        database = %db::endpoint(&pg),
+        position = %head,
+        max_connections = state.connections.max,
+        "pgfeed serving"
+    );
+    let essential = async {
+        tokio::select! {
+            ended = &mut listener_task => ("listener", ended),
+            ended = &mut prune_task => ("journal pruning", ended),
+        }
+    };
+    let failed = tokio::select! {
+        () = http::run(listener, state, shutdown.clone(), &tracker) => None,
+        (task, ended) = essential => (!shutdown.is_cancelled()).then(|| {
+            let cause = match ended {
+                Ok(()) => "it returned".to_string(),
+                Err(err) => match err.try_into_panic() {
+                    Ok(panic) => panic_message(&*panic),
+                    Err(err) => err.to_string(),
+                },
+            };
+            // Not ready at once, then every stream is ended (clients reconnect to another
+            // replica) and the process exits non-zero so that its supervisor restarts it.
+            readiness.fail();
+            tracing::error!(task, cause = %cause, "an essential task ended unexpectedly; shutting down");
+            shutdown.cancel();
+            ServeError::TaskFailed { task, cause }
+        }),
+    };
 
     // Phase 5: drain.
     tracker.close();
@@ -144,7 +202,38 @@ pub async fn serve(
         .await
         .is_err()
     {
-        tracing::warn!(grace = ?config.shutdown_grace, "connections still open after the shutdown grace; exiting anyway");
+        tracing::warn!(grace = %humantime::format_duration(config.shutdown_grace), "connections still open after the shutdown grace; exiting anyway");
     }
-    Ok(())
+    match failed {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
+}
+
+/// A panic's message, if it has one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(text), _) => format!("panicked: {text}"),
+        (_, Some(text)) => format!("panicked: {text}"),
+        _ => "panicked".to_string(),
+    }
+}
+
+/// The test suite's way to make the listener task panic: with
+/// `PGFEED_TEST_LISTENER_PANIC_AFTER` set to a duration (`"2s"`), the task panics that
+/// long after start-up, as a bug in it would. Only `PGFEED_TEST_*` variables do this;
+/// the configuration ignores them.
+async fn with_test_panic(task: impl std::future::Future<Output = ()>) {
+    let after = std::env::var("PGFEED_TEST_LISTENER_PANIC_AFTER")
+        .ok()
+        .and_then(|v| humantime::parse_duration(&v).ok());
+    match after {
+        None => task.await,
+        Some(after) => {
+            tokio::select! {
+                () = task => {}
+                () = tokio::time::sleep(after) => panic!("injected by PGFEED_TEST_LISTENER_PANIC_AFTER"),
+            }
+        }
+    }
 }

@@ -83,6 +83,9 @@ pub enum NotReady {
     Disconnected,
     /// Connected, but the pgfeed schema is gone: it was uninstalled.
     SchemaMissing,
+    /// An essential task (the listener itself, pruning) ended unexpectedly: the process is
+    /// exiting so that its supervisor restarts it. Final.
+    Failed,
 }
 
 /// Whether the listener is connected and caught up, and if not why (`/readyz`).
@@ -93,6 +96,7 @@ pub struct Readiness(AtomicU8);
 const DISCONNECTED: u8 = 0;
 const READY: u8 = 1;
 const SCHEMA_MISSING: u8 = 2;
+const FAILED: u8 = 3;
 
 impl Readiness {
     /// True while connected and caught up.
@@ -105,8 +109,14 @@ impl Readiness {
         match self.0.load(Ordering::Acquire) {
             READY => None,
             SCHEMA_MISSING => Some(NotReady::SchemaMissing),
+            FAILED => Some(NotReady::Failed),
             _ => Some(NotReady::Disconnected),
         }
+    }
+
+    /// Marks the gateway failed for good (see [`NotReady::Failed`]).
+    pub fn fail(&self) {
+        self.0.store(FAILED, Ordering::Release);
     }
 
     /// Sets the state (`None`: ready) and returns the previous one.
@@ -115,10 +125,19 @@ impl Readiness {
             None => READY,
             Some(NotReady::Disconnected) => DISCONNECTED,
             Some(NotReady::SchemaMissing) => SCHEMA_MISSING,
+            Some(NotReady::Failed) => FAILED,
         };
-        match self.0.swap(value, Ordering::AcqRel) {
+        // A failed gateway stays failed.
+        let before = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+                (old != FAILED).then_some(value)
+            })
+            .unwrap_or(FAILED);
+        match before {
             READY => None,
             SCHEMA_MISSING => Some(NotReady::SchemaMissing),
+            FAILED => Some(NotReady::Failed),
             _ => Some(NotReady::Disconnected),
         }
     }
@@ -197,15 +216,15 @@ impl Listener {
                     // Said once, not at every retry while it stays missing.
                     let before = self.readiness.set(Some(NotReady::SchemaMissing));
                     if before == Some(NotReady::SchemaMissing) {
-                        tracing::debug!(cause = %err, source = ?std::error::Error::source(&err), "the pgfeed schema is still missing");
+                        tracing::debug!(cause = %crate::logging::Chain(&err), "the pgfeed schema is still missing");
                     } else {
-                        tracing::error!(cause = %err, source = ?std::error::Error::source(&err), "the pgfeed schema is gone (was it uninstalled?); run `pgfeed install`");
+                        tracing::error!(cause = %crate::logging::Chain(&err), "the pgfeed schema is gone (was it uninstalled?); run `pgfeed install`");
                     }
                 }
                 Err(err) => {
                     self.readiness.set(Some(NotReady::Disconnected));
                     self.metrics.listener_reconnects.inc();
-                    tracing::warn!(cause = %err, source = ?std::error::Error::source(&err), "listener lost; reconnecting");
+                    tracing::warn!(cause = %crate::logging::Chain(&err), database = %crate::db::endpoint(&self.config), "listener lost; reconnecting");
                 }
             }
             let delay = backoff.next_delay();

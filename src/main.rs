@@ -19,7 +19,8 @@ fn main() -> ExitCode {
                 }
                 source = cause.source();
             }
-            eprintln!("{message}");
+            // Not eprintln!, which panics on a broken stderr.
+            pgfeed::logging::eprint(&message);
             ExitCode::FAILURE
         }
     }

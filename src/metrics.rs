@@ -84,6 +84,16 @@ pub struct Metrics {
     pub barrier_timeouts: Counter,
     /// Journal rows the listener skipped because this binary cannot decode them.
     pub malformed_changes: Counter,
+    /// Open client connections (set at scrape time).
+    pub connections: Gauge,
+    /// Connections beyond `server.max_connections`: answered 503 `too_many_connections`
+    /// (or, for `/healthz` and `/readyz`, answered and closed).
+    pub connections_refused: Counter,
+    /// Connections closed because their request head did not arrive within
+    /// `server.header_timeout`.
+    pub header_timeouts: Counter,
+    /// Streams closed because their client accepted no bytes for `server.write_timeout`.
+    pub write_timeouts: Counter,
 }
 
 impl Default for Metrics {
@@ -118,6 +128,10 @@ impl Metrics {
             prune_skipped: Counter::default(),
             barrier_timeouts: Counter::default(),
             malformed_changes: Counter::default(),
+            connections: Gauge::default(),
+            connections_refused: Counter::default(),
+            header_timeouts: Counter::default(),
+            write_timeouts: Counter::default(),
         };
         registry.register("subscribers", "Open streams", m.subscribers.clone());
         registry.register("streams_opened", "Streams opened", m.streams_opened.clone());
@@ -205,6 +219,26 @@ impl Metrics {
             "malformed_changes",
             "Journal rows skipped by the listener because this binary cannot decode them (each logged with its position)",
             m.malformed_changes.clone(),
+        );
+        registry.register(
+            "connections",
+            "Open client connections",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections beyond server.max_connections: answered 503 (or only /healthz and /readyz)",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "header_timeouts",
+            "Connections closed because the request head took longer than server.header_timeout",
+            m.header_timeouts.clone(),
+        );
+        registry.register(
+            "write_timeouts",
+            "Streams closed because the client accepted no bytes for server.write_timeout",
+            m.write_timeouts.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -12,7 +12,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt as _;
@@ -127,7 +127,7 @@ impl EventStream {
         selection: Selection,
         format: Format,
         resume_from: Option<Position>,
-        expires_at: Option<u64>,
+        expires_at: Option<SystemTime>,
         settings: &StreamSettings,
         shutdown: CancellationToken,
         metrics: Arc<Metrics>,
@@ -136,12 +136,12 @@ impl EventStream {
             Some(p) => (p, Mode::Replay { announce: true }),
             None => (subscription.from, Mode::Live),
         };
-        let expires = expires_at.map(|exp| {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
-            Instant::now() + Duration::from_secs(exp.saturating_sub(now))
+        // Far-off expiries (a token with `exp` 1e19) are no expiry, never an overflow.
+        let expires = expires_at.and_then(|at| {
+            let left = at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            Instant::now().checked_add(left)
         });
         let timer = Box::pin(tokio::time::sleep_until(next_timer(
             Instant::now() + settings.heartbeat,
@@ -149,9 +149,9 @@ impl EventStream {
         )));
         metrics.streams_opened.inc();
         tracing::info!(
-            tenant = %selection.tenant,
+            tenant = %crate::logging::Untrusted(&selection.tenant),
             format = ?format,
-            resume = ?resume_from.map(|p| p.to_string()),
+            resume = resume_from.map(tracing::field::display),
             "stream opened"
         );
         EventStream {
@@ -172,6 +172,23 @@ impl EventStream {
             expires,
             started: false,
             done: false,
+        }
+    }
+
+    /// Completes when the stream must end whatever its client does: the server shuts
+    /// down or the token expires. For a write that is blocked on a client that stopped
+    /// reading (the stream's own checks only run between writes).
+    pub(crate) async fn interrupted(&mut self) {
+        let expires = self.expires;
+        let expiry = async move {
+            match expires {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = &mut self.shutdown => {}
+            () = expiry => {}
         }
     }
 
@@ -510,7 +527,7 @@ fn next_timer(heartbeat: Instant, expires: Option<Instant>) -> Instant {
 impl Drop for EventStream {
     fn drop(&mut self) {
         tracing::info!(
-            tenant = %self.selection.tenant,
+            tenant = %crate::logging::Untrusted(&self.selection.tenant),
             duration_ms = self.opened.elapsed().as_millis() as u64,
             events = self.delivered,
             position = %self.last,

@@ -1296,3 +1296,98 @@ pub async fn connect_collecting_notices(
     });
     (client, notices)
 }
+
+/// [`pgfeed_command`] run through `sh -c '{shell}; exec pgfeed ARGS'`, for what only the
+/// shell can set before the gateway starts, such as `ulimit -n 128`.
+pub fn pgfeed_shell_command(db: &TestDb, shell: &str, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("{shell}; exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_pgfeed"))
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .kill_on_drop(true);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PGFEED_") && !k.starts_with("PGFEED_TEST_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("DATABASE_URL", &db.url)
+        .env("PGFEED_AUTH_SECRET", SECRET);
+    cmd
+}
+
+impl ChildGateway {
+    /// Starts `cmd`, a `pgfeed serve` listening on `addr`, with its stderr to a log file
+    /// (or to `stderr` when given, e.g. a pipe the test closes), and waits until `/readyz`
+    /// answers 200.
+    pub async fn start_command(
+        mut cmd: tokio::process::Command,
+        addr: SocketAddr,
+        stderr: Option<std::process::Stdio>,
+    ) -> ChildGateway {
+        let log = std::env::temp_dir().join(format!(
+            "pgfeed-child-{}-{}.log",
+            std::process::id(),
+            addr.port()
+        ));
+        let stderr = match stderr {
+            Some(stderr) => stderr,
+            None => std::fs::File::create(&log)
+                .expect("creating the gateway's log file")
+                .into(),
+        };
+        cmd.stdout(std::process::Stdio::null()).stderr(stderr);
+        let mut child = cmd.spawn().expect("starting pgfeed serve");
+        let deadline = Instant::now() + SOON;
+        while !get(addr, "/readyz", &[])
+            .await
+            .is_ok_and(|r| r.status == 200)
+        {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "pgfeed serve exited ({status}) before it was ready: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pgfeed serve not ready within {SOON:?}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ChildGateway { addr, child, log }
+    }
+
+    /// Waits (at most [`SOON`]) for the process to exit and returns its status.
+    pub async fn exited(&mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(SOON, self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "pgfeed serve still running after {SOON:?}: {}",
+                    self.log_text()
+                )
+            })
+            .expect("waiting for pgfeed serve")
+    }
+}
+
+/// A connection that sent `head` and then reads nothing, with a receive buffer of a few
+/// KiB: the client that stopped reading.
+pub async fn stalled_reader(addr: SocketAddr, head: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+}
+
+/// The `pgfeed_subscribers` gauge of the gateway at `addr`.
+pub async fn subscribers(addr: SocketAddr) -> Option<f64> {
+    sample(
+        &get_soon(addr, "/metrics", &[]).await.body,
+        "pgfeed_subscribers",
+    )
+}
