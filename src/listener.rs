@@ -162,8 +162,12 @@ pub struct Listener {
 }
 
 /// Says a gateway sleeps (`pgfeed.armed`, a sequence: set at once, outside any
-/// transaction): from now on the first writer to commit rings the doorbell.
-const ARM: &str = "SELECT pg_catalog.setval('pgfeed.armed', 1)";
+/// transaction): from now on the first writer to commit rings the doorbell. Committed
+/// asynchronously: `setval` gives its transaction an id, whose commit would otherwise
+/// wait for a disk flush every time the gateway goes to sleep (a flag lost in a crash is
+/// set again when the listener reconnects).
+const ARM: &str = "SELECT pg_catalog.set_config('synchronous_commit', 'off', true),
+                          pg_catalog.setval('pgfeed.armed', 1)";
 
 /// Waits for the commits of writers that saw this gateway awake (sql/functions.sql).
 const BARRIER: &str = "SELECT pgfeed.barrier($1)";
