@@ -378,6 +378,7 @@ pub(crate) fn check_sizes<B>(req: &Request<B>) -> Result<(), ApiError> {
 async fn metrics(state: &AppState) -> Response<Body> {
     let m = &state.metrics;
     m.subscribers.set(state.hub.subscribers() as i64);
+    m.tenant_channels.set(state.hub.channel_count() as i64);
     m.listener_ready.set(i64::from(state.readiness.is_ready()));
     if let Ok(rows) = state
         .journal
@@ -462,7 +463,19 @@ pub(crate) async fn open_stream<B>(
     req: &Request<B>,
 ) -> Result<(EventStream, Format), ApiError> {
     let (query, principal) = authenticate(state, req)?;
-    let selection = Selection::new(&principal, &query, &state.catalog.tables())?;
+    let ticket = state.catalog.ticket();
+    let selection = match Selection::new(&principal, &query, &state.catalog.tables()) {
+        // The table may have been watched, or the column added, a moment ago: the
+        // catalog learns of it from the doorbell or its periodic reload, which may not
+        // have landed yet. Ask the database once before refusing.
+        Err(SelectionError::UnknownTable(_) | SelectionError::UnknownColumn { .. }) => {
+            if let Err(err) = state.catalog.reload_since(&state.journal, ticket).await {
+                tracing::warn!(cause = %err, "reloading the catalog for a request failed");
+            }
+            Selection::new(&principal, &query, &state.catalog.tables())?
+        }
+        other => other?,
+    };
     // Registered before the response starts: a change committed after the client has the
     // headers is in this receiver or, if older, in the replay. Admission limits are
     // checked here, before any database work.
