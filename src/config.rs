@@ -47,6 +47,7 @@ pub const KEYS: &[(&str, Kind)] = &[
     ("journal.retention", Kind::Str),
     ("journal.batch_size", Kind::Int),
     ("journal.batch_bytes", Kind::Int),
+    ("journal.replay_concurrency", Kind::Int),
     ("journal.prune_interval", Kind::Str),
 ];
 
@@ -209,6 +210,7 @@ struct JournalSection {
     retention: Option<String>,
     batch_size: Option<i64>,
     batch_bytes: Option<i64>,
+    replay_concurrency: Option<i64>,
     prune_interval: Option<String>,
 }
 
@@ -278,6 +280,11 @@ pub struct Config {
     /// `journal.prune_interval` (default 1m): how often a replica tries to prune changes
     /// older than `journal.retention`.
     pub prune_interval: Duration,
+    /// `journal.replay_concurrency` (default half of `database.pool_size`, at least 1, at
+    /// most `database.pool_size`): subscribers' journal reads (resumes, catch-ups) running
+    /// at once; more wait their turn, so that a storm of resumes leaves pooled connections
+    /// to everything else. The listener reads on a connection of its own.
+    pub replay_concurrency: usize,
 }
 
 /// How subscribers are authenticated.
@@ -508,9 +515,26 @@ impl Config {
                 ));
             }
         }
+        let pool_size = positive("database.pool_size", file.database.pool_size, 8, 1000)?;
+        let replay_concurrency = match file.journal.replay_concurrency {
+            Some(v) if v > pool_size as i64 => {
+                return Err(invalid(
+                    "journal.replay_concurrency",
+                    format!(
+                        "must be at most database.pool_size ({pool_size}), got {v}: replays beyond it would only wait for connections"
+                    ),
+                ));
+            }
+            value => positive(
+                "journal.replay_concurrency",
+                value,
+                (pool_size / 2).max(1),
+                pool_size,
+            )?,
+        };
         Ok(Config {
             database_url,
-            pool_size: positive("database.pool_size", file.database.pool_size, 8, 1000)?,
+            pool_size,
             query_timeout: duration(
                 "database.query_timeout",
                 &file.database.query_timeout,
@@ -600,6 +624,7 @@ impl Config {
                 "1m",
                 true,
             )?,
+            replay_concurrency,
         })
     }
 }
@@ -807,6 +832,28 @@ mod tests {
         for bad in ["0", "-1", "100000", "many"] {
             let err = load(Some(bad)).unwrap_err().to_string();
             assert!(err.contains("server.threads"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn replay_concurrency_defaults_to_half_the_pool_and_is_checked() {
+        let load = |pool: &str, replays: Option<&str>| {
+            let mut e = base();
+            e.push(("PGFEED_DATABASE_POOL_SIZE".into(), pool.into()));
+            if let Some(r) = replays {
+                e.push(("PGFEED_JOURNAL_REPLAY_CONCURRENCY".into(), r.into()));
+            }
+            Config::load(&Sources {
+                env: e,
+                ..Default::default()
+            })
+        };
+        assert_eq!(load("8", None).unwrap().replay_concurrency, 4);
+        assert_eq!(load("1", None).unwrap().replay_concurrency, 1);
+        assert_eq!(load("8", Some("8")).unwrap().replay_concurrency, 8);
+        for bad in ["0", "-2", "9", "all"] {
+            let err = load("8", Some(bad)).unwrap_err().to_string();
+            assert!(err.contains("journal.replay_concurrency"), "{bad}: {err}");
         }
     }
 

@@ -132,6 +132,10 @@ pub struct Journal {
     /// Whether the database is SQL_ASCII, once the first read has asked: reads then
     /// fetch text as bytes ([`READ_ALL_BYTES`]). Shared by the clones.
     sql_ascii: Arc<OnceLock<bool>>,
+    /// Permits for subscribers' reads (replays and catch-ups), shared by the clones: a
+    /// storm of resumes waits here, in turn, and leaves the rest of the pool to everything
+    /// else (`/v1/position`, resumes' head checks, `/metrics`, catalog reloads).
+    replays: Arc<tokio::sync::Semaphore>,
 }
 
 /// One read: changes in commit order, whether more may follow, and the pruning watermark
@@ -209,14 +213,79 @@ macro_rules! every_change {
     };
 }
 
-// A tenant's changes and public ones (a replay): commits without any would not fill a page,
-// so commits are not limited here.
-macro_rules! tenant_changes {
-    () => {
-        "FROM pgfeed.commits AS c
-        JOIN pgfeed.changes AS ch ON ch.xid = c.xid
-        WHERE c.seq >= $1 AND (c.seq > $1 OR ch.ord > $2)
-          AND (ch.tenant = $3 OR ch.public)"
+// A tenant's changes and public ones (a replay or a catch-up), paged and cut as
+// `read_after!` does. Two ways to find them, one of which runs (the other is gated off by a
+// one-time filter):
+//
+// * A quiet tenant (together with public changes, fewer than QUIET rows in the whole
+//   journal, counted on the indexes of migration 7 and stopping at QUIET) reads its own
+//   rows through those indexes, each looked up in pgfeed.commits by xid: other tenants'
+//   changes are never visited, however many there are.
+// * A busy tenant reads commits in order from the position, as the listener does, keeping
+//   its rows: its rows are then a good part of what is scanned, and going through its
+//   index would mean visiting all of them, from long before the position.
+//
+// The comment names the query in pg_stat_activity.
+macro_rules! read_tenant {
+    ($columns:expr) => {
+        concat!(
+            "/* pgfeed tenant read */
+    WITH quiet AS MATERIALIZED (
+        SELECT (SELECT count(*) FROM (SELECT FROM pgfeed.changes AS x
+                                      WHERE x.tenant = $3 LIMIT 5000) AS t)
+             + (SELECT count(*) FROM (SELECT FROM pgfeed.changes AS x
+                                      WHERE x.public LIMIT 5000) AS u) < 5000 AS yes
+    ), found AS (
+        (SELECT c.seq, ch.ord, ch.table_name, ch.op, ch.tenant, ch.public, ch.pk, ch.new,
+                ch.old, ch.changed, c.committed_at
+         FROM ((SELECT x.xid, x.ord, x.table_name, x.op, x.tenant, x.public, x.pk, x.new,
+                       x.old, x.changed
+                FROM pgfeed.changes AS x WHERE x.tenant = $3
+                ORDER BY x.tenant, x.xid LIMIT 5000)
+               UNION ALL
+               (SELECT x.xid, x.ord, x.table_name, x.op, x.tenant, x.public, x.pk, x.new,
+                       x.old, x.changed
+                FROM pgfeed.changes AS x WHERE x.public AND x.tenant IS DISTINCT FROM $3
+                ORDER BY x.xid LIMIT 5000)) AS ch
+         CROSS JOIN LATERAL (
+             SELECT k.seq, k.committed_at FROM pgfeed.commits AS k
+             WHERE k.xid = ch.xid LIMIT 1
+         ) AS c
+         WHERE (SELECT yes FROM quiet)
+           AND c.seq >= $1 AND (c.seq > $1 OR ch.ord > $2)
+         ORDER BY c.seq, ch.ord
+         LIMIT $4)
+        UNION ALL
+        (SELECT c.seq, ch.ord, ch.table_name, ch.op, ch.tenant, ch.public, ch.pk, ch.new,
+                ch.old, ch.changed, c.committed_at
+         FROM pgfeed.commits AS c
+         JOIN pgfeed.changes AS ch ON ch.xid = c.xid
+         WHERE NOT (SELECT yes FROM quiet)
+           AND c.seq >= $1 AND (c.seq > $1 OR ch.ord > $2)
+           AND (ch.tenant = $3 OR ch.public)
+         ORDER BY c.seq, ch.ord
+         LIMIT $4)
+    ), page AS (
+        SELECT f.seq, f.ord, f.table_name, f.op, f.tenant, f.public, f.pk, f.new, f.old,
+               f.changed, f.committed_at,
+               coalesce(pg_column_size(f.new), 0) + coalesce(pg_column_size(f.old), 0) AS size,
+               sum(coalesce(pg_column_size(f.new), 0) + coalesce(pg_column_size(f.old), 0))
+                   OVER (ORDER BY f.seq, f.ord) AS running
+        FROM found AS f
+        ORDER BY f.seq, f.ord
+        LIMIT $4
+    )
+    SELECT p.seq, p.ord, ",
+            $columns,
+            ",
+           to_char(p.committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+           (SELECT count(*) FROM page) AS fetched,
+           w.seq, w.ord,
+           extract(epoch FROM p.committed_at)::float8
+    FROM pgfeed.pruned AS w
+    LEFT JOIN page AS p ON p.running - p.size < $5
+    ORDER BY p.seq, p.ord"
+        )
     };
 }
 
@@ -228,7 +297,7 @@ macro_rules! as_text {
     };
 }
 const READ_ALL: &str = read_after!(every_change!(), as_text!());
-const READ_TENANT: &str = read_after!(tenant_changes!(), as_text!());
+const READ_TENANT: &str = read_tenant!(as_text!());
 
 // For a SQL_ASCII database, whose text may hold any byte: sent as text, one byte that is
 // not UTF-8 fails the server's check on the way to the client encoding, and with it the
@@ -245,7 +314,7 @@ macro_rules! as_bytes {
     };
 }
 const READ_ALL_BYTES: &str = read_after!(every_change!(), as_bytes!());
-const READ_TENANT_BYTES: &str = read_after!(tenant_changes!(), as_bytes!());
+const READ_TENANT_BYTES: &str = read_tenant!(as_bytes!());
 
 // Whether the database is SQL_ASCII.
 const SQL_ASCII: &str =
@@ -277,6 +346,9 @@ pub struct Limits {
     pub batch_bytes: usize,
     /// Longest a query may take.
     pub query_timeout: Duration,
+    /// Subscribers' reads (replays, catch-ups) running at once at most
+    /// (`journal.replay_concurrency`).
+    pub replay_concurrency: usize,
 }
 
 impl Journal {
@@ -288,6 +360,11 @@ impl Journal {
             batch_bytes: limits.batch_bytes as i64,
             query_timeout: limits.query_timeout,
             sql_ascii: Arc::default(),
+            replays: Arc::new(tokio::sync::Semaphore::new(
+                limits
+                    .replay_concurrency
+                    .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+            )),
         }
     }
 
@@ -381,6 +458,12 @@ impl Journal {
         let tenant = match scope {
             Scope::All => None,
             Scope::Tenant(t) => Some(t.to_string()),
+        };
+        // A subscriber's read waits for its turn (never closed, so this cannot fail);
+        // the listener's never does.
+        let _turn = match tenant {
+            Some(_) => self.replays.acquire().await.ok(),
+            None => None,
         };
         let (limit, bytes) = (self.batch_size, self.batch_bytes);
         let known = self.sql_ascii.get().copied();

@@ -10,7 +10,7 @@
 use tokio_postgres::Client;
 
 /// The schema version this binary expects: the number of the newest migration.
-pub const VERSION: i32 = 5;
+pub const VERSION: i32 = 7;
 
 /// Table migrations, applied in order, each once.
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -19,6 +19,8 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("../sql/003_render_sandbox.sql")),
     (4, include_str!("../sql/004_ddl_safety.sql")),
     (5, include_str!("../sql/005_commits_never_wait.sql")),
+    // 6 is the capture's (sql/006_*.sql).
+    (7, include_str!("../sql/007_tenant_replay.sql")),
 ];
 
 /// Functions and triggers, re-applied by every install.

@@ -176,3 +176,217 @@ async fn a_table_watched_or_a_column_added_a_moment_ago_is_known_at_once() {
     assert!(message.contains("nope"), "{message}");
     gw.stop().await;
 }
+
+/// The `Authorization` header of `tenant` on `gw`.
+fn bearer(gw: &Gateway, tenant: &str) -> String {
+    format!("Bearer {}", gw.token(tenant))
+}
+
+/// What [`storm`] leaves running.
+struct Storm {
+    gw: Gateway,
+    proxy: support::FreezingProxy,
+    writer: tokio_postgres::Client,
+    /// Tenant "calm", live.
+    calm: SseClient,
+    /// Tenant "storm"'s resumes, whose reads hang.
+    _resumes: Vec<SseClient>,
+    _db: TestDb,
+}
+
+/// A gateway with `pool` pooled connections and `journal.replay_concurrency` =
+/// `concurrency`, tenant "calm" live, then `resumes` resumes of tenant "storm" whose
+/// journal reads hang (their connections frozen in mid-query, as reads that would scan for
+/// ever), once as many as may run at once hang.
+async fn storm(pool: &str, concurrency: &str, resumes: usize) -> Storm {
+    let db = TestDb::new().await;
+    tenant_table(&db, "items").await;
+    let writer = db.client().await;
+    writer
+        .run("INSERT INTO items (tenant, body) VALUES ('storm', 'old')")
+        .await;
+    let proxy = support::FreezingProxy::start(&db.url, b"pgfeed tenant read").await;
+    let url = proxy.url(&db.url);
+    let gw = Gateway::start_with(support::sources_with(
+        &db,
+        &[
+            ("PGFEED_DATABASE_URL", &url),
+            ("PGFEED_DATABASE_POOL_SIZE", pool),
+            ("PGFEED_JOURNAL_REPLAY_CONCURRENCY", concurrency),
+            ("PGFEED_DATABASE_QUERY_TIMEOUT", "5m"),
+        ],
+    ))
+    .await;
+    let calm = gw.live("calm").await;
+    proxy.arm();
+    let resumes: Vec<SseClient> = {
+        let mut open = Vec::new();
+        for _ in 0..resumes {
+            let s = gw.resume("storm", "", "0.0").await;
+            assert_eq!(s.status, 200, "{}", s.raw);
+            open.push(s);
+        }
+        open
+    };
+    let running: usize = concurrency.parse().unwrap();
+    eventually("the storm's reads hang", || async {
+        proxy.frozen() >= running
+    })
+    .await;
+    Storm {
+        gw,
+        proxy,
+        writer,
+        calm,
+        _resumes: resumes,
+        _db: db,
+    }
+}
+
+/// Item 6: resumes whose reads hang hold every pooled connection; another
+/// tenant's live change still arrives, read by the listener on its own connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_resumes_that_takes_the_whole_pool_does_not_stop_the_listener() {
+    let mut s = storm("2", "2", 2).await;
+    s.writer
+        .run("INSERT INTO items (tenant, body) VALUES ('calm', 'live')")
+        .await;
+    assert_eq!(s.calm.next_change().await["new"]["body"], "live");
+    assert_eq!(s.proxy.frozen(), 2, "the storm holds the whole pool");
+    s.gw.stop().await;
+}
+
+/// Item 6: subscribers' reads run at most `journal.replay_concurrency` at once, so a storm
+/// of resumes whose reads hang leaves the rest of the pool to `/v1/position` and others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_resumes_leaves_pooled_connections_to_the_rest() {
+    let mut s = storm("4", "2", 12).await;
+    for _ in 0..5 {
+        let r = support::get_soon(
+            s.gw.addr,
+            "/v1/position",
+            &[("Authorization", &bearer(&s.gw, "calm"))],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    s.writer
+        .run("INSERT INTO items (tenant, body) VALUES ('calm', 'live')")
+        .await;
+    assert_eq!(s.calm.next_change().await["new"]["body"], "live");
+    assert_eq!(
+        s.proxy.frozen(),
+        2,
+        "no more subscriber reads at once than journal.replay_concurrency"
+    );
+    s.gw.stop().await;
+}
+
+/// Item 6: pooled connections carry the query timeout as a server-side
+/// `statement_timeout`: a read the gateway gave up on does not go on waiting (for a lock,
+/// here) on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_given_up_on_stops_on_the_server_too() {
+    let db = TestDb::new().await;
+    let gw = Gateway::start_with(support::sources_with(
+        &db,
+        &[("PGFEED_DATABASE_QUERY_TIMEOUT", "1s")],
+    ))
+    .await;
+    let locker = db.client().await;
+    locker
+        .run("BEGIN; LOCK TABLE pgfeed.pruned IN ACCESS EXCLUSIVE MODE")
+        .await;
+    let r = support::get_soon(
+        gw.addr,
+        "/v1/position",
+        &[("Authorization", &bearer(&gw, "acme"))],
+    )
+    .await;
+    let (code, _) = support::assert_error(&r, 503, "position behind a lock");
+    assert_eq!(code, "unavailable");
+    let admin = db.client().await;
+    eventually(
+        "no pooled session of the gateway still waits for the lock",
+        || async {
+            let waiting: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'pgfeed'
+                   AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            waiting == 0
+        },
+    )
+    .await;
+    locker.run("ROLLBACK").await;
+    gw.stop().await;
+}
+
+/// The heap tuples read from `pgfeed.changes` so far (sequential and through indexes), as
+/// the statistics have them.
+async fn changes_tuples_read(c: &tokio_postgres::Client) -> i64 {
+    c.query_one(
+        "SELECT (coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0))::bigint
+         FROM pg_stat_user_tables WHERE relid = 'pgfeed.changes'::regclass",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Item 6: a quiet tenant resuming from the start reads its own change, not the 20 000
+/// of 200 other tenants committed after its position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_tenants_resume_does_not_scan_other_tenants_changes() {
+    let db = TestDb::new().await;
+    tenant_table(&db, "items").await;
+    let writer = db.client().await;
+    for _ in 0..4 {
+        writer
+            .run(
+                "INSERT INTO items (tenant, body)
+                 SELECT 'loud' || (i % 200), 'x' FROM generate_series(1, 5000) AS i",
+            )
+            .await;
+    }
+    writer
+        .run("INSERT INTO items (tenant, body) VALUES ('quiet', 'mine')")
+        .await;
+    let gw = Gateway::start(&db).await;
+    let admin = support::connect(&support::server().url("postgres")).await;
+    let stats = db.client().await;
+    let gone = || async {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = $1 AND application_name LIKE 'pgfeed%'",
+                &[&db.name],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+    };
+    let before = changes_tuples_read(&stats).await;
+    for _ in 0..10 {
+        let mut s = gw.resume("quiet", "", "0.0").await;
+        let replayed = s.until_live().await;
+        assert_eq!(replayed.len(), 1, "{replayed:?}");
+        assert_eq!(replayed[0]["new"]["body"], "mine");
+    }
+    // The gateway's sessions report their statistics when they end.
+    gw.stop().await;
+    eventually("the gateway's sessions ended", gone).await;
+    stats.run("SELECT pg_stat_clear_snapshot()").await;
+    let read = changes_tuples_read(&stats).await - before;
+    assert!(
+        read < 2_000,
+        "ten resumes of a tenant with one change read {read} journal rows"
+    );
+}
