@@ -274,8 +274,10 @@ pub struct Config {
     /// `journal.batch_size` (default 5000): changes per journal read (memory is bounded by
     /// `journal.batch_bytes` too).
     pub batch_size: usize,
-    /// `journal.batch_bytes` (default 8388608): stored row-image bytes after which a journal
-    /// read stops early, so huge rows are read a few at a time.
+    /// `journal.batch_bytes` (default 8388608): row-image bytes after which a journal read
+    /// stops early, so huge rows are read a few at a time: as stored (compressed) in the
+    /// query, and as text as the rows arrive. Subscribers' reads stop at
+    /// [`crate::journal::STREAM_READ_BYTES`] at most.
     pub batch_bytes: usize,
     /// `journal.prune_interval` (default 1m): how often a replica tries to prune changes
     /// older than `journal.retention`.

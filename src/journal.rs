@@ -160,8 +160,10 @@ pub struct Batch {
 
 // The page is cut by count ($4) and by stored size ($5, always at least one row). The
 // page CTE keeps row images as stored (toasted) until the final projection, so rows past
-// the byte limit are never detoasted. `$columns` are the columns of each change (see
-// READ_ALL_BYTES for why there are two sets).
+// the byte limit are never detoasted. Stored sizes are compressed sizes, so the reader
+// also cuts by real size as the rows arrive (`collect`); `sent` is how many rows the
+// server sends. `$columns` are the columns of each change (see READ_ALL_BYTES for why
+// there are two sets).
 macro_rules! read_after {
     ($source:expr, $columns:expr) => {
         concat!(
@@ -184,7 +186,8 @@ macro_rules! read_after {
            to_char(p.committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
            (SELECT count(*) FROM page) AS fetched,
            w.seq, w.ord,
-           extract(epoch FROM p.committed_at)::float8
+           extract(epoch FROM p.committed_at)::float8,
+           (SELECT count(*) FROM page WHERE running - size < $5) AS sent
     FROM pgfeed.pruned AS w
     LEFT JOIN page AS p ON p.running - p.size < $5
     ORDER BY p.seq, p.ord"
@@ -281,7 +284,8 @@ macro_rules! read_tenant {
            to_char(p.committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
            (SELECT count(*) FROM page) AS fetched,
            w.seq, w.ord,
-           extract(epoch FROM p.committed_at)::float8
+           extract(epoch FROM p.committed_at)::float8,
+           (SELECT count(*) FROM page WHERE running - size < $5) AS sent
     FROM pgfeed.pruned AS w
     LEFT JOIN page AS p ON p.running - p.size < $5
     ORDER BY p.seq, p.ord"
@@ -336,6 +340,11 @@ const SEAL: &str = "SELECT pgfeed.seal()";
 
 // Which journal this is; fails with undefined_table when the schema is gone.
 const IDENTITY: &str = "SELECT 'pgfeed.commits'::pg_catalog.regclass::pg_catalog.oid";
+
+/// Real bytes (row images as text) after which a subscriber's journal read stops, at
+/// least one change read: what a replay or a catch-up holds for a stream that does not
+/// take it, besides the chunk being written (see `sse`).
+pub const STREAM_READ_BYTES: usize = 1 << 20;
 
 /// Settings for journal reads.
 #[derive(Debug, Clone, Copy)]
@@ -465,67 +474,73 @@ impl Journal {
             Some(_) => self.replays.acquire().await.ok(),
             None => None,
         };
-        let (limit, bytes) = (self.batch_size, self.batch_bytes);
+        let limit = self.batch_size;
+        // What one read may bring into memory, in real bytes: a subscriber's read is
+        // held by its stream until the client has taken it (see `sse`), so it is smaller.
+        let budget = match tenant {
+            Some(_) => self.batch_bytes.min(STREAM_READ_BYTES as i64),
+            None => self.batch_bytes,
+        };
         let known = self.sql_ascii.get().copied();
-        let (rows, sql_ascii) = self
-            .with_client(move |client| {
-                Box::pin(async move {
-                    let sql_ascii = match known {
-                        Some(known) => known,
-                        None => client.query_one(SQL_ASCII, &[]).await?.try_get(0)?,
-                    };
-                    let sql = match (tenant.is_some(), sql_ascii) {
-                        (false, false) => READ_ALL,
-                        (false, true) => READ_ALL_BYTES,
-                        (true, false) => READ_TENANT,
-                        (true, true) => READ_TENANT_BYTES,
-                    };
-                    let stmt = client.prepare_cached(sql).await?;
-                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-                        [&after.commit, &after.ord, &tenant, &limit, &bytes];
-                    let read = client.query(&stmt, &params);
-                    let rows = if seal {
-                        // Pipelined: one round trip; the read's snapshot is taken after the
-                        // seal committed.
-                        let sealing = client.prepare_cached(SEAL).await?;
-                        futures_util::future::try_join(client.query_one(&sealing, &[]), read)
-                            .await?
-                            .1
-                    } else {
-                        read.await?
-                    };
-                    Ok((rows, sql_ascii))
-                })
-            })
-            .await?;
-        let _ = self.sql_ascii.set(sql_ascii);
-        let mut batch = Batch::default();
-        let (mut fetched, mut returned) = (0i64, 0i64);
-        for row in &rows {
-            batch.pruned = Position {
-                commit: decode(row, 12, "pruning watermark")?,
-                ord: decode(row, 13, "pruning watermark")?,
+        let client = tokio::time::timeout(self.query_timeout, self.pool.get())
+            .await
+            .map_err(|_| JournalError::Timeout)?
+            .map_err(JournalError::Pool)?;
+        let reading = async {
+            let sql_ascii = match known {
+                Some(known) => known,
+                None => client
+                    .query_one(SQL_ASCII, &[])
+                    .await
+                    .and_then(|row| row.try_get(0))
+                    .map_err(JournalError::Query)?,
             };
-            fetched = decode(row, 11, "page size")?;
-            batch.more = fetched == limit;
-            // Without a position a row could only be skipped by reading it again forever.
-            let Some(commit) = decode::<Option<i64>>(row, 0, "commit number")? else {
-                continue;
+            let _ = self.sql_ascii.set(sql_ascii);
+            let sql = match (tenant.is_some(), sql_ascii) {
+                (false, false) => READ_ALL,
+                (false, true) => READ_ALL_BYTES,
+                (true, false) => READ_TENANT,
+                (true, true) => READ_TENANT_BYTES,
             };
-            let position = Position {
-                commit,
-                ord: decode(row, 1, "ordinal")?,
+            let stmt = client
+                .prepare_cached(sql)
+                .await
+                .map_err(JournalError::Query)?;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+                [&after.commit, &after.ord, &tenant, &limit, &budget];
+            let read = client.query_raw(&stmt, params);
+            let rows = if seal {
+                // Pipelined: one round trip; the read's snapshot is taken after the seal
+                // committed.
+                let sealing = client
+                    .prepare_cached(SEAL)
+                    .await
+                    .map_err(JournalError::Query)?;
+                futures_util::future::try_join(client.query_one(&sealing, &[]), read)
+                    .await
+                    .map_err(JournalError::Query)?
+                    .1
+            } else {
+                read.await.map_err(JournalError::Query)?
             };
-            returned += 1;
-            batch.end = Some(position);
-            match to_change(row, position) {
-                Ok(change) => batch.changes.push(change),
-                Err(reason) => batch.skipped.push(Skipped { position, reason }),
+            collect(rows, limit, budget as usize).await
+        };
+        let (batch, cut) = match tokio::time::timeout(self.query_timeout, reading).await {
+            Ok(result) => result?,
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(client));
+                return Err(JournalError::Timeout);
             }
-        }
-        // A page cut short by size has more behind it.
-        if returned < fetched {
-            batch.more = true;
+        };
+        if cut {
+            // The rows after the cut were not read: the statement is cancelled rather
+            // than left to render and send them, and its connection, whose end of the
+            // reply is still coming, is not reused (the cancel cannot reach a later one).
+            let cancel = client.cancel_token();
+            drop(deadpool_postgres::Object::take(client));
+            tokio::spawn(async move {
+                let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+            });
         }
         Ok(batch)
     }
@@ -622,6 +637,74 @@ impl Journal {
             }
         }
     }
+}
+
+/// Reads a page's rows as they arrive, decoding each into a change, until the page ends
+/// or the real size of what was read (the row images as text, not as stored: compressed,
+/// a 1 MB row may take a few KB) reaches `budget`, after at least one change. Returns the
+/// batch and whether the page was cut (its remaining rows were not read).
+async fn collect(
+    rows: tokio_postgres::RowStream,
+    limit: i64,
+    budget: usize,
+) -> Result<(Batch, bool), JournalError> {
+    use futures_util::TryStreamExt as _;
+    futures_util::pin_mut!(rows);
+    let mut batch = Batch::default();
+    let (mut fetched, mut returned, mut bytes) = (0i64, 0i64, 0usize);
+    let mut cut = false;
+    while let Some(row) = rows.try_next().await.map_err(JournalError::Query)? {
+        batch.pruned = Position {
+            commit: decode(&row, 12, "pruning watermark")?,
+            ord: decode(&row, 13, "pruning watermark")?,
+        };
+        fetched = decode(&row, 11, "page size")?;
+        batch.more = fetched == limit;
+        // Without a position a row could only be skipped by reading it again forever.
+        let Some(commit) = decode::<Option<i64>>(&row, 0, "commit number")? else {
+            continue;
+        };
+        let position = Position {
+            commit,
+            ord: decode(&row, 1, "ordinal")?,
+        };
+        returned += 1;
+        batch.end = Some(position);
+        bytes += (2..=10).map(|i| real_len(&row, i)).sum::<usize>();
+        match to_change(&row, position) {
+            Ok(change) => batch.changes.push(change),
+            Err(reason) => batch.skipped.push(Skipped { position, reason }),
+        }
+        if bytes >= budget && returned < decode::<i64>(&row, 15, "rows sent")? {
+            cut = true;
+            break;
+        }
+    }
+    // A page cut short by size has more behind it.
+    if returned < fetched {
+        batch.more = true;
+    }
+    Ok((batch, cut))
+}
+
+/// The length of a column's value as sent (0 for NULL), whatever its type.
+fn real_len(row: &tokio_postgres::Row, index: usize) -> usize {
+    struct Len(usize);
+    impl<'a> tokio_postgres::types::FromSql<'a> for Len {
+        fn from_sql(
+            _: &tokio_postgres::types::Type,
+            raw: &'a [u8],
+        ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+            Ok(Len(raw.len()))
+        }
+        fn accepts(_: &tokio_postgres::types::Type) -> bool {
+            true
+        }
+    }
+    row.try_get::<_, Option<Len>>(index)
+        .ok()
+        .flatten()
+        .map_or(0, |Len(n)| n)
 }
 
 /// Decodes a column that the read cannot do without (positions, page bookkeeping).

@@ -390,3 +390,75 @@ async fn a_quiet_tenants_resume_does_not_scan_other_tenants_changes() {
         "ten resumes of a tenant with one change read {read} journal rows"
     );
 }
+
+/// Item 2: streams that resume from the start over large rows and then never read (a
+/// small receive buffer, nothing read after the response head) hold what one journal read
+/// and one chunk take, not the whole journal: the gateway's resident memory stays under
+/// a budget far below what they asked for; and a stalled stream that reads again gets
+/// everything, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_readers_over_large_rows_hold_bounded_memory() {
+    const ROWS: usize = 60;
+    const STALLED: usize = 10;
+    /// The gateway's whole resident set may not pass this: each stalled stream may hold
+    /// one read (`journal::STREAM_READ_BYTES`, 1 MiB, plus the row that passed it) and one
+    /// chunk (here one 1 MB frame), about 4 MiB; the rest is the process itself. Their
+    /// requests ask for 10 x 60 MB.
+    const BUDGET_KIB: u64 = 96 * 1024;
+    let db = TestDb::new().await;
+    tenant_table(&db, "items").await;
+    db.client()
+        .await
+        .run(&format!(
+            "INSERT INTO items (tenant, body)
+             SELECT 'big', i || repeat('x', 1000000) FROM generate_series(1, {ROWS}) AS i"
+        ))
+        .await;
+    let gw = support::ChildGateway::start(&db, &[]).await;
+    let auth = format!("Bearer {}", support::hs256_token("big"));
+    let headers = [("Authorization", auth.as_str()), ("Last-Event-ID", "0.0")];
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        let s = SseClient::open_stalled(gw.addr, "/v1/stream", &headers, 4096).await;
+        assert_eq!(s.status, 200);
+        stalled.push(s);
+    }
+    // Their replays run until their sockets are full, then wait: watch the gateway's
+    // memory meanwhile, until the bytes it has written stop growing.
+    let mut peak = 0;
+    let mut written = -1.0;
+    for _ in 0..100 {
+        for _ in 0..10 {
+            peak = peak.max(support::rss_kib_of(gw.pid()));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let now = gw.metric("pgfeed_bytes_written_total").await.unwrap_or(0.0);
+        if now == written {
+            break;
+        }
+        written = now;
+    }
+    eprintln!("peak RSS {peak} KiB, {written} bytes written");
+    assert!(
+        peak < BUDGET_KIB,
+        "{STALLED} stalled streams over {ROWS} rows of 1 MB: the gateway's RSS peaked at {peak} KiB (budget {BUDGET_KIB} KiB)"
+    );
+    assert!(
+        written < (STALLED * ROWS * 1_000_000 / 2) as f64,
+        "the readers stalled: {written} bytes written"
+    );
+    // One of them reads again: every change, in order, then live.
+    let mut back = stalled.pop().unwrap();
+    drop(stalled);
+    let replayed = back.until_live().await;
+    let bodies: Vec<String> = replayed
+        .iter()
+        .map(|c| {
+            c["new"]["body"].as_str().unwrap()[..3]
+                .trim_end_matches('x')
+                .to_string()
+        })
+        .collect();
+    let expected: Vec<String> = (1..=ROWS).map(|i| i.to_string()).collect();
+    assert_eq!(bodies, expected);
+}

@@ -1404,3 +1404,47 @@ pub fn rss_kib_of(pid: u32) -> u64 {
         })
         .unwrap_or(0)
 }
+
+impl SseClient {
+    /// Opens `path` on a socket whose receive buffer is about `recv_buffer` bytes and reads
+    /// the response head, then nothing more until the test reads: a client that stalls,
+    /// leaving the server's writes blocked once the socket's buffers are full.
+    pub async fn open_stalled(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+        recv_buffer: u32,
+    ) -> SseClient {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket
+            .set_recv_buffer_size(recv_buffer)
+            .expect("setting the receive buffer");
+        let mut stream = socket.connect(addr).await.expect("connect");
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes()).await.expect("sending");
+        let mut conn = RawConn {
+            stream,
+            buf: Vec::new(),
+            chunked: false,
+            remaining: None,
+            done: false,
+        };
+        let (status, headers) = tokio::time::timeout(SOON, conn.read_head())
+            .await
+            .expect("response head in time")
+            .expect("response head");
+        SseClient {
+            conn,
+            status,
+            headers,
+            text: String::new(),
+            raw: String::new(),
+            comments: 0,
+            retries: Vec::new(),
+        }
+    }
+}
