@@ -223,7 +223,10 @@ $$;
 
 -- Old and new rows are paired by their position in the transition tables: PostgreSQL
 -- appends both images of each updated row together, so the n-th old row is the n-th new
--- row's predecessor (pairing by key would break when the key itself changes).
+-- row's predecessor (pairing by key would break when the key itself changes). PostgreSQL
+-- does not document this order; tests/update_pairing.rs proves it over HOT and non-HOT
+-- updates, rows moved to other pages or partitions, changed keys, a random visiting
+-- order and rows skipped by an application's trigger.
 -- An update that moves a row to another tenant is captured as a delete for the old tenant
 -- and an insert for the new one, so neither tenant sees the other's row.
 CREATE OR REPLACE FUNCTION pgfeed._capture_update() RETURNS trigger
@@ -466,10 +469,10 @@ AS $$
 DECLARE
     ignored boolean;
 BEGIN
-    INSERT INTO pgfeed.pending (xid, draw, n, committed_at)
+    INSERT INTO pgfeed.pending (xid, draw, n, committed_at, durable)
     VALUES (NEW.xid, nextval('pgfeed.commit_seq'),
             coalesce(nullif(current_setting('pgfeed.ord', true), ''), '0')::integer,
-            clock_timestamp());
+            clock_timestamp(), current_setting('synchronous_commit') <> 'off');
     ignored := set_config('pgfeed.sealed', 'on', true) IS NULL;
     PERFORM FROM pgfeed.doorbell LIMIT 0;
     IF (SELECT a.last_value FROM pgfeed.armed AS a) = 1 THEN
@@ -506,8 +509,21 @@ $$;
 -- One sealer at a time (the lock on pgfeed.seal_lock, which writers never take); the
 -- snapshot of the DELETE, taken once the lock is held, sees every commit that finished
 -- before, and moves them into pgfeed.commits numbered after the newest sealed commit (or
--- the pruning watermark) in the order of their drawn numbers. Returns how many it sealed.
--- A gateway sends it as one statement, so nothing it holds waits on the gateway.
+-- the pruning watermark, or the epoch's floor) in the order of their drawn numbers.
+-- Returns how many it sealed. A gateway sends it as one statement, so nothing it holds
+-- waits on the gateway.
+--
+-- It commits asynchronously: gateways deliver what it numbered without waiting for a disk
+-- flush. A crash can lose that numbering (never the commits it numbers: those of durable
+-- writers are on disk before anyone sees them), and the same commits would then be
+-- numbered again, differently. So a crash is detected: pgfeed.alive is unlogged, emptied
+-- by crash recovery; the first seal that finds it empty moves the floor 2^32 past the
+-- newest commit that survived (pgfeed.epoch, logged), so that every number handed out
+-- before the crash and lost is never handed out again, and gateways answer such a
+-- position with `reset`. A commit whose writer committed asynchronously (pending.durable
+-- is false) is visible before it is on disk: a seal that numbers one commits durably, and
+-- its flush covers those commits, which came earlier in the WAL, so nothing delivered is
+-- ever taken back.
 CREATE OR REPLACE FUNCTION pgfeed.seal() RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -515,22 +531,32 @@ AS $$
 DECLARE
     last    bigint;
     sealed  integer;
+    fragile boolean;
     ignored boolean;
 BEGIN
-    -- Durable before anyone reads it, whatever the session's setting: a numbering lost in
-    -- a crash would be done again, and numbers clients already have would name other
-    -- changes. Its flush also covers the commits it numbers, which came earlier in the WAL.
-    ignored := set_config('synchronous_commit', 'on', true) IS NULL;
+    ignored := set_config('synchronous_commit', 'off', true) IS NULL;
     LOCK TABLE pgfeed.seal_lock IN EXCLUSIVE MODE;
-    SELECT greatest((SELECT max(c.seq) FROM pgfeed.commits AS c), p.seq) INTO last
-    FROM pgfeed.pruned AS p;
+    SELECT greatest((SELECT max(c.seq) FROM pgfeed.commits AS c), p.seq, e.floor) INTO last
+    FROM pgfeed.pruned AS p, pgfeed.epoch AS e;
+    IF NOT EXISTS (SELECT FROM pgfeed.alive) THEN
+        last := last + 4294967296;
+        UPDATE pgfeed.epoch SET floor = last, voided_at = now();
+        INSERT INTO pgfeed.alive DEFAULT VALUES;
+        RAISE LOG 'pgfeed: the database restarted after a crash (or was promoted): positions go on from %', last + 1;
+    END IF;
     WITH moved AS (
-        DELETE FROM pgfeed.pending RETURNING xid, draw, n, committed_at
+        DELETE FROM pgfeed.pending RETURNING xid, draw, n, committed_at, durable
+    ),
+    numbered AS (
+        INSERT INTO pgfeed.commits (seq, xid, n, committed_at)
+        SELECT last + row_number() OVER (ORDER BY m.draw), m.xid, m.n, m.committed_at
+        FROM moved AS m
     )
-    INSERT INTO pgfeed.commits (seq, xid, n, committed_at)
-    SELECT last + row_number() OVER (ORDER BY m.draw), m.xid, m.n, m.committed_at
+    SELECT count(*), coalesce(bool_or(NOT m.durable), false) INTO sealed, fragile
     FROM moved AS m;
-    GET DIAGNOSTICS sealed = ROW_COUNT;
+    IF fragile THEN
+        ignored := set_config('synchronous_commit', 'on', true) IS NULL;
+    END IF;
     RETURN sealed;
 END
 $$;
@@ -1020,8 +1046,6 @@ BEGIN
     EXCEPTION WHEN lock_not_available THEN
         RETURN -1;
     END;
-    -- Commits that finished but were never sealed (no gateway read since) age too.
-    PERFORM pgfeed.seal();
     WITH doomed AS (
         SELECT c.seq, c.xid
         FROM pgfeed.commits AS c
@@ -1138,6 +1162,9 @@ BEGIN
     -- Sealing: pending commits become numbered commits, one sealer at a time.
     GRANT INSERT ON pgfeed.commits TO pgfeed_gateway;
     GRANT UPDATE ON pgfeed.seal_lock TO pgfeed_gateway;
+    -- Crash detection by the seal: an unlogged marker, and the floor numbers go on from.
+    GRANT SELECT, INSERT ON pgfeed.alive TO pgfeed_gateway;
+    GRANT SELECT, UPDATE ON pgfeed.epoch TO pgfeed_gateway;
     -- Sleeping: set pgfeed.armed, and the barrier (LOCK pgfeed.doorbell ... ACCESS EXCLUSIVE).
     GRANT UPDATE ON SEQUENCE pgfeed.armed TO pgfeed_gateway;
     GRANT UPDATE ON pgfeed.doorbell TO pgfeed_gateway;

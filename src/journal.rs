@@ -149,6 +149,11 @@ pub struct Batch {
     /// Newest position removed by pruning: a reader whose position is older missed
     /// changes.
     pub pruned: Position,
+    /// The position read after names a commit that does not exist and was not pruned: its
+    /// number was handed out by a seal that a database crash took back, and the same
+    /// commits carry other numbers now (`pgfeed.seal`, sql/functions.sql). The reader must
+    /// start over from the head (`reset`); `changes` are not for it.
+    pub void: bool,
     /// Rows of this read that could not be decoded, in commit order; they are not in
     /// `changes`.
     pub skipped: Vec<Skipped>,
@@ -187,6 +192,7 @@ macro_rules! read_after {
            (SELECT count(*) FROM page) AS fetched,
            w.seq, w.ord,
            extract(epoch FROM p.committed_at)::float8,
+           $1 > w.seq AND NOT EXISTS (SELECT FROM pgfeed.commits AS v WHERE v.seq = $1),
            (SELECT count(*) FROM page WHERE running - size < $5) AS sent
     FROM pgfeed.pruned AS w
     LEFT JOIN page AS p ON p.running - p.size < $5
@@ -285,6 +291,7 @@ macro_rules! read_tenant {
            (SELECT count(*) FROM page) AS fetched,
            w.seq, w.ord,
            extract(epoch FROM p.committed_at)::float8,
+           $1 > w.seq AND NOT EXISTS (SELECT FROM pgfeed.commits AS v WHERE v.seq = $1),
            (SELECT count(*) FROM page WHERE running - size < $5) AS sent
     FROM pgfeed.pruned AS w
     LEFT JOIN page AS p ON p.running - p.size < $5
@@ -659,6 +666,7 @@ async fn collect(
             ord: decode(&row, 13, "pruning watermark")?,
         };
         fetched = decode(&row, 11, "page size")?;
+        batch.void = decode(&row, 15, "void position")?;
         batch.more = fetched == limit;
         // Without a position a row could only be skipped by reading it again forever.
         let Some(commit) = decode::<Option<i64>>(&row, 0, "commit number")? else {
@@ -675,7 +683,7 @@ async fn collect(
             Ok(change) => batch.changes.push(change),
             Err(reason) => batch.skipped.push(Skipped { position, reason }),
         }
-        if bytes >= budget && returned < decode::<i64>(&row, 15, "rows sent")? {
+        if bytes >= budget && returned < decode::<i64>(&row, 16, "rows sent")? {
             cut = true;
             break;
         }

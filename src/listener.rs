@@ -19,6 +19,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use futures_util::future::poll_fn;
 use tokio::sync::{Notify, oneshot};
 use tokio_postgres::{AsyncMessage, NoTls};
@@ -165,10 +167,18 @@ const BARRIER: &str = "SELECT pgfeed.barrier($1)";
 /// and a barrier that times out only means the gateway stays awake and reads again.
 pub const BARRIER_TIMEOUT_MS: i32 = 20;
 
-/// How long the listener keeps reading after reads come back empty before it goes to
-/// sleep, and how often it reads meanwhile (see `settle`).
+/// Under load the listener does not go to sleep between commits: arming costs writers a
+/// wait at the barrier and a doorbell each, which at a high rate of commits from many
+/// writers is the serialization capture must avoid. It lingers, reading every
+/// [`LINGER_POLL`], while it has seen at least [`BUSY_COMMITS`] commits within the last
+/// [`LINGER`] (1 500 a second), or after a barrier that waited on writers for longer than
+/// [`CONTENDED_BARRIER`] or timed out; and for [`LINGER`] after the last such sign. Below
+/// that rate it arms as soon as a read comes back empty, so that each commit is read the
+/// moment its doorbell rings (latency near the raw NOTIFY floor).
 const LINGER: Duration = Duration::from_millis(20);
 const LINGER_POLL: Duration = Duration::from_millis(1);
+const BUSY_COMMITS: usize = 30;
+const CONTENDED_BARRIER: Duration = Duration::from_millis(2);
 
 /// Longest `settle` reads before it lets the listener handle other things.
 const SETTLE_SLICE: Duration = Duration::from_millis(250);
@@ -274,7 +284,7 @@ impl Listener {
             .map_err(ListenerError::Connect)?;
         // Everything committed before LISTEN took effect is in the journal: read it now.
         self.reload(last, journal_id).await?;
-        let caught_up = self.catch_up(last).await?;
+        let caught_up = self.catch_up(last).await?.changes;
         if self.readiness.set(None) == Some(NotReady::SchemaMissing) {
             tracing::info!("the pgfeed schema is installed again");
         }
@@ -283,7 +293,8 @@ impl Listener {
         // True while `settle` came back with writes still coming: the loop below then goes
         // on reading, after handling what else is due (shutdown, the health check, a
         // `watch` doorbell), rather than waiting for a doorbell nobody will ring.
-        let mut busy = self.settle(&client, last).await?;
+        let mut pace = Pace::default();
+        let mut busy = self.settle(&client, last, &mut pace).await?;
 
         let mut health = tokio::time::interval(self.health_interval);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -303,16 +314,16 @@ impl Listener {
                 }
                 _ = echo.notified() => awaiting_echo = false,
                 _ = bell.notified() => {
-                    busy = self.settle(&client, last).await?;
+                    busy = self.settle(&client, last, &mut pace).await?;
                 }
                 _ = watch_bell.notified() => {
                     if self.reload(last, journal_id).await? {
-                        busy = self.settle(&client, last).await?;
+                        busy = self.settle(&client, last, &mut pace).await?;
                     }
                 }
                 _ = refresh.tick() => {
                     if self.reload(last, journal_id).await? {
-                        busy = self.settle(&client, last).await?;
+                        busy = self.settle(&client, last, &mut pace).await?;
                     }
                 }
                 _ = health.tick() => {
@@ -322,8 +333,8 @@ impl Listener {
                     // A doorbell can be lost: the writer that rang may roll back after
                     // marking the gateway rung, while others skipped ringing. One seal and
                     // read per health check bounds how late such changes come.
-                    if self.catch_up(last).await? > 0 {
-                        busy = self.settle(&client, last).await?;
+                    if self.catch_up(last).await?.changes > 0 {
+                        busy = self.settle(&client, last, &mut pace).await?;
                     }
                     while tasks.try_join_next().is_some() {}
                     // Not awaited here: its reply and the echo both come back through the
@@ -335,7 +346,7 @@ impl Listener {
                     awaiting_echo = true;
                 }
                 _ = std::future::ready(()), if busy => {
-                    busy = self.settle(&client, last).await?;
+                    busy = self.settle(&client, last, &mut pace).await?;
                 }
             }
         }
@@ -372,14 +383,14 @@ impl Listener {
         Ok(recreated)
     }
 
-    /// Reads until reads have come back empty for [`LINGER`], then goes to sleep without
-    /// missing a commit:
+    /// Reads until a read comes back empty, then goes to sleep without missing a commit:
     /// sets `pgfeed.armed` (writers from then on ring the doorbell),
     /// waits at the barrier for the commits of writers that saw it awake
     /// (`pgfeed.barrier`, sql/functions.sql), and reads once more. Changes in that read
-    /// mean writers are coming: it stays awake and goes round again. So under load it
-    /// reads back to back and writers send no NOTIFY; idle, it sleeps until one rings.
-    /// A writer waits on this only at the barrier, for at most [`BARRIER_TIMEOUT_MS`].
+    /// mean writers are coming: it stays awake and goes round again. Under load ([`Pace`])
+    /// it lingers instead of arming, reading every [`LINGER_POLL`], and writers send no
+    /// NOTIFY; idle, it sleeps until one rings. A writer waits on this only at the
+    /// barrier, for at most [`BARRIER_TIMEOUT_MS`].
     ///
     /// Returns false once asleep, or true after [`SETTLE_SLICE`] of reading with writes
     /// still coming, so that the caller can handle what else is due and call it again.
@@ -387,45 +398,53 @@ impl Listener {
         &self,
         client: &tokio_postgres::Client,
         last: &mut Position,
+        pace: &mut Pace,
     ) -> Result<bool, ListenerError> {
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         // After a barrier that timed out, writers are not kept waiting behind the next one
         // at once: a transaction that lingers in its commit (its own deferred triggers, a
         // prepared transaction) would otherwise hold every writer up at each attempt.
         let mut pause = BARRIER_PAUSE_MIN;
         loop {
-            // Linger before going to sleep: arming costs writers a wait at the barrier, and
-            // at a steady moderate rate (commits a millisecond or so apart) a gateway that
-            // armed after every empty read would make them wait at nearly every commit.
-            // Polling for a moment instead keeps it awake while changes keep coming.
-            let mut idle = Duration::ZERO;
-            loop {
-                if started.elapsed() >= SETTLE_SLICE {
-                    return Ok(true);
-                }
-                if self.catch_up(last).await? > 0 {
-                    idle = Duration::ZERO;
-                } else if idle >= LINGER {
-                    break;
-                } else {
-                    tokio::time::sleep(LINGER_POLL).await;
-                    idle += LINGER_POLL;
-                }
+            if started.elapsed() >= SETTLE_SLICE {
+                return Ok(true);
             }
+            let read = self.catch_up(last).await?;
+            pace.read(Instant::now(), read.commits);
+            if pace.busy(Instant::now()) {
+                // Back to back while reads find changes; a pause after an empty one.
+                if read.changes == 0 {
+                    tokio::time::sleep(LINGER_POLL).await;
+                }
+                continue;
+            }
+            // Everything committed before that read is published; the barrier's read
+            // finds what came meanwhile.
             // Pipelined: one round trip; the flag is set before the barrier starts.
-            let (_, passed) = futures_util::future::try_join(
+            let arming = Instant::now();
+            // Bounded like the health check: a connection that went silent must not hold
+            // the listener here, where no health tick can reach it.
+            let arm = futures_util::future::try_join(
                 client.query_one(ARM, &[]),
                 client.query_one(BARRIER, &[&BARRIER_TIMEOUT_MS]),
-            )
-            .await
-            .map_err(ListenerError::Connection)?;
+            );
+            let (_, passed) = tokio::time::timeout(self.health_interval * 2, arm)
+                .await
+                .map_err(|_| ListenerError::Unresponsive)?
+                .map_err(ListenerError::Connection)?;
             let passed: bool = passed.try_get(0).map_err(ListenerError::Connection)?;
             if passed {
-                if self.catch_up(last).await? == 0 {
+                if arming.elapsed() > CONTENDED_BARRIER {
+                    pace.contended(Instant::now());
+                }
+                let read = self.catch_up(last).await?;
+                pace.read(Instant::now(), read.commits);
+                if read.changes == 0 {
                     return Ok(false);
                 }
             } else {
                 self.metrics.barrier_timeouts.inc();
+                pace.contended(Instant::now());
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(BARRIER_PAUSE_MAX);
             }
@@ -433,9 +452,9 @@ impl Listener {
     }
 
     /// Seals, then reads and publishes everything after `last`, batch by batch. Returns
-    /// the count.
-    async fn catch_up(&self, last: &mut Position) -> Result<usize, ListenerError> {
-        let mut total = 0;
+    /// how many changes and commits it published.
+    async fn catch_up(&self, last: &mut Position) -> Result<CaughtUp, ListenerError> {
+        let mut total = CaughtUp::default();
         loop {
             self.metrics.journal_read("listener");
             let batch = self
@@ -443,6 +462,17 @@ impl Listener {
                 .seal_and_read(*last)
                 .await
                 .map_err(ListenerError::Journal)?;
+            if batch.void {
+                // A database crash took back the numbering that gave out `last` (sql/
+                // functions.sql, pgfeed.seal): the commits after the newest one that
+                // survived carry other numbers now. Start over from the head; streams
+                // are sent reset, as after a reinstall.
+                let head = self.journal.head().await.map_err(ListenerError::Journal)?;
+                tracing::warn!(previous = %last, position = %head, "the database crashed and lost the numbering of changes this gateway published; live streams are sent reset");
+                *last = head;
+                self.hub.restart(head);
+                continue;
+            }
             if batch.pruned > *last {
                 // Only possible when the listener was away for longer than the retention:
                 // subscribers connected throughout missed changes. The hub closes their
@@ -465,13 +495,73 @@ impl Listener {
                 return Ok(total);
             };
             *last = end;
-            total += batch.changes.len();
+            total.changes += batch.changes.len();
+            total.commits += count_commits(&batch.changes);
             self.hub.publish(&batch.changes);
             self.metrics.published(&batch.changes);
             if !batch.more {
                 return Ok(total);
             }
         }
+    }
+}
+
+/// What [`Listener::catch_up`] published.
+#[derive(Debug, Default, Clone, Copy)]
+struct CaughtUp {
+    changes: usize,
+    commits: usize,
+}
+
+/// Commits among `changes` (in commit order).
+fn count_commits(changes: &[Arc<crate::change::Change>]) -> usize {
+    let mut commits = 0;
+    let mut previous = None;
+    for change in changes {
+        if previous != Some(change.position.commit) {
+            commits += 1;
+            previous = Some(change.position.commit);
+        }
+    }
+    commits
+}
+
+/// Whether the listener is under load, so lingers rather than sleeps (see [`LINGER`]).
+#[derive(Debug, Default)]
+struct Pace {
+    /// When reads within the last [`LINGER`] published commits, and how many.
+    recent: std::collections::VecDeque<(Instant, usize)>,
+    /// Commits in `recent`.
+    commits: usize,
+    /// Lingers until then.
+    until: Option<Instant>,
+}
+
+impl Pace {
+    fn read(&mut self, now: Instant, commits: usize) {
+        while let Some(&(at, n)) = self.recent.front() {
+            if now.duration_since(at) < LINGER {
+                break;
+            }
+            self.recent.pop_front();
+            self.commits -= n;
+        }
+        if commits > 0 {
+            self.recent.push_back((now, commits));
+            self.commits += commits;
+        }
+        if self.commits >= BUSY_COMMITS {
+            self.until = Some(now + LINGER);
+        }
+    }
+
+    /// Writers were in the way of the barrier.
+    fn contended(&mut self, now: Instant) {
+        self.until = Some(now + LINGER);
+    }
+
+    fn busy(&self, now: Instant) -> bool {
+        self.until.is_some_and(|until| now < until)
     }
 }
 

@@ -19,7 +19,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("../sql/003_render_sandbox.sql")),
     (4, include_str!("../sql/004_ddl_safety.sql")),
     (5, include_str!("../sql/005_commits_never_wait.sql")),
-    // 6 is the capture's (sql/006_*.sql).
+    (6, include_str!("../sql/006_async_seal.sql")),
     (7, include_str!("../sql/007_tenant_replay.sql")),
 ];
 

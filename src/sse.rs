@@ -49,15 +49,20 @@ const RECENT_BATCH: usize = 1024;
 /// `reset` reason: the position is older than the journal keeps.
 const PRUNED: &str = "the requested position is older than the journal keeps; refetch your state, then continue from `position`";
 
-/// `reset` reason: the journal was recreated, so positions started over.
-const REINSTALLED: &str = "the journal was recreated (pgfeed was reinstalled) and its positions started over; refetch your state, then continue from `position`";
+/// `reset` reason: a database crash took back the numbering that gave out the position.
+const CRASHED: &str = "the database crashed and the position was given out by a numbering it lost (the same changes have other positions now); refetch your state, then continue from `position`";
+
+/// `reset` reason: the journal was recreated, or a crash took back the newest numbering
+/// ([`crate::fanout::Hub::restart`]).
+const REINSTALLED: &str = "the journal's positions started over (pgfeed was reinstalled, or the database crashed and lost the numbering of the newest changes); refetch your state, then continue from `position`";
 
 /// What a journal read for a replay or catch-up came to.
 enum Read {
     /// Changes after the stream's position.
     Batch(Batch),
-    /// The position is older than the journal keeps.
-    Reset,
+    /// The position is not in the journal: older than it keeps, or lost in a crash (the
+    /// reason).
+    Reset(&'static str),
     /// The stream ends, with this last frame if any.
     End(Option<Bytes>),
 }
@@ -294,7 +299,7 @@ impl EventStream {
                                     }
                                     (batch.changes, batch.more, batch.end)
                                 }
-                                Read::Reset => return self.reset(PRUNED).await,
+                                Read::Reset(reason) => return self.reset(reason).await,
                                 Read::End(frame) => return frame,
                             },
                         };
@@ -374,7 +379,8 @@ impl EventStream {
             }
         };
         match read {
-            Ok(batch) if batch.pruned > self.last => Read::Reset,
+            Ok(batch) if batch.pruned > self.last => Read::Reset(PRUNED),
+            Ok(batch) if batch.void => Read::Reset(CRASHED),
             Ok(batch) => Read::Batch(batch),
             Err(err) => {
                 // The client reconnects with its Last-Event-ID and resumes.

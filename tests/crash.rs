@@ -55,6 +55,193 @@ async fn with_asynchronous_commits_a_crash_never_takes_back_a_delivered_change()
     crash_under_writes(Commits::Asynchronous).await;
 }
 
+/// The seal commits asynchronously (sql/functions.sql, pgfeed.seal): a crash can lose the
+/// numbering of commits a gateway has already delivered, while the commits themselves,
+/// durable, survive and are numbered again. No position may then name another change: the
+/// stream that had it is sent `reset`, a client resuming from it too, and the recovered
+/// numbers are all above it. The WAL writer is slowed so that the seal's commit stays in
+/// memory until the crash; whether it did is read from the recovered journal, and the
+/// round is tried again when the seal reached the disk after all (rare). The gateway
+/// reaches the database through a proxy that holds its connections after the crash until
+/// the test has looked at what recovery left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_that_loses_a_numbering_resets_its_streams_and_reuses_no_position() {
+    let _one_at_a_time = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = tokio::task::spawn_blocking(|| {
+        Cluster::start_with(
+            &Search::local(),
+            "synchronous_commit = on\nwal_writer_delay = 10s\ncheckpoint_timeout = 1h",
+        )
+        .unwrap_or_else(|e| panic!("cannot start a cluster of this test's own: {e}"))
+    })
+    .await
+    .unwrap();
+    let cluster = Arc::new(cluster);
+    let admin = support::connect(&cluster.url()).await;
+    support::Run::run(&admin, "CREATE DATABASE crash").await;
+    let url = format!("postgres://postgres@127.0.0.1:{}/crash", cluster.port());
+    let mut c = support::connect(&url).await;
+    pgfeed::schema::install(&mut c).await.expect("install");
+    support::Run::run(
+        &c,
+        "CREATE TABLE orders (id serial PRIMARY KEY, tenant text NOT NULL, body text);
+         SELECT pgfeed.watch('orders', 'tenant');",
+    )
+    .await;
+    let proxy = support::Proxy::start(&url).await;
+    let mut through_proxy = sources(&proxy.url(&url));
+    // Connection attempts held by the proxy give up soon.
+    through_proxy
+        .env
+        .push(("PGFEED_DATABASE_HEALTH_INTERVAL".into(), "500ms".into()));
+    let gw = Gateway::start_with(through_proxy).await;
+    let mut s = gw.live("acme").await;
+
+    let mut delivered = Vec::new();
+    for round in 0..5 {
+        // A durable commit, delivered: numbered by a seal whose commit is not flushed.
+        let row = format!("lost-numbering-{round}");
+        c.execute(
+            "INSERT INTO orders (tenant, body) VALUES ('acme', $1)",
+            &[&row],
+        )
+        .await
+        .unwrap();
+        let change = next_within(&mut s, support::SOON)
+            .await
+            .expect("the commit is delivered");
+        assert_eq!(body(&change), row);
+        let given = position(&change);
+        delivered.push(row.clone());
+        drop(c);
+
+        let crashed = {
+            let cluster = cluster.clone();
+            tokio::task::spawn_blocking(move || {
+                let data = cluster.dir().join("data").display().to_string();
+                pg_ctl(&cluster, &["stop", "-m", "immediate", "-w", "-D", &data]);
+            })
+        };
+        proxy.hold();
+        support::until_readyz(gw.addr, 503).await;
+        crashed.await.unwrap();
+        {
+            let cluster = cluster.clone();
+            tokio::task::spawn_blocking(move || cluster.restart().expect("restart"))
+                .await
+                .unwrap();
+        }
+        // Before any seal: the commit is pending again exactly when its numbering was
+        // lost.
+        c = support::connect(&url).await;
+        let survived =
+            support::query_i64(&c, "SELECT count(*) FROM pgfeed.pending", &[]).await == 0;
+        proxy.release();
+        support::until_readyz(gw.addr, 200).await;
+        let in_table: Vec<String> = c
+            .query("SELECT body FROM orders ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(in_table, delivered, "durable commits survive the crash");
+
+        // Whatever happened, a write after the crash comes with a new, higher position.
+        let after = format!("after-crash-{round}");
+        if survived {
+            // The seal reached the disk before the crash: nothing to take back, and
+            // the stream goes on without a reset.
+            c.execute(
+                "INSERT INTO orders (tenant, body) VALUES ('acme', $1)",
+                &[&after],
+            )
+            .await
+            .unwrap();
+            delivered.push(after.clone());
+            let next = next_within(&mut s, support::SOON).await.expect("delivered");
+            assert_eq!(body(&next), after);
+            assert!(position(&next) > given);
+            eprintln!("round {round}: the seal reached the disk before the crash; again");
+            continue;
+        }
+        // The numbering was lost. The open stream is told to refetch, at a position above
+        // the lost one (the commit numbered again); then it follows the new numbers.
+        let reset = tokio::time::timeout(support::SOON, s.next())
+            .await
+            .expect("an event in time")
+            .expect("the stream goes on");
+        assert_eq!(reset.event, "reset", "{reset:?}");
+        let head: Position = reset.json()["position"].as_str().unwrap().parse().unwrap();
+        assert!(
+            head > given,
+            "the reset's position {head} is above the lost {given}"
+        );
+        c.execute(
+            "INSERT INTO orders (tenant, body) VALUES ('acme', $1)",
+            &[&after],
+        )
+        .await
+        .unwrap();
+        let positions: Vec<i64> = c
+            .query("SELECT c.seq FROM pgfeed.commits AS c ORDER BY c.seq", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(
+            positions.iter().all(|&p| p != given.commit),
+            "the lost number {given} is not reused: {positions:?}"
+        );
+        assert!(
+            positions.last().is_some_and(|&p| p > given.commit),
+            "numbers go on above the lost one: {positions:?}"
+        );
+        let mut rest = Vec::new();
+        while !rest.iter().any(|c: &Value| body(c) == after) {
+            let e = tokio::time::timeout(support::SOON, s.next())
+                .await
+                .expect("an event in time")
+                .expect("the stream goes on");
+            match e.event.as_str() {
+                "live" => {}
+                "change" => rest.push(e.json()),
+                other => panic!("unexpected {other}: {e:?}"),
+            }
+        }
+        assert!(rest.iter().all(|c| position(c) > given));
+        // A client resuming from the lost position, on this gateway and a fresh one,
+        // is sent reset too, never the changes that now carry other numbers.
+        let fresh = Gateway::start_with(sources(&url)).await;
+        for g in [&gw, &fresh] {
+            let mut r = g.resume("acme", "", &given.to_string()).await;
+            assert_eq!(r.status, 200, "{}", r.raw);
+            let first = tokio::time::timeout(support::SOON, r.next())
+                .await
+                .expect("an event in time")
+                .expect("an event");
+            assert_eq!(first.event, "reset", "resuming from {given}: {first:?}");
+            assert!(
+                first.json()["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("crashed")),
+                "{first:?}"
+            );
+        }
+        fresh.stop().await;
+        gw.stop().await;
+        drop((s, admin, c));
+        let cluster = Arc::try_unwrap(cluster).expect("the only handle on the cluster");
+        tokio::task::spawn_blocking(move || cluster.stop())
+            .await
+            .unwrap()
+            .expect("stopping the cluster");
+        return;
+    }
+    panic!("in five rounds, the seal always reached the disk before the crash");
+}
+
 /// Each test starts a cluster of its own; one at a time is enough for this machine.
 static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 

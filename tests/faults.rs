@@ -286,10 +286,11 @@ async fn resuming_from_a_pruned_position_gets_reset() {
 
 #[tokio::test]
 async fn streams_connected_while_the_listener_missed_pruned_changes_get_reset() {
-    // The listener away for longer than the retention: here its journal read is held
-    // back by a lock on the pruning watermark while the changes it has not read yet are
-    // pruned. Streams that stayed connected throughout missed them, and each must be told
-    // so with `reset`, then follow live again.
+    // The listener away for longer than the retention: here its seal (which precedes
+    // every read) is held back by the sealers' lock while another session seals the
+    // changes it has not read yet, and prunes them. Streams that stayed connected
+    // throughout missed them, and each must be told so with `reset`, then follow live
+    // again.
     let db = TestDb::new().await;
     support::tenant_table(&db, "orders").await;
     let gw = Gateway::start(&db).await;
@@ -302,8 +303,8 @@ async fn streams_connected_while_the_listener_missed_pruned_changes_get_reset() 
 
     let mut c = db.client().await;
     let tx = c.transaction().await.unwrap();
-    // Every journal read also reads pgfeed.pruned: the listener's next read waits.
-    tx.batch_execute("LOCK TABLE pgfeed.pruned IN ACCESS EXCLUSIVE MODE")
+    // The listener seals before every read: its next read waits.
+    tx.batch_execute("LOCK TABLE pgfeed.seal_lock IN EXCLUSIVE MODE")
         .await
         .unwrap();
     write(&db, "acme", "lost", 2).await;
@@ -322,7 +323,14 @@ async fn streams_connected_while_the_listener_missed_pruned_changes_get_reset() 
             > 0
     })
     .await;
-    // A negative retention: everything committed so far, whatever this transaction's now().
+    // Sealed here, as another gateway would have, then pruned with a negative retention:
+    // everything committed so far, whatever this transaction's now().
+    let sealed: i32 = tx
+        .query_one("SELECT pgfeed.seal()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sealed, 3, "the three commits the listener has not read");
     let removed: i32 = tx
         .query_one("SELECT pgfeed.prune('-1 hour', 1000)", &[])
         .await

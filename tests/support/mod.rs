@@ -941,6 +941,8 @@ pub struct Proxy {
     frozen_before: tokio::sync::watch::Sender<u64>,
     /// Generation of the next accepted connection.
     generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// While true, accepted connections wait before connecting to the server.
+    held: tokio::sync::watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -958,10 +960,15 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let (frozen_before, _) = tokio::sync::watch::channel(0u64);
         let generation = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
-        let (tx, gen_counter) = (frozen_before.clone(), generation.clone());
+        let (held, _) = tokio::sync::watch::channel(false);
+        let (tx, gen_counter, mut hold) =
+            (frozen_before.clone(), generation.clone(), held.subscribe());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let my_gen = gen_counter.fetch_add(1, Ordering::SeqCst);
+                if hold.wait_for(|held| !held).await.is_err() {
+                    return;
+                }
                 let Ok(server) = TcpStream::connect(&upstream).await else {
                     continue;
                 };
@@ -975,6 +982,7 @@ impl Proxy {
             addr,
             frozen_before,
             generation,
+            held,
         }
     }
 
@@ -984,6 +992,16 @@ impl Proxy {
         let user = config.get_user().unwrap_or("postgres");
         let db = config.get_dbname().unwrap_or("postgres");
         format!("postgres://{user}@{}/{db}", self.addr)
+    }
+
+    /// Holds new connections (they wait, unanswered) until [`Proxy::release`].
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// Lets held and new connections through.
+    pub fn release(&self) {
+        self.held.send_replace(false);
     }
 
     /// Freezes every connection open now; later ones flow normally.
