@@ -3,10 +3,14 @@
 //! or column is refused without touching the database.
 //!
 //! Loaded at start-up, reloaded when `pgfeed.watch`/`unwatch` ring the doorbell with
-//! `watch`, after every listener reconnect, and periodically (for `ALTER TABLE`). A stale
-//! catalog can only refuse a request it should accept, never widen what anyone sees.
+//! `watch`, after every listener reconnect, and periodically (for `ALTER TABLE`). A request
+//! that names a table or column the catalog does not know makes it reload once before it is
+//! refused ([`Catalog::reload_since`]): the table may have been watched, or the column
+//! added, a moment ago. A stale catalog can only refuse a request it should accept, never
+//! widen what anyone sees.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::journal::{Journal, JournalError};
@@ -23,8 +27,16 @@ pub struct TableInfo {
 /// The watched tables by qualified name.
 #[derive(Debug, Default)]
 pub struct Catalog {
-    /// Current contents, replaced whole on reload.
-    tables: RwLock<Arc<HashMap<String, TableInfo>>>,
+    /// Current contents, replaced whole on reload, with the number of the reload that
+    /// read them (a reload that finishes after a later one does not overwrite it).
+    tables: RwLock<(u64, Arc<HashMap<String, TableInfo>>)>,
+    /// Reloads started, numbered from 1.
+    started: AtomicU64,
+    /// The highest number of a reload that finished.
+    finished: AtomicU64,
+    /// Reloads asked for by requests run one at a time: requests that wait meanwhile are
+    /// answered by the reload that ran, not each by one of their own.
+    on_demand: tokio::sync::Mutex<()>,
 }
 
 // Columns by attribute number (schema 4), as capture applies them: with an include list,
@@ -52,20 +64,39 @@ impl Catalog {
             &self
                 .tables
                 .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .1,
         )
     }
 
     /// Replaces the contents (tests and start-up).
     pub fn set(&self, tables: HashMap<String, TableInfo>) {
-        *self
+        let number = self.started.fetch_add(1, Ordering::AcqRel) + 1;
+        self.install(number, tables);
+    }
+
+    /// Installs what reload `number` read, unless a later reload's contents are there.
+    fn install(&self, number: u64, tables: HashMap<String, TableInfo>) {
+        let mut current = self
             .tables
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(tables);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if number > current.0 {
+            *current = (number, Arc::new(tables));
+        }
+        drop(current);
+        self.finished.fetch_max(number, Ordering::AcqRel);
+    }
+
+    /// A ticket to take before reading [`Catalog::tables`] for a check that may fail: a
+    /// reload that finished after it was taken read the database after it.
+    pub fn ticket(&self) -> u64 {
+        self.started.load(Ordering::Acquire)
     }
 
     /// Reloads from the database.
     pub async fn reload(&self, journal: &Journal) -> Result<(), JournalError> {
+        let number = self.started.fetch_add(1, Ordering::AcqRel) + 1;
         let rows = journal.query(WATCHED).await?;
         let tables = rows
             .iter()
@@ -80,7 +111,20 @@ impl Catalog {
                 )
             })
             .collect();
-        self.set(tables);
+        self.install(number, tables);
         Ok(())
+    }
+
+    /// Makes sure that a reload started after `ticket` ([`Catalog::ticket`]) has finished:
+    /// for a request naming a table or column the catalog did not know. Single-flight:
+    /// such reloads run one at a time, and one that finished while a request waited for its
+    /// turn answers that request too, so a crowd of requests (or a client asking for a
+    /// table that does not exist, over and over) costs one query at a time.
+    pub async fn reload_since(&self, journal: &Journal, ticket: u64) -> Result<(), JournalError> {
+        let _turn = self.on_demand.lock().await;
+        if self.finished.load(Ordering::Acquire) > ticket {
+            return Ok(());
+        }
+        self.reload(journal).await
     }
 }

@@ -50,6 +50,7 @@ pub const KEYS: &[(&str, Kind)] = &[
     ("journal.retention", Kind::Str),
     ("journal.batch_size", Kind::Int),
     ("journal.batch_bytes", Kind::Int),
+    ("journal.replay_concurrency", Kind::Int),
     ("journal.prune_interval", Kind::Str),
 ];
 
@@ -222,6 +223,7 @@ struct JournalSection {
     retention: Option<String>,
     batch_size: Option<i64>,
     batch_bytes: Option<i64>,
+    replay_concurrency: Option<i64>,
     prune_interval: Option<String>,
 }
 
@@ -296,8 +298,10 @@ pub struct Config {
     /// `journal.batch_size` (default 5000): changes per journal read (memory is bounded by
     /// `journal.batch_bytes` too).
     pub batch_size: usize,
-    /// `journal.batch_bytes` (default 8388608): stored row-image bytes after which a journal
-    /// read stops early, so huge rows are read a few at a time.
+    /// `journal.batch_bytes` (default 8388608): row-image bytes after which a journal read
+    /// stops early, so huge rows are read a few at a time: as stored (compressed) in the
+    /// query, and as text as the rows arrive. Subscribers' reads stop at
+    /// [`crate::journal::STREAM_READ_BYTES`] at most.
     pub batch_bytes: usize,
     /// `journal.prune_interval` (default 1m): how often a replica tries to prune changes
     /// older than `journal.retention`.
@@ -305,6 +309,11 @@ pub struct Config {
     /// Problems that did not stop loading (unknown `PGFEED_` variables), for the caller to
     /// log once logging is set up.
     pub warnings: Vec<String>,
+    /// `journal.replay_concurrency` (default half of `database.pool_size`, at least 1, at
+    /// most `database.pool_size`): subscribers' journal reads (resumes, catch-ups) running
+    /// at once; more wait their turn, so that a storm of resumes leaves pooled connections
+    /// to everything else. The listener reads on a connection of its own.
+    pub replay_concurrency: usize,
 }
 
 /// How subscribers are authenticated.
@@ -579,12 +588,33 @@ impl Config {
                 ));
             }
         }
+        let pool_size = take(
+            &mut errs,
+            positive("database.pool_size", file.database.pool_size, 8, 1000),
+        );
+        let replay_concurrency = match file.journal.replay_concurrency {
+            Some(v) if v > pool_size as i64 => {
+                errs.push(invalid(
+                    "journal.replay_concurrency",
+                    format!(
+                        "must be at most database.pool_size ({pool_size}), got {v}: replays beyond it would only wait for connections"
+                    ),
+                ));
+                1
+            }
+            value => take(
+                &mut errs,
+                positive(
+                    "journal.replay_concurrency",
+                    value,
+                    (pool_size / 2).max(1),
+                    pool_size.max(1),
+                ),
+            ),
+        };
         let config = Config {
             database_url,
-            pool_size: take(
-                &mut errs,
-                positive("database.pool_size", file.database.pool_size, 8, 1000),
-            ),
+            pool_size,
             query_timeout: take(
                 &mut errs,
                 duration(
@@ -751,6 +781,7 @@ impl Config {
                 ),
             ),
             warnings: Vec::new(),
+            replay_concurrency,
         };
         match errs.len() {
             0 => Ok(config),
@@ -1123,6 +1154,28 @@ mod tests {
         for bad in ["0", "-1", "100000", "many"] {
             let err = load(Some(bad)).unwrap_err().to_string();
             assert!(err.contains("server.threads"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn replay_concurrency_defaults_to_half_the_pool_and_is_checked() {
+        let load = |pool: &str, replays: Option<&str>| {
+            let mut e = base();
+            e.push(("PGFEED_DATABASE_POOL_SIZE".into(), pool.into()));
+            if let Some(r) = replays {
+                e.push(("PGFEED_JOURNAL_REPLAY_CONCURRENCY".into(), r.into()));
+            }
+            Config::load(&Sources {
+                env: e,
+                ..Default::default()
+            })
+        };
+        assert_eq!(load("8", None).unwrap().replay_concurrency, 4);
+        assert_eq!(load("1", None).unwrap().replay_concurrency, 1);
+        assert_eq!(load("8", Some("8")).unwrap().replay_concurrency, 8);
+        for bad in ["0", "-2", "9", "all"] {
+            let err = load("8", Some(bad)).unwrap_err().to_string();
+            assert!(err.contains("journal.replay_concurrency"), "{bad}: {err}");
         }
     }
 

@@ -104,6 +104,26 @@ pub fn endpoint(config: &tokio_postgres::Config) -> String {
     format!("{hosts}/{}", config.get_dbname().unwrap_or("-"))
 }
 
+/// `config` for the gateway's pooled connections: each session cancels, on the server,
+/// any statement that runs longer than `timeout` (`database.query_timeout`), set as a
+/// startup option like the pinned `search_path`. A read the gateway gave up on (it drops
+/// the connection) would otherwise keep running, or keep waiting for a lock, on the
+/// server. First among the options, so that a `statement_timeout` the operator put in the
+/// URL's options wins. Not for the CLI, whose install may run longer.
+pub fn with_statement_timeout(
+    config: &tokio_postgres::Config,
+    timeout: Duration,
+) -> tokio_postgres::Config {
+    let mut config = config.clone();
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128);
+    let options = match config.get_options() {
+        Some(rest) => format!("-c statement_timeout={ms} {rest}"),
+        None => format!("-c statement_timeout={ms}"),
+    };
+    config.options(&options);
+    config
+}
+
 /// The pool for journal reads and other short queries.
 pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, DbError> {
     let manager = Manager::from_config(
@@ -164,5 +184,35 @@ pub fn describe(err: &tokio_postgres::Error) -> String {
             }
             s
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statement_timeout_comes_first_so_the_operators_own_wins() {
+        let url = Secret::new("postgres://u@h/d?options=-c%20statement_timeout%3D5s");
+        let config = with_statement_timeout(&parse_url(&url).unwrap(), Duration::from_secs(30));
+        let options = config.get_options().unwrap();
+        assert!(
+            options.starts_with("-c statement_timeout=30000 "),
+            "{options}"
+        );
+        assert!(options.contains("-c statement_timeout=5s"), "{options}");
+        assert!(options.ends_with(PINNED_SEARCH_PATH), "{options}");
+        let plain = with_statement_timeout(
+            &parse_url(&Secret::new("postgres://u@h/d")).unwrap(),
+            Duration::from_millis(1500),
+        );
+        assert!(
+            plain
+                .get_options()
+                .unwrap()
+                .starts_with("-c statement_timeout=1500 -c jit=off"),
+            "{:?}",
+            plain.get_options()
+        );
     }
 }

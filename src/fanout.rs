@@ -68,7 +68,7 @@ pub enum Refused {
 }
 
 struct Inner {
-    /// Live channels, one per tenant that has (or recently had) subscribers.
+    /// Live channels, one per tenant that has subscribers (removed with its last one).
     channels: HashMap<Arc<str>, broadcast::Sender<Arc<Change>>>,
     /// Position of the last change published: a receiver created now sees exactly the
     /// changes after it.
@@ -161,9 +161,24 @@ impl Drop for Place {
         if let Some(n) = inner.per_tenant.get_mut(&self.tenant) {
             *n -= 1;
             if *n == 0 {
+                // The tenant's last stream left: its channel (whose buffer is allocated
+                // whole, `server.live_buffer` slots) goes with it. A stream of the tenant
+                // that opens later gets a new channel from the head, and its resume reads
+                // the journal, so nothing is lost.
                 inner.per_tenant.remove(&self.tenant);
+                inner.channels.remove(&self.tenant);
+                shrink(&mut inner.per_tenant);
+                shrink(&mut inner.channels);
             }
         }
+    }
+}
+
+/// Gives back a map's memory once it is mostly empty: a burst of many tenants must not
+/// keep its table allocated after they left.
+fn shrink<V>(map: &mut HashMap<Arc<str>, V>) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
     }
 }
 
@@ -632,13 +647,34 @@ mod tests {
     }
 
     #[test]
-    fn drops_channels_without_subscribers() {
+    fn frees_a_tenants_channel_with_its_last_subscriber() {
         let hub = Arc::new(Hub::new(Position::ZERO, 16, Limits::default()));
-        drop(hub.subscribe("a").unwrap());
+        let a1 = hub.subscribe("a").unwrap();
+        let a2 = hub.subscribe("a").unwrap();
         let _b = hub.subscribe("b").unwrap();
         assert_eq!(hub.channel_count(), 2);
-        hub.publish(&[change(1, None)]);
+        drop(a1);
+        assert_eq!(hub.channel_count(), 2, "a still has a subscriber");
+        drop(a2);
+        assert_eq!(
+            hub.channel_count(),
+            1,
+            "a's channel went with its last subscriber"
+        );
+        // A tenant that comes back gets a channel again, starting at the head.
+        hub.publish(&[change(1, Some("a"))]);
+        let mut again = hub.subscribe("a").unwrap();
+        assert_eq!(again.from, Position { commit: 1, ord: 1 });
+        hub.publish(&[change(2, Some("a"))]);
+        assert_eq!(again.receiver.try_recv().unwrap().position.commit, 2);
+        drop(again);
+        let many: Vec<_> = (0..10_000)
+            .map(|i| hub.subscribe(&format!("t{i}")).unwrap())
+            .collect();
+        assert_eq!(hub.channel_count(), 10_001);
+        drop(many);
         assert_eq!(hub.channel_count(), 1);
+        assert!(hub.lock().channels.capacity() < 1024, "the table shrank");
     }
 
     #[test]

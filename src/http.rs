@@ -3,8 +3,11 @@
 //! Every error leaves through [`ApiError`] as `{"error":{"code","message"}}`, and a stream
 //! only starts once every check has passed, so a client never receives a 200 that turns
 //! into an error. Requests are checked (sizes, query, credentials, tables, limits) before
-//! any database work. CORS is answered here for the configured origins. URLs are never
-//! logged, since they may carry `access_token`.
+//! any database work, but for one: a request naming a table or column the catalog does not
+//! know waits for a catalog reload (one at a time, shared by the requests that wait), for
+//! at most [`CATALOG_RELOAD_WAIT`].
+//! CORS is answered here for the configured origins. URLs are never logged, since they may
+//! carry `access_token`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -121,6 +124,10 @@ impl Drop for ConnectionSlot {
 
 /// Most bytes of request headers accepted; more is a JSON 431.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Longest a request naming a table or column the catalog does not know waits for the
+/// catalog's reload before it is refused.
+pub(crate) const CATALOG_RELOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Most bytes of query string accepted; more is a JSON 414.
 pub const MAX_QUERY_BYTES: usize = 8 * 1024;
@@ -492,6 +499,7 @@ async fn metrics(state: &AppState) -> Response<Body> {
     let m = &state.metrics;
     m.subscribers.set(state.hub.subscribers() as i64);
     m.connections.set(state.connections.open() as i64);
+    m.tenant_channels.set(state.hub.channel_count() as i64);
     m.listener_ready.set(i64::from(state.readiness.is_ready()));
     if let Ok(rows) = state
         .journal
@@ -586,7 +594,26 @@ pub(crate) async fn open_stream<B>(
     req: &Request<B>,
 ) -> Result<(EventStream, Format), ApiError> {
     let (query, principal) = authenticate(state, req)?;
-    let selection = Selection::new(&principal, &query, &state.catalog.tables())?;
+    let ticket = state.catalog.ticket();
+    let selection = match Selection::new(&principal, &query, &state.catalog.tables()) {
+        // The table may have been watched, or the column added, a moment ago: the
+        // catalog learns of it from the doorbell or its periodic reload, which may not
+        // have landed yet. Ask the database once before refusing.
+        // Bounded: while the database does not answer, the request is refused as the
+        // catalog stands rather than left waiting.
+        Err(SelectionError::UnknownTable(_) | SelectionError::UnknownColumn { .. }) => {
+            let reload = state.catalog.reload_since(&state.journal, ticket);
+            match tokio::time::timeout(CATALOG_RELOAD_WAIT, reload).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(cause = %err, "reloading the catalog for a request failed")
+                }
+                Err(_) => tracing::debug!("the catalog reload for a request took too long"),
+            }
+            Selection::new(&principal, &query, &state.catalog.tables())?
+        }
+        other => other?,
+    };
     // Registered before the response starts: a change committed after the client has the
     // headers is in this receiver or, if older, in the replay. Admission limits are
     // checked here, before any database work.

@@ -132,6 +132,10 @@ pub struct Journal {
     /// Whether the database is SQL_ASCII, once the first read has asked: reads then
     /// fetch text as bytes ([`READ_ALL_BYTES`]). Shared by the clones.
     sql_ascii: Arc<OnceLock<bool>>,
+    /// Permits for subscribers' reads (replays and catch-ups), shared by the clones: a
+    /// storm of resumes waits here, in turn, and leaves the rest of the pool to everything
+    /// else (`/v1/position`, resumes' head checks, `/metrics`, catalog reloads).
+    replays: Arc<tokio::sync::Semaphore>,
 }
 
 /// One read: changes in commit order, whether more may follow, and the pruning watermark
@@ -161,8 +165,10 @@ pub struct Batch {
 
 // The page is cut by count ($4) and by stored size ($5, always at least one row). The
 // page CTE keeps row images as stored (toasted) until the final projection, so rows past
-// the byte limit are never detoasted. `$columns` are the columns of each change (see
-// READ_ALL_BYTES for why there are two sets).
+// the byte limit are never detoasted. Stored sizes are compressed sizes, so the reader
+// also cuts by real size as the rows arrive (`collect`); `sent` is how many rows the
+// server sends. `$columns` are the columns of each change (see READ_ALL_BYTES for why
+// there are two sets).
 macro_rules! read_after {
     ($source:expr, $columns:expr) => {
         concat!(
@@ -186,7 +192,8 @@ macro_rules! read_after {
            (SELECT count(*) FROM page) AS fetched,
            w.seq, w.ord,
            extract(epoch FROM p.committed_at)::float8,
-           $1 > w.seq AND NOT EXISTS (SELECT FROM pgfeed.commits AS v WHERE v.seq = $1)
+           $1 > w.seq AND NOT EXISTS (SELECT FROM pgfeed.commits AS v WHERE v.seq = $1),
+           (SELECT count(*) FROM page WHERE running - size < $5) AS sent
     FROM pgfeed.pruned AS w
     LEFT JOIN page AS p ON p.running - p.size < $5
     ORDER BY p.seq, p.ord"
@@ -215,14 +222,81 @@ macro_rules! every_change {
     };
 }
 
-// A tenant's changes and public ones (a replay): commits without any would not fill a page,
-// so commits are not limited here.
-macro_rules! tenant_changes {
-    () => {
-        "FROM pgfeed.commits AS c
-        JOIN pgfeed.changes AS ch ON ch.xid = c.xid
-        WHERE c.seq >= $1 AND (c.seq > $1 OR ch.ord > $2)
-          AND (ch.tenant = $3 OR ch.public)"
+// A tenant's changes and public ones (a replay or a catch-up), paged and cut as
+// `read_after!` does. Two ways to find them, one of which runs (the other is gated off by a
+// one-time filter):
+//
+// * A quiet tenant (together with public changes, fewer than QUIET rows in the whole
+//   journal, counted on the indexes of migration 7 and stopping at QUIET) reads its own
+//   rows through those indexes, each looked up in pgfeed.commits by xid: other tenants'
+//   changes are never visited, however many there are.
+// * A busy tenant reads commits in order from the position, as the listener does, keeping
+//   its rows: its rows are then a good part of what is scanned, and going through its
+//   index would mean visiting all of them, from long before the position.
+//
+// The comment names the query in pg_stat_activity.
+macro_rules! read_tenant {
+    ($columns:expr) => {
+        concat!(
+            "/* pgfeed tenant read */
+    WITH quiet AS MATERIALIZED (
+        SELECT (SELECT count(*) FROM (SELECT FROM pgfeed.changes AS x
+                                      WHERE x.tenant = $3 LIMIT 5000) AS t)
+             + (SELECT count(*) FROM (SELECT FROM pgfeed.changes AS x
+                                      WHERE x.public LIMIT 5000) AS u) < 5000 AS yes
+    ), found AS (
+        (SELECT c.seq, ch.ord, ch.table_name, ch.op, ch.tenant, ch.public, ch.pk, ch.new,
+                ch.old, ch.changed, c.committed_at
+         FROM ((SELECT x.xid, x.ord, x.table_name, x.op, x.tenant, x.public, x.pk, x.new,
+                       x.old, x.changed
+                FROM pgfeed.changes AS x WHERE x.tenant = $3
+                ORDER BY x.tenant, x.xid LIMIT 5000)
+               UNION ALL
+               (SELECT x.xid, x.ord, x.table_name, x.op, x.tenant, x.public, x.pk, x.new,
+                       x.old, x.changed
+                FROM pgfeed.changes AS x WHERE x.public AND x.tenant IS DISTINCT FROM $3
+                ORDER BY x.xid LIMIT 5000)) AS ch
+         CROSS JOIN LATERAL (
+             SELECT k.seq, k.committed_at FROM pgfeed.commits AS k
+             WHERE k.xid = ch.xid LIMIT 1
+         ) AS c
+         WHERE (SELECT yes FROM quiet)
+           AND c.seq >= $1 AND (c.seq > $1 OR ch.ord > $2)
+         ORDER BY c.seq, ch.ord
+         LIMIT $4)
+        UNION ALL
+        (SELECT c.seq, ch.ord, ch.table_name, ch.op, ch.tenant, ch.public, ch.pk, ch.new,
+                ch.old, ch.changed, c.committed_at
+         FROM pgfeed.commits AS c
+         JOIN pgfeed.changes AS ch ON ch.xid = c.xid
+         WHERE NOT (SELECT yes FROM quiet)
+           AND c.seq >= $1 AND (c.seq > $1 OR ch.ord > $2)
+           AND (ch.tenant = $3 OR ch.public)
+         ORDER BY c.seq, ch.ord
+         LIMIT $4)
+    ), page AS (
+        SELECT f.seq, f.ord, f.table_name, f.op, f.tenant, f.public, f.pk, f.new, f.old,
+               f.changed, f.committed_at,
+               coalesce(pg_column_size(f.new), 0) + coalesce(pg_column_size(f.old), 0) AS size,
+               sum(coalesce(pg_column_size(f.new), 0) + coalesce(pg_column_size(f.old), 0))
+                   OVER (ORDER BY f.seq, f.ord) AS running
+        FROM found AS f
+        ORDER BY f.seq, f.ord
+        LIMIT $4
+    )
+    SELECT p.seq, p.ord, ",
+            $columns,
+            ",
+           to_char(p.committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+           (SELECT count(*) FROM page) AS fetched,
+           w.seq, w.ord,
+           extract(epoch FROM p.committed_at)::float8,
+           $1 > w.seq AND NOT EXISTS (SELECT FROM pgfeed.commits AS v WHERE v.seq = $1),
+           (SELECT count(*) FROM page WHERE running - size < $5) AS sent
+    FROM pgfeed.pruned AS w
+    LEFT JOIN page AS p ON p.running - p.size < $5
+    ORDER BY p.seq, p.ord"
+        )
     };
 }
 
@@ -234,7 +308,7 @@ macro_rules! as_text {
     };
 }
 const READ_ALL: &str = read_after!(every_change!(), as_text!());
-const READ_TENANT: &str = read_after!(tenant_changes!(), as_text!());
+const READ_TENANT: &str = read_tenant!(as_text!());
 
 // For a SQL_ASCII database, whose text may hold any byte: sent as text, one byte that is
 // not UTF-8 fails the server's check on the way to the client encoding, and with it the
@@ -251,7 +325,7 @@ macro_rules! as_bytes {
     };
 }
 const READ_ALL_BYTES: &str = read_after!(every_change!(), as_bytes!());
-const READ_TENANT_BYTES: &str = read_after!(tenant_changes!(), as_bytes!());
+const READ_TENANT_BYTES: &str = read_tenant!(as_bytes!());
 
 // Whether the database is SQL_ASCII.
 const SQL_ASCII: &str =
@@ -274,6 +348,11 @@ const SEAL: &str = "SELECT pgfeed.seal()";
 // Which journal this is; fails with undefined_table when the schema is gone.
 const IDENTITY: &str = "SELECT 'pgfeed.commits'::pg_catalog.regclass::pg_catalog.oid";
 
+/// Real bytes (row images as text) after which a subscriber's journal read stops, at
+/// least one change read: what a replay or a catch-up holds for a stream that does not
+/// take it, besides the chunk being written (see `sse`).
+pub const STREAM_READ_BYTES: usize = 1 << 20;
+
 /// Settings for journal reads.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -283,6 +362,9 @@ pub struct Limits {
     pub batch_bytes: usize,
     /// Longest a query may take.
     pub query_timeout: Duration,
+    /// Subscribers' reads (replays, catch-ups) running at once at most
+    /// (`journal.replay_concurrency`).
+    pub replay_concurrency: usize,
 }
 
 impl Journal {
@@ -294,6 +376,11 @@ impl Journal {
             batch_bytes: limits.batch_bytes as i64,
             query_timeout: limits.query_timeout,
             sql_ascii: Arc::default(),
+            replays: Arc::new(tokio::sync::Semaphore::new(
+                limits
+                    .replay_concurrency
+                    .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+            )),
         }
     }
 
@@ -388,68 +475,79 @@ impl Journal {
             Scope::All => None,
             Scope::Tenant(t) => Some(t.to_string()),
         };
-        let (limit, bytes) = (self.batch_size, self.batch_bytes);
+        // A subscriber's read waits for its turn (never closed, so this cannot fail);
+        // the listener's never does.
+        let _turn = match tenant {
+            Some(_) => self.replays.acquire().await.ok(),
+            None => None,
+        };
+        let limit = self.batch_size;
+        // What one read may bring into memory, in real bytes: a subscriber's read is
+        // held by its stream until the client has taken it (see `sse`), so it is smaller.
+        let budget = match tenant {
+            Some(_) => self.batch_bytes.min(STREAM_READ_BYTES as i64),
+            None => self.batch_bytes,
+        };
         let known = self.sql_ascii.get().copied();
-        let (rows, sql_ascii) = self
-            .with_client(move |client| {
-                Box::pin(async move {
-                    let sql_ascii = match known {
-                        Some(known) => known,
-                        None => client.query_one(SQL_ASCII, &[]).await?.try_get(0)?,
-                    };
-                    let sql = match (tenant.is_some(), sql_ascii) {
-                        (false, false) => READ_ALL,
-                        (false, true) => READ_ALL_BYTES,
-                        (true, false) => READ_TENANT,
-                        (true, true) => READ_TENANT_BYTES,
-                    };
-                    let stmt = client.prepare_cached(sql).await?;
-                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-                        [&after.commit, &after.ord, &tenant, &limit, &bytes];
-                    let read = client.query(&stmt, &params);
-                    let rows = if seal {
-                        // Pipelined: one round trip; the read's snapshot is taken after the
-                        // seal committed.
-                        let sealing = client.prepare_cached(SEAL).await?;
-                        futures_util::future::try_join(client.query_one(&sealing, &[]), read)
-                            .await?
-                            .1
-                    } else {
-                        read.await?
-                    };
-                    Ok((rows, sql_ascii))
-                })
-            })
-            .await?;
-        let _ = self.sql_ascii.set(sql_ascii);
-        let mut batch = Batch::default();
-        let (mut fetched, mut returned) = (0i64, 0i64);
-        for row in &rows {
-            batch.pruned = Position {
-                commit: decode(row, 12, "pruning watermark")?,
-                ord: decode(row, 13, "pruning watermark")?,
+        let client = tokio::time::timeout(self.query_timeout, self.pool.get())
+            .await
+            .map_err(|_| JournalError::Timeout)?
+            .map_err(JournalError::Pool)?;
+        let reading = async {
+            let sql_ascii = match known {
+                Some(known) => known,
+                None => client
+                    .query_one(SQL_ASCII, &[])
+                    .await
+                    .and_then(|row| row.try_get(0))
+                    .map_err(JournalError::Query)?,
             };
-            fetched = decode(row, 11, "page size")?;
-            batch.void = decode(row, 15, "void position")?;
-            batch.more = fetched == limit;
-            // Without a position a row could only be skipped by reading it again forever.
-            let Some(commit) = decode::<Option<i64>>(row, 0, "commit number")? else {
-                continue;
+            let _ = self.sql_ascii.set(sql_ascii);
+            let sql = match (tenant.is_some(), sql_ascii) {
+                (false, false) => READ_ALL,
+                (false, true) => READ_ALL_BYTES,
+                (true, false) => READ_TENANT,
+                (true, true) => READ_TENANT_BYTES,
             };
-            let position = Position {
-                commit,
-                ord: decode(row, 1, "ordinal")?,
+            let stmt = client
+                .prepare_cached(sql)
+                .await
+                .map_err(JournalError::Query)?;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+                [&after.commit, &after.ord, &tenant, &limit, &budget];
+            let read = client.query_raw(&stmt, params);
+            let rows = if seal {
+                // Pipelined: one round trip; the read's snapshot is taken after the seal
+                // committed.
+                let sealing = client
+                    .prepare_cached(SEAL)
+                    .await
+                    .map_err(JournalError::Query)?;
+                futures_util::future::try_join(client.query_one(&sealing, &[]), read)
+                    .await
+                    .map_err(JournalError::Query)?
+                    .1
+            } else {
+                read.await.map_err(JournalError::Query)?
             };
-            returned += 1;
-            batch.end = Some(position);
-            match to_change(row, position) {
-                Ok(change) => batch.changes.push(change),
-                Err(reason) => batch.skipped.push(Skipped { position, reason }),
+            collect(rows, limit, budget as usize).await
+        };
+        let (batch, cut) = match tokio::time::timeout(self.query_timeout, reading).await {
+            Ok(result) => result?,
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(client));
+                return Err(JournalError::Timeout);
             }
-        }
-        // A page cut short by size has more behind it.
-        if returned < fetched {
-            batch.more = true;
+        };
+        if cut {
+            // The rows after the cut were not read: the statement is cancelled rather
+            // than left to render and send them, and its connection, whose end of the
+            // reply is still coming, is not reused (the cancel cannot reach a later one).
+            let cancel = client.cancel_token();
+            drop(deadpool_postgres::Object::take(client));
+            tokio::spawn(async move {
+                let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+            });
         }
         Ok(batch)
     }
@@ -546,6 +644,75 @@ impl Journal {
             }
         }
     }
+}
+
+/// Reads a page's rows as they arrive, decoding each into a change, until the page ends
+/// or the real size of what was read (the row images as text, not as stored: compressed,
+/// a 1 MB row may take a few KB) reaches `budget`, after at least one change. Returns the
+/// batch and whether the page was cut (its remaining rows were not read).
+async fn collect(
+    rows: tokio_postgres::RowStream,
+    limit: i64,
+    budget: usize,
+) -> Result<(Batch, bool), JournalError> {
+    use futures_util::TryStreamExt as _;
+    futures_util::pin_mut!(rows);
+    let mut batch = Batch::default();
+    let (mut fetched, mut returned, mut bytes) = (0i64, 0i64, 0usize);
+    let mut cut = false;
+    while let Some(row) = rows.try_next().await.map_err(JournalError::Query)? {
+        batch.pruned = Position {
+            commit: decode(&row, 12, "pruning watermark")?,
+            ord: decode(&row, 13, "pruning watermark")?,
+        };
+        fetched = decode(&row, 11, "page size")?;
+        batch.void = decode(&row, 15, "void position")?;
+        batch.more = fetched == limit;
+        // Without a position a row could only be skipped by reading it again forever.
+        let Some(commit) = decode::<Option<i64>>(&row, 0, "commit number")? else {
+            continue;
+        };
+        let position = Position {
+            commit,
+            ord: decode(&row, 1, "ordinal")?,
+        };
+        returned += 1;
+        batch.end = Some(position);
+        bytes += (2..=10).map(|i| real_len(&row, i)).sum::<usize>();
+        match to_change(&row, position) {
+            Ok(change) => batch.changes.push(change),
+            Err(reason) => batch.skipped.push(Skipped { position, reason }),
+        }
+        if bytes >= budget && returned < decode::<i64>(&row, 16, "rows sent")? {
+            cut = true;
+            break;
+        }
+    }
+    // A page cut short by size has more behind it.
+    if returned < fetched {
+        batch.more = true;
+    }
+    Ok((batch, cut))
+}
+
+/// The length of a column's value as sent (0 for NULL), whatever its type.
+fn real_len(row: &tokio_postgres::Row, index: usize) -> usize {
+    struct Len(usize);
+    impl<'a> tokio_postgres::types::FromSql<'a> for Len {
+        fn from_sql(
+            _: &tokio_postgres::types::Type,
+            raw: &'a [u8],
+        ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+            Ok(Len(raw.len()))
+        }
+        fn accepts(_: &tokio_postgres::types::Type) -> bool {
+            true
+        }
+    }
+    row.try_get::<_, Option<Len>>(index)
+        .ok()
+        .flatten()
+        .map_or(0, |Len(n)| n)
 }
 
 /// Decodes a column that the read cannot do without (positions, page bookkeeping).

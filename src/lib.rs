@@ -80,7 +80,8 @@ pub async fn serve(
 
     // Phase 2: the database, the schema version and the journal's head.
     let pg = db::parse_url(config.database_url()?)?;
-    let pool = db::pool(&pg, config.pool_size)?;
+    let pooled = db::with_statement_timeout(&pg, config.query_timeout);
+    let pool = db::pool(&pooled, config.pool_size)?;
     {
         let client = pool.get().await.map_err(|err| match err {
             // The driver's own error, once, with where it tried (deadpool's wrapper
@@ -96,14 +97,17 @@ pub async fn serve(
         })?;
         schema::check(&client).await?;
     }
-    let journal = journal::Journal::new(
-        pool,
-        journal::Limits {
-            batch_size: config.batch_size,
-            batch_bytes: config.batch_bytes,
-            query_timeout: config.query_timeout,
-        },
-    );
+    let limits = journal::Limits {
+        batch_size: config.batch_size,
+        batch_bytes: config.batch_bytes,
+        query_timeout: config.query_timeout,
+        replay_concurrency: config.replay_concurrency,
+    };
+    let journal = journal::Journal::new(pool, limits);
+    // The listener reads on a connection of its own, outside the pool that subscribers'
+    // replays, `/v1/position` and `/metrics` share: its reads never wait behind theirs.
+    let listener_journal =
+        journal::Journal::new(db::pool(&listener::reader_config(&pooled), 1)?, limits);
     let head = journal.head().await?;
     let catalog = Arc::new(catalog::Catalog::default());
     catalog.reload(&journal).await?;
@@ -129,7 +133,7 @@ pub async fn serve(
     let readiness = Arc::new(listener::Readiness::default());
     let listener_task = listener::Listener {
         config: listener::connection_config(&pg),
-        journal: journal.clone(),
+        journal: listener_journal,
         hub: Arc::clone(&hub),
         readiness: Arc::clone(&readiness),
         health_interval: config.health_interval,

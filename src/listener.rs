@@ -76,6 +76,20 @@ pub fn connection_config(pool_config: &tokio_postgres::Config) -> tokio_postgres
     config
 }
 
+/// `application_name` of the connection the listener reads the journal on (its own, not
+/// one of the pool's, so that subscribers' reads never hold up the listener's).
+pub const READER_APPLICATION_NAME: &str = "pgfeed-reader";
+
+/// The settings of the listener's reading connection: the pool's (`pool_config`), named
+/// [`READER_APPLICATION_NAME`] unless the operator chose a name.
+pub fn reader_config(pool_config: &tokio_postgres::Config) -> tokio_postgres::Config {
+    let mut config = pool_config.clone();
+    if config.get_application_name() == Some("pgfeed") {
+        config.application_name(READER_APPLICATION_NAME);
+    }
+    config
+}
+
 /// Why the listener is not ready, as `/readyz` explains it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotReady {

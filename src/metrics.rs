@@ -45,6 +45,8 @@ pub struct Metrics {
     registry: Registry,
     /// Open streams (set at scrape time from the hub).
     pub subscribers: Gauge,
+    /// Tenants with a live channel, i.e. with open streams (set at scrape time).
+    pub tenant_channels: Gauge,
     /// Streams opened.
     pub streams_opened: Counter,
     /// Streams refused, by reason.
@@ -109,6 +111,7 @@ impl Metrics {
         let m = Metrics {
             registry: Registry::default(),
             subscribers: Gauge::default(),
+            tenant_channels: Gauge::default(),
             streams_opened: Counter::default(),
             streams_rejected: Family::default(),
             events: Family::default(),
@@ -134,6 +137,11 @@ impl Metrics {
             write_timeouts: Counter::default(),
         };
         registry.register("subscribers", "Open streams", m.subscribers.clone());
+        registry.register(
+            "tenant_channels",
+            "Tenants with a live channel (those with open streams)",
+            m.tenant_channels.clone(),
+        );
         registry.register("streams_opened", "Streams opened", m.streams_opened.clone());
         registry.register(
             "streams_rejected",

@@ -10,7 +10,7 @@
 use tokio_postgres::Client;
 
 /// The schema version this binary expects: the number of the newest migration.
-pub const VERSION: i32 = 6;
+pub const VERSION: i32 = 7;
 
 /// Table migrations, applied in order, each once.
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -20,6 +20,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (4, include_str!("../sql/004_ddl_safety.sql")),
     (5, include_str!("../sql/005_commits_never_wait.sql")),
     (6, include_str!("../sql/006_async_seal.sql")),
+    (7, include_str!("../sql/007_tenant_replay.sql")),
 ];
 
 /// Functions and triggers, re-applied by every install.

@@ -2,13 +2,16 @@
 //! from the hub, heartbeats, and the end of the stream (shutdown, token expiry).
 //!
 //! The stream is a pull-based state machine polled by hyper only when the socket can take
-//! more, so a client that stops reading costs no memory beyond its hub receiver: it simply
-//! falls behind, gets `Lagged`, and is caught up when it reads again: from the hub's
-//! memory of recent changes while that reaches back far enough, else from the journal.
-//! Duplicates at the replay/live seam are dropped by position. Frames that are ready are
-//! written together in one chunk. This module never decides who may see what beyond
-//! applying the subscriber's [`Selection`].
+//! more, so a client that stops reading costs little memory: live, nothing beyond its hub
+//! receiver (it falls behind, gets `Lagged`, and is caught up when it reads again: from
+//! the hub's memory of recent changes while that reaches back far enough, else from the
+//! journal); in a replay or catch-up, one journal read (bounded in real bytes,
+//! [`crate::journal::STREAM_READ_BYTES`]) and the chunk being written. Duplicates at the
+//! replay/live seam are dropped by position. Frames that are ready are written together,
+//! up to [`MAX_CHUNK`] per chunk (or one frame, if larger). This module never decides who
+//! may see what beyond applying the subscriber's [`Selection`].
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -98,6 +101,14 @@ pub struct EventStream {
     last: Position,
     /// Replay or live.
     mode: Mode,
+    /// Changes of the current replay or catch-up read not written yet: a read is written
+    /// [`MAX_CHUNK`] at a time, so a client that stops reading holds at most one read
+    /// (bounded in real bytes, `journal::STREAM_READ_BYTES`) and one chunk.
+    unwritten: VecDeque<Arc<Change>>,
+    /// Whether more follows the current read (its `more`), and the position its last row
+    /// had (its `end`), applied once `unwritten` is written.
+    unwritten_more: bool,
+    unwritten_end: Option<Position>,
     /// One timer for both the next heartbeat and the token's expiry, whichever is
     /// first. It and `shutdown` live as long as the stream: creating them anew for every
     /// wait registered and removed a timer entry and a waiter per delivery, under locks
@@ -165,6 +176,9 @@ impl EventStream {
             format,
             last,
             mode,
+            unwritten: VecDeque::new(),
+            unwritten_more: false,
+            unwritten_end: None,
             timer,
             heartbeat: settings.heartbeat,
             retry: settings.retry,
@@ -271,54 +285,63 @@ impl EventStream {
         loop {
             match self.mode {
                 Mode::Replay { announce } => {
-                    // A catch-up (not a client's resume, which the journal answers, with
-                    // `reset` when the position is older than it keeps) is served from the
-                    // hub's memory while that still holds everything after `last`.
-                    let recent = match announce {
-                        true => None,
-                        false => {
-                            // Nothing here waits, so shutdown and expiry are checked by
-                            // hand: a client reading just fast enough to stay in catch-up
-                            // must not outlive its token or the server.
-                            if (&mut self.shutdown).now_or_never().is_some() {
-                                return self.finish_shutdown();
-                            }
-                            if self.expires.is_some_and(|at| at <= Instant::now()) {
-                                return self.finish_expired();
-                            }
-                            self.subscription
-                                .recent_after(self.last, RECENT_BATCH, MAX_CHUNK)
-                        }
-                    };
-                    let (changes, more, end) = match recent {
-                        Some((changes, more)) => (changes, more, None),
-                        None => match self.read_journal(announce).await {
-                            Read::Batch(batch) => {
-                                for skipped in &batch.skipped {
-                                    // The listener logs and counts each; a replay only
-                                    // passes over it.
-                                    tracing::debug!(position = %skipped.position, reason = %skipped.reason, "replay skips a journal row this gateway cannot decode");
+                    if self.unwritten.is_empty() {
+                        // A catch-up (not a client's resume, which the journal answers, with
+                        // `reset` when the position is older than it keeps) is served from
+                        // the hub's memory while that still holds everything after `last`.
+                        let recent = match announce {
+                            true => None,
+                            false => {
+                                // Nothing here waits, so shutdown and expiry are checked by
+                                // hand: a client reading just fast enough to stay in
+                                // catch-up must not outlive its token or the server.
+                                if (&mut self.shutdown).now_or_never().is_some() {
+                                    return self.finish_shutdown();
                                 }
-                                (batch.changes, batch.more, batch.end)
+                                if self.expires.is_some_and(|at| at <= Instant::now()) {
+                                    return self.finish_expired();
+                                }
+                                self.subscription
+                                    .recent_after(self.last, RECENT_BATCH, MAX_CHUNK)
                             }
-                            Read::Reset(reason) => return self.reset(reason).await,
-                            Read::End(frame) => return frame,
-                        },
-                    };
+                        };
+                        let (changes, more, end) = match recent {
+                            Some((changes, more)) => (changes, more, None),
+                            None => match self.read_journal(announce).await {
+                                Read::Batch(batch) => {
+                                    for skipped in &batch.skipped {
+                                        // The listener logs and counts each; a replay only
+                                        // passes over it.
+                                        tracing::debug!(position = %skipped.position, reason = %skipped.reason, "replay skips a journal row this gateway cannot decode");
+                                    }
+                                    (batch.changes, batch.more, batch.end)
+                                }
+                                Read::Reset(reason) => return self.reset(reason).await,
+                                Read::End(frame) => return frame,
+                            },
+                        };
+                        self.unwritten = changes.into();
+                        self.unwritten_more = more;
+                        self.unwritten_end = end;
+                    }
                     let mut chunk = Chunk::default();
-                    for change in &changes {
-                        self.take(change, &mut chunk);
+                    while chunk.len() < MAX_CHUNK
+                        && let Some(change) = self.unwritten.pop_front()
+                    {
+                        self.take(&change, &mut chunk);
                     }
-                    // Past skipped rows too, so that the next read does not return them.
-                    if let Some(end) = end {
-                        self.last = self.last.max(end);
-                    }
-                    if !more {
-                        self.mode = Mode::Live;
-                        if announce {
-                            chunk.push(&self.live_frame());
-                        } else {
-                            self.metrics.catchups.inc();
+                    if self.unwritten.is_empty() {
+                        // Past skipped rows too, so that the next read does not return them.
+                        if let Some(end) = self.unwritten_end.take() {
+                            self.last = self.last.max(end);
+                        }
+                        if !self.unwritten_more {
+                            self.mode = Mode::Live;
+                            if announce {
+                                chunk.push(&self.live_frame());
+                            } else {
+                                self.metrics.catchups.inc();
+                            }
                         }
                     }
                     if let Some(bytes) = chunk.finish() {

@@ -1391,3 +1391,172 @@ pub async fn subscribers(addr: SocketAddr) -> Option<f64> {
         "pgfeed_subscribers",
     )
 }
+/// A TCP proxy in front of PostgreSQL that freezes each connection whose client sends
+/// `needle` (a piece of a statement's text, sent when it is prepared), once armed: from
+/// then on that connection moves no byte either way, as if its query ran for ever.
+/// Connections that never send it flow normally.
+pub struct FreezingProxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    /// Whether sending `needle` freezes a connection.
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Connections frozen so far.
+    frozen: std::sync::Arc<AtomicUsize>,
+}
+
+impl FreezingProxy {
+    /// A proxy to the server behind `url`, not armed yet.
+    pub async fn start(url: &str, needle: &'static [u8]) -> FreezingProxy {
+        let config: tokio_postgres::Config = url.parse().unwrap();
+        let host = match &config.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            #[allow(unreachable_patterns)]
+            _ => panic!("the proxy needs a TCP host"),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let upstream = format!("{host}:{port}");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let frozen = std::sync::Arc::new(AtomicUsize::new(0));
+        let (armed_, frozen_) = (armed.clone(), frozen.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let (stop, _) = tokio::sync::watch::channel(false);
+                let (armed, frozen, stop_tx) = (armed_.clone(), frozen_.clone(), stop.clone());
+                let mut stopped = stop.subscribe();
+                // Client to server, watching for the needle (also across reads).
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let mut tail: Vec<u8> = Vec::new();
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        tail.extend_from_slice(&buf[..n]);
+                        if armed.load(Ordering::SeqCst) && find(&tail, needle).is_some() {
+                            frozen.fetch_add(1, Ordering::SeqCst);
+                            stop_tx.send_replace(true);
+                            // Hold both halves open and move nothing, for ever.
+                            let _keep = (cr, sw);
+                            return std::future::pending::<()>().await;
+                        }
+                        let keep = tail.len().saturating_sub(needle.len());
+                        tail.drain(..keep);
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                // Server to client, until the connection is frozen.
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        tokio::select! {
+                            read = sr.read(&mut buf) => match read {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    if *stopped.borrow() {
+                                        break;
+                                    }
+                                    if cw.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            },
+                            _ = stopped.changed() => break,
+                        }
+                    }
+                    let _keep = (sr, cw);
+                    std::future::pending::<()>().await;
+                });
+            }
+        });
+        FreezingProxy {
+            addr,
+            armed,
+            frozen,
+        }
+    }
+
+    /// From now on, a connection that sends the needle is frozen.
+    pub fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// How many connections were frozen.
+    pub fn frozen(&self) -> usize {
+        self.frozen.load(Ordering::SeqCst)
+    }
+
+    /// `url` with its host and port replaced by the proxy's.
+    pub fn url(&self, url: &str) -> String {
+        let config: tokio_postgres::Config = url.parse().unwrap();
+        let user = config.get_user().unwrap_or("postgres");
+        let db = config.get_dbname().unwrap_or("postgres");
+        format!("postgres://{user}@{}/{db}", self.addr)
+    }
+}
+
+/// Resident memory of process `pid`, in KiB (0 when it cannot be read).
+pub fn rss_kib_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+impl SseClient {
+    /// Opens `path` on a socket whose receive buffer is about `recv_buffer` bytes and reads
+    /// the response head, then nothing more until the test reads: a client that stalls,
+    /// leaving the server's writes blocked once the socket's buffers are full.
+    pub async fn open_stalled(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+        recv_buffer: u32,
+    ) -> SseClient {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket
+            .set_recv_buffer_size(recv_buffer)
+            .expect("setting the receive buffer");
+        let mut stream = socket.connect(addr).await.expect("connect");
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes()).await.expect("sending");
+        let mut conn = RawConn {
+            stream,
+            buf: Vec::new(),
+            chunked: false,
+            remaining: None,
+            done: false,
+        };
+        let (status, headers) = tokio::time::timeout(SOON, conn.read_head())
+            .await
+            .expect("response head in time")
+            .expect("response head");
+        SseClient {
+            conn,
+            status,
+            headers,
+            text: String::new(),
+            raw: String::new(),
+            comments: 0,
+            retries: Vec::new(),
+        }
+    }
+}
