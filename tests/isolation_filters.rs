@@ -1021,3 +1021,89 @@ async fn filtered_random_workload_reaches_exactly_the_right_subscribers() {
     }
     gw.stop().await;
 }
+
+/// Snowflake-style bigint ids and long numerics, as a client filters on them: an id one
+/// above another (both beyond 2^53, one float apart) must not match the other's filter,
+/// nor a numeric that differs in its 30th digit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn number_filters_are_exact_for_big_ids_and_long_numerics() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, tenant text NOT NULL, amount numeric);
+         SELECT pgfeed.watch('orders', 'tenant');",
+    )
+    .await
+    .unwrap();
+    let gw = Gateway::start(&db).await;
+    let mut by_id = gw
+        .stream("acme", "filter=orders:id=eq.9007199254740993")
+        .await;
+    assert_eq!(by_id.status, 200, "{}", by_id.raw);
+    by_id.until_live().await;
+    let mut in_list = gw
+        .stream("acme", "filter=orders:id=in.(1,9007199254740993,3)")
+        .await;
+    in_list.until_live().await;
+    let mut by_amount = gw
+        .stream(
+            "acme",
+            "filter=orders:amount=gt.123456789012345678901234567890.4",
+        )
+        .await;
+    by_amount.until_live().await;
+    c.batch_execute(
+        "INSERT INTO orders VALUES (9007199254740992, 'acme', 123456789012345678901234567890.4);
+         INSERT INTO orders VALUES (9007199254740993, 'acme', 123456789012345678901234567890.5);",
+    )
+    .await
+    .unwrap();
+    for s in [&mut by_id, &mut in_list] {
+        let change = s.next_change().await;
+        assert_eq!(change["new"]["id"], json!(9007199254740993u64), "{change}");
+        s.assert_quiet(QUIET).await;
+    }
+    let change = by_amount.next_change().await;
+    assert_eq!(change["new"]["id"], json!(9007199254740993u64), "{change}");
+    by_amount.assert_quiet(QUIET).await;
+    gw.stop().await;
+}
+
+/// A client cannot make every change cost thousands of comparisons: the literals of one
+/// stream's filters are capped, and the cap is a 400 naming `filter`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_values_per_stream_are_capped() {
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "orders").await;
+    let gw = Gateway::start(&db).await;
+    let items = |n: usize| (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let max = pgfeed::filter::MAX_FILTER_VALUES;
+    // Exactly the cap, over two filters, is accepted.
+    let ok = gw
+        .stream(
+            "acme",
+            &format!(
+                "filter=orders:id=in.({})&filter=orders:body=in.({})",
+                items(max / 2),
+                items(max - max / 2)
+            ),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.raw);
+    drop(ok);
+    let over = support::get(
+        gw.addr,
+        &format!(
+            "/v1/stream?filter=orders:id=in.({})&filter=orders:body=in.({})",
+            items(max / 2),
+            items(max - max / 2 + 1)
+        ),
+        &[("Authorization", &format!("Bearer {}", gw.token("acme")))],
+    )
+    .await
+    .unwrap();
+    let (code, message) = support::assert_error(&over, 400, "filter");
+    assert_eq!(code, "bad_request");
+    assert!(message.contains(&max.to_string()), "{message}");
+    gw.stop().await;
+}

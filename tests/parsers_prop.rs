@@ -16,7 +16,7 @@ use pgfeed::auth::{AuthError, Authenticator, qualify};
 use pgfeed::change::{Op, Payload, Position};
 use pgfeed::config::AuthConfig;
 use pgfeed::filter::StreamQuery;
-use pgfeed::rowfilter::{CmpOp, Cond, RowFilter};
+use pgfeed::rowfilter::{CmpOp, Cond, InList, Row, RowFilter};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
 use serde_json::{Value, json};
@@ -91,7 +91,7 @@ fn in_item() -> impl Strategy<Value = (String, String)> {
 fn valid_filter() -> impl Strategy<Value = (String, RowFilter)> {
     let cond = prop_oneof![
         (cmp_op(), any::<String>())
-            .prop_map(|((op, name), v)| (format!("{name}.{v}"), Cond::Cmp(op, v))),
+            .prop_map(|((op, name), v)| (format!("{name}.{v}"), Cond::Cmp(op, v.into()))),
         prop::collection::vec(in_item(), 1..6)
             .prop_filter("a single empty item is no list", |items| {
                 !(items.len() == 1 && items[0].0.is_empty())
@@ -100,7 +100,7 @@ fn valid_filter() -> impl Strategy<Value = (String, RowFilter)> {
                 let text: Vec<&str> = items.iter().map(|(_, t)| t.as_str()).collect();
                 (
                     format!("in.({})", text.join(",")),
-                    Cond::In(items.into_iter().map(|(i, _)| i).collect()),
+                    Cond::In(InList::new(items.into_iter().map(|(i, _)| i))),
                 )
             }),
         Just(("is.null".to_string(), Cond::IsNull)),
@@ -391,7 +391,7 @@ proptest! {
             Cond::IsFalse => prop_assert_eq!(matched, present && value == Value::Bool(false)),
             Cond::In(items) => {
                 // `in` is a disjunction of `eq`.
-                let any_eq = items.iter().any(|i| with(Cond::Cmp(CmpOp::Eq, i.clone())));
+                let any_eq = items.items().iter().any(|i| with(Cond::Cmp(CmpOp::Eq, i.clone())));
                 prop_assert_eq!(matched, any_eq);
             }
             Cond::Cmp(_, literal) => {
@@ -1003,4 +1003,151 @@ async fn http_requests_get_a_stream_or_a_4xx_json_error() {
     let r = support::get(addr, "/healthz", &[]).await.unwrap();
     assert_eq!(r.status, 200);
     gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Row filters against PostgreSQL's own comparison
+// ---------------------------------------------------------------------------------------
+
+/// A plain decimal as `numeric` prints it: sign, up to 25 integer digits, up to 25 decimals.
+fn plain_decimal() -> impl Strategy<Value = String> {
+    (
+        any::<bool>(),
+        "[0-9]{1,25}",
+        prop::option::of("[0-9]{1,25}"),
+    )
+        .prop_map(|(neg, int, frac)| {
+            let sign = if neg { "-" } else { "" };
+            match frac {
+                Some(f) => format!("{sign}{int}.{f}"),
+                None => format!("{sign}{int}"),
+            }
+        })
+}
+
+/// `value` (a plain decimal) spelled another way PostgreSQL reads as the same number.
+fn respell(value: &str, how: u8) -> String {
+    let (sign, body) = match value.strip_prefix('-') {
+        Some(b) => ("-", b),
+        None => ("", value),
+    };
+    match how % 5 {
+        0 if body.contains('.') => format!("{value}000"),
+        0 => format!("{value}.0"),
+        1 if sign.is_empty() => format!("+{value}"),
+        1 | 2 => format!("{sign}000{body}"),
+        3 => {
+            let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+            format!("{sign}{int}{frac}e-{}", frac.len())
+        }
+        _ => {
+            let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+            format!("{sign}0.{int}{frac}E+{}", int.len())
+        }
+    }
+}
+
+/// A column value (its SQL type's text, and whether it is a bigint) and a literal: often
+/// the same number spelled otherwise, or a neighbour (2^53 and around, one digit more).
+fn number_case() -> impl Strategy<Value = (String, bool, String)> {
+    let big = prop_oneof![
+        any::<i64>(),
+        9_007_199_254_740_982i64..9_007_199_254_741_002,
+        -9_007_199_254_741_002i64..-9_007_199_254_740_982,
+        Just(i64::MAX),
+        Just(i64::MIN),
+        -3i64..3,
+    ]
+    .prop_map(|v| (v.to_string(), true));
+    let numeric = plain_decimal().prop_map(|v| (v, false));
+    (
+        prop_oneof![big, numeric],
+        plain_decimal(),
+        any::<u8>(),
+        -2i64..=2,
+        0u8..4,
+    )
+        .prop_map(|((value, is_big), other, how, delta, pick)| {
+            let literal = match pick {
+                0 => other,
+                1 => respell(&value, how),
+                2 => match value.parse::<i128>() {
+                    Ok(v) => respell(&(v + i128::from(delta)).to_string(), how),
+                    Err(_) => format!("{value}{}", how % 10),
+                },
+                _ => format!(
+                    "{value}{}",
+                    if value.contains('.') {
+                        "0000001"
+                    } else {
+                        ".0000001"
+                    }
+                ),
+            };
+            (value, is_big, literal)
+        })
+}
+
+/// Row filters compare numbers as PostgreSQL compares the same values: the column's
+/// value as `to_jsonb` renders it (a bigint, a long numeric) against the literal read as
+/// `numeric`. A float comparison matched id 9007199254740992 with `eq.9007199254740993`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn number_filters_agree_with_postgresql() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let handle = tokio::runtime::Handle::current();
+    let checked = AtomicUsize::new(0);
+    let result = tokio::task::block_in_place(|| {
+        let mut runner = TestRunner::new(RunnerConfig {
+            cases: 64,
+            failure_persistence: None,
+            max_shrink_iters: 100,
+            ..RunnerConfig::default()
+        });
+        runner
+            .run(&prop::collection::vec(number_case(), 64), |cases| {
+                let values: Vec<&str> = cases.iter().map(|(v, _, _)| v.as_str()).collect();
+                let bigs: Vec<bool> = cases.iter().map(|(_, b, _)| *b).collect();
+                let literals: Vec<&str> = cases.iter().map(|(_, _, l)| l.as_str()).collect();
+                let rows = handle
+                    .block_on(client.query(
+                        "SELECT CASE WHEN big THEN to_jsonb(a::bigint) ELSE to_jsonb(a::numeric) END::text,
+                                CASE WHEN big THEN a::bigint < b::numeric ELSE a::numeric < b::numeric END,
+                                CASE WHEN big THEN a::bigint = b::numeric ELSE a::numeric = b::numeric END,
+                                CASE WHEN big THEN a::bigint > b::numeric ELSE a::numeric > b::numeric END
+                         FROM unnest($1::text[], $2::bool[], $3::text[]) WITH ORDINALITY AS x(a, big, b, i)
+                         ORDER BY i",
+                        &[&values, &bigs, &literals],
+                    ))
+                    .map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+                for ((value, _, literal), row) in cases.iter().zip(&rows) {
+                    let rendered: String = row.get(0);
+                    let (lt, eq, gt): (bool, bool, bool) = (row.get(1), row.get(2), row.get(3));
+                    let image = Row::parse(&format!(r#"{{"c": {rendered}}}"#)).unwrap();
+                    let judge = |op: &str| {
+                        format!("t:c={op}.{literal}")
+                            .parse::<RowFilter>()
+                            .unwrap()
+                            .matches(&image)
+                    };
+                    let ours = [
+                        judge("lt"), judge("eq"), judge("gt"),
+                        judge("lte"), judge("gte"), judge("neq"),
+                        format!("t:c=in.(x,{literal})").parse::<RowFilter>().unwrap().matches(&image),
+                    ];
+                    let theirs = [lt, eq, gt, lt || eq, gt || eq, !eq, eq];
+                    prop_assert_eq!(
+                        ours, theirs,
+                        "value {} rendered {} against literal {}", value, rendered, literal
+                    );
+                    checked.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+            .map_err(|e| e.to_string())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    assert!(checked.load(Ordering::Relaxed) >= 64 * 64);
 }
