@@ -50,7 +50,9 @@ pub enum AuthError {
     #[error("the token has no usable `{0}` claim (a string or number naming the tenant)")]
     NoTenant(String),
     /// The tables claim is not a list of table names.
-    #[error("the token's `{0}` claim must be an array of table names")]
+    #[error(
+        "the token's `{0}` claim must be an array of table names (`orders`, `shop.orders`, `\"Mixed Case\"`)"
+    )]
     BadTables(String),
     /// `trusted_header` / `none` mode without the tenant header.
     #[error("the `{0}` header naming the tenant is required")]
@@ -429,7 +431,7 @@ impl JwtVerifier {
                         .iter()
                         .map(|v| {
                             v.as_str()
-                                .map(qualify)
+                                .and_then(|t| crate::names::table_key(t).ok())
                                 .ok_or_else(|| AuthError::BadTables(name.clone()))
                         })
                         .collect::<Result<_, _>>()?,
@@ -443,15 +445,6 @@ impl JwtVerifier {
             tables,
             expires_at,
         })
-    }
-}
-
-/// A table name as events carry it: `orders` means `public.orders`.
-pub fn qualify(name: &str) -> String {
-    if name.contains('.') {
-        name.to_string()
-    } else {
-        format!("public.{name}")
     }
 }
 

@@ -52,7 +52,8 @@ pub enum Command {
     },
     /// Start capturing changes of a table.
     Watch {
-        /// The table (`orders` or `schema.orders`).
+        /// The table (`orders` or `schema.orders`; unquoted names fold to lower case,
+        /// `'"Mixed Case"'` keeps its case).
         table: String,
         /// Column holding each row's tenant.
         #[arg(long, value_name = "COL")]
@@ -358,6 +359,12 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
                     arg: "--tenant",
                     message: "must not be empty".into(),
                 });
+            }
+            for table in tables.iter().flatten() {
+                crate::names::table_key(table).map_err(|e| CliError::Argument {
+                    arg: "--tables",
+                    message: format!("{:?} is not a table name: {e}", table),
+                })?;
             }
             let token = crate::auth::mint(&config.auth, tenant, tables.as_deref(), ttl)?;
             println!("{token}");

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::auth::{Principal, qualify};
+use crate::auth::Principal;
 use crate::catalog::TableInfo;
 use crate::change::{Change, Op, Payload, Position};
 use crate::rowfilter::RowFilter;
@@ -67,18 +67,6 @@ fn invalid(param: &'static str, message: impl Into<String>) -> QueryError {
     }
 }
 
-/// True for a plausible table name: identifier characters, at most one dot.
-fn valid_table(name: &str) -> bool {
-    let parts: Vec<&str> = name.split('.').collect();
-    parts.len() <= 2
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.len() <= 63
-                && p.chars()
-                    .all(|c| c.is_alphanumeric() || c == '_' || c == '$')
-        })
-}
-
 impl StreamQuery {
     /// Parses a raw (still percent-encoded) query string.
     pub fn parse(query: &str) -> Result<StreamQuery, QueryError> {
@@ -91,20 +79,16 @@ impl StreamQuery {
             }
             match &*key {
                 "tables" => {
-                    let mut tables = BTreeSet::new();
-                    for name in value.split(',').map(str::trim) {
-                        if !valid_table(name) {
-                            return Err(invalid(
-                                "tables",
-                                format!(
-                                    "{:?} is not a table name",
-                                    name.chars().take(64).collect::<String>()
-                                ),
-                            ));
-                        }
-                        tables.insert(qualify(name));
-                    }
-                    q.tables = Some(tables);
+                    let tables = crate::names::table_list(&value).map_err(|e| {
+                        invalid(
+                            "tables",
+                            format!(
+                                "{:?} is not a list of table names: {e}",
+                                value.chars().take(64).collect::<String>()
+                            ),
+                        )
+                    })?;
+                    q.tables = Some(tables.iter().map(crate::names::TableName::key).collect());
                 }
                 "ops" => {
                     let mut ops = Vec::new();

@@ -20,6 +20,7 @@ pub mod http;
 pub mod journal;
 pub mod listener;
 pub mod metrics;
+pub mod names;
 pub mod rowfilter;
 pub mod schema;
 pub mod sse;

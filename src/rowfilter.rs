@@ -1,6 +1,8 @@
 //! Row filters, the `filter=` parameter: `<table>:<column>=<op>.<value>` with operators
 //! `eq`, `neq`, `lt`, `lte`, `gt`, `gte`, `in.(a,b,...)` and `is.null` / `is.true` /
-//! `is.false`, compared against the JSON value of the row's column.
+//! `is.false`, compared against the JSON value of the row's column. The table and the
+//! column are names by PostgreSQL's rules ([`crate::names`]): `orders:Status=eq.x` means
+//! column `status`, `"Orders":"Status"=eq.x` keeps the case.
 //!
 //! Comparison is typed by the JSON value: a number compares as a number, exactly (digit for
 //! digit against the text `to_jsonb` rendered, never through a float, so bigint ids above
@@ -21,14 +23,14 @@ use std::fmt;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::auth::qualify;
+use crate::names;
 
 /// One parsed filter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowFilter {
-    /// Qualified table name the filter applies to.
+    /// The table the filter applies to, `schema.table` as events carry it.
     pub table: String,
-    /// Column compared.
+    /// Column compared, as the catalog spells it.
     pub column: String,
     /// The condition.
     pub cond: Cond,
@@ -82,14 +84,6 @@ fn err(message: impl Into<String>) -> FilterParseError {
     FilterParseError(message.into())
 }
 
-/// True for an identifier pgfeed accepts in names: letters, digits, `_`, `$`.
-pub fn valid_ident(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_alphanumeric() || c == '_' || c == '$')
-}
-
 /// The items of `(a,b,"c,d")`: commas split, double quotes group, `\` escapes.
 fn list_items(text: &str) -> Result<Vec<String>, FilterParseError> {
     let inner = text
@@ -124,19 +118,27 @@ impl std::str::FromStr for RowFilter {
     type Err = FilterParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (table, rest) = s.split_once(':').ok_or_else(|| {
-            err("expected <table>:<column>=<op>.<value>, like orders:status=eq.paid")
+        const SHAPE: &str = "expected <table>:<column>=<op>.<value>, like orders:status=eq.paid";
+        let (table, rest) = names::take_table(s)
+            .map_err(|e| err(format!("{:?} is not a table name: {e} ({SHAPE})", short(s))))?;
+        let rest = rest.strip_prefix(':').ok_or_else(|| {
+            err(format!(
+                "expected `:` after the table name, found {:?} ({SHAPE})",
+                short(rest)
+            ))
         })?;
-        let (column, expr) = rest
-            .split_once('=')
-            .ok_or_else(|| err("expected <column>=<op>.<value> after the table"))?;
-        let parts: Vec<&str> = table.split('.').collect();
-        if parts.len() > 2 || !parts.iter().all(|p| valid_ident(p)) {
-            return Err(err(format!("{:?} is not a table name", short(table))));
-        }
-        if !valid_ident(column) {
-            return Err(err(format!("{:?} is not a column name", short(column))));
-        }
+        let (column, expr) = names::take_ident(rest).map_err(|e| {
+            err(format!(
+                "{:?} is not a column name: {e} ({SHAPE})",
+                short(rest)
+            ))
+        })?;
+        let expr = expr.strip_prefix('=').ok_or_else(|| {
+            err(format!(
+                "expected `=` after the column name, found {:?} ({SHAPE})",
+                short(expr)
+            ))
+        })?;
         let (op, value) = expr.split_once('.').ok_or_else(|| {
             err(format!(
                 "expected <op>.<value> after {column}=, like eq.paid"
@@ -163,8 +165,8 @@ impl std::str::FromStr for RowFilter {
             ))),
         }?;
         Ok(RowFilter {
-            table: qualify(table),
-            column: column.to_string(),
+            table: table.key(),
+            column,
             cond,
         })
     }

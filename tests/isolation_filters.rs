@@ -1107,3 +1107,157 @@ async fn filter_values_per_stream_are_capped() {
     assert!(message.contains(&max.to_string()), "{message}");
     gw.stop().await;
 }
+
+/// One rule for names, PostgreSQL's, on the CLI, in `tables`, in `filter` and in the tables
+/// claim: unquoted names fold to lower case, quoted ones keep case, spaces and dots, and
+/// URL-encoded quotes work. A user who watched `"Mixed Case"` and `ORDERS` on the CLI
+/// reaches them with the same spellings over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_follow_postgresql_rules_everywhere() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute(
+        r#"CREATE TABLE "Mixed Case" (id int PRIMARY KEY, tenant text NOT NULL, "Total Amount" numeric);
+           CREATE TABLE orders (id int PRIMARY KEY, tenant text NOT NULL);
+           CREATE SCHEMA "Shop.Front";
+           CREATE TABLE "Shop.Front"."a""b" (id int PRIMARY KEY, tenant text NOT NULL);"#,
+    )
+    .await
+    .unwrap();
+    for args in [
+        &["watch", r#""Mixed Case""#, "--tenant-column", "TENANT"][..],
+        &["watch", "ORDERS", "--tenant-column", "Tenant"],
+        &[
+            "watch",
+            r#""Shop.Front"."a""b""#,
+            "--tenant-column",
+            "tenant",
+        ],
+    ] {
+        let out = support::pgfeed_cli(&db, args).await;
+        assert!(
+            out.status.success(),
+            "pgfeed {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let gw = Gateway::start_with(support::sources_with(
+        &db,
+        &[("PGFEED_AUTH_TABLES_CLAIM", "tables")],
+    ))
+    .await;
+    let claim = |tables: &[&str]| {
+        let tables: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+        pgfeed::auth::mint(
+            &gw.config.auth,
+            "acme",
+            Some(&tables),
+            Duration::from_secs(600),
+        )
+        .unwrap()
+    };
+    let token = claim(&[r#""Mixed Case""#, "ORDERS", r#""Shop.Front"."a""b""#]);
+    let open = |query: &str, token: &str| {
+        let path = format!("/v1/stream?{query}");
+        let auth = format!("Bearer {token}");
+        let addr = gw.addr;
+        async move { SseClient::open(addr, &path, &[("Authorization", &auth)]).await }
+    };
+    // Quoted names, URL-encoded (%22 and %20, or `+` for a space), and folded ones.
+    let mut mixed = open(
+        "tables=%22Mixed%20Case%22,public.Orders&filter=%22Mixed+Case%22:%22Total%20Amount%22=gt.5",
+        &token,
+    )
+    .await;
+    assert_eq!(mixed.status, 200, "{}", mixed.raw);
+    mixed.until_live().await;
+    let mut upper = open("tables=ORDERS", &token).await;
+    assert_eq!(upper.status, 200, "{}", upper.raw);
+    upper.until_live().await;
+    let mut dotted = open(
+        &format!(
+            "tables={}",
+            form_urlencoded::byte_serialize(r#""Shop.Front"."a""b""#.as_bytes())
+                .collect::<String>()
+        ),
+        &token,
+    )
+    .await;
+    assert_eq!(dotted.status, 200, "{}", dotted.raw);
+    dotted.until_live().await;
+    c.batch_execute(
+        r#"INSERT INTO "Mixed Case" VALUES (1, 'acme', 3), (2, 'acme', 7);
+           INSERT INTO orders VALUES (1, 'acme');
+           INSERT INTO "Shop.Front"."a""b" VALUES (1, 'acme');"#,
+    )
+    .await
+    .unwrap();
+    let first = mixed.next_change().await;
+    assert_eq!(
+        (first["table"].as_str(), first["new"]["id"].as_i64()),
+        (Some("public.Mixed Case"), Some(2)),
+        "{first}"
+    );
+    let second = mixed.next_change().await;
+    assert_eq!(second["table"], "public.orders", "{second}");
+    mixed.assert_quiet(QUIET).await;
+    assert_eq!(upper.next_change().await["table"], "public.orders");
+    upper.assert_quiet(QUIET).await;
+    assert_eq!(dotted.next_change().await["table"], "Shop.Front.a\"b");
+    dotted.assert_quiet(QUIET).await;
+
+    // An unquoted name with a space is not a name, nor an unclosed quote: 400 naming
+    // `tables`. A quoted `"ORDERS"` keeps its case: not the claim's `orders` (403).
+    let auth = format!("Bearer {token}");
+    for query in ["tables=Mixed%20Case", "tables=%22orders", "tables=1abc"] {
+        let r = support::get(
+            gw.addr,
+            &format!("/v1/stream?{query}"),
+            &[("Authorization", &auth)],
+        )
+        .await
+        .unwrap();
+        let (code, message) = support::assert_error(&r, 400, query);
+        assert_eq!(code, "bad_request", "{query}");
+        assert!(message.contains("`tables`"), "{query}: {message}");
+    }
+    let r = support::get(
+        gw.addr,
+        "/v1/stream?tables=%22ORDERS%22",
+        &[("Authorization", &auth)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        support::assert_error(&r, 403, "quoted ORDERS").0,
+        "forbidden"
+    );
+    // The claim folds as well: `ORDERS` in a claim does not allow `"ORDERS"`, a table that
+    // does not exist, nor "Mixed Case" when the claim lists only orders.
+    let only_orders = claim(&["ORDERS"]);
+    let r = support::get(
+        gw.addr,
+        "/v1/stream?tables=%22Mixed%20Case%22",
+        &[("Authorization", &format!("Bearer {only_orders}"))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        support::assert_error(&r, 403, "outside the claim").0,
+        "forbidden"
+    );
+    // A claim item that is not a name is refused whole.
+    let bad = claim(&["orders;drop"]);
+    let r = support::get(
+        gw.addr,
+        "/v1/stream",
+        &[("Authorization", &format!("Bearer {bad}"))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        support::assert_error(&r, 401, "bad claim").0,
+        "invalid_token"
+    );
+    gw.stop().await;
+}
