@@ -49,6 +49,11 @@ pub enum AuthError {
     /// The token lacks the tenant claim, or it is not a string or number.
     #[error("the token has no usable `{0}` claim (a string or number naming the tenant)")]
     NoTenant(String),
+    /// `auth.tables_claim` is set and the token does not carry it (403).
+    #[error(
+        "the token has no `{0}` claim: it must list the tables it may see (this gateway refuses tokens without it)"
+    )]
+    NoTables(String),
     /// The tables claim is not a list of table names.
     #[error(
         "the token's `{0}` claim must be an array of table names (`orders`, `shop.orders`, `\"Mixed Case\"`)"
@@ -94,6 +99,8 @@ struct JwtVerifier {
     tenant_claim: String,
     /// Claim listing allowed tables, if configured.
     tables_claim: Option<String>,
+    /// Whether a token without the tables claim sees every table (else it is refused).
+    tables_claim_optional: bool,
 }
 
 enum KeySource {
@@ -283,6 +290,7 @@ impl Authenticator {
                     validation,
                     tenant_claim: auth.tenant_claim.clone(),
                     tables_claim: auth.tables_claim.clone(),
+                    tables_claim_optional: auth.tables_claim_optional,
                 }))
             }
         };
@@ -425,7 +433,9 @@ impl JwtVerifier {
         let tables = match &self.tables_claim {
             None => None,
             Some(name) => match claims.get(name) {
-                None => None,
+                // Fails closed: a token its issuer forgot to limit sees nothing.
+                None if self.tables_claim_optional => None,
+                None => return Err(AuthError::NoTables(name.clone())),
                 Some(Value::Array(items)) => Some(
                     items
                         .iter()
@@ -496,6 +506,7 @@ mod tests {
     fn auth() -> AuthConfig {
         let mut a = AuthConfig::hs256("0123456789abcdef0123");
         a.tables_claim = Some("tables".into());
+        a.tables_claim_optional = true;
         a.leeway = Duration::from_secs(0);
         a
     }
@@ -532,6 +543,20 @@ mod tests {
             p.tables.unwrap().into_iter().collect::<Vec<_>>(),
             vec!["crm.leads".to_string(), "public.orders".to_string()]
         );
+    }
+
+    #[test]
+    fn a_missing_tables_claim_is_refused_unless_optional() {
+        let claimless = mint(&auth(), "acme", None, Duration::from_secs(60)).unwrap();
+        let mut strict = auth();
+        strict.tables_claim_optional = false;
+        let a = Authenticator::new(&strict).unwrap();
+        assert_eq!(
+            a.authenticate(&claimless),
+            Err(AuthError::NoTables("tables".into()))
+        );
+        let a = Authenticator::new(&auth()).unwrap();
+        assert_eq!(a.authenticate(&claimless).unwrap().tables, None);
     }
 
     #[test]

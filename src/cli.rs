@@ -360,6 +360,17 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
                     message: "must not be empty".into(),
                 });
             }
+            if tables.is_none()
+                && config.auth.tables_claim.is_some()
+                && !config.auth.tables_claim_optional
+            {
+                return Err(CliError::Argument {
+                    arg: "--tables",
+                    message: "auth.tables_claim is set, so a token without it is refused: \
+                              pass --tables (or set auth.tables_claim_optional = true)"
+                        .into(),
+                });
+            }
             for table in tables.iter().flatten() {
                 crate::names::table_key(table).map_err(|e| CliError::Argument {
                     arg: "--tables",

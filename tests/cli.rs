@@ -240,6 +240,38 @@ fn configuration_errors_name_the_key() {
     );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("auth.secret"), "{}", stderr(&out));
+
+    // tables_claim_optional without a tables claim is a mistake, named.
+    let out = pgfeed(
+        None,
+        &["token", "--tenant", "a"],
+        &[("PGFEED_AUTH_TABLES_CLAIM_OPTIONAL", "true")],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("auth.tables_claim_optional"),
+        "{}",
+        stderr(&out)
+    );
+    // With a tables claim that is required, `token` without --tables would mint a token the
+    // gateway refuses: it says so; names in --tables follow the name rules.
+    let claim = [("PGFEED_AUTH_TABLES_CLAIM", "tables")];
+    let out = pgfeed(None, &["token", "--tenant", "a"], &claim);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--tables"), "{}", stderr(&out));
+    let out = pgfeed(
+        None,
+        &["token", "--tenant", "a", "--tables", "orders;x"],
+        &claim,
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--tables"), "{}", stderr(&out));
+    let out = pgfeed(
+        None,
+        &["token", "--tenant", "a", "--tables", "ORDERS"],
+        &claim,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

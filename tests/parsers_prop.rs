@@ -499,7 +499,16 @@ fn json_value() -> impl Strategy<Value = Value> {
 
 const SECRET: &str = "prop-secret-0123456789abcdef";
 
+/// A tables claim that tokens may omit.
 fn authenticator() -> Authenticator {
+    let mut auth = AuthConfig::hs256(SECRET);
+    auth.tables_claim = Some("tables".into());
+    auth.tables_claim_optional = true;
+    Authenticator::new(&auth).unwrap()
+}
+
+/// A tables claim that tokens must carry (the default once it is configured).
+fn strict_authenticator() -> Authenticator {
     let mut auth = AuthConfig::hs256(SECRET);
     auth.tables_claim = Some("tables".into());
     Authenticator::new(&auth).unwrap()
@@ -562,20 +571,25 @@ fn signed_claims() -> impl Strategy<Value = (Value, Outcome)> {
             Some(Value::Number(n)) => Some(n.to_string()),
             _ => None,
         };
-        let expected_tables: Result<Option<BTreeSet<String>>, ()> = match &tables {
-            None => Ok(None),
+        // The tables claim is configured: a token without it is refused (fails closed).
+        let expected_tables: Result<Option<BTreeSet<String>>, &'static str> = match &tables {
+            None => Err("no tables"),
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|v| v.as_str().and_then(|t| table_key(t).ok()).ok_or(()))
+                .map(|v| {
+                    v.as_str()
+                        .and_then(|t| table_key(t).ok())
+                        .ok_or("bad tables")
+                })
                 .collect::<Result<BTreeSet<_>, _>>()
                 .map(Some),
-            Some(_) => Err(()),
+            Some(_) => Err("bad tables"),
         };
         let expected = match (&exp, expected_tenant, expected_tables) {
             (Exp::Missing, _, _) => Err("invalid"),
             (Exp::Past(_), _, _) => Err("expired"),
             (_, None, _) => Err("no tenant"),
-            (_, _, Err(())) => Err("bad tables"),
+            (_, _, Err(why)) => Err(why),
             (_, Some(t), Ok(tables)) => Ok((t, tables)),
         };
         (Value::Object(claims), expected)
@@ -652,7 +666,7 @@ proptest! {
 
     #[test]
     fn signed_claims_are_judged_by_their_content((claims, expected) in signed_claims()) {
-        let a = authenticator();
+        let a = strict_authenticator();
         let token = sign(&Header::new(Algorithm::HS256), &claims);
         let got = a.authenticate(&token);
         match (&got, &expected) {
@@ -664,7 +678,8 @@ proptest! {
             (Err(AuthError::Invalid(_)), Err("invalid"))
             | (Err(AuthError::Expired), Err("expired"))
             | (Err(AuthError::NoTenant(_)), Err("no tenant"))
-            | (Err(AuthError::BadTables(_)), Err("bad tables")) => {}
+            | (Err(AuthError::BadTables(_)), Err("bad tables"))
+            | (Err(AuthError::NoTables(_)), Err("no tables")) => {}
             _ => prop_assert!(false, "claims {} gave {:?}, expected {:?}", claims, got, expected),
         }
     }
@@ -989,6 +1004,9 @@ async fn http_requests_get_a_stream_or_a_4xx_json_error() {
     sources
         .env
         .push(("PGFEED_AUTH_TABLES_CLAIM".into(), "tables".into()));
+    sources
+        .env
+        .push(("PGFEED_AUTH_TABLES_CLAIM_OPTIONAL".into(), "true".into()));
     let gw = Gateway::start_with(sources).await;
     let addr = gw.addr;
     let strategy = http_case(gw.token("acme"));
