@@ -411,31 +411,79 @@ async fn wait_for_signal() {
     }
 }
 
+/// Rows `pgfeed status` counts exactly; beyond this it reads the planner's estimate
+/// (`pg_class.reltuples`), so that status stays fast on a big journal, when it is needed.
+pub const STATUS_EXACT_COUNT: i64 = 10_000;
+
+/// A row count: exact up to [`STATUS_EXACT_COUNT`], else an estimate.
+#[derive(Debug, Clone, Copy)]
+struct Count {
+    rows: i64,
+    exact: bool,
+}
+
+impl Count {
+    /// From a count bounded at `STATUS_EXACT_COUNT + 1` and the table's `reltuples`
+    /// (-1 or stale when it was never analyzed: then at least the bound).
+    fn new(bounded: i64, estimate: f64) -> Count {
+        if bounded <= STATUS_EXACT_COUNT {
+            Count {
+                rows: bounded,
+                exact: true,
+            }
+        } else {
+            Count {
+                rows: (estimate.round() as i64).max(bounded),
+                exact: false,
+            }
+        }
+    }
+
+    fn text(self) -> String {
+        if self.exact {
+            self.rows.to_string()
+        } else {
+            format!("~{}", self.rows)
+        }
+    }
+}
+
 async fn status(config: &Config, json: bool) -> Result<(), CliError> {
     let client = client(config).await?;
     let watched = schema::watched(&client).await?;
+    // No count(*) over the journal: counts stop at the bound, estimates take over.
     let row = client
         .query_one(
-            "SELECT (SELECT count(*) FROM pgfeed.changes),
-                    (SELECT count(*) FROM pgfeed.commits),
+            "SELECT (SELECT count(*) FROM (SELECT FROM pgfeed.changes LIMIT $1) AS c),
+                    (SELECT reltuples::float8 FROM pg_catalog.pg_class
+                     WHERE oid = 'pgfeed.changes'::pg_catalog.regclass),
+                    (SELECT count(*) FROM (SELECT FROM pgfeed.commits LIMIT $1) AS c),
+                    (SELECT reltuples::float8 FROM pg_catalog.pg_class
+                     WHERE oid = 'pgfeed.commits'::pg_catalog.regclass),
                     (SELECT min(seq) FROM pgfeed.commits), (SELECT max(seq) FROM pgfeed.commits),
                     (SELECT min(committed_at)::text FROM pgfeed.commits),
                     pg_catalog.pg_total_relation_size('pgfeed.changes')
                         + pg_catalog.pg_total_relation_size('pgfeed.commits'),
                     pg_catalog.pg_notification_queue_usage(),
-                    (SELECT count(*) FROM pgfeed.pending)",
-            &[],
+                    (SELECT count(*) FROM (SELECT FROM pgfeed.pending LIMIT $1) AS c),
+                    (SELECT reltuples::float8 FROM pg_catalog.pg_class
+                     WHERE oid = 'pgfeed.pending'::pg_catalog.regclass)",
+            &[&(STATUS_EXACT_COUNT + 1)],
         )
         .await
         .map_err(SchemaError::from)?;
-    let changes: i64 = row.get(0);
+    let changes = Count::new(row.get(0), row.get(1));
     // Commits recorded but not numbered yet (no gateway has read since) count too.
-    let pending: i64 = row.get(7);
-    let commits: i64 = row.get::<_, i64>(1) + pending;
-    let (oldest, newest): (Option<i64>, Option<i64>) = (row.get(2), row.get(3));
-    let oldest_at: Option<String> = row.get(4);
-    let bytes: i64 = row.get(5);
-    let queue: f64 = row.get(6);
+    let pending = Count::new(row.get(9), row.get(10));
+    let numbered = Count::new(row.get(2), row.get(3));
+    let commits = Count {
+        rows: numbered.rows + pending.rows,
+        exact: numbered.exact && pending.exact,
+    };
+    let (oldest, newest): (Option<i64>, Option<i64>) = (row.get(4), row.get(5));
+    let oldest_at: Option<String> = row.get(6);
+    let bytes: i64 = row.get(7);
+    let queue: f64 = row.get(8);
     let gateways = client
         .query(
             "SELECT client_addr::text, backend_start::text FROM pg_catalog.pg_stat_activity
@@ -467,7 +515,11 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
             "schema_version": schema::VERSION,
             "watched": tables,
             "journal": {
-                "changes": changes, "commits": commits, "unnumbered_commits": pending,
+                "changes": changes.rows, "commits": commits.rows,
+                "unnumbered_commits": pending.rows,
+                // false: more than STATUS_EXACT_COUNT rows, the number is an estimate.
+                "changes_exact": changes.exact, "commits_exact": commits.exact,
+                "unnumbered_commits_exact": pending.exact,
                 "oldest_commit": oldest, "newest_commit": newest,
                 "oldest_committed_at": oldest_at, "bytes": bytes,
             },
@@ -479,12 +531,20 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
     }
     println!("schema version      {}", schema::VERSION);
     println!(
-        "journal             {changes} changes in {commits} commits ({}, {pending} not numbered yet), commits {} to {}, oldest {}",
+        "journal             {} changes in {} commits ({}, {} not numbered yet), commits {} to {}, oldest {}",
+        changes.text(),
+        commits.text(),
         human_bytes(bytes),
+        pending.text(),
         opt(oldest),
         opt(newest),
         oldest_at.as_deref().unwrap_or("-")
     );
+    if !(changes.exact && commits.exact) {
+        println!(
+            "                    (~: an estimate from the planner's statistics; counted exactly up to {STATUS_EXACT_COUNT})"
+        );
+    }
     println!("notification queue  {:.4}% used", queue * 100.0);
     println!("gateways listening  {}", gateways.len());
     for (addr, since) in &gateways {

@@ -332,3 +332,79 @@ async fn serve_streams_and_stops_on_sigterm_within_the_grace() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// Tuples read from `pgfeed.changes` by scans so far, once the counters settle (a
+/// backend's reads are flushed to the statistics when it ends or goes idle).
+async fn changes_tuples_read(c: &tokio_postgres::Client) -> i64 {
+    let read = || async {
+        c.batch_execute("SELECT pg_catalog.pg_stat_clear_snapshot()")
+            .await
+            .unwrap();
+        c.query_one(
+            "SELECT (coalesce(t.seq_tup_read, 0)
+                     + coalesce((SELECT sum(i.idx_tup_read) FROM pg_catalog.pg_stat_all_indexes AS i
+                                 WHERE i.relid = t.relid), 0))::bigint
+             FROM pg_catalog.pg_stat_all_tables AS t WHERE t.relid = 'pgfeed.changes'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    let mut last = read().await;
+    let deadline = Instant::now() + support::SOON;
+    loop {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let now = read().await;
+        if now == last {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "statistics never settled");
+        last = now;
+    }
+}
+
+/// `pgfeed status` on a big journal reads a bounded number of journal rows (an operator
+/// runs it exactly when the journal is big) and says its numbers are estimates.
+#[tokio::test]
+async fn status_does_not_count_the_whole_journal() {
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "notes").await;
+    {
+        let writer = db.client().await;
+        writer
+            .batch_execute(
+                "INSERT INTO notes (tenant, body) SELECT 'acme', 'x' FROM generate_series(1, 40000);
+                 ANALYZE pgfeed.changes;",
+            )
+            .await
+            .unwrap();
+    }
+    let c = db.client().await;
+    let before = changes_tuples_read(&c).await;
+    let status = support::status_json(&db).await;
+    let journal = &status["journal"];
+    assert_eq!(journal["changes_exact"], false, "{journal}");
+    let changes = journal["changes"].as_i64().unwrap();
+    assert!((30_000..=50_000).contains(&changes), "{journal}");
+    assert_eq!(journal["commits"], 1, "{journal}");
+    assert_eq!(journal["commits_exact"], true, "{journal}");
+    // The status process has ended: its reads are in the statistics once they settle.
+    let read = loop {
+        let after = changes_tuples_read(&c).await;
+        if after > before {
+            break after - before;
+        }
+    };
+    let bound = pgfeed::cli::STATUS_EXACT_COUNT + 1;
+    assert!(
+        read <= bound + 100,
+        "status read {read} journal rows; at most {bound} expected, not the whole 40 000"
+    );
+    let text = support::pgfeed_cli(&db, &["status"]).await;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("changes in") && text.contains('~') && text.contains("estimate"),
+        "{text}"
+    );
+}
