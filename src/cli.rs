@@ -180,14 +180,59 @@ impl Cli {
 
 async fn client(config: &Config) -> Result<tokio_postgres::Client, CliError> {
     let pg = db::parse_url(config.database_url()?)?;
-    Ok(db::connect(&pg).await?)
+    Ok(db::connect_cli(&pg).await?)
 }
 
-/// Starts logging to stderr: the level from `PGFEED_LOG` (default `info`), the format
-/// from `log.format`. Safe to call more than once (later calls do nothing).
-pub fn init_logging(json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("PGFEED_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+/// Levels a bare `PGFEED_LOG` directive may name.
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// The log filter `PGFEED_LOG` asks for: comma-separated directives, each a level
+/// (`debug`) or `target=level` (`pgfeed=debug`, `tokio_postgres=warn`). A bare word that
+/// is not a level (`verbose`, `debgu`) would silently filter on a module of that name and
+/// log nothing: it is refused, as is an unknown level.
+pub fn log_filter(text: &str) -> Result<tracing_subscriber::EnvFilter, ConfigError> {
+    let refuse = |message: String| ConfigError::Source {
+        origin: "environment variable PGFEED_LOG".into(),
+        message,
+    };
+    if text.trim().is_empty() {
+        return Ok(tracing_subscriber::EnvFilter::new("info"));
+    }
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare = !directive.contains(['=', '[', ':']);
+        if bare && !LOG_LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(refuse(format!(
+                "{:?} is not a log level ({}) nor a `target=level` directive, like PGFEED_LOG=pgfeed=debug",
+                directive.chars().take(64).collect::<String>(),
+                LOG_LEVELS.join(", ")
+            )));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(text)
+        .map_err(|e| {
+            refuse(format!(
+                "{:?} is not a log filter ({e}); write levels ({}) or `target=level` directives, like PGFEED_LOG=pgfeed=debug",
+                text.chars().take(64).collect::<String>(),
+                LOG_LEVELS.join(", ")
+            ))
+        })
+}
+
+/// Starts logging to stderr: the filter from `PGFEED_LOG` (default `info`; an invalid one
+/// is an error naming it), the format from `log.format`. Safe to call more than once (later
+/// calls do nothing).
+pub fn init_logging(json: bool) -> Result<(), ConfigError> {
+    let filter = match std::env::var("PGFEED_LOG") {
+        Err(std::env::VarError::NotPresent) => tracing_subscriber::EnvFilter::new("info"),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err(ConfigError::Source {
+                origin: "environment variable PGFEED_LOG".into(),
+                message: "is not valid UTF-8".into(),
+            });
+        }
+        Ok(text) => log_filter(&text)?,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -197,6 +242,7 @@ pub fn init_logging(json: bool) {
     } else {
         builder.try_init()
     };
+    Ok(())
 }
 
 /// Runs the parsed command line on a runtime of `server.threads` worker threads.
@@ -210,7 +256,7 @@ pub fn run(mut cli: Cli) -> Result<(), CliError> {
         _ => None,
     };
     let config = Config::load(&cli.sources(listen))?;
-    init_logging(config.log_json);
+    init_logging(config.log_json)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.threads)
         .enable_all()

@@ -408,3 +408,65 @@ async fn status_does_not_count_the_whole_journal() {
         "{text}"
     );
 }
+
+/// An installer without the privileges install would like (not a member of
+/// pgfeed_capture, not a superuser) gets the server's warnings as the CLI's own lines,
+/// with their hints, not as the database driver's log noise.
+#[tokio::test]
+async fn install_warnings_are_the_clis_own() {
+    // pgfeed_capture exists (it is cluster-wide; a first install creates it).
+    let _first = TestDb::new().await;
+    let db = TestDb::empty().await;
+    let (role, _client) = support::app_owner(&db, "installer").await;
+    let url = db
+        .url
+        .replacen("://postgres@", &format!("://{role}:pw@"), 1);
+    assert_ne!(url, db.url, "the test URL names the postgres user");
+    let out = pgfeed(None, &["install"], &[("DATABASE_URL", &url)]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.lines().any(|l| l
+            .starts_with("warning: pgfeed: cannot hand the capture functions to pgfeed_capture")),
+        "{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.trim_start().starts_with("hint: GRANT pgfeed_capture")),
+        "{err}"
+    );
+    assert!(
+        !err.contains("tokio_postgres") && !err.contains("INFO"),
+        "driver noise: {err}"
+    );
+}
+
+/// A mistyped `PGFEED_LOG` is refused with a message naming it, rather than silently
+/// logging nothing (a bare word is a module filter to the logging library).
+#[test]
+fn an_invalid_log_filter_is_refused() {
+    for bad in ["loud", "debgu", "pgfeed=loud", "info,pgfeed=verbose"] {
+        let out = pgfeed(None, &["token", "--tenant", "a"], &[("PGFEED_LOG", bad)]);
+        assert!(!out.status.success(), "PGFEED_LOG={bad} was accepted");
+        assert!(
+            stderr(&out).contains("PGFEED_LOG"),
+            "{bad}: {}",
+            stderr(&out)
+        );
+        assert!(out.stdout.is_empty(), "{bad}: no token on an error");
+    }
+    for good in [
+        "debug",
+        "WARN",
+        "pgfeed=debug,tokio_postgres=warn",
+        "pgfeed::listener=trace",
+        "",
+    ] {
+        let out = pgfeed(None, &["token", "--tenant", "a"], &[("PGFEED_LOG", good)]);
+        assert!(
+            out.status.success(),
+            "PGFEED_LOG={good:?}: {}",
+            stderr(&out)
+        );
+    }
+}
