@@ -1091,7 +1091,7 @@ async fn filter_values_per_stream_are_capped() {
         .await;
     assert_eq!(ok.status, 200, "{}", ok.raw);
     drop(ok);
-    let over = support::get(
+    let over = support::get_soon(
         gw.addr,
         &format!(
             "/v1/stream?filter=orders:id=in.({})&filter=orders:body=in.({})",
@@ -1100,8 +1100,7 @@ async fn filter_values_per_stream_are_capped() {
         ),
         &[("Authorization", &format!("Bearer {}", gw.token("acme")))],
     )
-    .await
-    .unwrap();
+    .await;
     let (code, message) = support::assert_error(&over, 400, "filter");
     assert_eq!(code, "bad_request");
     assert!(message.contains(&max.to_string()), "{message}");
@@ -1210,24 +1209,22 @@ async fn names_follow_postgresql_rules_everywhere() {
     // `tables`. A quoted `"ORDERS"` keeps its case: not the claim's `orders` (403).
     let auth = format!("Bearer {token}");
     for query in ["tables=Mixed%20Case", "tables=%22orders", "tables=1abc"] {
-        let r = support::get(
+        let r = support::get_soon(
             gw.addr,
             &format!("/v1/stream?{query}"),
             &[("Authorization", &auth)],
         )
-        .await
-        .unwrap();
+        .await;
         let (code, message) = support::assert_error(&r, 400, query);
         assert_eq!(code, "bad_request", "{query}");
         assert!(message.contains("`tables`"), "{query}: {message}");
     }
-    let r = support::get(
+    let r = support::get_soon(
         gw.addr,
         "/v1/stream?tables=%22ORDERS%22",
         &[("Authorization", &auth)],
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         support::assert_error(&r, 403, "quoted ORDERS").0,
         "forbidden"
@@ -1235,26 +1232,24 @@ async fn names_follow_postgresql_rules_everywhere() {
     // The claim folds as well: `ORDERS` in a claim does not allow `"ORDERS"`, a table that
     // does not exist, nor "Mixed Case" when the claim lists only orders.
     let only_orders = claim(&["ORDERS"]);
-    let r = support::get(
+    let r = support::get_soon(
         gw.addr,
         "/v1/stream?tables=%22Mixed%20Case%22",
         &[("Authorization", &format!("Bearer {only_orders}"))],
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         support::assert_error(&r, 403, "outside the claim").0,
         "forbidden"
     );
     // A claim item that is not a name is refused whole.
     let bad = claim(&["orders;drop"]);
-    let r = support::get(
+    let r = support::get_soon(
         gw.addr,
         "/v1/stream",
         &[("Authorization", &format!("Bearer {bad}"))],
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         support::assert_error(&r, 401, "bad claim").0,
         "invalid_token"
