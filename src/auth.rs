@@ -51,8 +51,15 @@ pub enum AuthError {
     /// The token lacks the tenant claim, or it is not a string or number.
     #[error("the token has no usable `{0}` claim (a string or number naming the tenant)")]
     NoTenant(String),
+    /// `auth.tables_claim` is set and the token does not carry it (403).
+    #[error(
+        "the token has no `{0}` claim: it must list the tables it may see (this gateway refuses tokens without it)"
+    )]
+    NoTables(String),
     /// The tables claim is not a list of table names.
-    #[error("the token's `{0}` claim must be an array of table names")]
+    #[error(
+        "the token's `{0}` claim must be an array of table names (`orders`, `shop.orders`, `\"Mixed Case\"`)"
+    )]
     BadTables(String),
     /// `trusted_header` / `none` mode without the tenant header.
     #[error("the `{0}` header naming the tenant is required")]
@@ -96,6 +103,8 @@ struct JwtVerifier {
     tables_claim: Option<String>,
     /// Clock skew tolerated on `exp` and `nbf`, at connect and mid-stream alike.
     leeway: Duration,
+    /// Whether a token without the tables claim sees every table (else it is refused).
+    tables_claim_optional: bool,
 }
 
 enum KeySource {
@@ -290,6 +299,7 @@ impl Authenticator {
                     tenant_claim: auth.tenant_claim.clone(),
                     tables_claim: auth.tables_claim.clone(),
                     leeway: auth.leeway,
+                    tables_claim_optional: auth.tables_claim_optional,
                 }))
             }
         };
@@ -433,13 +443,15 @@ impl JwtVerifier {
         let tables = match &self.tables_claim {
             None => None,
             Some(name) => match claims.get(name) {
-                None => None,
+                // Fails closed: a token its issuer forgot to limit sees nothing.
+                None if self.tables_claim_optional => None,
+                None => return Err(AuthError::NoTables(name.clone())),
                 Some(Value::Array(items)) => Some(
                     items
                         .iter()
                         .map(|v| {
                             v.as_str()
-                                .map(qualify)
+                                .and_then(|t| crate::names::table_key(t).ok())
                                 .ok_or_else(|| AuthError::BadTables(name.clone()))
                         })
                         .collect::<Result<_, _>>()?,
@@ -495,15 +507,6 @@ impl JwtVerifier {
     }
 }
 
-/// A table name as events carry it: `orders` means `public.orders`.
-pub fn qualify(name: &str) -> String {
-    if name.contains('.') {
-        name.to_string()
-    } else {
-        format!("public.{name}")
-    }
-}
-
 /// Mints an HS256 token for `tenant`, valid for `ttl` (the `token` subcommand and tests).
 pub fn mint(
     auth: &AuthConfig,
@@ -552,6 +555,7 @@ mod tests {
     fn auth() -> AuthConfig {
         let mut a = AuthConfig::hs256("0123456789abcdef0123");
         a.tables_claim = Some("tables".into());
+        a.tables_claim_optional = true;
         a.leeway = Duration::from_secs(0);
         a
     }
@@ -588,6 +592,20 @@ mod tests {
             p.tables.unwrap().into_iter().collect::<Vec<_>>(),
             vec!["crm.leads".to_string(), "public.orders".to_string()]
         );
+    }
+
+    #[test]
+    fn a_missing_tables_claim_is_refused_unless_optional() {
+        let claimless = mint(&auth(), "acme", None, Duration::from_secs(60)).unwrap();
+        let mut strict = auth();
+        strict.tables_claim_optional = false;
+        let a = Authenticator::new(&strict).unwrap();
+        assert_eq!(
+            a.authenticate(&claimless),
+            Err(AuthError::NoTables("tables".into()))
+        );
+        let a = Authenticator::new(&auth()).unwrap();
+        assert_eq!(a.authenticate(&claimless).unwrap().tables, None);
     }
 
     #[test]

@@ -14,6 +14,8 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use crate::rowfilter::Row;
+
 /// Where a change sits in the global order: the commit number (drawn in commit order by
 /// the seal trigger) and the change's ordinal inside its transaction (statement order).
 ///
@@ -148,7 +150,7 @@ pub struct Change {
     /// Encoded frames, built on first use: [sse full, sse keys, ndjson full, ndjson keys].
     frames: [OnceLock<Bytes>; 4],
     /// `new` and `old` parsed, on first use by a row filter; shared by every subscriber.
-    rows: [OnceLock<Option<serde_json::Value>>; 2],
+    rows: [OnceLock<Option<Row>>; 2],
 }
 
 /// The `data:` object of a change event.
@@ -220,25 +222,17 @@ impl Change {
         }
     }
 
-    /// `new` as JSON, parsed once (for row filters).
-    pub fn new_row(&self) -> Option<&serde_json::Value> {
+    /// `new` parsed once, numbers exact (for row filters).
+    pub fn new_row(&self) -> Option<&Row> {
         self.rows[0]
-            .get_or_init(|| {
-                self.new
-                    .as_deref()
-                    .and_then(|r| serde_json::from_str(r.get()).ok())
-            })
+            .get_or_init(|| self.new.as_deref().and_then(|r| Row::parse(r.get())))
             .as_ref()
     }
 
-    /// `old` as JSON, parsed once (for row filters).
-    pub fn old_row(&self) -> Option<&serde_json::Value> {
+    /// `old` parsed once, numbers exact (for row filters).
+    pub fn old_row(&self) -> Option<&Row> {
         self.rows[1]
-            .get_or_init(|| {
-                self.old
-                    .as_deref()
-                    .and_then(|r| serde_json::from_str(r.get()).ok())
-            })
+            .get_or_init(|| self.old.as_deref().and_then(|r| Row::parse(r.get())))
             .as_ref()
     }
 

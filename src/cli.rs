@@ -52,7 +52,8 @@ pub enum Command {
     },
     /// Start capturing changes of a table.
     Watch {
-        /// The table (`orders` or `schema.orders`).
+        /// The table (`orders` or `schema.orders`; unquoted names fold to lower case,
+        /// `'"Mixed Case"'` keeps its case).
         table: String,
         /// Column holding each row's tenant.
         #[arg(long, value_name = "COL")]
@@ -179,16 +180,60 @@ impl Cli {
 
 async fn client(config: &Config) -> Result<tokio_postgres::Client, CliError> {
     let pg = db::parse_url(config.database_url()?)?;
-    Ok(db::connect(&pg).await?)
+    Ok(db::connect_cli(&pg).await?)
 }
 
-/// Starts logging to stderr: the level from `PGFEED_LOG` (default `info`), the format
-/// from `log.format`. Safe to call more than once (later calls do nothing). Lines go
-/// through [`crate::logging`], so a broken or stalled stderr never panics or blocks a
-/// task that logs.
-pub fn init_logging(json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("PGFEED_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+/// Levels a bare `PGFEED_LOG` directive may name.
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// The log filter `PGFEED_LOG` asks for: comma-separated directives, each a level
+/// (`debug`) or `target=level` (`pgfeed=debug`, `tokio_postgres=warn`). A bare word that
+/// is not a level (`verbose`, `debgu`) would silently filter on a module of that name and
+/// log nothing: it is refused, as is an unknown level.
+pub fn log_filter(text: &str) -> Result<tracing_subscriber::EnvFilter, ConfigError> {
+    let refuse = |message: String| ConfigError::Source {
+        origin: "environment variable PGFEED_LOG".into(),
+        message,
+    };
+    if text.trim().is_empty() {
+        return Ok(tracing_subscriber::EnvFilter::new("info"));
+    }
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare = !directive.contains(['=', '[', ':']);
+        if bare && !LOG_LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(refuse(format!(
+                "{:?} is not a log level ({}) nor a `target=level` directive, like PGFEED_LOG=pgfeed=debug",
+                directive.chars().take(64).collect::<String>(),
+                LOG_LEVELS.join(", ")
+            )));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(text)
+        .map_err(|e| {
+            refuse(format!(
+                "{:?} is not a log filter ({e}); write levels ({}) or `target=level` directives, like PGFEED_LOG=pgfeed=debug",
+                text.chars().take(64).collect::<String>(),
+                LOG_LEVELS.join(", ")
+            ))
+        })
+}
+
+/// Starts logging to stderr: the filter from `PGFEED_LOG` (default `info`; an invalid one
+/// is an error naming it), the format from `log.format`. Safe to call more than once (later
+/// calls do nothing). Lines go through [`crate::logging`], so a broken or stalled stderr
+/// never panics or blocks a task that logs.
+pub fn init_logging(json: bool) -> Result<(), ConfigError> {
+    let filter = match std::env::var("PGFEED_LOG") {
+        Err(std::env::VarError::NotPresent) => tracing_subscriber::EnvFilter::new("info"),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err(ConfigError::Source {
+                origin: "environment variable PGFEED_LOG".into(),
+                message: "is not valid UTF-8".into(),
+            });
+        }
+        Ok(text) => log_filter(&text)?,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -199,6 +244,7 @@ pub fn init_logging(json: bool) {
     } else {
         builder.try_init()
     };
+    Ok(())
 }
 
 /// Runs the parsed command line on a runtime of `server.threads` worker threads.
@@ -212,7 +258,7 @@ pub fn run(mut cli: Cli) -> Result<(), CliError> {
         _ => None,
     };
     let config = Config::load(&cli.sources(listen))?;
-    init_logging(config.log_json);
+    init_logging(config.log_json)?;
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
@@ -375,6 +421,23 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
                     message: "must not be empty".into(),
                 });
             }
+            if tables.is_none()
+                && config.auth.tables_claim.is_some()
+                && !config.auth.tables_claim_optional
+            {
+                return Err(CliError::Argument {
+                    arg: "--tables",
+                    message: "auth.tables_claim is set, so a token without it is refused: \
+                              pass --tables (or set auth.tables_claim_optional = true)"
+                        .into(),
+                });
+            }
+            for table in tables.iter().flatten() {
+                crate::names::table_key(table).map_err(|e| CliError::Argument {
+                    arg: "--tables",
+                    message: format!("{:?} is not a table name: {e}", table),
+                })?;
+            }
             let token = crate::auth::mint(&config.auth, tenant, tables.as_deref(), ttl)?;
             println!("{token}");
             Ok(())
@@ -432,31 +495,79 @@ async fn wait_for_signal() {
     }
 }
 
+/// Rows `pgfeed status` counts exactly; beyond this it reads the planner's estimate
+/// (`pg_class.reltuples`), so that status stays fast on a big journal, when it is needed.
+pub const STATUS_EXACT_COUNT: i64 = 10_000;
+
+/// A row count: exact up to [`STATUS_EXACT_COUNT`], else an estimate.
+#[derive(Debug, Clone, Copy)]
+struct Count {
+    rows: i64,
+    exact: bool,
+}
+
+impl Count {
+    /// From a count bounded at `STATUS_EXACT_COUNT + 1` and the table's `reltuples`
+    /// (-1 or stale when it was never analyzed: then at least the bound).
+    fn new(bounded: i64, estimate: f64) -> Count {
+        if bounded <= STATUS_EXACT_COUNT {
+            Count {
+                rows: bounded,
+                exact: true,
+            }
+        } else {
+            Count {
+                rows: (estimate.round() as i64).max(bounded),
+                exact: false,
+            }
+        }
+    }
+
+    fn text(self) -> String {
+        if self.exact {
+            self.rows.to_string()
+        } else {
+            format!("~{}", self.rows)
+        }
+    }
+}
+
 async fn status(config: &Config, json: bool) -> Result<(), CliError> {
     let client = client(config).await?;
     let watched = schema::watched(&client).await?;
+    // No count(*) over the journal: counts stop at the bound, estimates take over.
     let row = client
         .query_one(
-            "SELECT (SELECT count(*) FROM pgfeed.changes),
-                    (SELECT count(*) FROM pgfeed.commits),
+            "SELECT (SELECT count(*) FROM (SELECT FROM pgfeed.changes LIMIT $1) AS c),
+                    (SELECT reltuples::float8 FROM pg_catalog.pg_class
+                     WHERE oid = 'pgfeed.changes'::pg_catalog.regclass),
+                    (SELECT count(*) FROM (SELECT FROM pgfeed.commits LIMIT $1) AS c),
+                    (SELECT reltuples::float8 FROM pg_catalog.pg_class
+                     WHERE oid = 'pgfeed.commits'::pg_catalog.regclass),
                     (SELECT min(seq) FROM pgfeed.commits), (SELECT max(seq) FROM pgfeed.commits),
                     (SELECT min(committed_at)::text FROM pgfeed.commits),
                     pg_catalog.pg_total_relation_size('pgfeed.changes')
                         + pg_catalog.pg_total_relation_size('pgfeed.commits'),
                     pg_catalog.pg_notification_queue_usage(),
-                    (SELECT count(*) FROM pgfeed.pending)",
-            &[],
+                    (SELECT count(*) FROM (SELECT FROM pgfeed.pending LIMIT $1) AS c),
+                    (SELECT reltuples::float8 FROM pg_catalog.pg_class
+                     WHERE oid = 'pgfeed.pending'::pg_catalog.regclass)",
+            &[&(STATUS_EXACT_COUNT + 1)],
         )
         .await
         .map_err(SchemaError::from)?;
-    let changes: i64 = row.get(0);
+    let changes = Count::new(row.get(0), row.get(1));
     // Commits recorded but not numbered yet (no gateway has read since) count too.
-    let pending: i64 = row.get(7);
-    let commits: i64 = row.get::<_, i64>(1) + pending;
-    let (oldest, newest): (Option<i64>, Option<i64>) = (row.get(2), row.get(3));
-    let oldest_at: Option<String> = row.get(4);
-    let bytes: i64 = row.get(5);
-    let queue: f64 = row.get(6);
+    let pending = Count::new(row.get(9), row.get(10));
+    let numbered = Count::new(row.get(2), row.get(3));
+    let commits = Count {
+        rows: numbered.rows + pending.rows,
+        exact: numbered.exact && pending.exact,
+    };
+    let (oldest, newest): (Option<i64>, Option<i64>) = (row.get(4), row.get(5));
+    let oldest_at: Option<String> = row.get(6);
+    let bytes: i64 = row.get(7);
+    let queue: f64 = row.get(8);
     let gateways = client
         .query(
             "SELECT client_addr::text, backend_start::text FROM pg_catalog.pg_stat_activity
@@ -488,7 +599,11 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
             "schema_version": schema::VERSION,
             "watched": tables,
             "journal": {
-                "changes": changes, "commits": commits, "unnumbered_commits": pending,
+                "changes": changes.rows, "commits": commits.rows,
+                "unnumbered_commits": pending.rows,
+                // false: more than STATUS_EXACT_COUNT rows, the number is an estimate.
+                "changes_exact": changes.exact, "commits_exact": commits.exact,
+                "unnumbered_commits_exact": pending.exact,
                 "oldest_commit": oldest, "newest_commit": newest,
                 "oldest_committed_at": oldest_at, "bytes": bytes,
             },
@@ -500,12 +615,20 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
     }
     println!("schema version      {}", schema::VERSION);
     println!(
-        "journal             {changes} changes in {commits} commits ({}, {pending} not numbered yet), commits {} to {}, oldest {}",
+        "journal             {} changes in {} commits ({}, {} not numbered yet), commits {} to {}, oldest {}",
+        changes.text(),
+        commits.text(),
         human_bytes(bytes),
+        pending.text(),
         opt(oldest),
         opt(newest),
         oldest_at.as_deref().unwrap_or("-")
     );
+    if !(changes.exact && commits.exact) {
+        println!(
+            "                    (~: an estimate from the planner's statistics; counted exactly up to {STATUS_EXACT_COUNT})"
+        );
+    }
     println!("notification queue  {:.4}% used", queue * 100.0);
     println!("gateways listening  {}", gateways.len());
     for (addr, since) in &gateways {

@@ -41,6 +41,7 @@ pub const KEYS: &[(&str, Kind)] = &[
     ("auth.audience", Kind::Str),
     ("auth.tenant_claim", Kind::Str),
     ("auth.tables_claim", Kind::Str),
+    ("auth.tables_claim_optional", Kind::Bool),
     ("auth.leeway", Kind::Str),
     ("auth.cookie", Kind::Str),
     ("auth.tenant_header", Kind::Str),
@@ -211,6 +212,7 @@ struct AuthSection {
     audience: Option<String>,
     tenant_claim: Option<String>,
     tables_claim: Option<String>,
+    tables_claim_optional: Option<bool>,
     leeway: Option<String>,
     cookie: Option<String>,
     tenant_header: Option<String>,
@@ -336,7 +338,11 @@ pub struct AuthConfig {
     /// `auth.tenant_claim` (default `tenant_id`): the claim naming the tenant.
     pub tenant_claim: String,
     /// `auth.tables_claim` (default none): a claim listing the tables a token may see.
+    /// When set, a token without it is refused unless `tables_claim_optional`.
     pub tables_claim: Option<String>,
+    /// `auth.tables_claim_optional` (default false): a token without the tables claim sees
+    /// every table instead of being refused.
+    pub tables_claim_optional: bool,
     /// `auth.leeway` (default 5s): clock skew tolerated on `exp` and `nbf`.
     pub leeway: Duration,
     /// `auth.cookie` (default none): a cookie that may carry the token.
@@ -381,6 +387,7 @@ impl AuthConfig {
             audience: None,
             tenant_claim: "tenant_id".into(),
             tables_claim: None,
+            tables_claim_optional: false,
             leeway: Duration::from_secs(5),
             cookie: None,
             tenant_header: "X-Tenant-Id".into(),
@@ -554,6 +561,13 @@ impl Config {
         }
         if auth.tables_claim.as_deref() == Some("") {
             errs.push(invalid("auth.tables_claim", "must not be empty when set"));
+        }
+        let tables_claim_optional = auth.tables_claim_optional.unwrap_or(false);
+        if tables_claim_optional && auth.tables_claim.is_none() {
+            return Err(invalid(
+                "auth.tables_claim_optional",
+                "only means something with auth.tables_claim set",
+            ));
         }
         let tenant_header = auth
             .tenant_header
@@ -735,6 +749,7 @@ impl Config {
                 audience: auth.audience.clone(),
                 tenant_claim,
                 tables_claim: auth.tables_claim.clone(),
+                tables_claim_optional,
                 leeway: take(
                     &mut errs,
                     duration("auth.leeway", &auth.leeway, "5s", false),

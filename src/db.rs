@@ -4,6 +4,7 @@
 //! Everything that opens a connection goes through here so that keepalives and the
 //! application name are set in one place. This module runs no pgfeed queries itself.
 
+use std::io::Write as _;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -157,6 +158,69 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::
         }
     });
     Ok(client)
+}
+
+/// One connection for the command line: the server's notices and warnings (those of
+/// `install`, `watch`, ...) are printed on stderr as the CLI's own lines, `warning: ...`
+/// with their detail and hint, rather than logged by the driver as its own noise.
+pub async fn connect_cli(
+    config: &tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, DbError> {
+    let (client, mut connection) =
+        config
+            .connect(NoTls)
+            .await
+            .map_err(|source| DbError::Connect {
+                endpoint: endpoint(config),
+                source,
+            })?;
+    tokio::spawn(async move {
+        // A notice arrives before the reply of its statement, and is printed before the
+        // statement's caller is woken: a command's warnings come before its result.
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            match message {
+                Ok(tokio_postgres::AsyncMessage::Notice(notice)) => {
+                    // Never a panic on a closed stderr (`pgfeed install 2>&- `).
+                    let _ = writeln!(std::io::stderr(), "{}", notice_text(&notice));
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::debug!(cause = %err, "database connection ended");
+                    break;
+                }
+            }
+        }
+    });
+    Ok(client)
+}
+
+/// `severity: message`, then the detail and the hint on lines of their own; control
+/// characters (a name could hold an escape sequence) are escaped.
+pub fn notice_text(notice: &tokio_postgres::error::DbError) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .flat_map(|c| {
+                let escaped: Vec<char> = if c.is_control() && c != '\n' {
+                    c.escape_default().collect()
+                } else {
+                    vec![c]
+                };
+                escaped
+            })
+            .collect()
+    };
+    let mut text = format!(
+        "{}: {}",
+        notice.severity().to_lowercase(),
+        clean(notice.message())
+    );
+    if let Some(detail) = notice.detail() {
+        text.push_str(&format!("\n  detail: {}", clean(detail)));
+    }
+    if let Some(hint) = notice.hint() {
+        text.push_str(&format!("\n  hint: {}", clean(hint)));
+    }
+    text
 }
 
 /// Renders a database error with PostgreSQL's message, detail and hint, for the CLI.

@@ -240,7 +240,8 @@ async fn run_with_database(
         return Ok(());
     }
     let pg = db::parse_url(config.database_url()?)?;
-    let mut client = db::connect(&pg).await?;
+    // Install's warnings (a role without CREATEROLE, ...) as the CLI's own lines.
+    let mut client = db::connect_cli(&pg).await?;
     schema::install(&mut client).await?;
     let created = create_table(&mut client).await?;
     schema::watch(

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::auth::{Principal, qualify};
+use crate::auth::Principal;
 use crate::catalog::TableInfo;
 use crate::change::{Change, Op, Payload, Position};
 use crate::rowfilter::RowFilter;
@@ -53,7 +53,12 @@ pub enum QueryError {
 }
 
 /// Most `filter=` parameters on one stream.
-const MAX_FILTERS: usize = 16;
+pub const MAX_FILTERS: usize = 16;
+
+/// Most literals in all the filters of one stream (each `in` item counts): with at most
+/// [`MAX_FILTERS`] filters, this bounds a stream's filter memory; its work per change is one
+/// comparison or hash lookup per filter.
+pub const MAX_FILTER_VALUES: usize = 1000;
 
 fn invalid(param: &'static str, message: impl Into<String>) -> QueryError {
     QueryError::Invalid {
@@ -62,43 +67,28 @@ fn invalid(param: &'static str, message: impl Into<String>) -> QueryError {
     }
 }
 
-/// True for a plausible table name: identifier characters, at most one dot.
-fn valid_table(name: &str) -> bool {
-    let parts: Vec<&str> = name.split('.').collect();
-    parts.len() <= 2
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.len() <= 63
-                && p.chars()
-                    .all(|c| c.is_alphanumeric() || c == '_' || c == '$')
-        })
-}
-
 impl StreamQuery {
     /// Parses a raw (still percent-encoded) query string.
     pub fn parse(query: &str) -> Result<StreamQuery, QueryError> {
         let mut q = StreamQuery::default();
         let mut seen = BTreeSet::new();
+        let mut values = 0;
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             if key != "filter" && !seen.insert(key.to_string()) {
                 return Err(QueryError::Repeated(key.chars().take(64).collect()));
             }
             match &*key {
                 "tables" => {
-                    let mut tables = BTreeSet::new();
-                    for name in value.split(',').map(str::trim) {
-                        if !valid_table(name) {
-                            return Err(invalid(
-                                "tables",
-                                format!(
-                                    "{:?} is not a table name",
-                                    name.chars().take(64).collect::<String>()
-                                ),
-                            ));
-                        }
-                        tables.insert(qualify(name));
-                    }
-                    q.tables = Some(tables);
+                    let tables = crate::names::table_list(&value).map_err(|e| {
+                        invalid(
+                            "tables",
+                            format!(
+                                "{:?} is not a list of table names: {e}",
+                                value.chars().take(64).collect::<String>()
+                            ),
+                        )
+                    })?;
+                    q.tables = Some(tables.iter().map(crate::names::TableName::key).collect());
                 }
                 "ops" => {
                     let mut ops = Vec::new();
@@ -154,9 +144,22 @@ impl StreamQuery {
                             format!("at most {MAX_FILTERS} filters are allowed"),
                         ));
                     }
-                    q.filters.push(value.parse().map_err(
-                        |e: crate::rowfilter::FilterParseError| invalid("filter", e.to_string()),
-                    )?)
+                    let filter: RowFilter =
+                        value
+                            .parse()
+                            .map_err(|e: crate::rowfilter::FilterParseError| {
+                                invalid("filter", e.to_string())
+                            })?;
+                    values += filter.values();
+                    if values > MAX_FILTER_VALUES {
+                        return Err(invalid(
+                            "filter",
+                            format!(
+                                "the filters of one stream may hold at most {MAX_FILTER_VALUES} values in all (each `in` item counts)"
+                            ),
+                        ));
+                    }
+                    q.filters.push(filter)
                 }
                 other => return Err(QueryError::Unknown(other.chars().take(64).collect())),
             }
@@ -269,12 +272,12 @@ impl Selection {
         if filters.peek().is_none() {
             return true;
         }
-        let all = |row: Option<&serde_json::Value>| {
+        let all = |row: Option<&crate::rowfilter::Row>| {
             row.is_some_and(|row| {
                 self.filters
                     .iter()
                     .filter(|f| f.table == change.table)
-                    .all(|f| f.matches_row(row))
+                    .all(|f| f.matches(row))
             })
         };
         match change.op {

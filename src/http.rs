@@ -210,6 +210,13 @@ impl ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(err: AuthError) -> Self {
+        if let AuthError::NoTables(_) = err {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "tables_claim_missing",
+                err.to_string(),
+            );
+        }
         let code = match err {
             AuthError::Missing | AuthError::NoTenantHeader(_) => "unauthorized",
             AuthError::Expired => "token_expired",

@@ -21,6 +21,7 @@ pub mod journal;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod names;
 pub mod rowfilter;
 pub mod schema;
 pub mod sse;

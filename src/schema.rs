@@ -85,6 +85,14 @@ pub enum SchemaError {
         /// What is wrong with it.
         why: String,
     },
+    /// A column name given by the user is not a valid name.
+    #[error("invalid column name {name:?}: {why}")]
+    ColumnName {
+        /// What was given.
+        name: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// Something in schema pgfeed belongs to another role.
     #[error(
         "{object} is owned by role {owner:?}, not by the installing role: refusing to install into it. \
@@ -237,9 +245,9 @@ pub struct WatchSpec {
     /// The table as the user wrote it: `orders` (meaning `public.orders`), `shop.orders`,
     /// or with quoted identifiers (`"Shop"."Orders"`). See [`table_name`].
     pub table: String,
-    /// The column holding each row's tenant.
+    /// The column holding each row's tenant, as the user wrote it (see [`column_name`]).
     pub tenant_column: Option<String>,
-    /// Columns that never leave the database.
+    /// Columns that never leave the database, as the user wrote them.
     pub exclude_columns: Vec<String>,
     /// When given, the only columns (with the key and the tenant column) events carry.
     pub include_columns: Option<Vec<String>>,
@@ -254,82 +262,46 @@ pub struct WatchSpec {
 /// the session's `search_path` (pgfeed's is pinned, and a path set by an application must
 /// never decide which table is watched).
 pub fn table_name(input: &str) -> Result<String, SchemaError> {
-    let invalid = |why: &str| SchemaError::TableName {
+    crate::names::TableName::parse(input)
+        .map(|t| t.sql())
+        .map_err(|e| SchemaError::TableName {
+            name: input.to_string(),
+            why: e.to_string(),
+        })
+}
+
+/// A column name given on the command line, by the same rules as [`table_name`]:
+/// `Tenant` is column `tenant`, `"Tenant"` keeps the case.
+pub fn column_name(input: &str) -> Result<String, SchemaError> {
+    crate::names::column(input).map_err(|e| SchemaError::ColumnName {
         name: input.to_string(),
-        why: why.to_string(),
-    };
-    let mut parts: Vec<String> = Vec::new();
-    let mut chars = input.trim().chars().peekable();
-    loop {
-        let mut part = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            loop {
-                match chars.next() {
-                    Some('"') if chars.peek() == Some(&'"') => {
-                        chars.next();
-                        part.push('"');
-                    }
-                    Some('"') => break,
-                    Some(c) => part.push(c),
-                    None => return Err(invalid("a quoted identifier is not closed")),
-                }
-            }
-            if part.is_empty() {
-                return Err(invalid("an identifier is empty"));
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c == '.' {
-                    break;
-                }
-                if !(c.is_alphanumeric() || c == '_' || c == '$') {
-                    return Err(invalid(&format!(
-                        "{c:?} is not allowed in an unquoted identifier (quote it with \"...\")"
-                    )));
-                }
-                // PostgreSQL folds ASCII letters only (in UTF-8 databases).
-                part.push(c.to_ascii_lowercase());
-                chars.next();
-            }
-            if part.is_empty() {
-                return Err(invalid("an identifier is empty"));
-            }
-            if part.starts_with(|c: char| c.is_ascii_digit() || c == '$') {
-                return Err(invalid(
-                    "an unquoted identifier cannot start with a digit or $",
-                ));
-            }
-        }
-        parts.push(part);
-        match chars.next() {
-            None => break,
-            Some('.') => continue,
-            Some(c) => return Err(invalid(&format!("unexpected {c:?} after an identifier"))),
-        }
-    }
-    let quote = |p: &str| format!("\"{}\"", p.replace('"', "\"\""));
-    match parts.as_slice() {
-        [table] => Ok(format!("public.{}", quote(table))),
-        [schema, table] => Ok(format!("{}.{}", quote(schema), quote(table))),
-        _ => Err(invalid("expected `table` or `schema.table`")),
-    }
+        why: e.to_string(),
+    })
 }
 
 /// Attaches the capture triggers (`pgfeed.watch`).
 pub async fn watch(client: &Client, spec: &WatchSpec) -> Result<(), SchemaError> {
     check(client).await?;
     let table = table_name(&spec.table)?;
+    let tenant_column = spec.tenant_column.as_deref().map(column_name).transpose()?;
+    let columns = |names: &[String]| {
+        names
+            .iter()
+            .map(|c| column_name(c))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let exclude_columns = columns(&spec.exclude_columns)?;
+    let include_columns = spec.include_columns.as_deref().map(columns).transpose()?;
     client
         .execute(
             "SELECT pgfeed.watch($1::text::pg_catalog.regclass, $2::text::pg_catalog.name,
                                  $3::text[]::pg_catalog.name[], $4, $5::text[]::pg_catalog.name[])",
             &[
                 &table,
-                &spec.tenant_column,
-                &spec.exclude_columns,
+                &tenant_column,
+                &exclude_columns,
                 &spec.public,
-                &spec.include_columns,
+                &include_columns,
             ],
         )
         .await?;
@@ -422,16 +394,18 @@ mod tests {
 
     #[test]
     fn table_names_follow_postgresql_rules() {
-        assert_eq!(table_name("orders").unwrap(), r#"public."orders""#);
-        assert_eq!(table_name("ORDERS").unwrap(), r#"public."orders""#);
+        assert_eq!(table_name("orders").unwrap(), r#""public"."orders""#);
+        assert_eq!(table_name("ORDERS").unwrap(), r#""public"."orders""#);
         assert_eq!(table_name("Shop.Orders").unwrap(), r#""shop"."orders""#);
         assert_eq!(
             table_name(r#""Mixed Case""#).unwrap(),
-            r#"public."Mixed Case""#
+            r#""public"."Mixed Case""#
         );
         assert_eq!(table_name(r#""a.b"."x""y""#).unwrap(), r#""a.b"."x""y""#);
         // Only ASCII letters fold, as in PostgreSQL.
-        assert_eq!(table_name("ÉCOLE").unwrap(), r#"public."École""#);
+        assert_eq!(table_name("ÉCOLE").unwrap(), r#""public"."École""#);
+        assert_eq!(super::column_name("Tenant").unwrap(), "tenant");
+        assert_eq!(super::column_name(r#""Tenant Id""#).unwrap(), "Tenant Id");
         for bad in [
             "", "a.b.c", "a..b", "\"open", "a b", "1abc", "a;drop", "\"\"",
         ] {

@@ -726,13 +726,6 @@ async fn tables_claim_limits_what_a_token_sees() {
         s.assert_quiet(Duration::from_millis(300)).await;
         assert!(!s.raw.contains("unclaimed"), "{}", s.raw);
     }
-    // A token without the claim sees every table.
-    let mut all = gw.stream("acme", "").await;
-    all.until_live().await;
-    c.batch_execute("INSERT INTO invoices (tenant, body) VALUES ('acme', 'everyone')")
-        .await
-        .unwrap();
-    assert_eq!(all.next_change().await["table"], "public.invoices");
     // A claim of the wrong shape is a 401.
     let bad = hs256(
         &json!({"tenant_id": "acme", "exp": now() + 600, "tables": "orders"}),
@@ -740,7 +733,65 @@ async fn tables_claim_limits_what_a_token_sees() {
     );
     let r = get_soon(gw.addr, "/v1/stream", &[("Authorization", &bearer(&bad))]).await;
     assert_error(&r, 401, "tables claim not an array");
-    drop((implied, asked, all));
+    drop((implied, asked));
+    gw.stop().await;
+}
+
+/// With `auth.tables_claim` configured, a token its issuer forgot to limit (no claim at
+/// all) is refused with its own code, on the stream and on `/v1/position`, rather than
+/// seeing every table; `auth.tables_claim_optional = true` lets it see every table.
+#[tokio::test]
+async fn a_token_without_the_tables_claim_is_refused_unless_optional() {
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "orders").await;
+    support::tenant_table(&db, "invoices").await;
+    let gw = Gateway::start_with(sources_with(
+        &db,
+        false,
+        &[("PGFEED_AUTH_TABLES_CLAIM", "tables")],
+    ))
+    .await;
+    let claimless = bearer(&gw.token("acme"));
+    for path in ["/v1/stream", "/v1/stream?tables=invoices", "/v1/position"] {
+        let r = get_soon(gw.addr, path, &[("Authorization", &claimless)]).await;
+        assert_eq!(
+            assert_error(&r, 403, path),
+            "tables_claim_missing",
+            "{path}"
+        );
+        assert!(r.body.contains("`tables`"), "{path}: {}", r.body);
+    }
+    // An empty list is a claim: it allows nothing, and asking for a table is forbidden.
+    let empty =
+        pgfeed::auth::mint(&gw.config.auth, "acme", Some(&[]), Duration::from_secs(600)).unwrap();
+    let r = get_soon(
+        gw.addr,
+        "/v1/stream?tables=orders",
+        &[("Authorization", &bearer(&empty))],
+    )
+    .await;
+    assert_eq!(assert_error(&r, 403, "empty claim"), "forbidden");
+    gw.stop().await;
+
+    let gw = Gateway::start_with(sources_with(
+        &db,
+        false,
+        &[
+            ("PGFEED_AUTH_TABLES_CLAIM", "tables"),
+            ("PGFEED_AUTH_TABLES_CLAIM_OPTIONAL", "true"),
+        ],
+    ))
+    .await;
+    let mut all = gw.stream("acme", "").await;
+    assert_eq!(all.status, 200, "{}", all.raw);
+    all.until_live().await;
+    db.client()
+        .await
+        .batch_execute("INSERT INTO invoices (tenant, body) VALUES ('acme', 'everyone')")
+        .await
+        .unwrap();
+    assert_eq!(all.next_change().await["table"], "public.invoices");
+    drop(all);
     gw.stop().await;
 }
 
@@ -1362,6 +1413,7 @@ async fn rejections_answer_while_the_database_hangs() {
             ("DATABASE_URL", &proxy.url(&db)),
             ("PGFEED_SERVER_MAX_SUBSCRIBERS_PER_TENANT", "2"),
             ("PGFEED_AUTH_TABLES_CLAIM", "tables"),
+            ("PGFEED_AUTH_TABLES_CLAIM_OPTIONAL", "true"),
             // Database work hangs for a minute rather than failing within the test's bound.
             ("PGFEED_DATABASE_QUERY_TIMEOUT", "60s"),
             ("PGFEED_SERVER_SHUTDOWN_GRACE", "1s"),

@@ -240,6 +240,38 @@ fn configuration_errors_name_the_key() {
     );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("auth.secret"), "{}", stderr(&out));
+
+    // tables_claim_optional without a tables claim is a mistake, named.
+    let out = pgfeed(
+        None,
+        &["token", "--tenant", "a"],
+        &[("PGFEED_AUTH_TABLES_CLAIM_OPTIONAL", "true")],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("auth.tables_claim_optional"),
+        "{}",
+        stderr(&out)
+    );
+    // With a tables claim that is required, `token` without --tables would mint a token the
+    // gateway refuses: it says so; names in --tables follow the name rules.
+    let claim = [("PGFEED_AUTH_TABLES_CLAIM", "tables")];
+    let out = pgfeed(None, &["token", "--tenant", "a"], &claim);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--tables"), "{}", stderr(&out));
+    let out = pgfeed(
+        None,
+        &["token", "--tenant", "a", "--tables", "orders;x"],
+        &claim,
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--tables"), "{}", stderr(&out));
+    let out = pgfeed(
+        None,
+        &["token", "--tenant", "a", "--tables", "ORDERS"],
+        &claim,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -299,4 +331,142 @@ async fn serve_streams_and_stops_on_sigterm_within_the_grace() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "{status:?}");
+}
+
+/// Tuples read from `pgfeed.changes` by scans so far, once the counters settle (a
+/// backend's reads are flushed to the statistics when it ends or goes idle).
+async fn changes_tuples_read(c: &tokio_postgres::Client) -> i64 {
+    let read = || async {
+        c.batch_execute("SELECT pg_catalog.pg_stat_clear_snapshot()")
+            .await
+            .unwrap();
+        c.query_one(
+            "SELECT (coalesce(t.seq_tup_read, 0)
+                     + coalesce((SELECT sum(i.idx_tup_read) FROM pg_catalog.pg_stat_all_indexes AS i
+                                 WHERE i.relid = t.relid), 0))::bigint
+             FROM pg_catalog.pg_stat_all_tables AS t WHERE t.relid = 'pgfeed.changes'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    let mut last = read().await;
+    let deadline = Instant::now() + support::SOON;
+    loop {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let now = read().await;
+        if now == last {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "statistics never settled");
+        last = now;
+    }
+}
+
+/// `pgfeed status` on a big journal reads a bounded number of journal rows (an operator
+/// runs it exactly when the journal is big) and says its numbers are estimates.
+#[tokio::test]
+async fn status_does_not_count_the_whole_journal() {
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "notes").await;
+    {
+        let writer = db.client().await;
+        writer
+            .batch_execute(
+                "INSERT INTO notes (tenant, body) SELECT 'acme', 'x' FROM generate_series(1, 40000);
+                 ANALYZE pgfeed.changes;",
+            )
+            .await
+            .unwrap();
+    }
+    let c = db.client().await;
+    let before = changes_tuples_read(&c).await;
+    let status = support::status_json(&db).await;
+    let journal = &status["journal"];
+    assert_eq!(journal["changes_exact"], false, "{journal}");
+    let changes = journal["changes"].as_i64().unwrap();
+    assert!((30_000..=50_000).contains(&changes), "{journal}");
+    assert_eq!(journal["commits"], 1, "{journal}");
+    assert_eq!(journal["commits_exact"], true, "{journal}");
+    // The status process has ended: its reads are in the statistics once they settle.
+    let read = loop {
+        let after = changes_tuples_read(&c).await;
+        if after > before {
+            break after - before;
+        }
+    };
+    let bound = pgfeed::cli::STATUS_EXACT_COUNT + 1;
+    assert!(
+        read <= bound + 100,
+        "status read {read} journal rows; at most {bound} expected, not the whole 40 000"
+    );
+    let text = support::pgfeed_cli(&db, &["status"]).await;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("changes in") && text.contains('~') && text.contains("estimate"),
+        "{text}"
+    );
+}
+
+/// An installer without the privileges install would like (not a member of
+/// pgfeed_capture, not a superuser) gets the server's warnings as the CLI's own lines,
+/// with their hints, not as the database driver's log noise.
+#[tokio::test]
+async fn install_warnings_are_the_clis_own() {
+    // pgfeed_capture exists (it is cluster-wide; a first install creates it).
+    let _first = TestDb::new().await;
+    let db = TestDb::empty().await;
+    let (role, _client) = support::app_owner(&db, "installer").await;
+    let url = db
+        .url
+        .replacen("://postgres@", &format!("://{role}:pw@"), 1);
+    assert_ne!(url, db.url, "the test URL names the postgres user");
+    let out = pgfeed(None, &["install"], &[("DATABASE_URL", &url)]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.lines().any(|l| l
+            .starts_with("warning: pgfeed: cannot hand the capture functions to pgfeed_capture")),
+        "{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.trim_start().starts_with("hint: GRANT pgfeed_capture")),
+        "{err}"
+    );
+    assert!(
+        !err.contains("tokio_postgres") && !err.contains("INFO"),
+        "driver noise: {err}"
+    );
+}
+
+/// A mistyped `PGFEED_LOG` is refused with a message naming it, rather than silently
+/// logging nothing (a bare word is a module filter to the logging library).
+#[test]
+fn an_invalid_log_filter_is_refused() {
+    for bad in ["loud", "debgu", "pgfeed=loud", "info,pgfeed=verbose"] {
+        let out = pgfeed(None, &["token", "--tenant", "a"], &[("PGFEED_LOG", bad)]);
+        assert!(!out.status.success(), "PGFEED_LOG={bad} was accepted");
+        assert!(
+            stderr(&out).contains("PGFEED_LOG"),
+            "{bad}: {}",
+            stderr(&out)
+        );
+        assert!(out.stdout.is_empty(), "{bad}: no token on an error");
+    }
+    for good in [
+        "debug",
+        "WARN",
+        "pgfeed=debug,tokio_postgres=warn",
+        "pgfeed::listener=trace",
+        "",
+    ] {
+        let out = pgfeed(None, &["token", "--tenant", "a"], &[("PGFEED_LOG", good)]);
+        assert!(
+            out.status.success(),
+            "PGFEED_LOG={good:?}: {}",
+            stderr(&out)
+        );
+    }
 }

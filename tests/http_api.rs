@@ -539,7 +539,7 @@ async fn tables_accepts_bare_and_qualified_names() {
         let want: Vec<(String, String)> = writes
             .iter()
             .enumerate()
-            .map(|(i, t)| (pgfeed::auth::qualify(t), format!("w{i}")))
+            .map(|(i, t)| (pgfeed::names::table_key(t).unwrap(), format!("w{i}")))
             .filter(|(t, _)| tables.contains(&t.as_str()))
             .collect();
         let mut got = Vec::new();

@@ -1021,3 +1021,238 @@ async fn filtered_random_workload_reaches_exactly_the_right_subscribers() {
     }
     gw.stop().await;
 }
+
+/// Snowflake-style bigint ids and long numerics, as a client filters on them: an id one
+/// above another (both beyond 2^53, one float apart) must not match the other's filter,
+/// nor a numeric that differs in its 30th digit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn number_filters_are_exact_for_big_ids_and_long_numerics() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, tenant text NOT NULL, amount numeric);
+         SELECT pgfeed.watch('orders', 'tenant');",
+    )
+    .await
+    .unwrap();
+    let gw = Gateway::start(&db).await;
+    let mut by_id = gw
+        .stream("acme", "filter=orders:id=eq.9007199254740993")
+        .await;
+    assert_eq!(by_id.status, 200, "{}", by_id.raw);
+    by_id.until_live().await;
+    let mut in_list = gw
+        .stream("acme", "filter=orders:id=in.(1,9007199254740993,3)")
+        .await;
+    in_list.until_live().await;
+    let mut by_amount = gw
+        .stream(
+            "acme",
+            "filter=orders:amount=gt.123456789012345678901234567890.4",
+        )
+        .await;
+    by_amount.until_live().await;
+    c.batch_execute(
+        "INSERT INTO orders VALUES (9007199254740992, 'acme', 123456789012345678901234567890.4);
+         INSERT INTO orders VALUES (9007199254740993, 'acme', 123456789012345678901234567890.5);",
+    )
+    .await
+    .unwrap();
+    for s in [&mut by_id, &mut in_list] {
+        let change = s.next_change().await;
+        assert_eq!(change["new"]["id"], json!(9007199254740993u64), "{change}");
+        s.assert_quiet(QUIET).await;
+    }
+    let change = by_amount.next_change().await;
+    assert_eq!(change["new"]["id"], json!(9007199254740993u64), "{change}");
+    by_amount.assert_quiet(QUIET).await;
+    gw.stop().await;
+}
+
+/// A client cannot make every change cost thousands of comparisons: the literals of one
+/// stream's filters are capped, and the cap is a 400 naming `filter`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_values_per_stream_are_capped() {
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "orders").await;
+    let gw = Gateway::start(&db).await;
+    let items = |n: usize| (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let max = pgfeed::filter::MAX_FILTER_VALUES;
+    // Exactly the cap, over two filters, is accepted.
+    let ok = gw
+        .stream(
+            "acme",
+            &format!(
+                "filter=orders:id=in.({})&filter=orders:body=in.({})",
+                items(max / 2),
+                items(max - max / 2)
+            ),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.raw);
+    drop(ok);
+    let over = support::get_soon(
+        gw.addr,
+        &format!(
+            "/v1/stream?filter=orders:id=in.({})&filter=orders:body=in.({})",
+            items(max / 2),
+            items(max - max / 2 + 1)
+        ),
+        &[("Authorization", &format!("Bearer {}", gw.token("acme")))],
+    )
+    .await;
+    let (code, message) = support::assert_error(&over, 400, "filter");
+    assert_eq!(code, "bad_request");
+    assert!(message.contains(&max.to_string()), "{message}");
+    gw.stop().await;
+}
+
+/// One rule for names, PostgreSQL's, on the CLI, in `tables`, in `filter` and in the tables
+/// claim: unquoted names fold to lower case, quoted ones keep case, spaces and dots, and
+/// URL-encoded quotes work. A user who watched `"Mixed Case"` and `ORDERS` on the CLI
+/// reaches them with the same spellings over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_follow_postgresql_rules_everywhere() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute(
+        r#"CREATE TABLE "Mixed Case" (id int PRIMARY KEY, tenant text NOT NULL, "Total Amount" numeric);
+           CREATE TABLE orders (id int PRIMARY KEY, tenant text NOT NULL);
+           CREATE SCHEMA "Shop.Front";
+           CREATE TABLE "Shop.Front"."a""b" (id int PRIMARY KEY, tenant text NOT NULL);"#,
+    )
+    .await
+    .unwrap();
+    for args in [
+        &["watch", r#""Mixed Case""#, "--tenant-column", "TENANT"][..],
+        &["watch", "ORDERS", "--tenant-column", "Tenant"],
+        &[
+            "watch",
+            r#""Shop.Front"."a""b""#,
+            "--tenant-column",
+            "tenant",
+        ],
+    ] {
+        let out = support::pgfeed_cli(&db, args).await;
+        assert!(
+            out.status.success(),
+            "pgfeed {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let gw = Gateway::start_with(support::sources_with(
+        &db,
+        &[("PGFEED_AUTH_TABLES_CLAIM", "tables")],
+    ))
+    .await;
+    let claim = |tables: &[&str]| {
+        let tables: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+        pgfeed::auth::mint(
+            &gw.config.auth,
+            "acme",
+            Some(&tables),
+            Duration::from_secs(600),
+        )
+        .unwrap()
+    };
+    let token = claim(&[r#""Mixed Case""#, "ORDERS", r#""Shop.Front"."a""b""#]);
+    let open = |query: &str, token: &str| {
+        let path = format!("/v1/stream?{query}");
+        let auth = format!("Bearer {token}");
+        let addr = gw.addr;
+        async move { SseClient::open(addr, &path, &[("Authorization", &auth)]).await }
+    };
+    // Quoted names, URL-encoded (%22 and %20, or `+` for a space), and folded ones.
+    let mut mixed = open(
+        "tables=%22Mixed%20Case%22,public.Orders&filter=%22Mixed+Case%22:%22Total%20Amount%22=gt.5",
+        &token,
+    )
+    .await;
+    assert_eq!(mixed.status, 200, "{}", mixed.raw);
+    mixed.until_live().await;
+    let mut upper = open("tables=ORDERS", &token).await;
+    assert_eq!(upper.status, 200, "{}", upper.raw);
+    upper.until_live().await;
+    let mut dotted = open(
+        &format!(
+            "tables={}",
+            form_urlencoded::byte_serialize(r#""Shop.Front"."a""b""#.as_bytes())
+                .collect::<String>()
+        ),
+        &token,
+    )
+    .await;
+    assert_eq!(dotted.status, 200, "{}", dotted.raw);
+    dotted.until_live().await;
+    c.batch_execute(
+        r#"INSERT INTO "Mixed Case" VALUES (1, 'acme', 3), (2, 'acme', 7);
+           INSERT INTO orders VALUES (1, 'acme');
+           INSERT INTO "Shop.Front"."a""b" VALUES (1, 'acme');"#,
+    )
+    .await
+    .unwrap();
+    let first = mixed.next_change().await;
+    assert_eq!(
+        (first["table"].as_str(), first["new"]["id"].as_i64()),
+        (Some("public.Mixed Case"), Some(2)),
+        "{first}"
+    );
+    let second = mixed.next_change().await;
+    assert_eq!(second["table"], "public.orders", "{second}");
+    mixed.assert_quiet(QUIET).await;
+    assert_eq!(upper.next_change().await["table"], "public.orders");
+    upper.assert_quiet(QUIET).await;
+    assert_eq!(dotted.next_change().await["table"], "Shop.Front.a\"b");
+    dotted.assert_quiet(QUIET).await;
+
+    // An unquoted name with a space is not a name, nor an unclosed quote: 400 naming
+    // `tables`. A quoted `"ORDERS"` keeps its case: not the claim's `orders` (403).
+    let auth = format!("Bearer {token}");
+    for query in ["tables=Mixed%20Case", "tables=%22orders", "tables=1abc"] {
+        let r = support::get_soon(
+            gw.addr,
+            &format!("/v1/stream?{query}"),
+            &[("Authorization", &auth)],
+        )
+        .await;
+        let (code, message) = support::assert_error(&r, 400, query);
+        assert_eq!(code, "bad_request", "{query}");
+        assert!(message.contains("`tables`"), "{query}: {message}");
+    }
+    let r = support::get_soon(
+        gw.addr,
+        "/v1/stream?tables=%22ORDERS%22",
+        &[("Authorization", &auth)],
+    )
+    .await;
+    assert_eq!(
+        support::assert_error(&r, 403, "quoted ORDERS").0,
+        "forbidden"
+    );
+    // The claim folds as well: `ORDERS` in a claim does not allow `"ORDERS"`, a table that
+    // does not exist, nor "Mixed Case" when the claim lists only orders.
+    let only_orders = claim(&["ORDERS"]);
+    let r = support::get_soon(
+        gw.addr,
+        "/v1/stream?tables=%22Mixed%20Case%22",
+        &[("Authorization", &format!("Bearer {only_orders}"))],
+    )
+    .await;
+    assert_eq!(
+        support::assert_error(&r, 403, "outside the claim").0,
+        "forbidden"
+    );
+    // A claim item that is not a name is refused whole.
+    let bad = claim(&["orders;drop"]);
+    let r = support::get_soon(
+        gw.addr,
+        "/v1/stream",
+        &[("Authorization", &format!("Bearer {bad}"))],
+    )
+    .await;
+    assert_eq!(
+        support::assert_error(&r, 401, "bad claim").0,
+        "invalid_token"
+    );
+    gw.stop().await;
+}

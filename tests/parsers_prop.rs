@@ -12,11 +12,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use pgfeed::auth::{AuthError, Authenticator, qualify};
+use pgfeed::auth::{AuthError, Authenticator};
 use pgfeed::change::{Op, Payload, Position};
 use pgfeed::config::AuthConfig;
 use pgfeed::filter::StreamQuery;
-use pgfeed::rowfilter::{CmpOp, Cond, RowFilter};
+use pgfeed::names::table_key;
+use pgfeed::rowfilter::{CmpOp, Cond, InList, Row, RowFilter};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
 use serde_json::{Value, json};
@@ -38,20 +39,30 @@ fn now() -> u64 {
 // Strategies
 // ---------------------------------------------------------------------------------------
 
-/// An identifier the gateway accepts: letters (any script), digits, `_`, `$`; at most 63
-/// bytes, as in PostgreSQL.
+/// An unquoted identifier as the catalog spells it: a letter (any script) or `_`, then
+/// letters, digits, `_`, `$`; at most 63 bytes, as in PostgreSQL.
 fn ident() -> impl Strategy<Value = String> {
     prop_oneof![
         4 => "[a-z_][a-z0-9_$]{0,15}",
-        1 => "[A-Za-z0-9_$é漢]{1,63}".prop_filter("63 bytes at most", |s| s.len() <= 63),
+        1 => "[a-zé漢_][a-z0-9_$é漢]{0,20}",
     ]
 }
 
-/// A table name, bare or qualified.
-fn table() -> impl Strategy<Value = String> {
+/// A name as a user writes it, with the name it means: unquoted (folded to lower case)
+/// or quoted (any characters, `""` for a quote, case kept).
+fn name() -> impl Strategy<Value = (String, String)> {
     prop_oneof![
-        ident(),
-        (ident(), ident()).prop_map(|(s, t)| format!("{s}.{t}")),
+        3 => ident().prop_map(|n| (n.clone(), n)),
+        1 => "[A-Z][A-Za-z0-9_]{0,10}".prop_map(|n| (n.clone(), n.to_ascii_lowercase())),
+        1 => "[^\\x00]{1,15}".prop_map(|n| (format!("\"{}\"", n.replace('"', "\"\"")), n)),
+    ]
+}
+
+/// A table name as written, bare or qualified, with its key (`schema.table`).
+fn table() -> impl Strategy<Value = (String, String)> {
+    prop_oneof![
+        name().prop_map(|(text, n)| (text, format!("public.{n}"))),
+        (name(), name()).prop_map(|((st, s), (tt, t))| (format!("{st}.{tt}"), format!("{s}.{t}"))),
     ]
 }
 
@@ -91,7 +102,7 @@ fn in_item() -> impl Strategy<Value = (String, String)> {
 fn valid_filter() -> impl Strategy<Value = (String, RowFilter)> {
     let cond = prop_oneof![
         (cmp_op(), any::<String>())
-            .prop_map(|((op, name), v)| (format!("{name}.{v}"), Cond::Cmp(op, v))),
+            .prop_map(|((op, name), v)| (format!("{name}.{v}"), Cond::Cmp(op, v.into()))),
         prop::collection::vec(in_item(), 1..6)
             .prop_filter("a single empty item is no list", |items| {
                 !(items.len() == 1 && items[0].0.is_empty())
@@ -100,18 +111,18 @@ fn valid_filter() -> impl Strategy<Value = (String, RowFilter)> {
                 let text: Vec<&str> = items.iter().map(|(_, t)| t.as_str()).collect();
                 (
                     format!("in.({})", text.join(",")),
-                    Cond::In(items.into_iter().map(|(i, _)| i).collect()),
+                    Cond::In(InList::new(items.into_iter().map(|(i, _)| i))),
                 )
             }),
         Just(("is.null".to_string(), Cond::IsNull)),
         Just(("is.true".to_string(), Cond::IsTrue)),
         Just(("is.false".to_string(), Cond::IsFalse)),
     ];
-    (table(), ident(), cond).prop_map(|(table, column, (text, cond))| {
+    (table(), name(), cond).prop_map(|((table, key), (column_text, column), (text, cond))| {
         (
-            format!("{table}:{column}={text}"),
+            format!("{table}:{column_text}={text}"),
             RowFilter {
-                table: qualify(&table),
+                table: key,
                 column,
                 cond,
             },
@@ -187,8 +198,9 @@ fn valid_query() -> impl Strategy<Value = (String, StreamQuery)> {
             let mut pairs: Vec<(String, String)> = Vec::new();
             let mut q = StreamQuery::default();
             if let Some(t) = tables {
-                pairs.push(("tables".into(), t.join(",")));
-                q.tables = Some(t.iter().map(|n| qualify(n)).collect::<BTreeSet<_>>());
+                let texts: Vec<&str> = t.iter().map(|(text, _)| text.as_str()).collect();
+                pairs.push(("tables".into(), texts.join(",")));
+                q.tables = Some(t.into_iter().map(|(_, key)| key).collect::<BTreeSet<_>>());
             }
             if let Some(o) = ops {
                 let names: Vec<&str> = o.iter().map(|op| op.as_str()).collect();
@@ -246,7 +258,11 @@ fn near_query() -> impl Strategy<Value = String> {
         "[a-z_%0-9]{0,10}",
     ];
     let value = prop_oneof![
-        prop::collection::vec(table(), 0..4).prop_map(|t| t.join(",")),
+        prop::collection::vec(table(), 0..4).prop_map(|t| t
+            .into_iter()
+            .map(|(text, _)| text)
+            .collect::<Vec<_>>()
+            .join(",")),
         "[a-z,]{0,30}",
         near_filter(),
         near_position(),
@@ -356,8 +372,8 @@ proptest! {
         match text.parse::<RowFilter>() {
             Ok(f) => {
                 // Whatever parses names a plausible table and column.
-                prop_assert!(f.table.split('.').count() == 2, "{:?}", f);
-                prop_assert!(pgfeed::rowfilter::valid_ident(&f.column), "{:?}", f);
+                prop_assert!(f.table.contains('.'), "{:?}", f);
+                prop_assert!(!f.column.is_empty() && f.column.len() <= 63, "{:?}", f);
             }
             Err(e) => {
                 let message = e.to_string();
@@ -391,7 +407,7 @@ proptest! {
             Cond::IsFalse => prop_assert_eq!(matched, present && value == Value::Bool(false)),
             Cond::In(items) => {
                 // `in` is a disjunction of `eq`.
-                let any_eq = items.iter().any(|i| with(Cond::Cmp(CmpOp::Eq, i.clone())));
+                let any_eq = items.items().iter().any(|i| with(Cond::Cmp(CmpOp::Eq, i.clone())));
                 prop_assert_eq!(matched, any_eq);
             }
             Cond::Cmp(_, literal) => {
@@ -483,7 +499,16 @@ fn json_value() -> impl Strategy<Value = Value> {
 
 const SECRET: &str = "prop-secret-0123456789abcdef";
 
+/// A tables claim that tokens may omit.
 fn authenticator() -> Authenticator {
+    let mut auth = AuthConfig::hs256(SECRET);
+    auth.tables_claim = Some("tables".into());
+    auth.tables_claim_optional = true;
+    Authenticator::new(&auth).unwrap()
+}
+
+/// A tables claim that tokens must carry (the default once it is configured).
+fn strict_authenticator() -> Authenticator {
     let mut auth = AuthConfig::hs256(SECRET);
     auth.tables_claim = Some("tables".into());
     Authenticator::new(&auth).unwrap()
@@ -546,20 +571,25 @@ fn signed_claims() -> impl Strategy<Value = (Value, Outcome)> {
             Some(Value::Number(n)) => Some(n.to_string()),
             _ => None,
         };
-        let expected_tables: Result<Option<BTreeSet<String>>, ()> = match &tables {
-            None => Ok(None),
+        // The tables claim is configured: a token without it is refused (fails closed).
+        let expected_tables: Result<Option<BTreeSet<String>>, &'static str> = match &tables {
+            None => Err("no tables"),
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|v| v.as_str().map(qualify).ok_or(()))
+                .map(|v| {
+                    v.as_str()
+                        .and_then(|t| table_key(t).ok())
+                        .ok_or("bad tables")
+                })
                 .collect::<Result<BTreeSet<_>, _>>()
                 .map(Some),
-            Some(_) => Err(()),
+            Some(_) => Err("bad tables"),
         };
         let expected = match (&exp, expected_tenant, expected_tables) {
             (Exp::Missing, _, _) => Err("invalid"),
             (Exp::Past(_), _, _) => Err("expired"),
             (_, None, _) => Err("no tenant"),
-            (_, _, Err(())) => Err("bad tables"),
+            (_, _, Err(why)) => Err(why),
             (_, Some(t), Ok(tables)) => Ok((t, tables)),
         };
         (Value::Object(claims), expected)
@@ -636,7 +666,7 @@ proptest! {
 
     #[test]
     fn signed_claims_are_judged_by_their_content((claims, expected) in signed_claims()) {
-        let a = authenticator();
+        let a = strict_authenticator();
         let token = sign(&Header::new(Algorithm::HS256), &claims);
         let got = a.authenticate(&token);
         match (&got, &expected) {
@@ -652,7 +682,8 @@ proptest! {
             (Err(AuthError::Invalid(_)), Err("invalid"))
             | (Err(AuthError::Expired), Err("expired"))
             | (Err(AuthError::NoTenant(_)), Err("no tenant"))
-            | (Err(AuthError::BadTables(_)), Err("bad tables")) => {}
+            | (Err(AuthError::BadTables(_)), Err("bad tables"))
+            | (Err(AuthError::NoTables(_)), Err("no tables")) => {}
             _ => prop_assert!(false, "claims {} gave {:?}, expected {:?}", claims, got, expected),
         }
     }
@@ -977,6 +1008,9 @@ async fn http_requests_get_a_stream_or_a_4xx_json_error() {
     sources
         .env
         .push(("PGFEED_AUTH_TABLES_CLAIM".into(), "tables".into()));
+    sources
+        .env
+        .push(("PGFEED_AUTH_TABLES_CLAIM_OPTIONAL".into(), "true".into()));
     let gw = Gateway::start_with(sources).await;
     let addr = gw.addr;
     let strategy = http_case(gw.token("acme"));
@@ -1007,4 +1041,151 @@ async fn http_requests_get_a_stream_or_a_4xx_json_error() {
     let r = support::get(addr, "/healthz", &[]).await.unwrap();
     assert_eq!(r.status, 200);
     gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Row filters against PostgreSQL's own comparison
+// ---------------------------------------------------------------------------------------
+
+/// A plain decimal as `numeric` prints it: sign, up to 25 integer digits, up to 25 decimals.
+fn plain_decimal() -> impl Strategy<Value = String> {
+    (
+        any::<bool>(),
+        "[0-9]{1,25}",
+        prop::option::of("[0-9]{1,25}"),
+    )
+        .prop_map(|(neg, int, frac)| {
+            let sign = if neg { "-" } else { "" };
+            match frac {
+                Some(f) => format!("{sign}{int}.{f}"),
+                None => format!("{sign}{int}"),
+            }
+        })
+}
+
+/// `value` (a plain decimal) spelled another way PostgreSQL reads as the same number.
+fn respell(value: &str, how: u8) -> String {
+    let (sign, body) = match value.strip_prefix('-') {
+        Some(b) => ("-", b),
+        None => ("", value),
+    };
+    match how % 5 {
+        0 if body.contains('.') => format!("{value}000"),
+        0 => format!("{value}.0"),
+        1 if sign.is_empty() => format!("+{value}"),
+        1 | 2 => format!("{sign}000{body}"),
+        3 => {
+            let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+            format!("{sign}{int}{frac}e-{}", frac.len())
+        }
+        _ => {
+            let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+            format!("{sign}0.{int}{frac}E+{}", int.len())
+        }
+    }
+}
+
+/// A column value (its SQL type's text, and whether it is a bigint) and a literal: often
+/// the same number spelled otherwise, or a neighbour (2^53 and around, one digit more).
+fn number_case() -> impl Strategy<Value = (String, bool, String)> {
+    let big = prop_oneof![
+        any::<i64>(),
+        9_007_199_254_740_982i64..9_007_199_254_741_002,
+        -9_007_199_254_741_002i64..-9_007_199_254_740_982,
+        Just(i64::MAX),
+        Just(i64::MIN),
+        -3i64..3,
+    ]
+    .prop_map(|v| (v.to_string(), true));
+    let numeric = plain_decimal().prop_map(|v| (v, false));
+    (
+        prop_oneof![big, numeric],
+        plain_decimal(),
+        any::<u8>(),
+        -2i64..=2,
+        0u8..4,
+    )
+        .prop_map(|((value, is_big), other, how, delta, pick)| {
+            let literal = match pick {
+                0 => other,
+                1 => respell(&value, how),
+                2 => match value.parse::<i128>() {
+                    Ok(v) => respell(&(v + i128::from(delta)).to_string(), how),
+                    Err(_) => format!("{value}{}", how % 10),
+                },
+                _ => format!(
+                    "{value}{}",
+                    if value.contains('.') {
+                        "0000001"
+                    } else {
+                        ".0000001"
+                    }
+                ),
+            };
+            (value, is_big, literal)
+        })
+}
+
+/// Row filters compare numbers as PostgreSQL compares the same values: the column's
+/// value as `to_jsonb` renders it (a bigint, a long numeric) against the literal read as
+/// `numeric`. A float comparison matched id 9007199254740992 with `eq.9007199254740993`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn number_filters_agree_with_postgresql() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let handle = tokio::runtime::Handle::current();
+    let checked = AtomicUsize::new(0);
+    let result = tokio::task::block_in_place(|| {
+        let mut runner = TestRunner::new(RunnerConfig {
+            cases: 64,
+            failure_persistence: None,
+            max_shrink_iters: 100,
+            ..RunnerConfig::default()
+        });
+        runner
+            .run(&prop::collection::vec(number_case(), 64), |cases| {
+                let values: Vec<&str> = cases.iter().map(|(v, _, _)| v.as_str()).collect();
+                let bigs: Vec<bool> = cases.iter().map(|(_, b, _)| *b).collect();
+                let literals: Vec<&str> = cases.iter().map(|(_, _, l)| l.as_str()).collect();
+                let rows = handle
+                    .block_on(client.query(
+                        "SELECT CASE WHEN big THEN to_jsonb(a::bigint) ELSE to_jsonb(a::numeric) END::text,
+                                CASE WHEN big THEN a::bigint < b::numeric ELSE a::numeric < b::numeric END,
+                                CASE WHEN big THEN a::bigint = b::numeric ELSE a::numeric = b::numeric END,
+                                CASE WHEN big THEN a::bigint > b::numeric ELSE a::numeric > b::numeric END
+                         FROM unnest($1::text[], $2::bool[], $3::text[]) WITH ORDINALITY AS x(a, big, b, i)
+                         ORDER BY i",
+                        &[&values, &bigs, &literals],
+                    ))
+                    .map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+                for ((value, _, literal), row) in cases.iter().zip(&rows) {
+                    let rendered: String = row.get(0);
+                    let (lt, eq, gt): (bool, bool, bool) = (row.get(1), row.get(2), row.get(3));
+                    let image = Row::parse(&format!(r#"{{"c": {rendered}}}"#)).unwrap();
+                    let judge = |op: &str| {
+                        format!("t:c={op}.{literal}")
+                            .parse::<RowFilter>()
+                            .unwrap()
+                            .matches(&image)
+                    };
+                    let ours = [
+                        judge("lt"), judge("eq"), judge("gt"),
+                        judge("lte"), judge("gte"), judge("neq"),
+                        format!("t:c=in.(x,{literal})").parse::<RowFilter>().unwrap().matches(&image),
+                    ];
+                    let theirs = [lt, eq, gt, lt || eq, gt || eq, !eq, eq];
+                    prop_assert_eq!(
+                        ours, theirs,
+                        "value {} rendered {} against literal {}", value, rendered, literal
+                    );
+                    checked.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+            .map_err(|e| e.to_string())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    assert!(checked.load(Ordering::Relaxed) >= 64 * 64);
 }

@@ -273,7 +273,7 @@ async fn token(app: &App, tenant: &str, tables: Option<&str>) -> Response<Full<B
     if let Some(tables) = tables
         && tables
             .split(',')
-            .any(|t| crate::auth::qualify(t.trim()) != TABLE)
+            .any(|t| crate::names::table_key(t).map_or(true, |t| t != TABLE))
     {
         return error(
             StatusCode::FORBIDDEN,
