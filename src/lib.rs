@@ -21,6 +21,7 @@ pub mod journal;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod pgtls;
 pub mod rowfilter;
 pub mod schema;
 pub mod sse;
@@ -85,10 +86,9 @@ pub async fn serve(
         let client = pool.get().await.map_err(|err| match err {
             // The driver's own error, once, with where it tried (deadpool's wrapper
             // repeats it and names no host).
-            deadpool_postgres::PoolError::Backend(source) => ServeError::Db(db::DbError::Connect {
-                endpoint: db::endpoint(&pg),
-                source,
-            }),
+            deadpool_postgres::PoolError::Backend(source) => {
+                ServeError::Db(db::DbError::connect(&pg, source))
+            }
             other => ServeError::Pool {
                 endpoint: db::endpoint(&pg),
                 source: other,

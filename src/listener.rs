@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use futures_util::future::poll_fn;
 use tokio::sync::{Notify, oneshot};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
@@ -68,10 +68,10 @@ pub const APPLICATION_NAME: &str = "pgfeed-listener";
 
 /// The LISTEN connection's settings: the pool's, named [`APPLICATION_NAME`] unless the
 /// operator chose a name.
-pub fn connection_config(pool_config: &tokio_postgres::Config) -> tokio_postgres::Config {
+pub fn connection_config(pool_config: &crate::db::DbConfig) -> crate::db::DbConfig {
     let mut config = pool_config.clone();
-    if config.get_application_name() == Some("pgfeed") {
-        config.application_name(APPLICATION_NAME);
+    if config.pg.get_application_name() == Some("pgfeed") {
+        config.pg.application_name(APPLICATION_NAME);
     }
     config
 }
@@ -146,7 +146,7 @@ impl Readiness {
 /// The listener task's handles.
 pub struct Listener {
     /// How to open the LISTEN connection.
-    pub config: tokio_postgres::Config,
+    pub config: crate::db::DbConfig,
     /// Where announced changes are read.
     pub journal: Journal,
     /// Where they are published.
@@ -244,7 +244,7 @@ impl Listener {
         backoff: &mut Backoff,
         shutdown: &CancellationToken,
     ) -> Result<(), ListenerError> {
-        let connect = tokio::time::timeout(self.health_interval * 2, self.config.connect(NoTls));
+        let connect = tokio::time::timeout(self.health_interval * 2, self.config.connect());
         let (client, mut connection) = connect
             .await
             .map_err(|_| ListenerError::Unresponsive)?
