@@ -37,7 +37,11 @@ pub const CHANNEL: &str = "pgfeed";
 /// Why a listener session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenerError {
-    /// Connecting or issuing LISTEN failed.
+    /// Connecting failed (with what the cause means for the settings, such as a
+    /// certificate from a CA `sslrootcert` does not hold).
+    #[error("cannot open the LISTEN connection")]
+    Open(#[source] crate::db::DbError),
+    /// Issuing LISTEN failed.
     #[error("cannot open the LISTEN connection")]
     Connect(#[source] tokio_postgres::Error),
     /// The connection failed while listening.
@@ -248,7 +252,7 @@ impl Listener {
         let (client, mut connection) = connect
             .await
             .map_err(|_| ListenerError::Unresponsive)?
-            .map_err(ListenerError::Connect)?;
+            .map_err(|err| ListenerError::Open(crate::db::DbError::connect(&self.config, err)))?;
         // A channel of our own for the health check, so other replicas never hear it.
         let health_channel = format!("pgfeed_health_{:016x}", rand::random::<u64>());
         let bell = Arc::new(Notify::new());

@@ -4,8 +4,9 @@
 //! (for `localhost` only) that the test makes. The gateway streams end to end under
 //! `verify-full`, the CLI installs under it, `require` encrypts without verifying, a wrong
 //! CA is refused, and a host name the certificate does not name is refused under
-//! `verify-full` but accepted under `verify-ca`.
+//! `verify-full` but accepted under `verify-ca`. `pgfeed demo` runs against it too.
 
+mod demo_process;
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
@@ -464,6 +465,33 @@ async fn bad_tls_parameters_are_named_and_the_password_never_shown() {
         "{}",
         stderr(&out)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_against_a_tls_only_database_under_verify_full() {
+    let setup = setup().await;
+    let db = setup.database().await;
+    let url = setup.url("localhost", &db, &setup.verified("verify-full"));
+    let (status, log, banner) = tokio::task::spawn_blocking(move || {
+        let demo = demo_process::DemoProcess::start(
+            &["--listen", "127.0.0.1:0"],
+            &[("DATABASE_URL", url.as_str())],
+        );
+        let banner = demo.banner.database.clone();
+        let (status, _, log) = demo.stop();
+        (status, log, banner)
+    })
+    .await
+    .unwrap();
+    assert!(banner.contains("demo_orders created"), "{banner}\n{log}");
+    assert!(status.success(), "{log}");
+    let client = connect(&setup.url("localhost", &db, &setup.verified("verify-full"))).await;
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM demo_orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(rows > 0);
 }
 
 /// A server without TLS (the suite's own cluster): `prefer` falls back to a plain
