@@ -123,7 +123,7 @@ pub(crate) struct Split {
 /// both, leaving every other byte as it was.
 pub(crate) fn split(url: &str) -> Result<Split, TlsError> {
     let mut out = Split {
-        rest: String::with_capacity(url.len()),
+        rest: String::new(),
         sslmode: None,
         sslrootcert: None,
     };
@@ -533,6 +533,21 @@ mod tests {
         assert_eq!(
             parts("host=h sslmode"),
             ("host=h sslmode".into(), None, None)
+        );
+    }
+
+    #[test]
+    fn unix_sockets_never_use_tls_and_a_bare_hostaddr_is_the_name() {
+        use tokio_postgres::config::SslMode as Driver;
+        let mut unix: tokio_postgres::Config = "host=/run/postgresql user=u".parse().unwrap();
+        apply(SslMode::VerifyFull, &mut unix);
+        assert_eq!(unix.get_ssl_mode(), Driver::Disable);
+        let mut tcp: tokio_postgres::Config = "hostaddr=10.1.2.3 user=u".parse().unwrap();
+        apply(SslMode::VerifyCa, &mut tcp);
+        assert_eq!(tcp.get_ssl_mode(), Driver::Require);
+        assert_eq!(
+            tcp.get_hosts(),
+            &[tokio_postgres::config::Host::Tcp("10.1.2.3".into())]
         );
     }
 
