@@ -1,16 +1,62 @@
 //! Connections to the application's database: parsing the URL, the pool for ordinary
 //! queries, and single connections for the CLI and the listener.
 //!
-//! Everything that opens a connection goes through here so that keepalives and the
-//! application name are set in one place. This module runs no pgfeed queries itself.
+//! Everything that opens a connection goes through here so that keepalives, the
+//! application name and TLS ([`crate::pgtls`]) are set in one place. This module runs no
+//! pgfeed queries itself.
 
 use std::io::Write as _;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
 
 use crate::config::Secret;
+use crate::pgtls::{MakeRustlsConnect, SslMode, TlsError};
+
+/// A parsed `database.url`: the driver's settings and how connections are secured.
+#[derive(Clone)]
+pub struct DbConfig {
+    /// Host, credentials, options; its `ssl_mode` is set from [`DbConfig::sslmode`].
+    pub pg: tokio_postgres::Config,
+    /// The TLS connector for `sslmode` and `sslrootcert` (unused under `disable`).
+    pub tls: MakeRustlsConnect,
+    /// libpq's `sslmode` in force (`prefer` when the URL names none).
+    pub sslmode: SslMode,
+    /// `sslrootcert` (a path, or `system`), to say which CAs were tried when one fails.
+    pub sslrootcert: Option<String>,
+}
+
+impl DbConfig {
+    /// Parses a connection string (URL or key/value) as libpq would for `sslmode` and
+    /// `sslrootcert`, without pgfeed's settings ([`parse_url`] adds them).
+    pub fn parse(url: &str) -> Result<DbConfig, DbError> {
+        let split = crate::pgtls::split(url).map_err(DbError::Tls)?;
+        let mut pg: tokio_postgres::Config = split.rest.parse().map_err(DbError::Url)?;
+        let (sslmode, tls) =
+            crate::pgtls::connector(split.sslmode.as_deref(), split.sslrootcert.as_deref())
+                .map_err(DbError::Tls)?;
+        crate::pgtls::apply(sslmode, &mut pg);
+        Ok(DbConfig {
+            pg,
+            tls,
+            sslmode,
+            sslrootcert: split.sslrootcert,
+        })
+    }
+
+    /// Opens one connection; the caller drives the returned connection.
+    pub async fn connect(
+        &self,
+    ) -> Result<(tokio_postgres::Client, Connection), tokio_postgres::Error> {
+        self.pg.connect(self.tls.clone()).await
+    }
+}
+
+/// The half of a connection that talks to the server, encrypted or not.
+pub type Connection = tokio_postgres::Connection<
+    tokio_postgres::Socket,
+    <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>>::Stream,
+>;
 
 /// A connection problem.
 #[derive(Debug, thiserror::Error)]
@@ -18,11 +64,20 @@ pub enum DbError {
     /// `database.url` could not be parsed.
     #[error("invalid setting `database.url`: {0}")]
     Url(#[source] tokio_postgres::Error),
+    /// A TLS parameter of `database.url` (`sslmode`, `sslrootcert`) cannot be used.
+    #[error("invalid setting `database.url`: {0}")]
+    Tls(#[source] TlsError),
     /// Connecting failed.
-    #[error("cannot connect to PostgreSQL at {endpoint}")]
+    #[error(
+        "cannot connect to PostgreSQL at {endpoint}{}",
+        .hint.as_ref().map_or(String::new(), |hint| format!(": {hint}"))
+    )]
     Connect {
         /// `host:port/dbname` ([`endpoint`]), never the credentials.
         endpoint: String,
+        /// What the cause means for the settings, when the driver's words do not say
+        /// (a certificate from a CA not trusted: which CAs were).
+        hint: Option<String>,
         /// Why.
         #[source]
         source: tokio_postgres::Error,
@@ -53,8 +108,9 @@ pub fn pin_search_path(config: &mut tokio_postgres::Config) {
 }
 
 /// Parses `database.url` and applies pgfeed's connection settings.
-pub fn parse_url(url: &Secret) -> Result<tokio_postgres::Config, DbError> {
-    let mut config: tokio_postgres::Config = url.expose().parse().map_err(DbError::Url)?;
+pub fn parse_url(url: &Secret) -> Result<DbConfig, DbError> {
+    let mut db = DbConfig::parse(url.expose())?;
+    let config = &mut db.pg;
     if config.get_application_name().is_none() {
         config.application_name("pgfeed");
     }
@@ -76,13 +132,25 @@ pub fn parse_url(url: &Secret) -> Result<tokio_postgres::Config, DbError> {
         options.push_str(theirs);
     }
     config.options(&options);
-    pin_search_path(&mut config);
-    Ok(config)
+    pin_search_path(config);
+    Ok(db)
+}
+
+impl DbError {
+    /// A failure to connect with `config`.
+    pub fn connect(config: &DbConfig, source: tokio_postgres::Error) -> DbError {
+        DbError::Connect {
+            endpoint: endpoint(config),
+            hint: crate::pgtls::explain(&source, config.sslrootcert.as_deref()),
+            source,
+        }
+    }
 }
 
 /// Where `config` connects, as `host:port/dbname` (never the user's password), for logs.
-pub fn endpoint(config: &tokio_postgres::Config) -> String {
+pub fn endpoint(config: &DbConfig) -> String {
     use tokio_postgres::config::Host;
+    let config = &config.pg;
     let ports = config.get_ports();
     let hosts: Vec<String> = config
         .get_hosts()
@@ -111,25 +179,22 @@ pub fn endpoint(config: &tokio_postgres::Config) -> String {
 /// the connection) would otherwise keep running, or keep waiting for a lock, on the
 /// server. First among the options, so that a `statement_timeout` the operator put in the
 /// URL's options wins. Not for the CLI, whose install may run longer.
-pub fn with_statement_timeout(
-    config: &tokio_postgres::Config,
-    timeout: Duration,
-) -> tokio_postgres::Config {
+pub fn with_statement_timeout(config: &DbConfig, timeout: Duration) -> DbConfig {
     let mut config = config.clone();
     let ms = timeout.as_millis().clamp(1, i32::MAX as u128);
-    let options = match config.get_options() {
+    let options = match config.pg.get_options() {
         Some(rest) => format!("-c statement_timeout={ms} {rest}"),
         None => format!("-c statement_timeout={ms}"),
     };
-    config.options(&options);
+    config.pg.options(&options);
     config
 }
 
 /// The pool for journal reads and other short queries.
-pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, DbError> {
+pub fn pool(config: &DbConfig, size: usize) -> Result<Pool, DbError> {
     let manager = Manager::from_config(
-        config.clone(),
-        NoTls,
+        config.pg.clone(),
+        config.tls.clone(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -144,14 +209,11 @@ pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, DbErro
 }
 
 /// One connection, driven by a background task that ends when the client is dropped.
-pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {
+pub async fn connect(config: &DbConfig) -> Result<tokio_postgres::Client, DbError> {
     let (client, connection) = config
-        .connect(NoTls)
+        .connect()
         .await
-        .map_err(|source| DbError::Connect {
-            endpoint: endpoint(config),
-            source,
-        })?;
+        .map_err(|source| DbError::connect(config, source))?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(cause = %err, "database connection ended");
@@ -163,17 +225,11 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::
 /// One connection for the command line: the server's notices and warnings (those of
 /// `install`, `watch`, ...) are printed on stderr as the CLI's own lines, `warning: ...`
 /// with their detail and hint, rather than logged by the driver as its own noise.
-pub async fn connect_cli(
-    config: &tokio_postgres::Config,
-) -> Result<tokio_postgres::Client, DbError> {
-    let (client, mut connection) =
-        config
-            .connect(NoTls)
-            .await
-            .map_err(|source| DbError::Connect {
-                endpoint: endpoint(config),
-                source,
-            })?;
+pub async fn connect_cli(config: &DbConfig) -> Result<tokio_postgres::Client, DbError> {
+    let (client, mut connection) = config
+        .connect()
+        .await
+        .map_err(|source| DbError::connect(config, source))?;
     tokio::spawn(async move {
         // A notice arrives before the reply of its statement, and is printed before the
         // statement's caller is woken: a command's warnings come before its result.
@@ -259,7 +315,7 @@ mod tests {
     fn statement_timeout_comes_first_so_the_operators_own_wins() {
         let url = Secret::new("postgres://u@h/d?options=-c%20statement_timeout%3D5s");
         let config = with_statement_timeout(&parse_url(&url).unwrap(), Duration::from_secs(30));
-        let options = config.get_options().unwrap();
+        let options = config.pg.get_options().unwrap();
         assert!(
             options.starts_with("-c statement_timeout=30000 "),
             "{options}"
@@ -272,11 +328,12 @@ mod tests {
         );
         assert!(
             plain
+                .pg
                 .get_options()
                 .unwrap()
                 .starts_with("-c statement_timeout=1500 -c jit=off"),
             "{:?}",
-            plain.get_options()
+            plain.pg.get_options()
         );
     }
 }

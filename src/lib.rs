@@ -22,6 +22,7 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod names;
+pub mod pgtls;
 pub mod rowfilter;
 pub mod schema;
 pub mod sse;
@@ -87,10 +88,9 @@ pub async fn serve(
         let client = pool.get().await.map_err(|err| match err {
             // The driver's own error, once, with where it tried (deadpool's wrapper
             // repeats it and names no host).
-            deadpool_postgres::PoolError::Backend(source) => ServeError::Db(db::DbError::Connect {
-                endpoint: db::endpoint(&pg),
-                source,
-            }),
+            deadpool_postgres::PoolError::Backend(source) => {
+                ServeError::Db(db::DbError::connect(&pg, source))
+            }
             other => ServeError::Pool {
                 endpoint: db::endpoint(&pg),
                 source: other,

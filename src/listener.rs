@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use futures_util::future::poll_fn;
 use tokio::sync::{Notify, oneshot};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
@@ -37,7 +37,11 @@ pub const CHANNEL: &str = "pgfeed";
 /// Why a listener session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenerError {
-    /// Connecting or issuing LISTEN failed.
+    /// Connecting failed (with what the cause means for the settings, such as a
+    /// certificate from a CA `sslrootcert` does not hold).
+    #[error("cannot open the LISTEN connection")]
+    Open(#[source] crate::db::DbError),
+    /// Issuing LISTEN failed.
     #[error("cannot open the LISTEN connection")]
     Connect(#[source] tokio_postgres::Error),
     /// The connection failed while listening.
@@ -68,10 +72,10 @@ pub const APPLICATION_NAME: &str = "pgfeed-listener";
 
 /// The LISTEN connection's settings: the pool's, named [`APPLICATION_NAME`] unless the
 /// operator chose a name.
-pub fn connection_config(pool_config: &tokio_postgres::Config) -> tokio_postgres::Config {
+pub fn connection_config(pool_config: &crate::db::DbConfig) -> crate::db::DbConfig {
     let mut config = pool_config.clone();
-    if config.get_application_name() == Some("pgfeed") {
-        config.application_name(APPLICATION_NAME);
+    if config.pg.get_application_name() == Some("pgfeed") {
+        config.pg.application_name(APPLICATION_NAME);
     }
     config
 }
@@ -82,10 +86,10 @@ pub const READER_APPLICATION_NAME: &str = "pgfeed-reader";
 
 /// The settings of the listener's reading connection: the pool's (`pool_config`), named
 /// [`READER_APPLICATION_NAME`] unless the operator chose a name.
-pub fn reader_config(pool_config: &tokio_postgres::Config) -> tokio_postgres::Config {
+pub fn reader_config(pool_config: &crate::db::DbConfig) -> crate::db::DbConfig {
     let mut config = pool_config.clone();
-    if config.get_application_name() == Some("pgfeed") {
-        config.application_name(READER_APPLICATION_NAME);
+    if config.pg.get_application_name() == Some("pgfeed") {
+        config.pg.application_name(READER_APPLICATION_NAME);
     }
     config
 }
@@ -160,7 +164,7 @@ impl Readiness {
 /// The listener task's handles.
 pub struct Listener {
     /// How to open the LISTEN connection.
-    pub config: tokio_postgres::Config,
+    pub config: crate::db::DbConfig,
     /// Where announced changes are read.
     pub journal: Journal,
     /// Where they are published.
@@ -262,11 +266,11 @@ impl Listener {
         backoff: &mut Backoff,
         shutdown: &CancellationToken,
     ) -> Result<(), ListenerError> {
-        let connect = tokio::time::timeout(self.health_interval * 2, self.config.connect(NoTls));
+        let connect = tokio::time::timeout(self.health_interval * 2, self.config.connect());
         let (client, mut connection) = connect
             .await
             .map_err(|_| ListenerError::Unresponsive)?
-            .map_err(ListenerError::Connect)?;
+            .map_err(|err| ListenerError::Open(crate::db::DbError::connect(&self.config, err)))?;
         // A channel of our own for the health check, so other replicas never hear it.
         let health_channel = format!("pgfeed_health_{:016x}", rand::random::<u64>());
         let bell = Arc::new(Notify::new());

@@ -36,7 +36,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 /// HS256 secret of the benchmark's gateway.
@@ -580,16 +580,17 @@ fn with_dbname(url: &str, db: &str) -> Result<String> {
     })
 }
 
-/// A tokio-postgres config for `url` with pgfeed's pinned `search_path`.
-fn pinned(url: &str) -> Result<tokio_postgres::Config> {
-    let mut config: tokio_postgres::Config = url.parse().context("parsing the database URL")?;
-    pgfeed::db::pin_search_path(&mut config);
+/// A config for `url` (its `sslmode` and `sslrootcert` too) with pgfeed's pinned
+/// `search_path`.
+fn pinned(url: &str) -> Result<pgfeed::db::DbConfig> {
+    let mut config = pgfeed::db::DbConfig::parse(url).context("parsing the database URL")?;
+    pgfeed::db::pin_search_path(&mut config.pg);
     Ok(config)
 }
 
 async fn connect(url: &str) -> Result<tokio_postgres::Client> {
     let (client, conn) = pinned(url)?
-        .connect(NoTls)
+        .connect()
         .await
         .with_context(|| "connecting to PostgreSQL".to_string())?;
     tokio::spawn(async move {
@@ -1648,12 +1649,8 @@ impl Floor {
                     .enable_all()
                     .build()?;
                 rt.block_on(async move {
-                    let connecting = async {
-                        pinned(&url)?
-                            .connect(NoTls)
-                            .await
-                            .map_err(anyhow::Error::from)
-                    };
+                    let connecting =
+                        async { pinned(&url)?.connect().await.map_err(anyhow::Error::from) };
                     let (client, mut conn) = match connecting.await {
                         Ok(pair) => pair,
                         Err(e) => {
