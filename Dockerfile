@@ -4,6 +4,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY sql ./sql
+COPY api ./api
 COPY examples ./examples
 RUN cargo build --release --locked --bin pgfeed
 
