@@ -180,6 +180,11 @@ fn the_document_is_openapi_3_1_and_its_schemas_are_json_schema() {
         &doc,
         "api/openapi.json against the OpenAPI 3.1 schema",
     );
+    assert_eq!(
+        doc["info"]["version"],
+        env!("CARGO_PKG_VERSION"),
+        "the document's version is the crate's"
+    );
     let mut broken = doc.clone();
     broken.as_object_mut().unwrap().remove("info");
     assert_invalid(&oas, &broken, "a document without `info`");

@@ -254,6 +254,11 @@ fn the_dockerfile_builds_what_the_binary_embeds_runs_as_a_numeric_user_and_sets_
     );
     for manifest in ["deploy/k8s/deployment.yaml", "deploy/k8s/install-job.yaml"] {
         let text = read(manifest);
+        assert_eq!(
+            yaml_value(&text, "image"),
+            format!("pgfeed:{}", env!("CARGO_PKG_VERSION")),
+            "{manifest}"
+        );
         assert!(text.contains("runAsNonRoot: true"), "{manifest}");
         assert!(text.contains(&format!("runAsUser: {uid}")), "{manifest}");
     }
@@ -318,6 +323,12 @@ fn the_dockerfile_builds_what_the_binary_embeds_runs_as_a_numeric_user_and_sets_
         .unwrap()
         .to_string();
     assert!(labels.contains(&format!("org.opencontainers.image.licenses={license}")));
+    assert!(
+        runtime
+            .iter()
+            .any(|(i, a)| i == "ARG" && *a == format!("VERSION={}", env!("CARGO_PKG_VERSION"))),
+        "the image's default version is the crate's"
+    );
     // The port the image exposes is the one its config file listens on.
     let exposed = runtime
         .iter()
