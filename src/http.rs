@@ -411,7 +411,7 @@ async fn answer(state: &AppState, req: &Request<Incoming>, cors_allowed: bool) -
     let known = matches!(
         path,
         "/v1/stream" | "/v1/position" | "/healthz" | "/readyz" | "/metrics"
-    );
+    ) || api_document(path).is_some();
     if !known {
         return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route").into_response();
     }
@@ -438,11 +438,36 @@ async fn answer(state: &AppState, req: &Request<Incoming>, cors_allowed: bool) -
         "/readyz" => Ok(readyz(state)),
         "/v1/position" => Box::pin(position(state, req)).await,
         "/metrics" => Ok(Box::pin(metrics(state)).await),
-        _ => Box::pin(stream(state, req))
-            .await
-            .inspect_err(|err| state.metrics.rejected(err.code)),
+        _ => match api_document(path) {
+            Some(text) => Ok(static_json(text)),
+            None => Box::pin(stream(state, req))
+                .await
+                .inspect_err(|err| state.metrics.rejected(err.code)),
+        },
     };
     result.unwrap_or_else(ApiError::into_response)
+}
+
+/// The API description (`api/` in the repository) served at `path`, if any. The OpenAPI
+/// document refers to the schemas by relative URLs, which resolve the same way beside it in
+/// the repository and on the server.
+fn api_document(path: &str) -> Option<&'static str> {
+    match path {
+        "/openapi.json" => Some(include_str!("../api/openapi.json")),
+        "/change.schema.json" => Some(include_str!("../api/change.schema.json")),
+        "/control.schema.json" => Some(include_str!("../api/control.schema.json")),
+        _ => None,
+    }
+}
+
+/// A fixed JSON document.
+fn static_json(text: &'static str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())).boxed_unsync());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// Answers a CORS preflight.
