@@ -198,14 +198,14 @@ pub const BARRIER_TIMEOUT_MS: i32 = 20;
 /// wait at the barrier and a doorbell each, which at a high rate of commits from many
 /// writers is the serialization capture must avoid. It lingers, reading every
 /// [`LINGER_POLL`], while it has seen at least [`BUSY_COMMITS`] commits within the last
-/// [`LINGER`] (1 500 a second), or after a barrier that waited on writers for longer than
+/// [`LINGER`] (3 000 a second), or after a barrier that waited on writers for longer than
 /// [`CONTENDED_BARRIER`] or timed out; and for [`LINGER`] after the last such sign. Below
 /// that rate it arms as soon as a read comes back empty, so that each commit is read the
 /// moment its doorbell rings (latency near the raw NOTIFY floor).
 const LINGER: Duration = Duration::from_millis(20);
 const LINGER_POLL: Duration = Duration::from_millis(1);
-const BUSY_COMMITS: usize = 30;
-const CONTENDED_BARRIER: Duration = Duration::from_millis(2);
+const BUSY_COMMITS: usize = 60;
+const CONTENDED_BARRIER: Duration = Duration::from_millis(5);
 
 /// Longest `settle` reads before it lets the listener handle other things.
 const SETTLE_SLICE: Duration = Duration::from_millis(250);
