@@ -67,27 +67,9 @@ async fn with_asynchronous_commits_a_crash_never_takes_back_a_delivered_change()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_that_loses_a_numbering_resets_its_streams_and_reuses_no_position() {
     let _one_at_a_time = ONE_CLUSTER_AT_A_TIME.lock().await;
-    let cluster = tokio::task::spawn_blocking(|| {
-        Cluster::start_with(
-            &Search::local(),
-            "synchronous_commit = on\nwal_writer_delay = 10s\ncheckpoint_timeout = 1h",
-        )
-        .unwrap_or_else(|e| panic!("cannot start a cluster of this test's own: {e}"))
-    })
-    .await
-    .unwrap();
-    let cluster = Arc::new(cluster);
-    let admin = support::connect(&cluster.url()).await;
-    support::Run::run(&admin, "CREATE DATABASE crash").await;
-    let url = format!("postgres://postgres@127.0.0.1:{}/crash", cluster.port());
-    let mut c = support::connect(&url).await;
-    pgfeed::schema::install(&mut c).await.expect("install");
-    support::Run::run(
-        &c,
-        "CREATE TABLE orders (id serial PRIMARY KEY, tenant text NOT NULL, body text);
-         SELECT pgfeed.watch('orders', 'tenant');",
-    )
-    .await;
+    let (cluster, admin, url, mut c) =
+        watched_cluster("synchronous_commit = on\nwal_writer_delay = 10s\ncheckpoint_timeout = 1h")
+            .await;
     let proxy = support::Proxy::start(&url).await;
     let mut through_proxy = sources(&proxy.url(&url));
     // Connection attempts held by the proxy give up soon.
@@ -437,12 +419,17 @@ async fn next_within(s: &mut SseClient, wait: Duration) -> Option<Value> {
     }
 }
 
-async fn crash_under_writes(commits: Commits) {
-    let started = std::time::Instant::now();
-    let conf = match commits {
-        Commits::Durable => "synchronous_commit = on",
-        Commits::Asynchronous => "synchronous_commit = off\nwal_writer_delay = 10s",
-    };
+/// A cluster of the test's own with `conf`, a database `crash` with the schema and a
+/// watched `orders` table: the cluster, a connection to its `postgres` database, the
+/// database's URL and a connection to it.
+async fn watched_cluster(
+    conf: &'static str,
+) -> (
+    Arc<Cluster>,
+    tokio_postgres::Client,
+    String,
+    tokio_postgres::Client,
+) {
     let cluster = tokio::task::spawn_blocking(move || {
         Cluster::start_with(&Search::local(), conf)
             .unwrap_or_else(|e| panic!("cannot start a cluster of this test's own: {e}"))
@@ -461,6 +448,16 @@ async fn crash_under_writes(commits: Commits) {
          SELECT pgfeed.watch('orders', 'tenant');",
     )
     .await;
+    (cluster, admin, url, c)
+}
+
+async fn crash_under_writes(commits: Commits) {
+    let started = std::time::Instant::now();
+    let conf = match commits {
+        Commits::Durable => "synchronous_commit = on",
+        Commits::Asynchronous => "synchronous_commit = off\nwal_writer_delay = 10s",
+    };
+    let (cluster, admin, url, c) = watched_cluster(conf).await;
 
     let gw = Gateway::start_with(sources(&url)).await;
     let mut s = gw.live("acme").await;
