@@ -5,13 +5,17 @@
 # "Deploy".
 FROM rust:1-bookworm AS build
 WORKDIR /src
-# The dependencies, in a layer of their own that only Cargo.toml and Cargo.lock change:
-# built once against an empty crate.
+# The dependencies, in a layer of their own that only the manifests and Cargo.lock change:
+# built once against empty crates. The workspace's other members (the test kit and the
+# benchmark) are never built here, but Cargo reads their manifests.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+COPY testkit/Cargo.toml ./testkit/
+COPY bench/Cargo.toml ./bench/
+RUN mkdir -p src testkit/src bench/src \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
-    && cargo build --release --locked --bin pgfeed \
+    && echo 'fn main() {}' > bench/src/main.rs \
+    && touch src/lib.rs testkit/src/lib.rs \
+    && cargo build --release --locked -p pgfeed --bin pgfeed \
     && rm -rf src
 # Everything the binary embeds (include_str!): the sources, the SQL, the API description
 # and the demo's pages.
@@ -21,7 +25,7 @@ COPY api ./api
 COPY examples ./examples
 # COPY keeps the files' times, which may be older than the empty crate's build.
 RUN touch src/main.rs src/lib.rs \
-    && cargo build --release --locked --bin pgfeed
+    && cargo build --release --locked -p pgfeed --bin pgfeed
 
 FROM debian:bookworm-slim
 ARG VERSION=0.1.0

@@ -4,7 +4,7 @@
 //! those the source can produce, with the statuses the README's table gives; and real
 //! events and responses from a real gateway validate against it.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

@@ -4,7 +4,7 @@
 //! Public keys are generated at test time with the `openssl` command, so no key material
 //! lives in the repository; tokens are signed here with `jsonwebtoken`.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -14,8 +14,8 @@
 //! Without Chromium and chromedriver this test fails, saying what to install: it never
 //! skips.
 
-mod demo_process;
-mod support;
+use pgfeed_testkit as support;
+use pgfeed_testkit::demo_process;
 
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;

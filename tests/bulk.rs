@@ -2,7 +2,7 @@
 //! only a doorbell, so its 8000-byte limit never matters), and a statement rings the
 //! doorbell once whatever the number of rows it changed.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::collections::HashSet;
 use std::time::Duration;

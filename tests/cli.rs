@@ -1,7 +1,7 @@
 //! The `pgfeed` binary as an operator uses it: install, watch, unwatch, status, token,
 //! uninstall, configuration errors, and `serve` start-up and shutdown.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -6,7 +6,7 @@
 //! asked all along, covers what committed before it was asked and nothing begun after it
 //! answered; and capture adds no serialization failure of its own to SERIALIZABLE commits.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

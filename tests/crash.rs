@@ -10,7 +10,7 @@
 //! Its own test binary and clusters of its own: a crash cuts every connection of every
 //! test sharing a cluster, and the suite's cluster commits asynchronously.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

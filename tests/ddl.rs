@@ -5,7 +5,7 @@
 //! items 3, 4 and 9). Each setting must follow its column, and whatever pgfeed cannot
 //! follow must be refused, never silently published, misrouted or lost.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -7,7 +7,7 @@
 //! with the image. Schema validation of compose.yaml and the manifests, and hadolint, run
 //! in .ci/run.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -238,6 +238,30 @@ fn the_dockerfile_builds_what_the_binary_embeds_runs_as_a_numeric_user_and_sets_
     }
     for needed in ["target/", ".git/"] {
         assert!(ignored.contains(&needed), ".dockerignore has {needed}");
+    }
+
+    // Cargo reads every workspace member's manifest, even to build one package: each is
+    // copied before the first build, and let through .dockerignore.
+    let root = read("Cargo.toml");
+    let members: toml::Table = toml::from_str(&root).unwrap();
+    let members = members["workspace"]["members"].as_array().unwrap();
+    for member in members
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .filter(|m| *m != ".")
+    {
+        let manifest = format!("{member}/Cargo.toml");
+        assert!(
+            build[..first_build]
+                .iter()
+                .any(|(i, a)| i == "COPY" && a.starts_with(&manifest)),
+            "the Dockerfile copies {manifest} before its first build"
+        );
+        assert!(
+            ignored.contains(&format!("!{manifest}").as_str())
+                || !ignored.iter().any(|p| p.trim_end_matches('/') == member),
+            ".dockerignore lets {manifest} through"
+        );
     }
 
     // A numeric user, the one the Kubernetes manifests run as.

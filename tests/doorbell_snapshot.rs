@@ -6,7 +6,7 @@
 //! application's write; a missing doorbell at worst delays a change until the health check,
 //! which is set out of reach here).
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The event shape of every op, no-op updates, excluded columns, transactions that roll
 //! back, and exact numerics: real writes, a real gateway, real HTTP.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! two SQL files through `psql`, against a gateway, with one subscriber per tenant. (The
 //! JavaScript examples are exercised in a real browser by `tests/browser.rs`.)
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::collections::BTreeSet;
 use std::process::Command;

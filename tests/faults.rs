@@ -3,7 +3,7 @@
 //! commits changes throughout and checks exactly-once, in-order delivery per subscriber
 //! against what the database holds.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::time::Duration;
 

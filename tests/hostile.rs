@@ -3,7 +3,7 @@
 //! clients that stop reading, tokens with odd `exp` values, and environments that carry
 //! variables of their own.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -6,7 +6,7 @@
 //! application transaction, triggers switched to replica-only, and an upgrade from schema 3
 //! over a column renamed while schema 3 did not follow renames.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::time::Duration;
 

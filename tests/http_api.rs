@@ -3,7 +3,7 @@
 //! heartbeats, NDJSON, and a token that expires mid-stream. Real HTTP against an
 //! in-process gateway.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

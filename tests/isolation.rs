@@ -2,7 +2,7 @@
 //! NOTIFYs from an unprivileged role, and application roles that hold no privilege on
 //! schema `pgfeed`. Real writes, a real gateway, real HTTP.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;

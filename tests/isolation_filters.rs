@@ -10,7 +10,7 @@
 //! that list, in order, and nothing after it. The workload comes from a seeded RNG: the
 //! seed is printed, and `PGFEED_TEST_SEED=<seed>` replays a run.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};

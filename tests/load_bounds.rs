@@ -2,7 +2,7 @@
 //! names and slow readers may cost it, measured on a real gateway against a real
 //! PostgreSQL.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::time::Duration;
 

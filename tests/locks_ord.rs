@@ -3,8 +3,8 @@
 //! and set `pgfeed.ord` in their own transactions. None of it may block capture, install or
 //! pruning, corrupt a position, or lose a change.
 
-mod demo_process;
-mod support;
+use pgfeed_testkit as support;
+use pgfeed_testkit::demo_process;
 
 use serde_json::Value;
 use support::{

@@ -2,7 +2,7 @@
 //! UTF-8 in a `SQL_ASCII` database) are skipped and counted, one by one: every other
 //! change keeps flowing, live and in replays, and the gateway stays ready.
 
-mod support;
+use pgfeed_testkit as support;
 
 use support::{Gateway, Run, SseClient, TestDb};
 

@@ -2,7 +2,7 @@
 //! one replica at a time, two replicas on one database, `--check-config`, and logs that
 //! never carry a token.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::process::{Command, Stdio};
 

@@ -3,7 +3,7 @@
 //! query) gets exactly what it missed, fetch-then-subscribe has no gap, and a subscriber
 //! that falls behind the live buffer is caught up from the journal.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! over real HTTP, random queries and headers always get a 200 stream or a 4xx JSON error,
 //! never a 5xx and never a hang.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

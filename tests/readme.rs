@@ -2,7 +2,7 @@
 //! a free port), including its `psql` insert and `curl -N` stream, so that the README's
 //! commands stay true.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

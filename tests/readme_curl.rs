@@ -2,7 +2,7 @@
 //! which tests/readme.rs runs) against a gateway set up like the quickstart, so that the
 //! documented examples keep working.
 
-mod support;
+use pgfeed_testkit as support;
 
 use support::{Gateway, TestDb};
 

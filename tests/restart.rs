@@ -2,7 +2,7 @@
 //! Its own test binary, because restarting the cluster cuts every connection of every test
 //! that shares it.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::time::Duration;
 

@@ -6,7 +6,7 @@
 //! watch and status from the CLI, and a gateway serving, replaying and reloading its
 //! catalog) must never call one. And the least-privilege role a gateway can run as.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -6,8 +6,8 @@
 //! CA is refused, and a host name the certificate does not name is refused under
 //! `verify-full` but accepted under `verify-ca`. `pgfeed demo` runs against it too.
 
-mod demo_process;
-mod support;
+use pgfeed_testkit as support;
+use pgfeed_testkit::demo_process;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;

@@ -2,7 +2,7 @@
 //! gateways notice at once and say the schema is missing, and recover by themselves
 //! once it is installed again.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::process::Output;
 

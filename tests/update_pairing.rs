@@ -8,7 +8,7 @@
 //! statement changes: in every update event, `old.tag` must equal `new.tag`, and the
 //! event's `pk` must be the new row's key.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::collections::HashMap;
 

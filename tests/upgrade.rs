@@ -3,7 +3,7 @@
 //! committing watched writes. Nothing may be lost or duplicated, no application write may
 //! fail, and the upgraded tables must follow DDL like freshly watched ones.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

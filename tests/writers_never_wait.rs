@@ -5,7 +5,7 @@
 //! fixed speed of this machine), with bounds generous enough for a noisy 2-core machine,
 //! and they take turns.
 
-mod support;
+use pgfeed_testkit as support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

@@ -55,7 +55,7 @@ impl DemoProcess {
             std::process::id(),
             STARTED.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_pgfeed"));
+        let mut command = Command::new(crate::pgfeed_bin());
         command
             .arg("demo")
             .args(args)

@@ -1,13 +1,14 @@
-//! Test support: a throwaway PostgreSQL cluster per test binary, a fresh database per
-//! test, the gateway in-process on port 0, and a small HTTP/SSE client over a raw socket
-//! (so tests control exactly when they read).
+//! pgfeed's test kit, shared by the product's tests and the benchmark: a throwaway
+//! PostgreSQL cluster per test binary, a fresh database per test, the gateway in-process on
+//! port 0 or as a child process, and a small HTTP/SSE client over a raw socket (so tests
+//! control exactly when they read).
 //!
 //! The cluster is [`pgfeed::cluster`]'s throwaway cluster (the local `initdb`/`pg_ctl`, as
 //! the `postgres` user when run as root) unless `PGFEED_TEST_DATABASE_URL` points at an
 //! existing server. Its watchdog stops and removes it when the test binary exits. If
 //! neither works the tests fail with a message saying what to install: they never skip.
 
-#![allow(dead_code, unreachable_pub)]
+pub mod demo_process;
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -25,6 +26,28 @@ pub const SECRET: &str = "test-secret-0123456789abcdef";
 
 /// Generous bound for anything that should happen "soon": catches hangs, not slowness.
 pub const SOON: Duration = Duration::from_secs(20);
+
+/// The `pgfeed` binary of this build: `target/<profile>/pgfeed`, beside the directory
+/// holding the running test executable (`target/<profile>/deps/`). `PGFEED_BIN` overrides.
+/// `cargo test` builds it for the product's own tests; a member tested alone needs
+/// `cargo build --bin pgfeed` first, and this says so rather than running something stale.
+pub fn pgfeed_bin() -> std::path::PathBuf {
+    if let Some(bin) = std::env::var_os("PGFEED_BIN") {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join(format!("pgfeed{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} does not exist: run `cargo build --bin pgfeed` (or the whole `cargo test`) first",
+        bin.display()
+    );
+    bin
+}
 
 /// Where the test server is.
 pub struct Server {
@@ -848,6 +871,7 @@ pub fn server_message(e: &tokio_postgres::Error) -> String {
 }
 
 /// `batch_execute` for statements that must succeed.
+#[allow(async_fn_in_trait)] // only awaited in place by tests, never spawned
 pub trait Run {
     /// Runs `sql`; it must succeed (else the test fails with the server's message).
     async fn run(&self, sql: &str);
@@ -1129,7 +1153,7 @@ pub async fn app_owner(db: &TestDb, what: &str) -> (String, tokio_postgres::Clie
 /// The `pgfeed` binary with `args` on `db`, with a clean environment (no `PGFEED_*` of
 /// the caller's but the test secret), killed when dropped.
 pub fn pgfeed_command(db: &TestDb, args: &[&str]) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgfeed"));
+    let mut cmd = tokio::process::Command::new(crate::pgfeed_bin());
     cmd.args(args).env_remove("DATABASE_URL").kill_on_drop(true);
     for (k, _) in std::env::vars() {
         if k.starts_with("PGFEED_") && !k.starts_with("PGFEED_TEST_") {
@@ -1303,7 +1327,7 @@ pub fn pgfeed_shell_command(db: &TestDb, shell: &str, args: &[&str]) -> tokio::p
     let mut cmd = tokio::process::Command::new("sh");
     cmd.arg("-c")
         .arg(format!("{shell}; exec \"$0\" \"$@\""))
-        .arg(env!("CARGO_BIN_EXE_pgfeed"))
+        .arg(crate::pgfeed_bin())
         .args(args)
         .env_remove("DATABASE_URL")
         .kill_on_drop(true);

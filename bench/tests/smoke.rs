@@ -12,7 +12,7 @@ fn bench_smoke_preset_delivers_everything_once_to_the_right_tenant() {
         "--preset",
         "smoke",
         "--pgfeed-bin",
-        env!("CARGO_BIN_EXE_pgfeed"),
+        pgfeed_testkit::pgfeed_bin().to_str().expect("a UTF-8 path"),
     ]);
     if let Ok(url) = std::env::var("PGFEED_TEST_DATABASE_URL")
         && !url.is_empty()
@@ -64,10 +64,10 @@ fn capture_instruction_count_script_runs() {
     let out = Command::new("bash")
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/bench/capture-instructions.sh"
+            "/capture-instructions.sh"
         ))
         .arg("20")
-        .env("PGFEED", env!("CARGO_BIN_EXE_pgfeed"))
+        .env("PGFEED", pgfeed_testkit::pgfeed_bin())
         .output()
         .expect("running bench/capture-instructions.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);
