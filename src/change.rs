@@ -1,17 +1,17 @@
-//! The captured change as the gateway sees it: its position in commit order, its row
-//! images, and its wire frames.
+//! The captured change as the gateway sees it: its position in commit order and its row
+//! images.
 //!
 //! A change is read from the journal once, wrapped in an `Arc`, and shared by every
-//! subscriber that receives it. Its frames are serialized at most once per encoding and
-//! shared as `Bytes`. Row images stay as the JSON text PostgreSQL produced (`RawValue`), so
-//! a 30-digit numeric keeps every digit. This module never touches the database.
+//! subscriber that receives it. Its frames ([`crate::frame`] encodes them) are serialized
+//! at most once per encoding and kept here, shared as `Bytes`. Row images stay as the JSON
+//! text PostgreSQL produced (`RawValue`), so a 30-digit numeric keeps every digit. This
+//! module never touches the database.
 
 use std::fmt;
 use std::str::FromStr;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::rowfilter::Row;
@@ -112,16 +112,6 @@ pub enum Payload {
     Keys,
 }
 
-/// The wire format of a stream.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Format {
-    /// `text/event-stream`.
-    #[default]
-    Sse,
-    /// `application/x-ndjson`: one JSON object per line.
-    Ndjson,
-}
-
 /// One captured change, as read from the journal.
 #[derive(Debug)]
 pub struct Change {
@@ -147,31 +137,11 @@ pub struct Change {
     pub committed_at: String,
     /// Commit time in seconds since the epoch, for latency metrics.
     pub committed_epoch: f64,
-    /// Encoded frames, built on first use: [sse full, sse keys, ndjson full, ndjson keys].
-    frames: [OnceLock<Bytes>; 4],
+    /// Encoded frames, built on first use by [`crate::frame`]: [sse full, sse keys, ndjson
+    /// full, ndjson keys].
+    pub(crate) frames: [OnceLock<Bytes>; 4],
     /// `new` and `old` parsed, on first use by a row filter; shared by every subscriber.
     rows: [OnceLock<Option<Row>>; 2],
-}
-
-/// The `data:` object of a change event.
-#[derive(Serialize)]
-struct EventData<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    event: Option<&'static str>,
-    position: String,
-    table: &'a str,
-    op: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tenant: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pk: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    new: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    old: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    changed: Option<&'a [String]>,
-    committed_at: &'a str,
 }
 
 impl Change {
@@ -235,97 +205,11 @@ impl Change {
             .get_or_init(|| self.old.as_deref().and_then(|r| Row::parse(r.get())))
             .as_ref()
     }
-
-    /// The encoded frame for this change, built once per (format, payload) and shared.
-    pub fn frame(&self, format: Format, payload: Payload) -> &Bytes {
-        let slot = match (format, payload) {
-            (Format::Sse, Payload::Full) => 0,
-            (Format::Sse, Payload::Keys) => 1,
-            (Format::Ndjson, Payload::Full) => 2,
-            (Format::Ndjson, Payload::Keys) => 3,
-        };
-        self.frames[slot].get_or_init(|| self.encode(format, payload))
-    }
-
-    fn encode(&self, format: Format, payload: Payload) -> Bytes {
-        let full = payload == Payload::Full;
-        let data = EventData {
-            event: (format == Format::Ndjson).then_some("change"),
-            position: self.position.to_string(),
-            table: &self.table,
-            op: self.op.as_str(),
-            tenant: self.tenant.as_deref(),
-            pk: self.pk.as_deref(),
-            new: self.new.as_deref().filter(|_| full),
-            old: self.old.as_deref().filter(|_| full),
-            changed: self.changed.as_deref(),
-            committed_at: &self.committed_at,
-        };
-        // Serializing plain strings and RawValues cannot fail.
-        let json = serde_json::to_vec(&data).expect("event data serializes");
-        let mut out = Vec::with_capacity(json.len() + 48);
-        match format {
-            Format::Sse => {
-                out.extend_from_slice(b"id: ");
-                out.extend_from_slice(data.position.as_bytes());
-                out.extend_from_slice(b"\nevent: change\ndata: ");
-                out.extend_from_slice(&json);
-                out.extend_from_slice(b"\n\n");
-            }
-            Format::Ndjson => {
-                out.extend_from_slice(&json);
-                out.push(b'\n');
-            }
-        }
-        Bytes::from(out)
-    }
-}
-
-/// Encodes a control event (`live`, `reset`, `expired`, ...) whose data is `data`.
-///
-/// In SSE the frame carries `id:` when `id` is given, so that a client that reconnects
-/// after it resumes from there.
-pub fn control_frame(
-    format: Format,
-    event: &str,
-    id: Option<Position>,
-    data: &serde_json::Value,
-) -> Bytes {
-    match format {
-        Format::Sse => {
-            let mut s = String::with_capacity(96);
-            if let Some(id) = id {
-                s.push_str("id: ");
-                s.push_str(&id.to_string());
-                s.push('\n');
-            }
-            s.push_str("event: ");
-            s.push_str(event);
-            s.push_str("\ndata: ");
-            s.push_str(&data.to_string());
-            s.push_str("\n\n");
-            Bytes::from(s)
-        }
-        Format::Ndjson => {
-            let mut obj = serde_json::Map::new();
-            obj.insert("event".into(), event.into());
-            if let serde_json::Value::Object(fields) = data {
-                obj.extend(fields.clone());
-            }
-            let mut line = serde_json::Value::Object(obj).to_string();
-            line.push('\n');
-            Bytes::from(line)
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn raw(s: &str) -> Option<Box<RawValue>> {
-        Some(RawValue::from_string(s.to_string()).unwrap())
-    }
 
     #[test]
     fn position_round_trips_and_orders() {
@@ -363,47 +247,5 @@ mod tests {
                 "{bad:?} should be rejected"
             );
         }
-    }
-
-    #[test]
-    fn sse_frame_keeps_raw_numbers_and_omits_missing_parts() {
-        let c = Change::new(
-            Position { commit: 3, ord: 1 },
-            "public.orders".into(),
-            Op::Update,
-            Some("acme".into()),
-            false,
-            raw(r#"{"id": 1}"#),
-            raw(r#"{"id": 1, "n": 123456789012345678901234567890.5}"#),
-            raw(r#"{"id": 1, "n": 1}"#),
-            Some(vec!["n".into()]),
-            "2026-11-23T14:03:01.123456Z".into(),
-            0.0,
-        );
-        let frame = std::str::from_utf8(c.frame(Format::Sse, Payload::Full))
-            .unwrap()
-            .to_string();
-        assert!(
-            frame.starts_with("id: 3.1\nevent: change\ndata: {"),
-            "{frame}"
-        );
-        assert!(frame.ends_with("}\n\n"));
-        assert!(frame.contains("123456789012345678901234567890.5"));
-        let keys = std::str::from_utf8(c.frame(Format::Sse, Payload::Keys))
-            .unwrap()
-            .to_string();
-        assert!(
-            !keys.contains("\"new\"") && !keys.contains("\"old\""),
-            "{keys}"
-        );
-        assert!(keys.contains(r#""changed":["n"]"#));
-        let nd = std::str::from_utf8(c.frame(Format::Ndjson, Payload::Full))
-            .unwrap()
-            .to_string();
-        assert!(
-            nd.starts_with(r#"{"event":"change","position":"3.1""#),
-            "{nd}"
-        );
-        assert!(nd.ends_with("}\n") && nd.matches('\n').count() == 1);
     }
 }

@@ -3,7 +3,7 @@
 //! SQL triggers journal every change to watched tables and ring a NOTIFY doorbell at
 //! commit; one LISTEN connection ([`listener`]) reads the announced changes from the
 //! journal ([`journal`]) and publishes them to per-tenant broadcast channels ([`fanout`]);
-//! each subscriber's Server-Sent Events stream ([`sse`]) replays what it missed and then
+//! each subscriber's Server-Sent Events stream ([`session`]) replays what it missed and then
 //! follows the live feed. [`serve`] runs the whole gateway; `main.rs` is a thin wrapper.
 
 pub mod auth;
@@ -16,6 +16,7 @@ pub mod db;
 pub mod demo;
 pub mod fanout;
 pub mod filter;
+pub mod frame;
 pub mod http;
 pub mod journal;
 pub mod listener;
@@ -23,10 +24,10 @@ pub mod logging;
 pub mod metrics;
 pub mod names;
 pub mod pgtls;
+mod rawconn;
 pub mod rowfilter;
 pub mod schema;
-pub mod sse;
-mod streamconn;
+pub mod session;
 
 use std::sync::Arc;
 
@@ -160,7 +161,7 @@ pub async fn serve(
         cors_origins: config.cors_origins.clone(),
         metrics,
         readiness: Arc::clone(&readiness),
-        stream: sse::StreamSettings {
+        stream: session::StreamSettings {
             heartbeat: config.heartbeat,
             retry: config.retry,
         },

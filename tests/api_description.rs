@@ -442,11 +442,21 @@ fn every_error_code_the_source_produces_is_in_the_document_and_the_readme() {
     );
 }
 
-/// The paths the router matches: the path-like string literals of the HTTP code.
+/// The paths the router matches: the path-like string literals of the HTTP code (every
+/// file of `src/http/`).
 fn router_paths() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    for file in ["src/http.rs", "src/streamconn.rs"] {
-        for line in repo_file(file).lines() {
+    let dir = format!("{}/src/http", env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {dir}: {e}"))
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".rs"))
+        .map(|name| format!("src/http/{name}"))
+        .collect();
+    files.sort();
+    assert!(files.len() > 1, "no HTTP code found in {dir}");
+    for file in files {
+        for line in repo_file(&file).lines() {
             let code = line.split("//").next().unwrap_or("");
             for literal in code.split('"').skip(1).step_by(2) {
                 if literal.starts_with('/')
@@ -535,7 +545,7 @@ async fn the_documented_routes_and_methods_are_exactly_those_the_server_answers(
     assert_eq!(
         router_paths(),
         documented,
-        "the paths named in src/http.rs and src/streamconn.rs against the document's"
+        "the paths named in src/http/ against the document's"
     );
 
     let db = TestDb::new().await;

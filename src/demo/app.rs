@@ -13,24 +13,21 @@
 //! browser test exercises CORS as a real deployment would. Nothing here serves `/v1`.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::AuthConfig;
+use crate::http::{Body, error_response, full, json};
 
 /// The live page.
 const PAGE: &str = include_str!("page.html");
@@ -81,35 +78,17 @@ pub struct App {
 /// Serves the demo application until `shutdown`.
 pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
-    loop {
-        let socket = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((socket, _)) => socket,
-                Err(err) => {
-                    tracing::warn!(cause = %err, "demo page: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some(socket) = crate::http::accept(&listener, &shutdown, "demo page").await {
         let app = Arc::clone(&app);
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            let service = service_fn(move |req| {
+            let handler = move |req| {
                 let app = Arc::clone(&app);
-                async move { Ok::<_, Infallible>(answer(&app, req).await) }
-            });
-            let connection = http1::Builder::new().serve_connection(TokioIo::new(socket), service);
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                _ = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
+                async move { answer(&app, req).await }
             };
-            if let Err(err) = result {
+            let builder = http1::Builder::new();
+            let served = crate::http::serve_connection(&builder, socket, handler, &shutdown);
+            if let Err(err) = served.await {
                 tracing::debug!(cause = %err, "demo page: connection ended with an error");
             }
         });
@@ -118,7 +97,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: CancellationTok
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
 }
 
-async fn answer(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn answer(app: &App, req: Request<Incoming>) -> Response<Body> {
     if app.loopback_only && !addressed_to_loopback(&req, app.page_port) {
         return error(
             StatusCode::FORBIDDEN,
@@ -148,10 +127,10 @@ async fn answer(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-async fn with_tenant<'a, F, Fut>(tenant: Option<&'a str>, f: F) -> Response<Full<Bytes>>
+async fn with_tenant<'a, F, Fut>(tenant: Option<&'a str>, f: F) -> Response<Body>
 where
     F: FnOnce(&'a str) -> Fut,
-    Fut: std::future::Future<Output = Response<Full<Bytes>>>,
+    Fut: std::future::Future<Output = Response<Body>>,
 {
     match tenant {
         Some(t) if !t.is_empty() && t.len() <= 200 => f(t).await,
@@ -162,7 +141,7 @@ where
     }
 }
 
-async fn config(app: &App) -> Response<Full<Bytes>> {
+async fn config(app: &App) -> Response<Body> {
     let mut tenants: Vec<String> = TENANTS.iter().map(|t| t.to_string()).collect();
     match query_text(
         app,
@@ -196,7 +175,7 @@ async fn config(app: &App) -> Response<Full<Bytes>> {
 
 /// The tenant's rows, rendered by `to_jsonb` like the rows in events, so that a row read
 /// here and the same row in a change look exactly alike.
-async fn rows(app: &App, tenant: &str) -> Response<Full<Bytes>> {
+async fn rows(app: &App, tenant: &str) -> Response<Body> {
     match query_text(
         app,
         "SELECT coalesce(jsonb_agg(to_jsonb(o) ORDER BY o.id), '[]')::text
@@ -211,7 +190,7 @@ async fn rows(app: &App, tenant: &str) -> Response<Full<Bytes>> {
 }
 
 /// Orders and totals by status: what the `payload=keys` dashboard refetches.
-async fn summary(app: &App, tenant: &str) -> Response<Full<Bytes>> {
+async fn summary(app: &App, tenant: &str) -> Response<Body> {
     match query_text(
         app,
         "SELECT coalesce(jsonb_agg(s ORDER BY s.status), '[]')::text FROM (
@@ -269,7 +248,7 @@ fn loopback_host(host: &str, port: u16) -> bool {
 
 /// Mints a token for `tenant` limited to the demo table, if the page offers that tenant
 /// and `tables` (if asked for) names nothing else.
-async fn token(app: &App, tenant: &str, tables: Option<&str>) -> Response<Full<Bytes>> {
+async fn token(app: &App, tenant: &str, tables: Option<&str>) -> Response<Body> {
     if let Some(tables) = tables
         && tables
             .split(',')
@@ -306,7 +285,7 @@ async fn token(app: &App, tenant: &str, tables: Option<&str>) -> Response<Full<B
 
 /// Whether the page offers `tenant`: a seed tenant, or one with rows in the demo table
 /// (what [`config`] lists).
-async fn offered(app: &App, tenant: &str) -> Result<bool, Response<Full<Bytes>>> {
+async fn offered(app: &App, tenant: &str) -> Result<bool, Response<Body>> {
     if TENANTS.contains(&tenant) {
         return Ok(true);
     }
@@ -323,11 +302,7 @@ async fn offered(app: &App, tenant: &str) -> Result<bool, Response<Full<Bytes>>>
     Ok(found == "true")
 }
 
-async fn query_text(
-    app: &App,
-    sql: &str,
-    tenant: Option<&str>,
-) -> Result<String, Response<Full<Bytes>>> {
+async fn query_text(app: &App, sql: &str, tenant: Option<&str>) -> Result<String, Response<Body>> {
     let unavailable = |cause: &dyn std::fmt::Display| {
         tracing::warn!(cause = %cause, "demo page: reading the demo table failed");
         error(
@@ -341,11 +316,11 @@ async fn query_text(
         None => client.query_one(sql, &[]).await,
     }
     .map_err(|e| unavailable(&e))?;
-    Ok(row.get(0))
+    row.try_get(0).map_err(|e| unavailable(&e))
 }
 
-fn asset(body: &'static str, content_type: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::from_static(body.as_bytes())));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -356,28 +331,15 @@ fn asset(body: &'static str, content_type: &'static str) -> Response<Full<Bytes>
     response
 }
 
-fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
-}
-
-fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+/// An error in the gateway's one JSON shape, its code the status's reason phrase
+/// (`not_found`, `forbidden`, ...).
+fn error(status: StatusCode, message: &str) -> Response<Body> {
     let code = status
         .canonical_reason()
         .unwrap_or("error")
         .to_ascii_lowercase()
         .replace(' ', "_");
-    json(
-        status,
-        serde_json::json!({ "error": { "code": code, "message": message } }).to_string(),
-    )
+    error_response(status, &code, message)
 }
 
 #[cfg(test)]

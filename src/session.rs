@@ -1,33 +1,35 @@
-//! One subscriber's event stream: replay from the journal, the `live` marker, live changes
-//! from the hub, heartbeats, and the end of the stream (shutdown, token expiry).
+//! One subscriber's session, as a state machine: replay from the journal (when the client
+//! resumes), the `live` marker, live changes from the hub (with catch-ups when it falls
+//! behind), heartbeats, and the end (shutdown, token expiry, `reset` when its position is
+//! gone).
 //!
-//! The stream is a pull-based state machine polled by hyper only when the socket can take
-//! more, so a client that stops reading costs little memory: live, nothing beyond its hub
+//! The session is pulled ([`EventStream::next_chunk`]) only when the socket can take more,
+//! so a client that stops reading costs little memory: live, nothing beyond its hub
 //! receiver (it falls behind, gets `Lagged`, and is caught up when it reads again: from
 //! the hub's memory of recent changes while that reaches back far enough, else from the
 //! journal); in a replay or catch-up, one journal read (bounded in real bytes,
 //! [`crate::journal::STREAM_READ_BYTES`]) and the chunk being written. Duplicates at the
 //! replay/live seam are dropped by position. Frames that are ready are written together,
 //! up to [`MAX_CHUNK`] per chunk (or one frame, if larger). This module never decides who
-//! may see what beyond applying the subscriber's [`Selection`].
+//! may see what beyond applying the subscriber's [`Selection`], never encodes a frame
+//! itself ([`crate::frame`]) and never touches a socket or HTTP ([`crate::http`] and
+//! [`crate::rawconn`] write what it yields).
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt as _;
-use http_body_util::StreamBody;
-use hyper::body::Frame;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::change::{Change, Format, Position, control_frame};
+use crate::change::{Change, Position};
 use crate::fanout::Subscription;
 use crate::filter::Selection;
+use crate::frame::{self, Chunk, Control, Format};
 use crate::journal::{Batch, Journal, Scope};
 use crate::metrics::Metrics;
 
@@ -41,6 +43,29 @@ pub struct StreamSettings {
     pub heartbeat: Duration,
     /// Reconnect delay announced with `retry:`.
     pub retry: Duration,
+}
+
+/// What a stream is made of, for [`EventStream::new`].
+pub struct StreamParts<'a> {
+    /// For replay and catch-up.
+    pub journal: Journal,
+    /// The subscriber's place in the hub, registered before the response starts.
+    pub subscription: Subscription,
+    /// What the subscriber receives.
+    pub selection: Selection,
+    /// SSE or NDJSON.
+    pub format: Format,
+    /// Where the client resumes (`Last-Event-ID`), or `None` to start live.
+    pub resume_from: Option<Position>,
+    /// When the subscriber's token expires, if it does.
+    pub expires_at: Option<SystemTime>,
+    /// Heartbeat and retry, shared by every stream.
+    pub settings: &'a StreamSettings,
+    /// The stream's own token, cancelled on shutdown: a child of the server's, since every
+    /// poll of a cancellation future locks its token's node.
+    pub shutdown: CancellationToken,
+    /// Where deliveries, lag and catch-ups are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Most changes taken from the hub's memory for one chunk of a catch-up or replay.
@@ -131,18 +156,18 @@ pub struct EventStream {
 impl EventStream {
     /// A stream for a registered subscription. With `resume_from`, it replays the
     /// journal after that position first; without, it is live at once.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        journal: Journal,
-        subscription: Subscription,
-        selection: Selection,
-        format: Format,
-        resume_from: Option<Position>,
-        expires_at: Option<SystemTime>,
-        settings: &StreamSettings,
-        shutdown: CancellationToken,
-        metrics: Arc<Metrics>,
-    ) -> EventStream {
+    pub fn new(parts: StreamParts<'_>) -> EventStream {
+        let StreamParts {
+            journal,
+            subscription,
+            selection,
+            format,
+            resume_from,
+            expires_at,
+            settings,
+            shutdown,
+            metrics,
+        } = parts;
         let (last, mode) = match resume_from {
             Some(p) => (p, Mode::Replay { announce: true }),
             None => (subscription.from, Mode::Live),
@@ -206,36 +231,8 @@ impl EventStream {
         }
     }
 
-    /// The stream as a hyper body.
-    pub fn into_body(self) -> http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible> {
-        use http_body_util::BodyExt;
-        let stream = futures_util::stream::unfold(self, |mut s| async move {
-            let chunk = s.next_chunk().await?;
-            Some((Ok::<_, Infallible>(Frame::data(chunk)), s))
-        });
-        StreamBody::new(stream).boxed_unsync()
-    }
-
-    /// A control event. It carries `id:` (the stream's position) so that an EventSource
-    /// that has seen no change yet still resumes from here when it reconnects: browsers
-    /// send Last-Event-ID only after some event had an id.
-    fn control(&self, event: &str, data: serde_json::Value) -> Bytes {
-        control_frame(self.format, event, Some(self.last), &data)
-    }
-
-    /// An idle-stream heartbeat: an SSE comment, or an NDJSON line clients can skip.
-    fn keepalive(&self) -> Bytes {
-        match self.format {
-            Format::Sse => Bytes::from_static(b": keepalive\n\n"),
-            Format::Ndjson => Bytes::from_static(b"{\"event\":\"keepalive\"}\n"),
-        }
-    }
-
     fn live_frame(&self) -> Bytes {
-        self.control(
-            "live",
-            serde_json::json!({ "position": self.last.to_string() }),
-        )
+        frame::control(self.format, Control::Live, self.last)
     }
 
     /// Appends `change` if it is new and selected; a change at or before `last` is a
@@ -272,8 +269,8 @@ impl EventStream {
         if !self.started {
             self.started = true;
             let mut buf = BytesMut::new();
-            if self.format == Format::Sse {
-                buf.extend_from_slice(format!("retry: {}\n\n", self.retry.as_millis()).as_bytes());
+            if let Some(retry) = frame::retry(self.format, self.retry) {
+                buf.extend_from_slice(&retry);
             }
             if self.mode == Mode::Live {
                 buf.extend_from_slice(&self.live_frame());
@@ -416,7 +413,7 @@ impl EventStream {
         }
         let deadline = next_timer(now + self.heartbeat, self.expires);
         self.timer.as_mut().reset(deadline);
-        Some(self.keepalive())
+        Some(frame::keepalive(self.format))
     }
 
     /// The subscriber fell behind the live buffer: catch up from the journal after `last`,
@@ -467,78 +464,21 @@ impl EventStream {
                 return None;
             }
         };
-        let frame = control_frame(
-            self.format,
-            "reset",
-            Some(head),
-            &serde_json::json!({
-                "reason": reason,
-                "position": head.to_string(),
-            }),
-        );
+        let event = frame::control(self.format, Control::Reset(reason), head);
         self.metrics.resets.inc();
         self.last = head;
         self.mode = Mode::Replay { announce: true };
-        Some(frame)
+        Some(event)
     }
 
     fn finish_shutdown(&mut self) -> Option<Bytes> {
         self.done = true;
-        Some(self.control(
-            "shutdown",
-            serde_json::json!({ "reason": "server shutting down; reconnect", "position": self.last.to_string() }),
-        ))
+        Some(frame::control(self.format, Control::Shutdown, self.last))
     }
 
     fn finish_expired(&mut self) -> Option<Bytes> {
         self.done = true;
-        Some(self.control(
-            "expired",
-            serde_json::json!({ "reason": "token expired; reconnect with a fresh token", "position": self.last.to_string() }),
-        ))
-    }
-}
-
-/// Frames gathered for one write. A lone frame is the change's own shared `Bytes` (no copy,
-/// no allocation: with many tenants most writes carry one change); a second frame starts
-/// a buffer holding both.
-#[derive(Default)]
-enum Chunk {
-    #[default]
-    Empty,
-    One(Bytes),
-    Many(BytesMut),
-}
-
-impl Chunk {
-    fn push(&mut self, frame: &Bytes) {
-        match self {
-            Chunk::Empty => *self = Chunk::One(frame.clone()),
-            Chunk::One(first) => {
-                let mut buf = BytesMut::with_capacity((first.len() + frame.len()) * 2);
-                buf.extend_from_slice(first);
-                buf.extend_from_slice(frame);
-                *self = Chunk::Many(buf);
-            }
-            Chunk::Many(buf) => buf.extend_from_slice(frame),
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Chunk::Empty => 0,
-            Chunk::One(frame) => frame.len(),
-            Chunk::Many(buf) => buf.len(),
-        }
-    }
-
-    /// The bytes to write, `None` when nothing was gathered.
-    fn finish(self) -> Option<Bytes> {
-        match self {
-            Chunk::Empty => None,
-            Chunk::One(frame) => Some(frame),
-            Chunk::Many(buf) => Some(buf.freeze()),
-        }
+        Some(frame::control(self.format, Control::Expired, self.last))
     }
 }
 
