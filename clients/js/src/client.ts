@@ -262,6 +262,7 @@ export function connect<R extends Row = Row, S = unknown>(options: FeedOptions<R
   let failures = 0;
   let pending: ChangeEvent<R>[] | null = null; // changes held while a reset reloads
   let resetting: Promise<void> = Promise.resolve();
+  let resets = 0; // resets still reloading
   const seen = new Set<Position>();
   let abortCurrent: (() => void) | null = null;
   let wake: (() => void) | null = null;
@@ -315,7 +316,10 @@ export function connect<R extends Row = Row, S = unknown>(options: FeedOptions<R
     position = event.position;
     seen.clear();
     pending = pending ?? [];
+    resets += 1;
+    const previous = resetting;
     resetting = (async () => {
+      await previous;
       try {
         await options.onReset?.(event);
       } catch (err) {
@@ -334,6 +338,9 @@ export function connect<R extends Row = Row, S = unknown>(options: FeedOptions<R
           await sleep(backoff());
         }
       }
+      // Changes wait until the last of overlapping resets has reloaded.
+      resets -= 1;
+      if (resets > 0) return;
       const held = pending ?? [];
       pending = null;
       for (const change of held) if (!closed) guarded(options.onChange, change);

@@ -205,6 +205,26 @@ test("reset: a position pruned while away calls onReset and load again", needsGa
   assert.ok(!seen.changes.some((c) => c.new?.body === "while away"), "the pruned change comes through the reload");
 });
 
+test("a position from another database: onReset, load, then on from the head", needsGateway, async (t) => {
+  const tenant = newTenant();
+  let loads = 0;
+  const { feed, seen } = open(t, tenant, {
+    from: "999999999.1",
+    load: async () => {
+      loads += 1;
+      return noteBodies(tenant);
+    },
+  });
+  await feed.ready;
+  assert.equal(seen.resets.length, 1);
+  assert.equal(seen.resets[0].reason, "unknown_position");
+  assert.equal(loads, 1, "`from` skips the first load; the reset loads");
+  assert.ok(seen.errors.some((e) => e.code === "unknown_position" && e.status === 400));
+  await insertNote(tenant, "after");
+  await until("the change", () => seen.changes.length === 1);
+  assert.deepEqual(bodies(seen.changes), ["after"]);
+});
+
 test("a request the gateway refuses as such stops the feed with a typed error", needsGateway, async (t) => {
   const { feed, seen } = open(t, newTenant(), { tables: "no_such_table" });
   await assert.rejects(feed.ready, (err) => err instanceof PgfeedError && err.status === 400 && err.fatal);
