@@ -8,8 +8,17 @@ import TestRenderer, { act } from "react-test-renderer";
 import { tableKey, useFeed, useInvalidateOnChange } from "@pgfeed/client/react";
 import { env, insertNote, mintToken, needsGateway, newTenant, until } from "./helpers.mjs";
 
-// The renderer is driven like a page: updates come from the network, not from act().
+// The renderer is driven like a page: updates come from the network, outside act(), which
+// only mounts, updates and unmounts.
 globalThis.IS_REACT_ACT_ENVIRONMENT = false;
+async function inAct(fn) {
+  globalThis.IS_REACT_ACT_ENVIRONMENT = true;
+  try {
+    await act(fn);
+  } finally {
+    globalThis.IS_REACT_ACT_ENVIRONMENT = false;
+  }
+}
 // react-test-renderer 19 warns that it is deprecated unless told it runs React Native tests.
 globalThis.IS_REACT_NATIVE_TEST_ENVIRONMENT = true;
 
@@ -32,7 +41,7 @@ test("useFeed renders status and changes, follows new options, and closes on unm
     return createElement("p", null, `${result.status}:${result.lastChange?.new?.body ?? ""}`);
   }
   let renderer;
-  await act(async () => {
+  await inAct(async () => {
     renderer = TestRenderer.create(createElement(Notes, { tables: "notes" }));
   });
   const text = () => renderer.toJSON().children.join("");
@@ -44,11 +53,11 @@ test("useFeed renders status and changes, follows new options, and closes on unm
   assert.equal(results.at(-1).position, feed.position);
   assert.equal(tokenCalls, 1, "re-renders reuse the feed");
 
-  await act(async () => renderer.update(createElement(Notes, { tables: "public.notes" })));
+  await inAct(async () => renderer.update(createElement(Notes, { tables: "public.notes" })));
   await until("a new feed", () => results.at(-1).feed !== feed && results.at(-1).status === "live");
   assert.equal(feed.status, "closed", "the old feed closed when the options changed");
   const second = results.at(-1).feed;
-  await act(async () => renderer.unmount());
+  await inAct(async () => renderer.unmount());
   assert.equal(second.status, "closed", "unmounting closes the feed");
 });
 
@@ -67,7 +76,7 @@ test("useInvalidateOnChange invalidates the change's table key, and every query 
     return null;
   }
   let renderer;
-  await act(async () => {
+  await inAct(async () => {
     renderer = TestRenderer.create(createElement(App));
   });
   await until("live", () => status === "live");
@@ -79,7 +88,7 @@ test("useInvalidateOnChange invalidates the change's table key, and every query 
   await insertNote(tenant, "x");
   await until("the notes key invalidated", () => invalid(["notes", tenant]));
   assert.ok(!invalid(["other"]), "only the change's table");
-  await act(async () => renderer.unmount());
+  await inAct(async () => renderer.unmount());
   queryClient.clear();
 });
 
