@@ -72,8 +72,12 @@ export function useFeed<R extends Row = Row, S = unknown>(options: UseFeedOption
     }
     const token = o.token;
     let feed: Feed | null = null;
-    const update = (patch: Partial<UseFeedResult<R>>) =>
+    // A feed being replaced (new options, StrictMode's second mount) renders nothing more.
+    let active = true;
+    const update = (patch: Partial<UseFeedResult<R>>) => {
+      if (!active) return;
       setResult((r) => ({ ...r, position: feed?.position ?? r.position, error: feed?.error, feed, ...patch }));
+    };
     feed = connect<R, S>({
       ...o,
       token: typeof token === "function" ? (context) => (latest.current.token as typeof token)(context) : token,
@@ -92,7 +96,10 @@ export function useFeed<R extends Row = Row, S = unknown>(options: UseFeedOption
       },
     });
     update({ status: feed.status });
-    return () => feed?.close();
+    return () => {
+      active = false;
+      feed?.close();
+    };
     // eslint-disable-next-line react-hooks/exhaustive-deps
   }, [key]);
 
