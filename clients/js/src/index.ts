@@ -22,7 +22,7 @@ export type {
   TokenProvider,
   TokenReason,
   Transport,
-} from "./client.js";
+} from "./options.js";
 export { PgfeedError } from "./errors.js";
 export { SseParser } from "./sse.js";
 export type { SseMessage } from "./sse.js";

@@ -7,7 +7,7 @@
 
 import { useEffect, useRef, useState } from "react";
 import { connect } from "./client.js";
-import type { Feed, FeedOptions, FeedStatus } from "./client.js";
+import type { Feed, FeedOptions, FeedStatus } from "./options.js";
 import type { PgfeedError } from "./errors.js";
 import type { ChangeEvent, Position, ResetEvent, Row } from "./types.js";
 
