@@ -64,6 +64,37 @@ test("inserts, updates and deletes arrive typed, in order, for the token's tenan
   assert.equal(seen.tokens.length, 1, "one token for one connection");
 });
 
+test("ops, filter and payload reach the stream; an AbortSignal closes the feed", needsGateway, async (t) => {
+  const tenant = newTenant();
+  const abort = new AbortController();
+  const { feed, seen } = open(t, tenant, {
+    ops: ["insert", "delete"],
+    filter: "notes:body=neq.hidden",
+    payload: "keys",
+    signal: abort.signal,
+  });
+  await feed.ready;
+  const id = await insertNote(tenant, "shown");
+  await insertNote(tenant, "hidden");
+  await sql(`UPDATE notes SET body = 'changed' WHERE id = ${id}`);
+  await sql(`DELETE FROM notes WHERE id = ${id}`);
+  await until("the insert and the delete", () => seen.changes.length >= 2);
+  await new Promise((r) => setTimeout(r, 300));
+  assert.deepEqual(
+    seen.changes.map((c) => [c.op, c.pk, "new" in c || "old" in c]),
+    [
+      ["insert", { id }, false],
+      ["delete", { id }, false],
+    ],
+  );
+  abort.abort();
+  assert.equal(feed.status, "closed");
+  await assert.rejects(
+    connect({ url: env.url, token: mintToken(tenant), signal: abort.signal }).ready,
+    "an aborted signal closes a new feed at once",
+  );
+});
+
 test("a cut connection resumes from the last position: nothing lost, nothing twice", needsGateway, async (t) => {
   const tenant = newTenant();
   const proxy = await startProxy();
