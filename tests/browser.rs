@@ -673,3 +673,201 @@ async fn the_live_page_follows_changes_restarts_and_resets_in_a_real_browser() {
     stop_demo(demo);
     eprintln!("screenshot: {}", screenshot.display());
 }
+
+/// Whether `node` and `npm` are there for the React page test. When one is missing: a
+/// failure naming what to install if `PGFEED_TEST_REQUIRE_TOOLS=1`, else a skip line and
+/// `false` (local to this test until a shared helper exists).
+fn node_tools_present(test: &str) -> bool {
+    let missing: Vec<&str> = [("node", "nodejs"), ("npm", "npm")]
+        .into_iter()
+        .filter(|(program, _)| which(program).is_none())
+        .map(|(_, package)| package)
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let install = format!(
+        "{test} needs node and npm (Debian: apt-get install {})",
+        missing.join(" ")
+    );
+    if std::env::var("PGFEED_TEST_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("{install}; PGFEED_TEST_REQUIRE_TOOLS=1 forbids skipping");
+    }
+    println!("skipped: {install}");
+    false
+}
+
+/// Runs `npm args` in `clients/js`, failing with its output unless it succeeds.
+async fn npm_in_client_package(args: &[&str]) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/js");
+    let output = tokio::time::timeout(
+        Duration::from_secs(600),
+        tokio::process::Command::new("npm")
+            .args(args)
+            .current_dir(&dir)
+            .env("npm_config_update_notifier", "false")
+            .env("npm_config_fund", "false")
+            .env("npm_config_audit", "false")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("npm {args:?} did not finish in time"))
+    .unwrap_or_else(|e| panic!("running npm {args:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "npm {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Serves `html` at every path but `/app.js`, which is `script`, until the test ends.
+async fn serve_page(html: String, script: String) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (html, script) = (Arc::new(html), Arc::new(script));
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (html, script) = (html.clone(), script.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let path = String::from_utf8_lossy(&head)
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("/")
+                    .to_string();
+                let (kind, body) = if path.starts_with("/app.js") {
+                    ("text/javascript", script.as_str())
+                } else {
+                    ("text/html; charset=utf-8", html.as_str())
+                };
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A React page built with the client package (`clients/js/test/page/app.jsx`, bundled by
+/// esbuild from the package's build) in headless Chromium, on another origin than the
+/// gateway: `useFeed` over the fetch transport (the token in `Authorization`, through a
+/// CORS preflight) shows a `psql` insert, update and delete as they commit. A screenshot
+/// goes to `target/js-client-screenshot.png`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_react_page_built_with_the_client_package_shows_changes_live() {
+    let programs = browser_programs();
+    if !node_tools_present("the React page test") {
+        return;
+    }
+    npm_in_client_package(&["ci"]).await;
+    npm_in_client_package(&["run", "build"]).await;
+    let bundle = target_dir().join(format!("js-client-page-{}.js", std::process::id()));
+    npm_in_client_package(&[
+        "run",
+        "build:page",
+        "--",
+        &format!("--outfile={}", bundle.display()),
+    ])
+    .await;
+    let script = std::fs::read_to_string(&bundle).expect("the bundle esbuild wrote");
+    let _ = std::fs::remove_file(&bundle);
+    let html = "<!doctype html><html><head><meta charset=\"utf-8\"><title>pgfeed + React</title></head>\
+                <body><div id=\"root\"></div><script src=\"/app.js\"></script></body></html>";
+    let page = serve_page(html.to_string(), script).await;
+    let origin = format!("http://{page}");
+
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "notes").await;
+    let gw = support::Gateway::start_with(support::sources_with(
+        &db,
+        &[("PGFEED_CORS_ALLOWED_ORIGINS", origin.as_str())],
+    ))
+    .await;
+    let client = db.client().await;
+    let browser = Browser::start(programs).await;
+    browser
+        .open(&format!(
+            "{origin}/?gateway=http://{}&token={}",
+            gw.addr,
+            support::hs256_token("acme")
+        ))
+        .await;
+    let status = r#"const p = document.getElementById("status");
+        return p ? [p.dataset.status, p.dataset.transport] : null;"#;
+    let rows =
+        r##"return [...document.querySelectorAll("#rows li")].map((li) => li.textContent);"##;
+    wait_until!("the page to go live", WAIT, {
+        let seen = browser.eval(status).await;
+        if seen == json!(["live", "fetch"]) {
+            Ok(())
+        } else {
+            Err(seen.to_string())
+        }
+    });
+
+    let id: i32 = client
+        .query_one(
+            "INSERT INTO notes (tenant, body) VALUES ('acme', 'from psql') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .batch_execute("INSERT INTO notes (tenant, body) VALUES ('globex', 'not acme''s')")
+        .await
+        .unwrap();
+    wait_until!("the insert on the page", WAIT, {
+        let seen = browser.eval(rows).await;
+        if seen == json!(["from psql"]) {
+            Ok(())
+        } else {
+            Err(seen.to_string())
+        }
+    });
+    client
+        .batch_execute(&format!(
+            "UPDATE notes SET body = 'updated' WHERE id = {id};
+             INSERT INTO notes (tenant, body) VALUES ('acme', 'second')"
+        ))
+        .await
+        .unwrap();
+    wait_until!("the update on the page", WAIT, {
+        let seen = browser.eval(rows).await;
+        if seen == json!(["updated", "second"]) {
+            Ok(())
+        } else {
+            Err(seen.to_string())
+        }
+    });
+    let screenshot = target_dir().join("js-client-screenshot.png");
+    browser.screenshot(&screenshot).await;
+    client
+        .batch_execute(&format!("DELETE FROM notes WHERE id = {id}"))
+        .await
+        .unwrap();
+    wait_until!("the delete on the page", WAIT, {
+        let seen = browser.eval(rows).await;
+        if seen == json!(["second"]) {
+            Ok(())
+        } else {
+            Err(seen.to_string())
+        }
+    });
+    assert_eq!(browser.eval(status).await, json!(["live", "fetch"]));
+    drop(browser);
+    gw.stop().await;
+    eprintln!("screenshot: {}", screenshot.display());
+}
