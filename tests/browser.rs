@@ -11,8 +11,8 @@
 //! insert. A screenshot of the page goes to `target/demo-screenshot.png` (and of the
 //! dashboard to `target/dashboard-screenshot.png`).
 //!
-//! Without Chromium and chromedriver this test fails, saying what to install: it never
-//! skips.
+//! It needs Chromium and chromedriver: without them it says it skipped and why, unless
+//! `PGFEED_TEST_REQUIRE_TOOLS=1` (as CI sets) makes it fail, saying what to install.
 
 use pgfeed_testkit as support;
 use pgfeed_testkit::demo_process;
@@ -63,29 +63,23 @@ macro_rules! wait_until {
     }};
 }
 
-/// Chromium and chromedriver, or a failure that says how to install them.
-fn browser_programs() -> (PathBuf, PathBuf) {
-    let install = "install them with `apt-get install chromium chromium-driver` (Debian; the \
-                   browser test never skips)";
-    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .or_else(|| which("chromium"))
-        .unwrap_or_else(|| {
-            panic!("the browser test needs Chromium, which was not found: {install}")
-        });
-    let driver = which("chromedriver").unwrap_or_else(|| {
-        panic!("the browser test needs chromedriver, which was not found: {install}")
-    });
-    (chromium, driver)
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
+/// Chromium and chromedriver, or `None` when one is missing and the test skips
+/// ([`support::require_tool`]: a failure that says how to install them in CI).
+fn browser_programs() -> Option<(PathBuf, PathBuf)> {
+    let what = "the browser test (tests/browser.rs)";
+    // Debian installs `chromium`; some distributions call it `chromium-browser`.
+    let chromium = match support::tool_path("chromium") {
+        None if support::tool_path("chromium-browser").is_some() => "chromium-browser",
+        _ => "chromium",
+    };
+    // Both checked (`&`, not `&&`), so that a skip names everything missing.
+    let found = support::require_tool(chromium, what) & support::require_tool("chromedriver", what);
+    found.then(|| {
+        (
+            support::tool_path(chromium).expect("found above"),
+            support::tool_path("chromedriver").expect("found above"),
+        )
+    })
 }
 
 /// A minimal HTTP/1.1 exchange with a JSON body. chromedriver keeps connections open
@@ -489,7 +483,9 @@ fn target_dir() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_live_page_follows_changes_restarts_and_resets_in_a_real_browser() {
-    let programs = browser_programs();
+    let Some(programs) = browser_programs() else {
+        return;
+    };
     let db = TestDb::empty().await;
     let ports = (free_port(), free_port());
     let mut demo = start_demo(&db, ports, SECRET, "1h");

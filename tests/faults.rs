@@ -241,15 +241,7 @@ async fn stalled_subscriber_slows_nobody_and_is_caught_up() {
 async fn resuming_from_a_pruned_position_gets_reset() {
     let db = TestDb::new().await;
     support::tenant_table(&db, "orders").await;
-    let mut sources = support::sources(&db);
-    sources.env.extend([
-        ("PGFEED_JOURNAL_RETENTION".to_string(), "1s".to_string()),
-        (
-            "PGFEED_JOURNAL_PRUNE_INTERVAL".to_string(),
-            "100ms".to_string(),
-        ),
-    ]);
-    let gw = Gateway::start_with(sources).await;
+    let gw = Gateway::start_with(support::sources_with(&db, support::FAST_PRUNING)).await;
     let mut s = gw.stream("acme", "").await;
     s.until_live().await;
     write(&db, "acme", "old", 3).await;
@@ -260,11 +252,7 @@ async fn resuming_from_a_pruned_position_gets_reset() {
 
     let c = db.client().await;
     eventually("the journal is pruned", || async {
-        c.query_one("SELECT count(*) FROM pgfeed.changes", &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-            == 0
+        support::query_i64(&c, "SELECT count(*) FROM pgfeed.changes", &[]).await == 0
     })
     .await;
     let mut r = gw.resume("acme", "", &first).await;
