@@ -259,19 +259,12 @@ fn demo_names_the_port_it_cannot_take() {
 /// above run, on free ports), one runs the tests.
 #[test]
 fn readme_tries_and_tests_with_one_command_each() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme = support::readme();
     let block = |heading: &str| -> Vec<String> {
         let at = readme
             .find(&format!("\n{heading}\n"))
             .unwrap_or_else(|| panic!("README has {heading}"));
-        readme[at..]
-            .lines()
-            .skip_while(|l| !l.starts_with("```sh"))
-            .skip(1)
-            .take_while(|l| !l.starts_with("```"))
-            .map(str::to_string)
-            .collect()
+        support::first_sh_block(&readme[at..])
     };
     assert_eq!(block("## Try it"), ["cargo run --release -- demo"]);
     assert_eq!(block("## Test it"), ["cargo test --locked"]);

@@ -71,7 +71,7 @@ async fn read_bodies(
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let e = s.next_change().await;
-        let p: pgfeed::change::Position = e["position"].as_str().unwrap().parse().unwrap();
+        let p = support::position(&e);
         if let Some(prev) = *last {
             assert!(
                 p > prev,
@@ -430,7 +430,7 @@ async fn a_100k_row_statement_is_delivered_complete() {
     let mut ids = Vec::with_capacity(100_000);
     while ids.len() < 100_000 {
         let e = s.next_change().await;
-        let p: pgfeed::change::Position = e["position"].as_str().unwrap().parse().unwrap();
+        let p = support::position(&e);
         assert!(last.is_none_or(|l| p > l));
         last = Some(p);
         ids.push(e["pk"]["id"].as_i64().unwrap());

@@ -59,6 +59,15 @@ async fn until_writes_block(gw: &Gateway) {
     }
 }
 
+/// A test database with [`support::tenant_table`] `orders` and a gateway on it with the
+/// environment variables `env`.
+async fn orders_gateway(env: &[(&str, &str)]) -> (TestDb, Gateway) {
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "orders").await;
+    let gw = Gateway::start_with(sources_with(&db, env)).await;
+    (db, gw)
+}
+
 fn stream_head(addr: std::net::SocketAddr, token: &str) -> String {
     format!("GET /v1/stream HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n")
 }
@@ -320,9 +329,7 @@ async fn a_trickled_request_head_has_one_deadline() {
 /// counted; its subscriber slot is free again.
 #[tokio::test]
 async fn a_stalled_reader_is_closed_after_the_write_timeout() {
-    let db = TestDb::new().await;
-    support::tenant_table(&db, "orders").await;
-    let gw = Gateway::start_with(sources_with(&db, &[("PGFEED_SERVER_WRITE_TIMEOUT", "1s")])).await;
+    let (db, gw) = orders_gateway(&[("PGFEED_SERVER_WRITE_TIMEOUT", "1s")]).await;
     let stalled = stall(&db, gw.addr, &stream_head(gw.addr, &gw.token("acme"))).await;
     eventually("the stalled stream is closed", || async {
         support::subscribers(gw.addr).await == Some(0.0)
@@ -341,15 +348,10 @@ async fn a_stalled_reader_is_closed_after_the_write_timeout() {
 /// Shutdown does not wait out the grace for a client that stopped reading.
 #[tokio::test]
 async fn shutdown_interrupts_a_blocked_write() {
-    let db = TestDb::new().await;
-    support::tenant_table(&db, "orders").await;
-    let gw = Gateway::start_with(sources_with(
-        &db,
-        &[
-            ("PGFEED_SERVER_WRITE_TIMEOUT", "300s"),
-            ("PGFEED_SERVER_SHUTDOWN_GRACE", "300s"),
-        ],
-    ))
+    let (db, gw) = orders_gateway(&[
+        ("PGFEED_SERVER_WRITE_TIMEOUT", "300s"),
+        ("PGFEED_SERVER_SHUTDOWN_GRACE", "300s"),
+    ])
     .await;
     let _stalled = stall(&db, gw.addr, &stream_head(gw.addr, &gw.token("acme"))).await;
     // Let the writes fill the socket and block.
@@ -361,15 +363,10 @@ async fn shutdown_interrupts_a_blocked_write() {
 /// A token's expiry ends a stream whose client stopped reading.
 #[tokio::test]
 async fn token_expiry_interrupts_a_blocked_write() {
-    let db = TestDb::new().await;
-    support::tenant_table(&db, "orders").await;
-    let gw = Gateway::start_with(sources_with(
-        &db,
-        &[
-            ("PGFEED_SERVER_WRITE_TIMEOUT", "300s"),
-            ("PGFEED_AUTH_LEEWAY", "0s"),
-        ],
-    ))
+    let (db, gw) = orders_gateway(&[
+        ("PGFEED_SERVER_WRITE_TIMEOUT", "300s"),
+        ("PGFEED_AUTH_LEEWAY", "0s"),
+    ])
     .await;
     let token = sign_raw(&format!(
         r#"{{"tenant_id":"acme","exp":{}}}"#,
@@ -642,15 +639,10 @@ async fn polyfill_resumes_head_probes_and_oversized_heads_get_answers() {
 /// site can read a cookie-authenticated stream. Named origins still get credentials.
 #[tokio::test]
 async fn cors_star_never_allows_credentials() {
-    let db = TestDb::new().await;
-    support::tenant_table(&db, "orders").await;
-    let gw = Gateway::start_with(sources_with(
-        &db,
-        &[
-            ("PGFEED_CORS_ALLOWED_ORIGINS", "*, https://app.example"),
-            ("PGFEED_AUTH_COOKIE", "pgfeed_token"),
-        ],
-    ))
+    let (_db, gw) = orders_gateway(&[
+        ("PGFEED_CORS_ALLOWED_ORIGINS", "*, https://app.example"),
+        ("PGFEED_AUTH_COOKIE", "pgfeed_token"),
+    ])
     .await;
     let cookie = format!("pgfeed_token={}", gw.token("acme"));
     for origin in ["null", "https://evil.example"] {
@@ -907,15 +899,10 @@ async fn logs_carry_no_debug_output_and_name_the_database_once() {
 /// client stopped reading: shutdown does not wait out the grace for it either.
 #[tokio::test]
 async fn a_stalled_reader_on_a_kept_alive_connection_is_cut_off_too() {
-    let db = TestDb::new().await;
-    support::tenant_table(&db, "orders").await;
-    let gw = Gateway::start_with(sources_with(
-        &db,
-        &[
-            ("PGFEED_SERVER_WRITE_TIMEOUT", "300s"),
-            ("PGFEED_SERVER_SHUTDOWN_GRACE", "300s"),
-        ],
-    ))
+    let (db, gw) = orders_gateway(&[
+        ("PGFEED_SERVER_WRITE_TIMEOUT", "300s"),
+        ("PGFEED_SERVER_SHUTDOWN_GRACE", "300s"),
+    ])
     .await;
     let head = format!(
         "GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n{}",

@@ -322,22 +322,10 @@ async fn random_workload_reaches_exactly_the_right_subscribers() {
         "the workload is a few hundred changes: {}",
         all.len()
     );
-    let journaled: i64 = c
-        .query_one("SELECT count(*) FROM pgfeed.changes", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        journaled as usize,
-        all.len(),
-        "the model and the journal agree on the number of changes"
-    );
+    workload::assert_journal_holds(&c, all.len(), "").await;
 
     // What each subscriber must receive, as indexes into `all`.
-    let wanted: Vec<Vec<usize>> = subs
-        .iter()
-        .map(|s| (0..all.len()).filter(|&i| s.wants(&all[i])).collect())
-        .collect();
+    let wanted = workload::wanted(&subs, &all, Sub::wants);
 
     // Every stream, read all along, has its count, then nothing follows.
     let counts: Vec<usize> = wanted.iter().map(Vec::len).collect();

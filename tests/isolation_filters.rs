@@ -776,22 +776,10 @@ async fn filtered_random_workload_reaches_exactly_the_right_subscribers() {
     }
     let wrote = started.elapsed();
     let stats = &model.stats;
-    let journaled: i64 = c
-        .query_one("SELECT count(*) FROM pgfeed.changes", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        journaled as usize,
-        all.len(),
-        "seed {seed}: the model and the journal agree on the number of changes"
-    );
+    workload::assert_journal_holds(&c, all.len(), &format!("seed {seed}: ")).await;
 
     // What each subscriber must receive, as indexes into `all`.
-    let wanted: Vec<Vec<usize>> = subs
-        .iter()
-        .map(|s| (0..all.len()).filter(|&i| s.wants(&all[i])).collect())
-        .collect();
+    let wanted = workload::wanted(&subs, &all, Sub::wants);
 
     // Collect that many events from every stream (read all along by its task), then
     // nothing more, on any stream.

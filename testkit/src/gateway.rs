@@ -232,3 +232,29 @@ pub async fn subscribers(addr: SocketAddr) -> Option<f64> {
         "pgfeed_subscribers",
     )
 }
+
+/// The position of a received change (its data's `position`), parsed.
+#[track_caller]
+pub fn position(change: &serde_json::Value) -> pgfeed::change::Position {
+    let text = change["position"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no position: {change}"));
+    text.parse()
+        .unwrap_or_else(|e| panic!("position {text:?} does not parse: {e}"))
+}
+
+/// `op table v` of a change whose rows have a text column `v` (`-` where it has no row,
+/// as a truncate): short enough to compare whole.
+pub fn op_table_v(e: &serde_json::Value) -> String {
+    let row = if e["new"].is_object() {
+        &e["new"]
+    } else {
+        &e["old"]
+    };
+    format!(
+        "{} {} {}",
+        e["op"].as_str().unwrap(),
+        e["table"].as_str().unwrap(),
+        row["v"].as_str().unwrap_or("-")
+    )
+}

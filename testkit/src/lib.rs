@@ -10,16 +10,18 @@
 //! Only the tests that need a tool beyond Rust and PostgreSQL (Chromium, valgrind) skip
 //! when it is missing, and not when CI asks for them all ([`require_tool`]).
 //!
-//! Where things are, one concern a file (all re-exported here, so tests write `support::X`):
+//! Where things are, one concern a file (re-exported here, so tests write `support::X`):
 //! [`db`] the server and a database per test, [`roles`] login roles, [`gateway`] the
 //! in-process gateway and what tests do with one, [`child`] the `pgfeed` binary (CLI and
 //! `pgfeed serve`), [`proxy`] proxies in front of PostgreSQL, [`wait`] bounded waits,
-//! [`tools`] external tools, [`workload`] randomized workloads against a model,
-//! [`demo_process`] `pgfeed demo`; the HTTP/SSE client is below.
+//! [`tools`] external tools, [`docs`] the README, [`demo_process`] `pgfeed demo` and
+//! [`workload`] randomized workloads against a model (these two used by their module
+//! path); the HTTP/SSE client is below.
 
 pub mod child;
 pub mod db;
 pub mod demo_process;
+pub mod docs;
 pub mod gateway;
 pub mod proxy;
 pub mod roles;
@@ -29,6 +31,7 @@ pub mod workload;
 
 pub use child::*;
 pub use db::*;
+pub use docs::*;
 pub use gateway::*;
 pub use proxy::*;
 pub use roles::*;

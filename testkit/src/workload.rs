@@ -93,6 +93,24 @@ fn summary(v: &Value) -> String {
     )
 }
 
+/// Asserts that the journal of the database behind `c` holds exactly `changes` changes,
+/// the number the test's model counted (`what` prefixes the message, e.g. the seed).
+pub async fn assert_journal_holds(c: &tokio_postgres::Client, changes: usize, what: &str) {
+    let journaled = crate::query_i64(c, "SELECT count(*) FROM pgfeed.changes", &[]).await;
+    assert_eq!(
+        journaled as usize, changes,
+        "{what}the model and the journal agree on the number of changes"
+    );
+}
+
+/// For each of `subs`, the indexes into `all` of the changes it must receive (those
+/// `wants` says it does), in the workload's order.
+pub fn wanted<S, C>(subs: &[S], all: &[C], wants: impl Fn(&S, &C) -> bool) -> Vec<Vec<usize>> {
+    subs.iter()
+        .map(|s| (0..all.len()).filter(|&i| wants(s, &all[i])).collect())
+        .collect()
+}
+
 /// A stream read into a channel by a task of its own, from when it is live until
 /// [`Reader::finish`], so that every stream is read while the workload runs.
 pub struct Reader {
