@@ -660,17 +660,32 @@ async fn token_from_the_configured_cookie() {
     gw.stop().await;
 }
 
+/// Watches tenant tables `orders` and `invoices` on `db`.
+async fn orders_and_invoices(db: &TestDb) {
+    support::tenant_table(db, "orders").await;
+    support::tenant_table(db, "invoices").await;
+}
+
+/// A gateway on `db` that limits a token to the tables in its `tables` claim; a token
+/// without the claim sees every table if `optional`, else is refused.
+async fn tables_claim_gateway(db: &TestDb, optional: bool) -> Gateway {
+    let optional = if optional { "true" } else { "false" };
+    Gateway::start_with(sources_with(
+        db,
+        false,
+        &[
+            ("PGFEED_AUTH_TABLES_CLAIM", "tables"),
+            ("PGFEED_AUTH_TABLES_CLAIM_OPTIONAL", optional),
+        ],
+    ))
+    .await
+}
+
 #[tokio::test]
 async fn tables_claim_limits_what_a_token_sees() {
     let db = TestDb::new().await;
-    support::tenant_table(&db, "orders").await;
-    support::tenant_table(&db, "invoices").await;
-    let gw = Gateway::start_with(sources_with(
-        &db,
-        false,
-        &[("PGFEED_AUTH_TABLES_CLAIM", "tables")],
-    ))
-    .await;
+    orders_and_invoices(&db).await;
+    let gw = tables_claim_gateway(&db, false).await;
     let token = pgfeed::auth::mint(
         &gw.config.auth,
         "acme",
@@ -741,14 +756,8 @@ async fn tables_claim_limits_what_a_token_sees() {
 #[tokio::test]
 async fn a_token_without_the_tables_claim_is_refused_unless_optional() {
     let db = TestDb::new().await;
-    support::tenant_table(&db, "orders").await;
-    support::tenant_table(&db, "invoices").await;
-    let gw = Gateway::start_with(sources_with(
-        &db,
-        false,
-        &[("PGFEED_AUTH_TABLES_CLAIM", "tables")],
-    ))
-    .await;
+    orders_and_invoices(&db).await;
+    let gw = tables_claim_gateway(&db, false).await;
     let claimless = bearer(&gw.token("acme"));
     for path in ["/v1/stream", "/v1/stream?tables=invoices", "/v1/position"] {
         let r = get_soon(gw.addr, path, &[("Authorization", &claimless)]).await;
@@ -771,15 +780,7 @@ async fn a_token_without_the_tables_claim_is_refused_unless_optional() {
     assert_eq!(assert_error(&r, 403, "empty claim"), "forbidden");
     gw.stop().await;
 
-    let gw = Gateway::start_with(sources_with(
-        &db,
-        false,
-        &[
-            ("PGFEED_AUTH_TABLES_CLAIM", "tables"),
-            ("PGFEED_AUTH_TABLES_CLAIM_OPTIONAL", "true"),
-        ],
-    ))
-    .await;
+    let gw = tables_claim_gateway(&db, true).await;
     let mut all = gw.stream("acme", "").await;
     assert_eq!(all.status, 200, "{}", all.raw);
     all.until_live().await;
