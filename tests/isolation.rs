@@ -620,12 +620,7 @@ async fn application_roles_need_no_privilege_on_schema_pgfeed() {
         .unwrap();
     assert_eq!(s.next_change().await["new"]["body"], "still captured");
     let c = db.client().await;
-    let journaled: i64 = c
-        .query_one("SELECT count(*) FROM pgfeed.changes", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(journaled, 5);
+    assert_eq!(support::journal_len(&c).await, 5);
     drop(a);
     gw.stop().await;
     drop_role(&db, &app).await;

@@ -202,6 +202,11 @@ pub async fn query_i64(
         .get(0)
 }
 
+/// How many changes the journal (`pgfeed.changes`) of the database behind `c` holds.
+pub async fn journal_len(c: &tokio_postgres::Client) -> i64 {
+    query_i64(c, "SELECT count(*) FROM pgfeed.changes", &[]).await
+}
+
 /// Terminates the gateway's LISTEN connection(s) on `db`; returns how many were ended.
 pub async fn terminate_listener(db: &TestDb) -> i64 {
     let admin = connect(&server().url("postgres")).await;

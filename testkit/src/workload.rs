@@ -96,7 +96,7 @@ fn summary(v: &Value) -> String {
 /// Asserts that the journal of the database behind `c` holds exactly `changes` changes,
 /// the number the test's model counted (`what` prefixes the message, e.g. the seed).
 pub async fn assert_journal_holds(c: &tokio_postgres::Client, changes: usize, what: &str) {
-    let journaled = crate::query_i64(c, "SELECT count(*) FROM pgfeed.changes", &[]).await;
+    let journaled = crate::journal_len(c).await;
     assert_eq!(
         journaled as usize, changes,
         "{what}the model and the journal agree on the number of changes"
