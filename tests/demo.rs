@@ -488,15 +488,8 @@ async fn the_demo_page_answers_only_its_loopback_names() {
 /// Runs `pgfeed demo ARGS` with `env`, expecting it to fail at once; returns its stderr.
 fn demo_fails(args: &[&str], env: &[(&str, &str)]) -> String {
     let log = std::env::temp_dir().join(format!("pgfeed-demo-refused-{}.log", free_port()));
-    let mut command = Command::new(env!("CARGO_BIN_EXE_pgfeed"));
+    let mut command = demo_process::demo_command(args);
     command
-        .arg("demo")
-        .args(args)
-        .env_remove("DATABASE_URL")
-        .env_remove("PGFEED_DATABASE_URL")
-        .env_remove("PGFEED_AUTH_SECRET")
-        .env_remove("PGFEED_SERVER_LISTEN")
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
     for (k, v) in env {
