@@ -414,12 +414,7 @@ async fn forged_rows(admin: &tokio_postgres::Client) -> i64 {
 async fn repeatable_read_snapshot(
     client: &mut tokio_postgres::Client,
 ) -> tokio_postgres::Transaction<'_> {
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .await
-        .unwrap();
+    let tx = support::repeatable_read(client).await;
     tx.batch_execute("SELECT 1").await.unwrap();
     tx
 }

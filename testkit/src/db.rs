@@ -202,6 +202,19 @@ pub async fn query_i64(
         .get(0)
 }
 
+/// A `REPEATABLE READ` transaction on `client`: its snapshot is taken at its first
+/// statement.
+pub async fn repeatable_read(
+    client: &mut tokio_postgres::Client,
+) -> tokio_postgres::Transaction<'_> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("starting a REPEATABLE READ transaction: {e}"))
+}
+
 /// How many changes the journal (`pgfeed.changes`) of the database behind `c` holds.
 pub async fn journal_len(c: &tokio_postgres::Client) -> i64 {
     query_i64(c, "SELECT count(*) FROM pgfeed.changes", &[]).await
