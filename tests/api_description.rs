@@ -900,11 +900,7 @@ async fn real_reset_expired_and_shutdown_events_validate_against_the_control_sch
         .to_string();
     s.next_change().await;
     eventually("the journal is pruned", || async {
-        c.query_one("SELECT count(*) FROM pgfeed.changes", &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-            == 0
+        support::journal_len(&c).await == 0
     })
     .await;
     let mut r = gw.resume("acme", "", &old).await;

@@ -9,7 +9,6 @@ use pgfeed_testkit as support;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,7 +18,6 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use pgfeed::config::{Config, Sources};
 use serde_json::{Value, json};
 use support::{Gateway, Response, SOON, SseClient, TestDb, assert_streams, get_soon, request};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn now() -> u64 {
     SystemTime::now()
@@ -662,17 +660,32 @@ async fn token_from_the_configured_cookie() {
     gw.stop().await;
 }
 
+/// Watches tenant tables `orders` and `invoices` on `db`.
+async fn orders_and_invoices(db: &TestDb) {
+    support::tenant_table(db, "orders").await;
+    support::tenant_table(db, "invoices").await;
+}
+
+/// A gateway on `db` that limits a token to the tables in its `tables` claim; a token
+/// without the claim sees every table if `optional`, else is refused.
+async fn tables_claim_gateway(db: &TestDb, optional: bool) -> Gateway {
+    let optional = if optional { "true" } else { "false" };
+    Gateway::start_with(sources_with(
+        db,
+        false,
+        &[
+            ("PGFEED_AUTH_TABLES_CLAIM", "tables"),
+            ("PGFEED_AUTH_TABLES_CLAIM_OPTIONAL", optional),
+        ],
+    ))
+    .await
+}
+
 #[tokio::test]
 async fn tables_claim_limits_what_a_token_sees() {
     let db = TestDb::new().await;
-    support::tenant_table(&db, "orders").await;
-    support::tenant_table(&db, "invoices").await;
-    let gw = Gateway::start_with(sources_with(
-        &db,
-        false,
-        &[("PGFEED_AUTH_TABLES_CLAIM", "tables")],
-    ))
-    .await;
+    orders_and_invoices(&db).await;
+    let gw = tables_claim_gateway(&db, false).await;
     let token = pgfeed::auth::mint(
         &gw.config.auth,
         "acme",
@@ -743,14 +756,8 @@ async fn tables_claim_limits_what_a_token_sees() {
 #[tokio::test]
 async fn a_token_without_the_tables_claim_is_refused_unless_optional() {
     let db = TestDb::new().await;
-    support::tenant_table(&db, "orders").await;
-    support::tenant_table(&db, "invoices").await;
-    let gw = Gateway::start_with(sources_with(
-        &db,
-        false,
-        &[("PGFEED_AUTH_TABLES_CLAIM", "tables")],
-    ))
-    .await;
+    orders_and_invoices(&db).await;
+    let gw = tables_claim_gateway(&db, false).await;
     let claimless = bearer(&gw.token("acme"));
     for path in ["/v1/stream", "/v1/stream?tables=invoices", "/v1/position"] {
         let r = get_soon(gw.addr, path, &[("Authorization", &claimless)]).await;
@@ -773,15 +780,7 @@ async fn a_token_without_the_tables_claim_is_refused_unless_optional() {
     assert_eq!(assert_error(&r, 403, "empty claim"), "forbidden");
     gw.stop().await;
 
-    let gw = Gateway::start_with(sources_with(
-        &db,
-        false,
-        &[
-            ("PGFEED_AUTH_TABLES_CLAIM", "tables"),
-            ("PGFEED_AUTH_TABLES_CLAIM_OPTIONAL", "true"),
-        ],
-    ))
-    .await;
+    let gw = tables_claim_gateway(&db, true).await;
     let mut all = gw.stream("acme", "").await;
     assert_eq!(all.status, 200, "{}", all.raw);
     all.until_live().await;
@@ -1316,101 +1315,19 @@ async fn query_and_header_size_limits() {
 // Rejections cost no database work
 // ---------------------------------------------------------------------------------------
 
-/// A TCP proxy to PostgreSQL that can be cut: from then on no byte moves on any
-/// connection, old or new, but no socket is closed, so database work hangs instead of
-/// failing fast.
-struct CutProxy {
-    addr: SocketAddr,
-    cut: Arc<tokio::sync::watch::Sender<bool>>,
-}
-
-impl CutProxy {
-    async fn start() -> CutProxy {
-        let config: tokio_postgres::Config = support::server().url("postgres").parse().unwrap();
-        let host = match &config.get_hosts()[0] {
-            tokio_postgres::config::Host::Tcp(h) => h.clone(),
-            #[allow(unreachable_patterns)]
-            _ => panic!("the proxy needs a TCP host"),
-        };
-        let upstream = format!(
-            "{host}:{}",
-            config.get_ports().first().copied().unwrap_or(5432)
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cut = Arc::new(tokio::sync::watch::channel(false).0);
-        let tx = Arc::clone(&cut);
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let rx = tx.subscribe();
-                if *rx.borrow() {
-                    // Hold the socket open, answer nothing.
-                    tokio::spawn(async move {
-                        let _held = client;
-                        std::future::pending::<()>().await;
-                    });
-                    continue;
-                }
-                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
-                    continue;
-                };
-                let (cr, cw) = client.into_split();
-                let (sr, sw) = server.into_split();
-                tokio::spawn(pipe(cr, sw, tx.subscribe()));
-                tokio::spawn(pipe(sr, cw, rx));
-            }
-        });
-        CutProxy { addr, cut }
-    }
-
-    fn url(&self, db: &TestDb) -> String {
-        format!("postgres://postgres@{}/{}", self.addr, db.name)
-    }
-
-    fn cut(&self) {
-        self.cut.send_replace(true);
-    }
-}
-
-async fn pipe(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut cut: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        if *cut.borrow() {
-            let _held = (from, to);
-            std::future::pending::<()>().await;
-            return;
-        }
-        tokio::select! {
-            read = from.read(&mut buf) => match read {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if *cut.borrow() {
-                        continue;
-                    }
-                    if to.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            },
-            changed = cut.changed() => if changed.is_err() { return },
-        }
-    }
-}
-
 #[tokio::test]
 async fn rejections_answer_while_the_database_hangs() {
     let db = TestDb::new().await;
     support::tenant_table(&db, "notes").await;
-    let proxy = CutProxy::start().await;
+    // A proxy to PostgreSQL that will be cut: from then on no byte moves on any
+    // connection, old or new, but no socket is closed, so database work hangs instead of
+    // failing fast.
+    let proxy = support::Proxy::start(&db.url).await;
     let gw = Gateway::start_with(sources_with(
         &db,
         false,
         &[
-            ("DATABASE_URL", &proxy.url(&db)),
+            ("DATABASE_URL", &proxy.url(&db.url)),
             ("PGFEED_SERVER_MAX_SUBSCRIBERS_PER_TENANT", "2"),
             ("PGFEED_AUTH_TABLES_CLAIM", "tables"),
             ("PGFEED_AUTH_TABLES_CLAIM_OPTIONAL", "true"),
@@ -1423,7 +1340,8 @@ async fn rejections_answer_while_the_database_hangs() {
     let auth = bearer(&gw.token("acme"));
     let a1 = assert_streams(gw.addr, "/v1/stream", &[("Authorization", &auth)]).await;
     let a2 = assert_streams(gw.addr, "/v1/stream", &[("Authorization", &auth)]).await;
-    proxy.cut();
+    proxy.hold();
+    proxy.freeze_existing();
 
     // The control: anything that needs the database now hangs.
     let position = tokio::time::timeout(

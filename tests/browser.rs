@@ -11,8 +11,8 @@
 //! insert. A screenshot of the page goes to `target/demo-screenshot.png` (and of the
 //! dashboard to `target/dashboard-screenshot.png`).
 //!
-//! Without Chromium and chromedriver this test fails, saying what to install: it never
-//! skips.
+//! It needs Chromium and chromedriver: without them it says it skipped and why, unless
+//! `PGFEED_TEST_REQUIRE_TOOLS=1` (as CI sets) makes it fail, saying what to install.
 
 use pgfeed_testkit as support;
 use pgfeed_testkit::demo_process;
@@ -63,29 +63,23 @@ macro_rules! wait_until {
     }};
 }
 
-/// Chromium and chromedriver, or a failure that says how to install them.
-fn browser_programs() -> (PathBuf, PathBuf) {
-    let install = "install them with `apt-get install chromium chromium-driver` (Debian; the \
-                   browser test never skips)";
-    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .or_else(|| which("chromium"))
-        .unwrap_or_else(|| {
-            panic!("the browser test needs Chromium, which was not found: {install}")
-        });
-    let driver = which("chromedriver").unwrap_or_else(|| {
-        panic!("the browser test needs chromedriver, which was not found: {install}")
-    });
-    (chromium, driver)
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
+/// Chromium and chromedriver, or `None` when one is missing and the test skips
+/// ([`support::require_tool`]: a failure that says how to install them in CI).
+fn browser_programs() -> Option<(PathBuf, PathBuf)> {
+    let what = "the browser test (tests/browser.rs)";
+    // Debian installs `chromium`; some distributions call it `chromium-browser`.
+    let chromium = match support::tool_path("chromium") {
+        None if support::tool_path("chromium-browser").is_some() => "chromium-browser",
+        _ => "chromium",
+    };
+    // Both checked (`&`, not `&&`), so that a skip names everything missing.
+    let found = support::require_tool(chromium, what) & support::require_tool("chromedriver", what);
+    found.then(|| {
+        (
+            support::tool_path(chromium).expect("found above"),
+            support::tool_path("chromedriver").expect("found above"),
+        )
+    })
 }
 
 /// A minimal HTTP/1.1 exchange with a JSON body. chromedriver keeps connections open
@@ -489,7 +483,9 @@ fn target_dir() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_live_page_follows_changes_restarts_and_resets_in_a_real_browser() {
-    let programs = browser_programs();
+    let Some(programs) = browser_programs() else {
+        return;
+    };
     let db = TestDb::empty().await;
     let ports = (free_port(), free_port());
     let mut demo = start_demo(&db, ports, SECRET, "1h");
@@ -674,27 +670,11 @@ async fn the_live_page_follows_changes_restarts_and_resets_in_a_real_browser() {
     eprintln!("screenshot: {}", screenshot.display());
 }
 
-/// Whether `node` and `npm` are there for the React page test. When one is missing: a
-/// failure naming what to install if `PGFEED_TEST_REQUIRE_TOOLS=1`, else a skip line and
-/// `false` (local to this test until a shared helper exists).
+/// Whether `node` and `npm` are there for the React page test ([`support::require_tool`]).
 fn node_tools_present(test: &str) -> bool {
-    let missing: Vec<&str> = [("node", "nodejs"), ("npm", "npm")]
-        .into_iter()
-        .filter(|(program, _)| which(program).is_none())
-        .map(|(_, package)| package)
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let install = format!(
-        "{test} needs node and npm (Debian: apt-get install {})",
-        missing.join(" ")
-    );
-    if std::env::var("PGFEED_TEST_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("{install}; PGFEED_TEST_REQUIRE_TOOLS=1 forbids skipping");
-    }
-    println!("skipped: {install}");
-    false
+    ["node", "npm"].into_iter().fold(true, |found, tool| {
+        support::require_tool(tool, test) & found
+    })
 }
 
 /// Runs `npm args` in `clients/js`, failing with its output unless it succeeds.
@@ -768,9 +748,10 @@ async fn serve_page(html: String, script: String) -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_react_page_built_with_the_client_package_shows_changes_live() {
     let programs = browser_programs();
-    if !node_tools_present("the React page test") {
+    let node = node_tools_present("the React page test (tests/browser.rs)");
+    let Some(programs) = programs.filter(|_| node) else {
         return;
-    }
+    };
     npm_in_client_package(&["ci"]).await;
     npm_in_client_package(&["run", "build"]).await;
     let bundle = target_dir().join(format!("js-client-page-{}.js", std::process::id()));

@@ -7,18 +7,13 @@ use pgfeed_testkit as support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use pgfeed::change::Position;
 use serde_json::{Value, json};
-use support::{Gateway, SOON, TestDb};
+use support::{Gateway, SOON, TestDb, position};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Notification};
 
 /// Window in which "nothing else arrives" is checked.
 const QUIET: Duration = Duration::from_millis(500);
-
-fn position(change: &Value) -> Position {
-    change["position"].as_str().unwrap().parse().unwrap()
-}
 
 fn body<'a>(change: &'a Value, image: &str) -> &'a str {
     change[image]["body"]

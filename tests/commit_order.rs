@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use pgfeed::change::Position;
 use serde_json::Value;
-use support::{Gateway, SseClient, TestDb};
+use support::{Gateway, SseClient, TestDb, position};
 use tokio::sync::{Barrier, watch};
 use tokio_postgres::{IsolationLevel, Transaction};
 
@@ -87,14 +87,6 @@ fn describe(change: &Value) -> (String, String) {
     };
     let text = format!("{op} {table} {tag} {stmt} {what}");
     (tag, text)
-}
-
-fn position(change: &Value) -> Position {
-    change["position"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no position: {change}"))
-        .parse()
-        .unwrap_or_else(|e| panic!("position of {change}: {e}"))
 }
 
 /// Runs one step of `tag`'s script in `t`; returns the change it made (if it is to be

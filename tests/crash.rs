@@ -20,7 +20,7 @@ use pgfeed::change::Position;
 use pgfeed::cluster::{Cluster, Search};
 use pgfeed::config::Sources;
 use serde_json::Value;
-use support::{Gateway, SseClient};
+use support::{Gateway, SseClient, position};
 use tokio::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 
@@ -279,14 +279,6 @@ fn sources(url: &str) -> Sources {
         ],
         flags: Vec::new(),
     }
-}
-
-fn position(change: &Value) -> Position {
-    change["position"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no position: {change}"))
-        .parse()
-        .unwrap_or_else(|e| panic!("position of {change}: {e}"))
 }
 
 fn body(change: &Value) -> String {

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Gateway, Run, SseClient, TestDb, query_i64, server_message};
+use support::{Gateway, Run, SseClient, TestDb, op_table_v, query_i64, server_message};
 
 /// A test database handed to an application role, with a connection as that role (which
 /// runs the DDL and the writes) and one as the superuser operator (which runs `watch`).
@@ -89,29 +89,14 @@ fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|s| s.to_string()).collect()
 }
 
-/// `op table v` of a change whose rows have a column `v`: short enough to compare whole.
-fn summary(e: &Value) -> String {
-    let row = if e["new"].is_object() {
-        &e["new"]
-    } else {
-        &e["old"]
-    };
-    format!(
-        "{} {} {}",
-        e["op"].as_str().unwrap(),
-        e["table"].as_str().unwrap(),
-        row["v"].as_str().unwrap_or("-")
-    )
-}
-
-/// The [`summary`] of the next change of `s`.
+/// The [`op_table_v`] of the next change of `s`.
 async fn next_summary(s: &mut SseClient) -> String {
-    summary(&s.next_change().await)
+    op_table_v(&s.next_change().await)
 }
 
 /// Assertions on the next change of a stream.
 trait AssertNext {
-    /// Asserts that the [`summary`] of the next change is `want`.
+    /// Asserts that the [`op_table_v`] of the next change is `want`.
     async fn assert_next(&mut self, want: &str);
 }
 
@@ -121,7 +106,7 @@ impl AssertNext for SseClient {
     }
 }
 
-/// The [`summary`] of each change of `s` up to the first whose `v` is `end`; each must be
+/// The [`op_table_v`] of each change of `s` up to the first whose `v` is `end`; each must be
 /// of `tenant` when given.
 async fn summaries_until_end(s: &mut SseClient, tenant: Option<&str>) -> Vec<String> {
     let mut got = Vec::new();
@@ -130,7 +115,7 @@ async fn summaries_until_end(s: &mut SseClient, tenant: Option<&str>) -> Vec<Str
         if let Some(tenant) = tenant {
             assert_eq!(e["tenant"], tenant, "{e}");
         }
-        got.push(summary(&e));
+        got.push(op_table_v(&e));
         if got.last().unwrap().ends_with(" end") {
             return got;
         }
@@ -311,7 +296,7 @@ async fn renaming_the_tenant_column_keeps_each_change_with_its_tenant() {
     let a1 = acme.next_change().await;
     assert_eq!(a1["tenant"], "acme", "{a1}");
     assert_eq!(a1["new"]["company"], "acme", "{a1}");
-    assert_eq!(summary(&a1), "insert public.orders a1");
+    assert_eq!(op_table_v(&a1), "insert public.orders a1");
     assert_eq!(
         next_summary(&mut acme).await,
         "insert public.orders a2",
@@ -319,7 +304,7 @@ async fn renaming_the_tenant_column_keeps_each_change_with_its_tenant() {
     );
     let g1 = globex.next_change().await;
     assert_eq!(g1["tenant"], "globex", "{g1}");
-    assert_eq!(summary(&g1), "insert public.orders g1");
+    assert_eq!(op_table_v(&g1), "insert public.orders g1");
 
     // A row moved to another tenant under the new name: acme sees it leave, globex
     // sees it arrive.
@@ -347,7 +332,7 @@ async fn renaming_the_tenant_column_keeps_each_change_with_its_tenant() {
     .await;
     let g2 = globex.next_change().await;
     assert_eq!(
-        (g2["tenant"].as_str(), summary(&g2).as_str()),
+        (g2["tenant"].as_str(), op_table_v(&g2).as_str()),
         (Some("globex"), "insert public.orders g2")
     );
     assert_eq!(
@@ -811,10 +796,14 @@ async fn a_row_moving_between_partitions_leaves_one_tenant_and_reaches_the_other
     app.run("INSERT INTO measurements VALUES (9, 'acme', 'end'), (9, 'globex', 'end')")
         .await;
     let gone = acme.next_change().await;
-    assert_eq!(summary(&gone), "delete public.measurements a1", "{gone}");
+    assert_eq!(op_table_v(&gone), "delete public.measurements a1", "{gone}");
     acme.assert_next("insert public.measurements end").await;
     let came = globex.next_change().await;
-    assert_eq!(summary(&came), "insert public.measurements moved", "{came}");
+    assert_eq!(
+        op_table_v(&came),
+        "insert public.measurements moved",
+        "{came}"
+    );
     assert_eq!(came["tenant"], "globex");
     globex.assert_next("insert public.measurements end").await;
     gw.stop().await;
@@ -973,7 +962,7 @@ async fn a_detached_partition_is_no_longer_captured() {
     ] {
         let next = stream.next_change().await;
         assert_eq!(
-            summary(&next),
+            op_table_v(&next),
             "insert public.marker marker",
             "{tenant}: a detached partition's write was captured: {next}"
         );
@@ -1015,7 +1004,7 @@ async fn partitions_of_any_column_layout_keep_the_parents_settings() {
     let visible = set(&["id", "tenant", "v"]);
     for v in ["parent", "direct"] {
         let e = globex.next_change().await;
-        assert_eq!(summary(&e), format!("insert public.measurements {v}"));
+        assert_eq!(op_table_v(&e), format!("insert public.measurements {v}"));
         assert_eq!(keys(&e["new"]), visible, "{e}");
     }
 
@@ -1029,11 +1018,15 @@ async fn partitions_of_any_column_layout_keep_the_parents_settings() {
     .await;
     for (stream, tenant) in [(&mut acme, "acme"), (&mut globex, "globex")] {
         let e = stream.next_change().await;
-        assert_eq!(summary(&e), "insert public.measurements direct", "{tenant}");
+        assert_eq!(
+            op_table_v(&e),
+            "insert public.measurements direct",
+            "{tenant}"
+        );
         assert_eq!(keys(&e["new"]), visible, "{tenant}: {e}");
         let e = stream.next_change().await;
         assert_eq!(
-            summary(&e),
+            op_table_v(&e),
             "update public.measurements updated",
             "{tenant}"
         );

@@ -259,19 +259,12 @@ fn demo_names_the_port_it_cannot_take() {
 /// above run, on free ports), one runs the tests.
 #[test]
 fn readme_tries_and_tests_with_one_command_each() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme = support::readme();
     let block = |heading: &str| -> Vec<String> {
         let at = readme
             .find(&format!("\n{heading}\n"))
             .unwrap_or_else(|| panic!("README has {heading}"));
-        readme[at..]
-            .lines()
-            .skip_while(|l| !l.starts_with("```sh"))
-            .skip(1)
-            .take_while(|l| !l.starts_with("```"))
-            .map(str::to_string)
-            .collect()
+        support::first_sh_block(&readme[at..])
     };
     assert_eq!(block("## Try it"), ["cargo run --release -- demo"]);
     assert_eq!(block("## Test it"), ["cargo test --locked"]);
@@ -495,15 +488,8 @@ async fn the_demo_page_answers_only_its_loopback_names() {
 /// Runs `pgfeed demo ARGS` with `env`, expecting it to fail at once; returns its stderr.
 fn demo_fails(args: &[&str], env: &[(&str, &str)]) -> String {
     let log = std::env::temp_dir().join(format!("pgfeed-demo-refused-{}.log", free_port()));
-    let mut command = Command::new(env!("CARGO_BIN_EXE_pgfeed"));
+    let mut command = demo_process::demo_command(args);
     command
-        .arg("demo")
-        .args(args)
-        .env_remove("DATABASE_URL")
-        .env_remove("PGFEED_DATABASE_URL")
-        .env_remove("PGFEED_AUTH_SECRET")
-        .env_remove("PGFEED_SERVER_LISTEN")
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
     for (k, v) in env {

@@ -50,12 +50,7 @@ async fn a_repeatable_read_commit_is_not_failed_by_the_doorbell() {
 
     // A starts while the gateway sleeps...
     let mut a = db.client().await;
-    let t = a
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .await
-        .unwrap();
+    let t = support::repeatable_read(&mut a).await;
     t.run("INSERT INTO orders (tenant, body) VALUES ('acme', 'a')")
         .await;
     // ...another commit rings, the gateway wakes, reads, and sleeps again...
@@ -81,12 +76,7 @@ async fn a_repeatable_read_transaction_older_than_the_gateways_sleep_rings() {
 
     // A starts before the gateway, so its snapshot shows no gateway asleep...
     let mut a = db.client().await;
-    let t = a
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .await
-        .unwrap();
+    let t = support::repeatable_read(&mut a).await;
     t.run("INSERT INTO orders (tenant, body) VALUES ('acme', 'a')")
         .await;
     // ...then the gateway starts, reads everything and goes to sleep...

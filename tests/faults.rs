@@ -71,7 +71,7 @@ async fn read_bodies(
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let e = s.next_change().await;
-        let p: pgfeed::change::Position = e["position"].as_str().unwrap().parse().unwrap();
+        let p = support::position(&e);
         if let Some(prev) = *last {
             assert!(
                 p > prev,
@@ -241,15 +241,7 @@ async fn stalled_subscriber_slows_nobody_and_is_caught_up() {
 async fn resuming_from_a_pruned_position_gets_reset() {
     let db = TestDb::new().await;
     support::tenant_table(&db, "orders").await;
-    let mut sources = support::sources(&db);
-    sources.env.extend([
-        ("PGFEED_JOURNAL_RETENTION".to_string(), "1s".to_string()),
-        (
-            "PGFEED_JOURNAL_PRUNE_INTERVAL".to_string(),
-            "100ms".to_string(),
-        ),
-    ]);
-    let gw = Gateway::start_with(sources).await;
+    let gw = Gateway::start_with(support::sources_with(&db, support::FAST_PRUNING)).await;
     let mut s = gw.stream("acme", "").await;
     s.until_live().await;
     write(&db, "acme", "old", 3).await;
@@ -260,11 +252,7 @@ async fn resuming_from_a_pruned_position_gets_reset() {
 
     let c = db.client().await;
     eventually("the journal is pruned", || async {
-        c.query_one("SELECT count(*) FROM pgfeed.changes", &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-            == 0
+        support::journal_len(&c).await == 0
     })
     .await;
     let mut r = gw.resume("acme", "", &first).await;
@@ -442,7 +430,7 @@ async fn a_100k_row_statement_is_delivered_complete() {
     let mut ids = Vec::with_capacity(100_000);
     while ids.len() < 100_000 {
         let e = s.next_change().await;
-        let p: pgfeed::change::Position = e["position"].as_str().unwrap().parse().unwrap();
+        let p = support::position(&e);
         assert!(last.is_none_or(|l| p > l));
         last = Some(p);
         ids.push(e["pk"]["id"].as_i64().unwrap());

@@ -27,6 +27,47 @@ async fn insert_big_rows(db: &TestDb, table: &str, rows: usize, size: usize) {
         .await;
 }
 
+/// A connection that sent `head` (a stream's request) and reads nothing, once its stream
+/// is open and `db` has filled it with 10 MiB for tenant `acme` in `orders`.
+async fn stall(db: &TestDb, addr: std::net::SocketAddr, head: &str) -> TcpStream {
+    let stalled = support::stalled_reader(addr, head).await;
+    eventually("the stalled stream is open", || async {
+        support::subscribers(addr).await == Some(1.0)
+    })
+    .await;
+    insert_big_rows(db, "orders", 40, 256 * 1024).await;
+    stalled
+}
+
+/// Waits until `gw` has written over a megabyte and its byte count stops growing: the
+/// stalled stream's socket is full and its write blocked.
+async fn until_writes_block(gw: &Gateway) {
+    let mut last = 0.0;
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = support::sample(&support::scrape(gw).await, "pgfeed_bytes_written_total")
+            .unwrap_or(0.0);
+        if now > 1e6 && now == last {
+            return;
+        }
+        last = now;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stalled stream kept taking bytes"
+        );
+    }
+}
+
+/// A test database with [`support::tenant_table`] `orders` and a gateway on it with the
+/// environment variables `env`.
+async fn orders_gateway(env: &[(&str, &str)]) -> (TestDb, Gateway) {
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "orders").await;
+    let gw = Gateway::start_with(sources_with(&db, env)).await;
+    (db, gw)
+}
+
 fn stream_head(addr: std::net::SocketAddr, token: &str) -> String {
     format!("GET /v1/stream HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n")
 }
@@ -79,10 +120,8 @@ async fn a_broken_stderr_never_stops_delivery_or_shutdown() {
 async fn a_panicking_listener_takes_readiness_down_and_exits_non_zero() {
     let db = TestDb::new().await;
     support::tenant_table(&db, "orders").await;
-    let addr = free_addr();
-    let mut cmd = pgfeed_command(&db, &["serve", "--listen", &addr.to_string()]);
-    cmd.env("PGFEED_TEST_LISTENER_PANIC_AFTER", "3s");
-    let mut gw = ChildGateway::start_command(cmd, addr, None).await;
+    let mut gw = ChildGateway::start(&db, &[("PGFEED_TEST_LISTENER_PANIC_AFTER", "3s")]).await;
+    let addr = gw.addr;
     let mut s = gw.live("acme").await;
 
     // Readiness drops (503 or nobody listening) and never comes back while it exits.
@@ -290,15 +329,8 @@ async fn a_trickled_request_head_has_one_deadline() {
 /// counted; its subscriber slot is free again.
 #[tokio::test]
 async fn a_stalled_reader_is_closed_after_the_write_timeout() {
-    let db = TestDb::new().await;
-    support::tenant_table(&db, "orders").await;
-    let gw = Gateway::start_with(sources_with(&db, &[("PGFEED_SERVER_WRITE_TIMEOUT", "1s")])).await;
-    let stalled = support::stalled_reader(gw.addr, &stream_head(gw.addr, &gw.token("acme"))).await;
-    eventually("the stalled stream is open", || async {
-        support::subscribers(gw.addr).await == Some(1.0)
-    })
-    .await;
-    insert_big_rows(&db, "orders", 40, 256 * 1024).await;
+    let (db, gw) = orders_gateway(&[("PGFEED_SERVER_WRITE_TIMEOUT", "1s")]).await;
+    let stalled = stall(&db, gw.addr, &stream_head(gw.addr, &gw.token("acme"))).await;
     eventually("the stalled stream is closed", || async {
         support::subscribers(gw.addr).await == Some(0.0)
     })
@@ -316,38 +348,14 @@ async fn a_stalled_reader_is_closed_after_the_write_timeout() {
 /// Shutdown does not wait out the grace for a client that stopped reading.
 #[tokio::test]
 async fn shutdown_interrupts_a_blocked_write() {
-    let db = TestDb::new().await;
-    support::tenant_table(&db, "orders").await;
-    let gw = Gateway::start_with(sources_with(
-        &db,
-        &[
-            ("PGFEED_SERVER_WRITE_TIMEOUT", "300s"),
-            ("PGFEED_SERVER_SHUTDOWN_GRACE", "300s"),
-        ],
-    ))
+    let (db, gw) = orders_gateway(&[
+        ("PGFEED_SERVER_WRITE_TIMEOUT", "300s"),
+        ("PGFEED_SERVER_SHUTDOWN_GRACE", "300s"),
+    ])
     .await;
-    let _stalled = support::stalled_reader(gw.addr, &stream_head(gw.addr, &gw.token("acme"))).await;
-    eventually("the stalled stream is open", || async {
-        support::subscribers(gw.addr).await == Some(1.0)
-    })
-    .await;
-    insert_big_rows(&db, "orders", 40, 256 * 1024).await;
+    let _stalled = stall(&db, gw.addr, &stream_head(gw.addr, &gw.token("acme"))).await;
     // Let the writes fill the socket and block.
-    let mut last = 0.0;
-    let deadline = std::time::Instant::now() + SOON;
-    loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let now = support::sample(&support::scrape(&gw).await, "pgfeed_bytes_written_total")
-            .unwrap_or(0.0);
-        if now > 1e6 && now == last {
-            break;
-        }
-        last = now;
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the stalled stream kept taking bytes"
-        );
-    }
+    until_writes_block(&gw).await;
     // stop() fails the test unless serve returns within SOON, far below the grace.
     gw.stop().await;
 }
@@ -355,26 +363,16 @@ async fn shutdown_interrupts_a_blocked_write() {
 /// A token's expiry ends a stream whose client stopped reading.
 #[tokio::test]
 async fn token_expiry_interrupts_a_blocked_write() {
-    let db = TestDb::new().await;
-    support::tenant_table(&db, "orders").await;
-    let gw = Gateway::start_with(sources_with(
-        &db,
-        &[
-            ("PGFEED_SERVER_WRITE_TIMEOUT", "300s"),
-            ("PGFEED_AUTH_LEEWAY", "0s"),
-        ],
-    ))
+    let (db, gw) = orders_gateway(&[
+        ("PGFEED_SERVER_WRITE_TIMEOUT", "300s"),
+        ("PGFEED_AUTH_LEEWAY", "0s"),
+    ])
     .await;
     let token = sign_raw(&format!(
         r#"{{"tenant_id":"acme","exp":{}}}"#,
         now_secs() + 4
     ));
-    let _stalled = support::stalled_reader(gw.addr, &stream_head(gw.addr, &token)).await;
-    eventually("the stalled stream is open", || async {
-        support::subscribers(gw.addr).await == Some(1.0)
-    })
-    .await;
-    insert_big_rows(&db, "orders", 40, 256 * 1024).await;
+    let _stalled = stall(&db, gw.addr, &stream_head(gw.addr, &token)).await;
     eventually("the expired stream is closed", || async {
         support::subscribers(gw.addr).await == Some(0.0)
     })
@@ -641,15 +639,10 @@ async fn polyfill_resumes_head_probes_and_oversized_heads_get_answers() {
 /// site can read a cookie-authenticated stream. Named origins still get credentials.
 #[tokio::test]
 async fn cors_star_never_allows_credentials() {
-    let db = TestDb::new().await;
-    support::tenant_table(&db, "orders").await;
-    let gw = Gateway::start_with(sources_with(
-        &db,
-        &[
-            ("PGFEED_CORS_ALLOWED_ORIGINS", "*, https://app.example"),
-            ("PGFEED_AUTH_COOKIE", "pgfeed_token"),
-        ],
-    ))
+    let (_db, gw) = orders_gateway(&[
+        ("PGFEED_CORS_ALLOWED_ORIGINS", "*, https://app.example"),
+        ("PGFEED_AUTH_COOKIE", "pgfeed_token"),
+    ])
     .await;
     let cookie = format!("pgfeed_token={}", gw.token("acme"));
     for origin in ["null", "https://evil.example"] {
@@ -707,9 +700,8 @@ async fn cors_star_never_allows_credentials() {
 #[tokio::test]
 async fn client_values_cannot_forge_log_lines() {
     let db = TestDb::new().await;
-    let addr = free_addr();
-    let cmd = pgfeed_command(&db, &["serve", "--listen", &addr.to_string()]);
-    let gw = ChildGateway::start_command(cmd, addr, None).await;
+    let gw = ChildGateway::start(&db, &[]).await;
+    let addr = gw.addr;
     let forged = r#"evil\n2026-12-02T00:00:00.000000Z ERROR pgfeed: forged line\r\u001b[2J\u001b]0;owned\u0007"#;
     let token = sign_raw(&format!(
         r#"{{"tenant_id":"{forged}","exp":{}}}"#,
@@ -815,10 +807,8 @@ async fn config_errors_name_the_key_file_and_line_all_at_once() {
 async fn logs_carry_no_debug_output_and_name_the_database_once() {
     let db = TestDb::new().await;
     support::tenant_table(&db, "orders").await;
-    let addr = free_addr();
-    let mut cmd = pgfeed_command(&db, &["serve", "--listen", &addr.to_string()]);
-    cmd.env("PGFEED_LOG_FORMAT", "json");
-    let gw = ChildGateway::start_command(cmd, addr, None).await;
+    let gw = ChildGateway::start(&db, &[("PGFEED_LOG_FORMAT", "json")]).await;
+    let addr = gw.addr;
     let mut s = gw.live("acme").await;
     db.client()
         .await
@@ -909,41 +899,17 @@ async fn logs_carry_no_debug_output_and_name_the_database_once() {
 /// client stopped reading: shutdown does not wait out the grace for it either.
 #[tokio::test]
 async fn a_stalled_reader_on_a_kept_alive_connection_is_cut_off_too() {
-    let db = TestDb::new().await;
-    support::tenant_table(&db, "orders").await;
-    let gw = Gateway::start_with(sources_with(
-        &db,
-        &[
-            ("PGFEED_SERVER_WRITE_TIMEOUT", "300s"),
-            ("PGFEED_SERVER_SHUTDOWN_GRACE", "300s"),
-        ],
-    ))
+    let (db, gw) = orders_gateway(&[
+        ("PGFEED_SERVER_WRITE_TIMEOUT", "300s"),
+        ("PGFEED_SERVER_SHUTDOWN_GRACE", "300s"),
+    ])
     .await;
     let head = format!(
         "GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n{}",
         gw.addr,
         stream_head(gw.addr, &gw.token("acme"))
     );
-    let _stalled = support::stalled_reader(gw.addr, &head).await;
-    eventually("the stalled stream is open", || async {
-        support::subscribers(gw.addr).await == Some(1.0)
-    })
-    .await;
-    insert_big_rows(&db, "orders", 40, 256 * 1024).await;
-    let mut last = 0.0;
-    let deadline = std::time::Instant::now() + SOON;
-    loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let now = support::sample(&support::scrape(&gw).await, "pgfeed_bytes_written_total")
-            .unwrap_or(0.0);
-        if now > 1e6 && now == last {
-            break;
-        }
-        last = now;
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the stalled stream kept taking bytes"
-        );
-    }
+    let _stalled = stall(&db, gw.addr, &head).await;
+    until_writes_block(&gw).await;
     gw.stop().await;
 }

@@ -10,8 +10,7 @@ use pgfeed_testkit as support;
 
 use std::time::Duration;
 
-use serde_json::Value;
-use support::{Gateway, Run, SseClient, TestDb, query_i64, server_message};
+use support::{Gateway, Run, SseClient, TestDb, op_table_v, query_i64, server_message};
 
 /// What a watched table's writes and DDL run as, and the operator (a superuser).
 struct Setup {
@@ -84,26 +83,11 @@ async fn unrelated_ddl_works(who: &tokio_postgres::Client) {
     }
 }
 
-/// `op table v` of a change (`-` for a truncate, which carries no row).
-fn summary(e: &Value) -> String {
-    let row = if e["new"].is_object() {
-        &e["new"]
-    } else {
-        &e["old"]
-    };
-    format!(
-        "{} {} {}",
-        e["op"].as_str().unwrap(),
-        e["table"].as_str().unwrap(),
-        row["v"].as_str().unwrap_or("-")
-    )
-}
-
-/// The [`summary`] of each change of `s` up to the first whose `v` is `end`.
+/// The [`op_table_v`] of each change of `s` up to the first whose `v` is `end`.
 async fn summaries_until_end(s: &mut SseClient) -> Vec<String> {
     let mut got = Vec::new();
     loop {
-        got.push(summary(&s.next_change().await));
+        got.push(op_table_v(&s.next_change().await));
         if got.last().unwrap().ends_with(" end") || got.len() > 20 {
             return got;
         }
@@ -333,7 +317,7 @@ async fn truncating_a_partitioned_parent_sends_one_truncate() {
     let gw = Gateway::start(&db).await;
     let mut acme = gw.resume("acme", "", "0.0").await;
     assert_eq!(
-        summary(&acme.next_change().await),
+        op_table_v(&acme.next_change().await),
         "insert public.measurements a"
     );
     assert!(acme.until_live().await.is_empty());

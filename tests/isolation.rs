@@ -4,37 +4,13 @@
 
 use pgfeed_testkit as support;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use pgfeed::change::Position;
 use serde_json::{Value, json};
-use support::{Gateway, SseClient, TestDb};
+use support::workload::{self, Positions, Reader, Rng};
+use support::{Gateway, TestDb};
 use tokio_postgres::error::SqlState;
-
-/// A tiny deterministic RNG (xorshift64), so that a failure replays exactly.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    /// Uniform in `0..n`.
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// True with probability `pct` percent.
-    fn chance(&mut self, pct: u64) -> bool {
-        self.next() % 100 < pct
-    }
-}
 
 /// Every tenant that writes. The first `SUBSCRIBED` have subscribers; the others write
 /// rows that nobody may see. Names that differ only by case or a suffix, digits, non-ASCII
@@ -134,7 +110,6 @@ struct Sub {
     query: String,
     tables: Option<Vec<usize>>,
     ops: Option<Vec<&'static str>>,
-    stream: SseClient,
 }
 
 impl Sub {
@@ -182,15 +157,6 @@ fn subscriptions(i: usize) -> [Subscription; 3] {
     [(String::new(), None, None), by_table, by_op]
 }
 
-/// Strips what the test cannot predict (position, commit time) from a received event.
-fn comparable(event: &Value) -> Value {
-    let mut v = event.clone();
-    let obj = v.as_object_mut().unwrap();
-    obj.remove("position");
-    obj.remove("committed_at");
-    v
-}
-
 #[tokio::test]
 async fn random_workload_reaches_exactly_the_right_subscribers() {
     let db = TestDb::new().await;
@@ -206,6 +172,7 @@ async fn random_workload_reaches_exactly_the_right_subscribers() {
     let gw = Gateway::start(&db).await;
 
     let mut subs = Vec::new();
+    let mut readers = Vec::new();
     for (tenant, name) in TENANTS.iter().enumerate().take(SUBSCRIBED) {
         for (query, tables, ops) in subscriptions(tenant) {
             let mut stream = gw.stream(name, &query).await;
@@ -214,19 +181,19 @@ async fn random_workload_reaches_exactly_the_right_subscribers() {
                 stream.until_live().await.is_empty(),
                 "nothing to replay on a fresh stream"
             );
+            readers.push(Reader::spawn(stream));
             subs.push(Sub {
                 tenant,
                 query,
                 tables,
                 ops,
-                stream,
             });
         }
     }
 
     // The workload: committed transactions of random statements, each touching one row, so
     // that the order of changes is the order of statements. Two transactions roll back.
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::seeded(0x9e37_79b9_7f4a_7c15);
     let mut rows: BTreeMap<(usize, i32), Row> = BTreeMap::new();
     let mut all: Vec<Expected> = Vec::new();
     let mut step = 0usize;
@@ -355,60 +322,32 @@ async fn random_workload_reaches_exactly_the_right_subscribers() {
         "the workload is a few hundred changes: {}",
         all.len()
     );
-    let journaled: i64 = c
-        .query_one("SELECT count(*) FROM pgfeed.changes", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        journaled as usize,
-        all.len(),
-        "the model and the journal agree on the number of changes"
-    );
+    workload::assert_journal_holds(&c, all.len(), "").await;
 
     // What each subscriber must receive, as indexes into `all`.
-    let wanted: Vec<Vec<usize>> = subs
-        .iter()
-        .map(|s| (0..all.len()).filter(|&i| s.wants(&all[i])).collect())
-        .collect();
+    let wanted = workload::wanted(&subs, &all, Sub::wants);
 
-    // Read every stream at once until it has its count, then watch that nothing follows.
-    let received: Vec<Vec<Value>> =
-        futures_util::future::join_all(subs.iter_mut().zip(&wanted).map(|(s, w)| async move {
-            let mut got = Vec::with_capacity(w.len());
-            for _ in 0..w.len() {
-                got.push(s.stream.next_change().await);
-            }
-            s.stream.assert_quiet(Duration::from_millis(500)).await;
-            got
-        }))
-        .await;
+    // Every stream, read all along, has its count, then nothing follows.
+    let counts: Vec<usize> = wanted.iter().map(Vec::len).collect();
+    let received = workload::collect(&mut readers, &counts, Duration::from_millis(500)).await;
 
-    let mut position_of: HashMap<usize, String> = HashMap::new();
-    for ((s, w), got) in subs.iter().zip(&wanted).zip(&received) {
+    let mut positions = Positions::default();
+    for (((s, w), got), reader) in subs.iter().zip(&wanted).zip(&received).zip(readers) {
         let who = format!("{} ?{}", TENANTS[s.tenant], s.query);
         assert!(
             !w.is_empty(),
             "{who}: the workload gives every subscriber something"
         );
-        assert_eq!(got.len(), w.len(), "{who}");
-        for (k, (&i, event)) in w.iter().zip(got).enumerate() {
-            assert_eq!(
-                comparable(event),
-                all[i].data,
-                "{who}: event #{k} (change #{i} of the workload)"
-            );
-            let position = event["position"].as_str().unwrap().to_string();
-            let seen = position_of.entry(i).or_insert_with(|| position.clone());
-            assert_eq!(
-                *seen, position,
-                "change #{i} has one position for every subscriber"
-            );
+        let expect: Vec<Value> = w.iter().map(|&i| all[i].data.clone()).collect();
+        let got = workload::check_stream(&who, got, &expect);
+        for (&i, event) in w.iter().zip(&got) {
+            positions.record(&who, i, event);
         }
         // No row of another tenant reached this stream, not even inside some field.
+        let stream = reader.finish().await;
         for other in (0..TENANTS.len()).filter(|&t| t != s.tenant) {
             assert!(
-                !s.stream.raw.contains(&tag(other)),
+                !stream.raw.contains(&tag(other)),
                 "{who} received a row of tenant {:?}",
                 TENANTS[other]
             );
@@ -416,20 +355,12 @@ async fn random_workload_reaches_exactly_the_right_subscribers() {
     }
     // Every change was seen by someone (each tenant table change of a subscribed tenant,
     // every public one), and positions follow the workload's order.
-    let mut seen: Vec<(usize, Position)> = position_of
-        .iter()
-        .map(|(&i, p)| (i, p.parse().unwrap()))
-        .collect();
-    seen.sort();
-    assert!(
-        seen.windows(2).all(|w| w[0].1 < w[1].1),
-        "positions increase in commit and statement order"
-    );
+    let seen = positions.assert_in_order("");
     let visible = all
         .iter()
         .filter(|e| e.table == PUBLIC_TABLE || e.tenant.is_some_and(|t| t < SUBSCRIBED))
         .count();
-    assert_eq!(seen.len(), visible);
+    assert_eq!(seen, visible);
     gw.stop().await;
 }
 
@@ -483,12 +414,7 @@ async fn forged_rows(admin: &tokio_postgres::Client) -> i64 {
 async fn repeatable_read_snapshot(
     client: &mut tokio_postgres::Client,
 ) -> tokio_postgres::Transaction<'_> {
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .await
-        .unwrap();
+    let tx = support::repeatable_read(client).await;
     tx.batch_execute("SELECT 1").await.unwrap();
     tx
 }
@@ -689,12 +615,7 @@ async fn application_roles_need_no_privilege_on_schema_pgfeed() {
         .unwrap();
     assert_eq!(s.next_change().await["new"]["body"], "still captured");
     let c = db.client().await;
-    let journaled: i64 = c
-        .query_one("SELECT count(*) FROM pgfeed.changes", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(journaled, 5);
+    assert_eq!(support::journal_len(&c).await, 5);
     drop(a);
     gw.stop().await;
     drop_role(&db, &app).await;

@@ -13,57 +13,13 @@
 use pgfeed_testkit as support;
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use futures_util::future::join_all;
-use pgfeed::change::Position;
 use serde_json::{Value, json};
-use support::{Event, Gateway, SseClient, TestDb};
-use tokio::sync::mpsc;
+use support::workload::{self, Positions, Reader, Rng};
+use support::{Gateway, SseClient, TestDb};
 use tokio_postgres::Transaction;
-
-/// A small deterministic RNG (splitmix64), so that a seed replays a run exactly.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n`.
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: i32, hi: i32) -> i32 {
-        lo + self.below((hi - lo + 1) as usize) as i32
-    }
-
-    /// True with probability `pct` percent.
-    fn chance(&mut self, pct: u64) -> bool {
-        self.next() % 100 < pct
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len())]
-    }
-
-    /// A random non-empty subset of `0..n`, in increasing order.
-    fn subset(&mut self, n: usize) -> Vec<usize> {
-        loop {
-            let s: Vec<usize> = (0..n).filter(|_| self.chance(50)).collect();
-            if !s.is_empty() {
-                return s;
-            }
-        }
-    }
-}
 
 /// Tenants with subscribers: the first `SUBSCRIBED` names of [`tenant_names`].
 const SUBSCRIBED: usize = 30;
@@ -718,54 +674,9 @@ impl Model {
     }
 }
 
-/// Reads `stream` into a channel until it ends, so that every stream is read while the
-/// workload runs (the task is aborted at the end of the test).
-fn spawn_reader(
-    mut stream: SseClient,
-) -> (mpsc::UnboundedReceiver<Event>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        while let Some(event) = stream.next_within(Duration::from_secs(3600)).await {
-            if tx.send(event).is_err() {
-                return;
-            }
-        }
-    });
-    (rx, task)
-}
-
-/// Strips what the test cannot predict (position, commit time) from a received event.
-fn comparable(event: &Value) -> Value {
-    let mut v = event.clone();
-    let obj = v.as_object_mut().unwrap();
-    obj.remove("position");
-    obj.remove("committed_at");
-    v
-}
-
-/// One line per event, for failure messages.
-fn summary(v: &Value) -> String {
-    format!(
-        "{} {} {} pk={} new={} old={}",
-        v["op"].as_str().unwrap_or("?"),
-        v["table"].as_str().unwrap_or("?"),
-        v["tenant"],
-        v["pk"],
-        v["new"],
-        v["old"]
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filtered_random_workload_reaches_exactly_the_right_subscribers() {
-    let seed = match std::env::var("PGFEED_TEST_SEED") {
-        Ok(s) if !s.is_empty() => s.parse().expect("PGFEED_TEST_SEED is a u64"),
-        _ => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64,
-    };
-    eprintln!("isolation_filters: seed {seed} (replay with PGFEED_TEST_SEED={seed})");
+    let seed = workload::seed("isolation_filters");
     let started = Instant::now();
 
     let db = TestDb::new().await;
@@ -785,11 +696,10 @@ async fn filtered_random_workload_reaches_exactly_the_right_subscribers() {
     .unwrap();
     let gw = Gateway::start(&db).await;
 
-    let mut rng = Rng(seed);
+    let mut rng = Rng::seeded(seed);
     let names = tenant_names();
     let mut subs = Vec::new();
     let mut readers = Vec::new();
-    let mut tasks = Vec::new();
     for (tenant, name) in names.iter().enumerate().take(SUBSCRIBED) {
         for _ in 0..3 {
             let sub = Sub::random(&mut rng, tenant);
@@ -799,9 +709,7 @@ async fn filtered_random_workload_reaches_exactly_the_right_subscribers() {
                 stream.until_live().await.is_empty(),
                 "nothing to replay on a fresh stream"
             );
-            let (rx, task) = spawn_reader(stream);
-            readers.push(rx);
-            tasks.push(task);
+            readers.push(Reader::spawn(stream));
             subs.push(sub);
         }
     }
@@ -811,7 +719,7 @@ async fn filtered_random_workload_reaches_exactly_the_right_subscribers() {
     // the order of changes is the order of statements. Some transactions roll back, some
     // savepoints too; two truncates happen in committed transactions.
     let mut model = Model {
-        rng: Rng(seed ^ 0x5eed),
+        rng: Rng::seeded(seed ^ 0x5eed),
         names: names.clone(),
         rows: BTreeMap::new(),
         step: 0,
@@ -868,114 +776,31 @@ async fn filtered_random_workload_reaches_exactly_the_right_subscribers() {
     }
     let wrote = started.elapsed();
     let stats = &model.stats;
-    let journaled: i64 = c
-        .query_one("SELECT count(*) FROM pgfeed.changes", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        journaled as usize,
-        all.len(),
-        "seed {seed}: the model and the journal agree on the number of changes"
-    );
+    workload::assert_journal_holds(&c, all.len(), &format!("seed {seed}: ")).await;
 
     // What each subscriber must receive, as indexes into `all`.
-    let wanted: Vec<Vec<usize>> = subs
-        .iter()
-        .map(|s| (0..all.len()).filter(|&i| s.wants(&all[i])).collect())
-        .collect();
+    let wanted = workload::wanted(&subs, &all, Sub::wants);
 
-    // Collect that many events from every stream (read all along by its task).
-    let deadline = tokio::time::Instant::now() + support::SOON;
-    let mut received: Vec<Vec<Event>> = Vec::new();
-    for (rx, w) in readers.iter_mut().zip(&wanted) {
-        let mut got = Vec::with_capacity(w.len());
-        while got.len() < w.len() {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(e)) => got.push(e),
-                Ok(None) | Err(_) => break,
-            }
-        }
-        received.push(got);
-    }
-    // Then nothing more, on any stream.
-    let extra: Vec<Option<Event>> = join_all(
-        readers
-            .iter_mut()
-            .map(|rx| async move { tokio::time::timeout(QUIET, rx.recv()).await.ok().flatten() }),
-    )
-    .await;
+    // Collect that many events from every stream (read all along by its task), then
+    // nothing more, on any stream.
+    let counts: Vec<usize> = wanted.iter().map(Vec::len).collect();
+    let received = workload::collect(&mut readers, &counts, QUIET).await;
     let read = started.elapsed();
 
-    let mut position_of: HashMap<usize, String> = HashMap::new();
+    let mut positions = Positions::default();
     for (k, s) in subs.iter().enumerate() {
         let who = format!(
             "seed {seed}: stream #{k} of {:?} ?{}",
             names[s.tenant], s.query
         );
         let expect: Vec<Value> = wanted[k].iter().map(|&i| s.sees(&all[i])).collect();
-        let got: Vec<Value> = received[k]
-            .iter()
-            .map(|e| {
-                assert_eq!(e.event, "change", "{who}: {e:?}");
-                let data = e.json();
-                assert_eq!(
-                    e.id.as_deref(),
-                    data["position"].as_str(),
-                    "{who}: id: equals the position"
-                );
-                data
-            })
-            .collect();
-        let mismatch =
-            got.len() != expect.len() || got.iter().zip(&expect).any(|(g, e)| comparable(g) != *e);
-        if mismatch {
-            let first = got
-                .iter()
-                .zip(&expect)
-                .position(|(g, e)| comparable(g) != *e)
-                .unwrap_or(got.len().min(expect.len()));
-            // The events around the first difference, and what the test expected there.
-            let window = |v: &[Value]| {
-                v.iter()
-                    .enumerate()
-                    .skip(first.saturating_sub(3))
-                    .take(8)
-                    .map(|(n, e)| format!("#{n} {}", summary(e)))
-                    .collect::<Vec<_>>()
-                    .join("\n  ")
-            };
-            panic!(
-                "{who}: received {} events, expected {}; first difference at #{first}\n\
-                 expected:\n  {}\nreceived:\n  {}",
-                got.len(),
-                expect.len(),
-                window(&expect),
-                window(&got),
-            );
-        }
-        if let Some(e) = &extra[k] {
-            panic!("{who}: an event after the expected ones: {e:?}");
-        }
+        let got = workload::check_stream(&who, &received[k], &expect);
         for (&i, event) in wanted[k].iter().zip(&got) {
-            let position = event["position"].as_str().unwrap().to_string();
-            let first = position_of.entry(i).or_insert_with(|| position.clone());
-            assert_eq!(
-                *first, position,
-                "{who}: change #{i} has one position for every subscriber"
-            );
+            positions.record(&who, i, event);
         }
     }
     // Positions follow the workload's order.
-    let mut seen: Vec<(usize, Position)> = position_of
-        .iter()
-        .map(|(&i, p)| (i, p.parse().unwrap()))
-        .collect();
-    seen.sort();
-    assert!(
-        seen.windows(2).all(|w| w[0].1 < w[1].1),
-        "seed {seed}: positions increase in commit and statement order"
-    );
+    positions.assert_in_order(&format!("seed {seed}: "));
 
     // The workload covered what it should, so that passing means something.
     let deliveries: usize = wanted.iter().map(Vec::len).sum();
@@ -1016,8 +841,8 @@ async fn filtered_random_workload_reaches_exactly_the_right_subscribers() {
         "seed {seed}: the workload missed a case: {stats:?}"
     );
 
-    for task in tasks {
-        task.abort();
+    for reader in readers {
+        reader.finish().await;
     }
     gw.stop().await;
 }

@@ -29,37 +29,15 @@ fn package_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/js")
 }
 
-fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-}
-
-/// Whether `node`, `npm` and `psql` are all there. When one is missing: a failure naming
-/// what to install if `PGFEED_TEST_REQUIRE_TOOLS=1`, else a skip line and `false`.
+/// Whether `node`, `npm` and `psql` are all there ([`support::require_tool`]: each
+/// missing one is a skip line, or a failure naming what to install under
+/// `PGFEED_TEST_REQUIRE_TOOLS=1`).
 fn tools_present(test: &str) -> bool {
-    let missing: Vec<&str> = [
-        ("node", "nodejs"),
-        ("npm", "npm"),
-        ("psql", "postgresql-client"),
-    ]
-    .into_iter()
-    .filter(|(program, _)| which(program).is_none())
-    .map(|(_, package)| package)
-    .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let install = format!(
-        "{test} needs node, npm and psql (Debian: apt-get install {})",
-        missing.join(" ")
-    );
-    if std::env::var("PGFEED_TEST_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("{install}; PGFEED_TEST_REQUIRE_TOOLS=1 forbids skipping");
-    }
-    println!("skipped: {install}");
-    false
+    ["node", "npm", "psql"]
+        .into_iter()
+        .fold(true, |found, tool| {
+            support::require_tool(tool, test) & found
+        })
 }
 
 /// Runs `program args` in the package's directory with `env`, and returns its output,

@@ -150,25 +150,12 @@ async fn pruning_is_counted_and_takes_turns() {
     assert_eq!(skipped, -1);
     tx.rollback().await.unwrap();
 
-    let mut sources = support::sources(&db);
-    sources.env.extend([
-        ("PGFEED_JOURNAL_RETENTION".to_string(), "1s".to_string()),
-        (
-            "PGFEED_JOURNAL_PRUNE_INTERVAL".to_string(),
-            "100ms".to_string(),
-        ),
-    ]);
-    let gw = Gateway::start_with(sources).await;
+    let gw = Gateway::start_with(support::sources_with(&db, support::FAST_PRUNING)).await;
     eventually("the old commit is pruned and counted", || async {
         sample(&scrape(&gw).await, "pgfeed_pruned_commits_total") == Some(1.0)
     })
     .await;
-    let left: i64 = c
-        .query_one("SELECT count(*) FROM pgfeed.changes", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(left, 0);
+    assert_eq!(support::journal_len(&c).await, 0);
     gw.stop().await;
 }
 

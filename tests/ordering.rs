@@ -12,18 +12,10 @@ use std::time::Duration;
 
 use pgfeed::change::Position;
 use serde_json::Value;
-use support::{Gateway, SseClient, TestDb};
+use support::{Gateway, SseClient, TestDb, position};
 
 /// Window in which "nothing else arrives" is checked.
 const QUIET: Duration = Duration::from_millis(300);
-
-fn position(change: &Value) -> Position {
-    let text = change["position"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no position: {change}"));
-    text.parse()
-        .unwrap_or_else(|e| panic!("position {text:?} does not parse: {e}"))
-}
 
 fn assert_increasing(changes: &[Value]) {
     let positions: Vec<Position> = changes.iter().map(position).collect();

@@ -317,13 +317,18 @@ fn numeric_tenant_claims_keep_every_bit() {
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig {
+/// 512 cases a property, no regression file: integration tests have no lib.rs for
+/// proptest to file regressions beside.
+fn config() -> ProptestConfig {
+    ProptestConfig {
         cases: 512,
-        // Integration tests have no lib.rs for proptest to file regressions beside.
         failure_persistence: None,
         ..ProptestConfig::default()
-    })]
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
 
     #[test]
     fn stream_query_never_panics(query in prop_oneof![any::<String>(), near_query()]) {
@@ -650,12 +655,7 @@ fn token_like() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 512,
-        // Integration tests have no lib.rs for proptest to file regressions beside.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(config())]
 
     #[test]
     fn authenticate_never_panics(token in token_like()) {

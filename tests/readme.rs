@@ -11,21 +11,14 @@ use support::TestDb;
 
 /// The lines of the README's quickstart block.
 fn quickstart() -> Vec<String> {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme = support::readme();
     let start = readme
         .find("<!-- quickstart:begin -->")
         .expect("README has a quickstart block");
     let end = readme
         .find("<!-- quickstart:end -->")
         .expect("quickstart block ends");
-    readme[start..end]
-        .lines()
-        .skip_while(|l| !l.starts_with("```sh"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("```"))
-        .map(str::to_string)
-        .collect()
+    support::first_sh_block(&readme[start..end])
 }
 
 fn require(tool: &str) {

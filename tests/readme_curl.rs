@@ -8,8 +8,7 @@ use support::{Gateway, TestDb};
 
 /// `curl` lines in the README's shell blocks, except the quickstart's.
 fn curl_lines() -> Vec<String> {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme = support::readme();
     let end = readme
         .find("<!-- quickstart:end -->")
         .expect("quickstart block");

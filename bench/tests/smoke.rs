@@ -58,6 +58,12 @@ fn bench_smoke_preset_delivers_everything_once_to_the_right_tenant() {
 
 #[test]
 fn capture_instruction_count_script_runs() {
+    if !pgfeed_testkit::require_tool(
+        "valgrind",
+        "the instruction-count test (bench/tests/smoke.rs)",
+    ) {
+        return;
+    }
     // bench/capture-instructions.sh (BENCHMARKS.md, "Where the time goes") on a few
     // statements: it must keep working and print both counts. Counts are not asserted
     // beyond their presence and that capture does some work.

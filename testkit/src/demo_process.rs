@@ -31,6 +31,21 @@ pub struct DemoProcess {
     pub banner: Banner,
 }
 
+/// `pgfeed demo ARGS` with no database, secret or listen address of the caller's
+/// environment and no stdin; the caller adds its own variables and output.
+pub fn demo_command(args: &[&str]) -> Command {
+    let mut command = Command::new(crate::pgfeed_bin());
+    command
+        .arg("demo")
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("PGFEED_DATABASE_URL")
+        .env_remove("PGFEED_AUTH_SECRET")
+        .env_remove("PGFEED_SERVER_LISTEN")
+        .stdin(Stdio::null());
+    command
+}
+
 /// What the banner says.
 #[derive(Debug, Clone, Default)]
 pub struct Banner {
@@ -55,15 +70,9 @@ impl DemoProcess {
             std::process::id(),
             STARTED.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut command = Command::new(crate::pgfeed_bin());
+        let mut command = demo_command(args);
         command
-            .arg("demo")
-            .args(args)
-            .env_remove("DATABASE_URL")
-            .env_remove("PGFEED_DATABASE_URL")
-            .env_remove("PGFEED_AUTH_SECRET")
             .env("PGFEED_LOG", "info")
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"));
         for (k, v) in env {
