@@ -147,9 +147,17 @@ pub struct Change {
     pub committed_at: String,
     /// Commit time in seconds since the epoch, for latency metrics.
     pub committed_epoch: f64,
+    /// What is derived from the change on first use; `Cache::default()` when building one.
+    pub cache: Cache,
+}
+
+/// What a [`Change`] derives on first use and then shares with every subscriber: its
+/// encoded frames and its parsed row images. Empty when the change is built.
+#[derive(Debug, Default)]
+pub struct Cache {
     /// Encoded frames, built on first use: [sse full, sse keys, ndjson full, ndjson keys].
     frames: [OnceLock<Bytes>; 4],
-    /// `new` and `old` parsed, on first use by a row filter; shared by every subscriber.
+    /// `new` and `old` parsed, on first use by a row filter.
     rows: [OnceLock<Option<Row>>; 2],
 }
 
@@ -190,48 +198,16 @@ impl Change {
         1024 + 3 * (rows + names)
     }
 
-    /// Assembles a change from journal columns.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        position: Position,
-        table: String,
-        op: Op,
-        tenant: Option<String>,
-        public: bool,
-        pk: Option<Box<RawValue>>,
-        new: Option<Box<RawValue>>,
-        old: Option<Box<RawValue>>,
-        changed: Option<Vec<String>>,
-        committed_at: String,
-        committed_epoch: f64,
-    ) -> Change {
-        Change {
-            position,
-            table,
-            op,
-            tenant,
-            public,
-            pk,
-            new,
-            old,
-            changed,
-            committed_at,
-            committed_epoch,
-            frames: Default::default(),
-            rows: Default::default(),
-        }
-    }
-
     /// `new` parsed once, numbers exact (for row filters).
     pub fn new_row(&self) -> Option<&Row> {
-        self.rows[0]
+        self.cache.rows[0]
             .get_or_init(|| self.new.as_deref().and_then(|r| Row::parse(r.get())))
             .as_ref()
     }
 
     /// `old` parsed once, numbers exact (for row filters).
     pub fn old_row(&self) -> Option<&Row> {
-        self.rows[1]
+        self.cache.rows[1]
             .get_or_init(|| self.old.as_deref().and_then(|r| Row::parse(r.get())))
             .as_ref()
     }
@@ -244,7 +220,7 @@ impl Change {
             (Format::Ndjson, Payload::Full) => 2,
             (Format::Ndjson, Payload::Keys) => 3,
         };
-        self.frames[slot].get_or_init(|| self.encode(format, payload))
+        self.cache.frames[slot].get_or_init(|| self.encode(format, payload))
     }
 
     fn encode(&self, format: Format, payload: Payload) -> Bytes {
@@ -278,6 +254,28 @@ impl Change {
             }
         }
         Bytes::from(out)
+    }
+}
+
+#[cfg(test)]
+impl Change {
+    /// An insert into `public.t` at `(commit, 1)` for the unit tests: of `tenant`, or
+    /// public without one.
+    pub(crate) fn for_test(commit: i64, tenant: Option<&str>) -> std::sync::Arc<Change> {
+        std::sync::Arc::new(Change {
+            position: Position { commit, ord: 1 },
+            table: "public.t".into(),
+            op: Op::Insert,
+            tenant: tenant.map(str::to_string),
+            public: tenant.is_none(),
+            pk: None,
+            new: None,
+            old: None,
+            changed: None,
+            committed_at: "2026-01-01T00:00:00.000000Z".into(),
+            committed_epoch: 0.0,
+            cache: Cache::default(),
+        })
     }
 }
 
@@ -367,19 +365,20 @@ mod tests {
 
     #[test]
     fn sse_frame_keeps_raw_numbers_and_omits_missing_parts() {
-        let c = Change::new(
-            Position { commit: 3, ord: 1 },
-            "public.orders".into(),
-            Op::Update,
-            Some("acme".into()),
-            false,
-            raw(r#"{"id": 1}"#),
-            raw(r#"{"id": 1, "n": 123456789012345678901234567890.5}"#),
-            raw(r#"{"id": 1, "n": 1}"#),
-            Some(vec!["n".into()]),
-            "2026-11-23T14:03:01.123456Z".into(),
-            0.0,
-        );
+        let c = Change {
+            position: Position { commit: 3, ord: 1 },
+            table: "public.orders".into(),
+            op: Op::Update,
+            tenant: Some("acme".into()),
+            public: false,
+            pk: raw(r#"{"id": 1}"#),
+            new: raw(r#"{"id": 1, "n": 123456789012345678901234567890.5}"#),
+            old: raw(r#"{"id": 1, "n": 1}"#),
+            changed: Some(vec!["n".into()]),
+            committed_at: "2026-11-23T14:03:01.123456Z".into(),
+            committed_epoch: 0.0,
+            cache: Cache::default(),
+        };
         let frame = std::str::from_utf8(c.frame(Format::Sse, Payload::Full))
             .unwrap()
             .to_string();

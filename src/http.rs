@@ -25,11 +25,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::Refused;
 use crate::auth::{AuthError, Authenticator, Credentials};
 use crate::catalog::Catalog;
 use crate::change::{Format, Position};
-use crate::fanout::{Hub, Refused};
 use crate::filter::{QueryError, Selection, SelectionError, StreamQuery};
+use crate::hub::Hub;
 use crate::journal::Journal;
 use crate::listener::{NotReady, Readiness};
 use crate::sse::{EventStream, StreamSettings};
@@ -533,14 +534,8 @@ async fn metrics(state: &AppState) -> Response<Body> {
     m.connections.set(state.connections.open() as i64);
     m.tenant_channels.set(state.hub.channel_count() as i64);
     m.listener_ready.set(i64::from(state.readiness.is_ready()));
-    if let Ok(rows) = state
-        .journal
-        .query("SELECT pg_notification_queue_usage()")
-        .await
-        && let Some(row) = rows.first()
-    {
-        m.notification_queue_usage.set(row.get::<_, f64>(0));
-    }
+    // Skipped, keeping the last value, if the database does not answer.
+    let _ = m.sample_notification_queue(state.journal.db()).await;
     let mut response = Response::new(Full::new(Bytes::from(m.render())).boxed_unsync());
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -634,7 +629,7 @@ pub(crate) async fn open_stream<B>(
         // Bounded: while the database does not answer, the request is refused as the
         // catalog stands rather than left waiting.
         Err(SelectionError::UnknownTable(_) | SelectionError::UnknownColumn { .. }) => {
-            let reload = state.catalog.reload_since(&state.journal, ticket);
+            let reload = state.catalog.reload_since(state.journal.db(), ticket);
             match tokio::time::timeout(CATALOG_RELOAD_WAIT, reload).await {
                 Ok(Ok(())) => {}
                 Ok(Err(err)) => {

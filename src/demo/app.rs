@@ -341,7 +341,7 @@ async fn query_text(
         None => client.query_one(sql, &[]).await,
     }
     .map_err(|e| unavailable(&e))?;
-    Ok(row.get(0))
+    row.try_get(0).map_err(|e| unavailable(&e))
 }
 
 fn asset(body: &'static str, content_type: &'static str) -> Response<Full<Bytes>> {
