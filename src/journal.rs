@@ -12,10 +12,11 @@
 //! [`Batch::end`] still moves past it, so one bad row never stops a reader or is read
 //! again. Only a row whose position itself cannot be decoded fails the read.
 //!
-//! The SQL is in [`sql`], the decoding of rows in [`decode`], pruning in [`prune`]; the
-//! connections are the pool's, through [`Db`].
+//! The SQL is in [`sql`], the decoding of rows in [`decode`], the errors in [`error`],
+//! pruning in [`prune`]; the connections are the pool's, through [`Db`].
 
 mod decode;
+mod error;
 mod prune;
 mod sql;
 
@@ -24,66 +25,14 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 
-use crate::change::{Change, Position};
-use crate::db::{Db, DecodeError, QueryError, decode};
+use crate::change::Position;
+use crate::db::{Db, decode};
 
-pub use decode::{Malformed, Skipped};
-pub use prune::PRUNE_SKIPS_WARNED;
+pub use decode::{Batch, Malformed, Skipped};
+pub use error::JournalError;
 use sql::{
     HEAD, IDENTITY, READ_ALL, READ_ALL_BYTES, READ_TENANT, READ_TENANT_BYTES, SEAL, SQL_ASCII,
 };
-
-/// A journal read failed.
-#[derive(Debug, thiserror::Error)]
-pub enum JournalError {
-    /// No pooled connection could be had.
-    #[error("no database connection for a journal read")]
-    Pool(#[source] deadpool_postgres::PoolError),
-    /// The query failed.
-    #[error("journal query failed")]
-    Query(#[source] tokio_postgres::Error),
-    /// The query did not finish within `database.query_timeout`.
-    #[error("journal query timed out")]
-    Timeout,
-    /// A value every read needs (a position, the pruning watermark) could not be
-    /// decoded: the journal is not what this binary expects at all.
-    #[error("cannot decode the journal's {column}")]
-    Decode {
-        /// The column that failed.
-        column: &'static str,
-        /// Why.
-        #[source]
-        source: tokio_postgres::Error,
-    },
-}
-
-impl JournalError {
-    /// Whether the read failed because the pgfeed schema, or one of its tables, does not
-    /// exist (SQLSTATE 3F000 or 42P01): it was uninstalled under a running gateway.
-    pub fn schema_missing(&self) -> bool {
-        match self {
-            JournalError::Query(err) => crate::db::schema_missing(err),
-            _ => false,
-        }
-    }
-}
-
-impl From<QueryError> for JournalError {
-    fn from(err: QueryError) -> Self {
-        match err {
-            QueryError::Pool(err) => JournalError::Pool(err),
-            QueryError::Query(err) => JournalError::Query(err),
-            QueryError::Timeout => JournalError::Timeout,
-            QueryError::Decode(err) => err.into(),
-        }
-    }
-}
-
-impl From<DecodeError> for JournalError {
-    fn from(DecodeError { column, source }: DecodeError) -> Self {
-        JournalError::Decode { column, source }
-    }
-}
 
 /// Which changes a read returns.
 #[derive(Debug, Clone, Copy)]
@@ -111,31 +60,6 @@ pub struct Journal {
     /// storm of resumes waits here, in turn, and leaves the rest of the pool to everything
     /// else (`/v1/position`, resumes' head checks, `/metrics`, catalog reloads).
     replays: Arc<tokio::sync::Semaphore>,
-}
-
-/// One read: changes in commit order, whether more may follow, and the pruning watermark
-/// seen in the same snapshot.
-#[derive(Debug, Default)]
-pub struct Batch {
-    /// The changes, in commit order.
-    pub changes: Vec<Arc<Change>>,
-    /// False when the read reached the end of what is committed.
-    pub more: bool,
-    /// Newest position removed by pruning: a reader whose position is older missed
-    /// changes.
-    pub pruned: Position,
-    /// The position read after names a commit that does not exist and was not pruned: its
-    /// number was handed out by a seal that a database crash took back, and the same
-    /// commits carry other numbers now (`pgfeed.seal`, sql/functions.sql). The reader must
-    /// start over from the head (`reset`); `changes` are not for it.
-    pub void: bool,
-    /// Rows of this read that could not be decoded, in commit order; they are not in
-    /// `changes`.
-    pub skipped: Vec<Skipped>,
-    /// Position of the last row this read returned, decoded or skipped (`None` when it
-    /// returned none): the next read continues after it, so a skipped row that ends a
-    /// batch is not read again.
-    pub end: Option<Position>,
 }
 
 /// Real bytes (row images as text) after which a subscriber's journal read stops, at

@@ -15,7 +15,7 @@
 //! so and the listener retries until it is installed again; a journal that was recreated
 //! meanwhile starts its positions over, so live streams are then sent `reset`.
 //!
-//! When it sleeps or lingers after reading is [`pace`]; what it reports is [`readiness`];
+//! When it sleeps or lingers after reading follows [`pace`]; what it reports is [`readiness`];
 //! how long it waits before reconnecting is [`backoff`]. Its connections' settings are
 //! [`crate::db`]'s.
 
@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use futures_util::future::poll_fn;
 use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
@@ -39,7 +40,10 @@ use crate::journal::{Journal, JournalError};
 
 use backoff::Backoff;
 pub use pace::BARRIER_TIMEOUT_MS;
-use pace::Pace;
+use pace::{
+    ARM, BARRIER, BARRIER_PAUSE_MAX, BARRIER_PAUSE_MIN, CONTENDED_BARRIER, LINGER_POLL, Pace,
+    SETTLE_SLICE,
+};
 pub use readiness::{NotReady, Readiness};
 
 /// The NOTIFY channel the seal trigger rings.
@@ -295,6 +299,74 @@ impl Listener {
         }
         *journal_id = Some(id);
         Ok(recreated)
+    }
+
+    /// Reads until a read comes back empty, then goes to sleep without missing a commit:
+    /// sets `pgfeed.armed` (writers from then on ring the doorbell),
+    /// waits at the barrier for the commits of writers that saw it awake
+    /// (`pgfeed.barrier`, sql/functions.sql), and reads once more. Changes in that read
+    /// mean writers are coming: it stays awake and goes round again. Under load ([`Pace`])
+    /// it lingers instead of arming, reading every [`LINGER_POLL`], and writers send no
+    /// NOTIFY; idle, it sleeps until one rings. A writer waits on this only at the
+    /// barrier, for at most [`BARRIER_TIMEOUT_MS`].
+    ///
+    /// Returns false once asleep, or true after [`SETTLE_SLICE`] of reading with writes
+    /// still coming, so that the caller can handle what else is due and call it again.
+    async fn settle(
+        &self,
+        client: &tokio_postgres::Client,
+        last: &mut Position,
+        pace: &mut Pace,
+    ) -> Result<bool, ListenerError> {
+        let started = Instant::now();
+        // After a barrier that timed out, writers are not kept waiting behind the next one
+        // at once: a transaction that lingers in its commit (its own deferred triggers, a
+        // prepared transaction) would otherwise hold every writer up at each attempt.
+        let mut pause = BARRIER_PAUSE_MIN;
+        loop {
+            if started.elapsed() >= SETTLE_SLICE {
+                return Ok(true);
+            }
+            let read = self.catch_up(last).await?;
+            pace.read(Instant::now(), read.commits);
+            if pace.busy(Instant::now()) {
+                // Back to back while reads find changes; a pause after an empty one.
+                if read.changes == 0 {
+                    tokio::time::sleep(LINGER_POLL).await;
+                }
+                continue;
+            }
+            // Everything committed before that read is published; the barrier's read
+            // finds what came meanwhile.
+            // Pipelined: one round trip; the flag is set before the barrier starts.
+            let arming = Instant::now();
+            // Bounded like the health check: a connection that went silent must not hold
+            // the listener here, where no health tick can reach it.
+            let arm = futures_util::future::try_join(
+                client.query_one(ARM, &[]),
+                client.query_one(BARRIER, &[&BARRIER_TIMEOUT_MS]),
+            );
+            let (_, passed) = tokio::time::timeout(self.health_interval * 2, arm)
+                .await
+                .map_err(|_| ListenerError::Unresponsive)?
+                .map_err(ListenerError::Connection)?;
+            let passed: bool = passed.try_get(0).map_err(ListenerError::Connection)?;
+            if passed {
+                if arming.elapsed() > CONTENDED_BARRIER {
+                    pace.contended(Instant::now());
+                }
+                let read = self.catch_up(last).await?;
+                pace.read(Instant::now(), read.commits);
+                if read.changes == 0 {
+                    return Ok(false);
+                }
+            } else {
+                self.metrics.barrier_timeouts.inc();
+                pace.contended(Instant::now());
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(BARRIER_PAUSE_MAX);
+            }
+        }
     }
 
     /// Seals, then reads and publishes everything after `last`, batch by batch. Returns

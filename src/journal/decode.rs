@@ -1,6 +1,7 @@
-//! Decoding the rows of a journal read into changes, as they arrive: a row this binary
-//! cannot represent is skipped with its reason, never a panic; the page's bookkeeping
-//! (positions, the pruning watermark, sizes) must decode or the read fails.
+//! A journal read's result ([`Batch`]) and the decoding of its rows into changes, as they
+//! arrive: a row this binary cannot represent is skipped with its reason, never a panic;
+//! the page's bookkeeping (positions, the pruning watermark, sizes) must decode or the
+//! read fails.
 //!
 //! Column indexes are those of the reads' final projection (`sql::projection!`).
 
@@ -8,9 +9,34 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
-use super::{Batch, JournalError};
+use super::error::JournalError;
 use crate::change::{Cache, Change, Op, Position};
 use crate::db::{DecodeError, decode};
+
+/// One read: changes in commit order, whether more may follow, and the pruning watermark
+/// seen in the same snapshot.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// The changes, in commit order.
+    pub changes: Vec<Arc<Change>>,
+    /// False when the read reached the end of what is committed.
+    pub more: bool,
+    /// Newest position removed by pruning: a reader whose position is older missed
+    /// changes.
+    pub pruned: Position,
+    /// The position read after names a commit that does not exist and was not pruned: its
+    /// number was handed out by a seal that a database crash took back, and the same
+    /// commits carry other numbers now (`pgfeed.seal`, sql/functions.sql). The reader must
+    /// start over from the head (`reset`); `changes` are not for it.
+    pub void: bool,
+    /// Rows of this read that could not be decoded, in commit order; they are not in
+    /// `changes`.
+    pub skipped: Vec<Skipped>,
+    /// Position of the last row this read returned, decoded or skipped (`None` when it
+    /// returned none): the next read continues after it, so a skipped row that ends a
+    /// batch is not read again.
+    pub end: Option<Position>,
+}
 
 /// Why a journal row was left out of a batch.
 #[derive(Debug, thiserror::Error)]

@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::Journal;
+use super::error::JournalError;
 use super::sql::PRUNE;
-use super::{Journal, JournalError};
 use crate::db::decode;
 
 /// Pruning rounds skipped in a row (the lock held elsewhere) after which a warning is
 /// logged, and again every as many rounds.
-pub const PRUNE_SKIPS_WARNED: u32 = 10;
+const PRUNE_SKIPS_WARNED: u32 = 10;
 
 /// Commits removed per pruning transaction: small enough that each one is short.
 const PRUNE_BATCH: i32 = 200;

@@ -1,24 +1,23 @@
 //! The listener's pace: after reading, whether it goes to sleep (arms the doorbell and
 //! waits at the barrier for writers that saw it awake) or, under load, lingers and keeps
-//! reading so that writers send no NOTIFY ([`Pace`]).
+//! reading so that writers send no NOTIFY ([`Pace`]); the thresholds, the arming SQL and
+//! the pauses that `Listener::settle` follows. Pure bookkeeping: it never touches the
+//! connection.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
-
-use super::{Listener, ListenerError};
-use crate::change::Position;
 
 /// Says a gateway sleeps (`pgfeed.armed`, a sequence: set at once, outside any
 /// transaction): from now on the first writer to commit rings the doorbell. Committed
 /// asynchronously: `setval` gives its transaction an id, whose commit would otherwise
 /// wait for a disk flush every time the gateway goes to sleep (a flag lost in a crash is
 /// set again when the listener reconnects).
-const ARM: &str = "SELECT pg_catalog.set_config('synchronous_commit', 'off', true),
+pub(super) const ARM: &str = "SELECT pg_catalog.set_config('synchronous_commit', 'off', true),
                           pg_catalog.setval('pgfeed.armed', 1)";
 
 /// Waits for the commits of writers that saw this gateway awake (sql/functions.sql).
-const BARRIER: &str = "SELECT pgfeed.barrier($1)";
+pub(super) const BARRIER: &str = "SELECT pgfeed.barrier($1)";
 
 /// Longest a writer may wait at the barrier, in milliseconds: one commit's time is enough,
 /// and a barrier that times out only means the gateway stays awake and reads again.
@@ -33,87 +32,17 @@ pub const BARRIER_TIMEOUT_MS: i32 = 20;
 /// that rate it arms as soon as a read comes back empty, so that each commit is read the
 /// moment its doorbell rings (latency near the raw NOTIFY floor).
 const LINGER: Duration = Duration::from_millis(20);
-const LINGER_POLL: Duration = Duration::from_millis(1);
+pub(super) const LINGER_POLL: Duration = Duration::from_millis(1);
 const BUSY_COMMITS: usize = 60;
-const CONTENDED_BARRIER: Duration = Duration::from_millis(5);
+pub(super) const CONTENDED_BARRIER: Duration = Duration::from_millis(5);
 
 /// Longest `settle` reads before it lets the listener handle other things.
-const SETTLE_SLICE: Duration = Duration::from_millis(250);
+pub(super) const SETTLE_SLICE: Duration = Duration::from_millis(250);
 
 /// Pauses between barriers that timed out: doubling from the first to the second while
 /// they keep timing out (the gateway reads between them meanwhile).
-const BARRIER_PAUSE_MIN: Duration = Duration::from_millis(10);
-const BARRIER_PAUSE_MAX: Duration = Duration::from_secs(1);
-
-impl Listener {
-    /// Reads until a read comes back empty, then goes to sleep without missing a commit:
-    /// sets `pgfeed.armed` (writers from then on ring the doorbell),
-    /// waits at the barrier for the commits of writers that saw it awake
-    /// (`pgfeed.barrier`, sql/functions.sql), and reads once more. Changes in that read
-    /// mean writers are coming: it stays awake and goes round again. Under load ([`Pace`])
-    /// it lingers instead of arming, reading every [`LINGER_POLL`], and writers send no
-    /// NOTIFY; idle, it sleeps until one rings. A writer waits on this only at the
-    /// barrier, for at most [`BARRIER_TIMEOUT_MS`].
-    ///
-    /// Returns false once asleep, or true after [`SETTLE_SLICE`] of reading with writes
-    /// still coming, so that the caller can handle what else is due and call it again.
-    pub(super) async fn settle(
-        &self,
-        client: &tokio_postgres::Client,
-        last: &mut Position,
-        pace: &mut Pace,
-    ) -> Result<bool, ListenerError> {
-        let started = Instant::now();
-        // After a barrier that timed out, writers are not kept waiting behind the next one
-        // at once: a transaction that lingers in its commit (its own deferred triggers, a
-        // prepared transaction) would otherwise hold every writer up at each attempt.
-        let mut pause = BARRIER_PAUSE_MIN;
-        loop {
-            if started.elapsed() >= SETTLE_SLICE {
-                return Ok(true);
-            }
-            let read = self.catch_up(last).await?;
-            pace.read(Instant::now(), read.commits);
-            if pace.busy(Instant::now()) {
-                // Back to back while reads find changes; a pause after an empty one.
-                if read.changes == 0 {
-                    tokio::time::sleep(LINGER_POLL).await;
-                }
-                continue;
-            }
-            // Everything committed before that read is published; the barrier's read
-            // finds what came meanwhile.
-            // Pipelined: one round trip; the flag is set before the barrier starts.
-            let arming = Instant::now();
-            // Bounded like the health check: a connection that went silent must not hold
-            // the listener here, where no health tick can reach it.
-            let arm = futures_util::future::try_join(
-                client.query_one(ARM, &[]),
-                client.query_one(BARRIER, &[&BARRIER_TIMEOUT_MS]),
-            );
-            let (_, passed) = tokio::time::timeout(self.health_interval * 2, arm)
-                .await
-                .map_err(|_| ListenerError::Unresponsive)?
-                .map_err(ListenerError::Connection)?;
-            let passed: bool = passed.try_get(0).map_err(ListenerError::Connection)?;
-            if passed {
-                if arming.elapsed() > CONTENDED_BARRIER {
-                    pace.contended(Instant::now());
-                }
-                let read = self.catch_up(last).await?;
-                pace.read(Instant::now(), read.commits);
-                if read.changes == 0 {
-                    return Ok(false);
-                }
-            } else {
-                self.metrics.barrier_timeouts.inc();
-                pace.contended(Instant::now());
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(BARRIER_PAUSE_MAX);
-            }
-        }
-    }
-}
+pub(super) const BARRIER_PAUSE_MIN: Duration = Duration::from_millis(10);
+pub(super) const BARRIER_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 /// Whether the listener is under load, so lingers rather than sleeps (see [`LINGER`]).
 #[derive(Debug, Default)]
@@ -127,7 +56,8 @@ pub(super) struct Pace {
 }
 
 impl Pace {
-    fn read(&mut self, now: Instant, commits: usize) {
+    /// A read at `now` published `commits` commits.
+    pub(super) fn read(&mut self, now: Instant, commits: usize) {
         while let Some(&(at, n)) = self.recent.front() {
             if now.duration_since(at) < LINGER {
                 break;
@@ -145,11 +75,40 @@ impl Pace {
     }
 
     /// Writers were in the way of the barrier.
-    fn contended(&mut self, now: Instant) {
+    pub(super) fn contended(&mut self, now: Instant) {
         self.until = Some(now + LINGER);
     }
 
-    fn busy(&self, now: Instant) -> bool {
+    /// Whether to linger (keep reading) rather than arm and sleep at `now`.
+    pub(super) fn busy(&self, now: Instant) -> bool {
         self.until.is_some_and(|until| now < until)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lingers_at_the_busy_rate_or_after_contention_and_for_linger_after() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut pace = Pace::default();
+        assert!(!pace.busy(t0), "idle at first");
+        pace.read(t0, BUSY_COMMITS - 1);
+        assert!(!pace.busy(t0), "below the rate");
+        // Commits older than LINGER no longer count.
+        pace.read(ms(25), 1);
+        assert!(!pace.busy(ms(25)));
+        pace.read(ms(30), BUSY_COMMITS - 1);
+        assert!(pace.busy(ms(30)), "the busy rate within LINGER");
+        assert!(pace.busy(ms(49)));
+        assert!(!pace.busy(ms(50)), "LINGER after the last sign");
+        let mut pace = Pace::default();
+        pace.contended(t0);
+        assert!(
+            pace.busy(ms(19)) && !pace.busy(ms(20)),
+            "a contended barrier"
+        );
     }
 }
