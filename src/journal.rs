@@ -12,8 +12,9 @@
 //! [`Batch::end`] still moves past it, so one bad row never stops a reader or is read
 //! again. Only a row whose position itself cannot be decoded fails the read.
 //!
-//! The SQL is in [`sql`], the decoding of rows in [`decode`], the errors in [`error`],
-//! pruning in [`prune`]; the connections are the pool's, through [`Db`].
+//! The SQL is in `journal/sql.rs`, the decoding of rows in `journal/decode.rs`, the errors
+//! in `journal/error.rs`, pruning in `journal/prune.rs`; the connections are the pool's,
+//! through [`Db`].
 
 mod decode;
 mod error;

@@ -15,9 +15,9 @@
 //! so and the listener retries until it is installed again; a journal that was recreated
 //! meanwhile starts its positions over, so live streams are then sent `reset`.
 //!
-//! When it sleeps or lingers after reading follows [`pace`]; what it reports is [`readiness`];
-//! how long it waits before reconnecting is [`backoff`]. Its connections' settings are
-//! [`crate::db`]'s.
+//! When it sleeps or lingers after reading follows `listener/pace.rs`; what it reports is
+//! [`Readiness`]; how long it waits before reconnecting is `listener/backoff.rs`. Its
+//! connections' settings are [`crate::db`]'s.
 
 mod backoff;
 mod pace;

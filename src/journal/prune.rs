@@ -41,7 +41,7 @@ impl Journal {
     /// take turns through a lock on `pgfeed.pruned` (taken with NOWAIT: a replica that
     /// finds it held skips the round and counts it); each batch is its own short
     /// transaction so writers are never blocked for long. When the lock has been held by
-    /// others for [`PRUNE_SKIPS_WARNED`] rounds in a row, it says so.
+    /// others for `PRUNE_SKIPS_WARNED` rounds in a row, it says so.
     pub async fn prune_periodically(
         self,
         retention: Duration,
