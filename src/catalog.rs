@@ -13,7 +13,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use crate::journal::{Journal, JournalError};
+use crate::db::{Db, QueryError, decode};
 
 /// One watched table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,23 +94,22 @@ impl Catalog {
         self.started.load(Ordering::Acquire)
     }
 
-    /// Reloads from the database.
-    pub async fn reload(&self, journal: &Journal) -> Result<(), JournalError> {
+    /// Reloads from the database. A row that cannot be decoded fails the reload and
+    /// leaves the contents as they were.
+    pub async fn reload(&self, db: &Db) -> Result<(), QueryError> {
         let number = self.started.fetch_add(1, Ordering::AcqRel) + 1;
-        let rows = journal.query(WATCHED).await?;
+        let rows = db.query(WATCHED).await?;
         let tables = rows
             .iter()
             .map(|r| {
-                let columns: Vec<String> = r.get(2);
-                (
-                    r.get::<_, String>(0),
-                    TableInfo {
-                        columns: columns.into_iter().collect(),
-                        public: r.get(1),
-                    },
-                )
+                let columns: Vec<String> = decode(r, 2, "a watched table's columns")?;
+                let info = TableInfo {
+                    columns: columns.into_iter().collect(),
+                    public: decode(r, 1, "whether a watched table is public")?,
+                };
+                Ok((decode(r, 0, "a watched table's name")?, info))
             })
-            .collect();
+            .collect::<Result<_, QueryError>>()?;
         self.install(number, tables);
         Ok(())
     }
@@ -120,11 +119,11 @@ impl Catalog {
     /// such reloads run one at a time, and one that finished while a request waited for its
     /// turn answers that request too, so a crowd of requests (or a client asking for a
     /// table that does not exist, over and over) costs one query at a time.
-    pub async fn reload_since(&self, journal: &Journal, ticket: u64) -> Result<(), JournalError> {
+    pub async fn reload_since(&self, db: &Db, ticket: u64) -> Result<(), QueryError> {
         let _turn = self.on_demand.lock().await;
         if self.finished.load(Ordering::Acquire) > ticket {
             return Ok(());
         }
-        self.reload(journal).await
+        self.reload(db).await
     }
 }

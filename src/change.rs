@@ -137,10 +137,18 @@ pub struct Change {
     pub committed_at: String,
     /// Commit time in seconds since the epoch, for latency metrics.
     pub committed_epoch: f64,
+    /// What is derived from the change on first use; `Cache::default()` when building one.
+    pub cache: Cache,
+}
+
+/// What a [`Change`] derives on first use and then shares with every subscriber: its
+/// encoded frames and its parsed row images. Empty when the change is built.
+#[derive(Debug, Default)]
+pub struct Cache {
     /// Encoded frames, built on first use by [`crate::frame`]: [sse full, sse keys, ndjson
     /// full, ndjson keys].
     pub(crate) frames: [OnceLock<Bytes>; 4],
-    /// `new` and `old` parsed, on first use by a row filter; shared by every subscriber.
+    /// `new` and `old` parsed, on first use by a row filter.
     rows: [OnceLock<Option<Row>>; 2],
 }
 
@@ -160,50 +168,40 @@ impl Change {
         1024 + 3 * (rows + names)
     }
 
-    /// Assembles a change from journal columns.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        position: Position,
-        table: String,
-        op: Op,
-        tenant: Option<String>,
-        public: bool,
-        pk: Option<Box<RawValue>>,
-        new: Option<Box<RawValue>>,
-        old: Option<Box<RawValue>>,
-        changed: Option<Vec<String>>,
-        committed_at: String,
-        committed_epoch: f64,
-    ) -> Change {
-        Change {
-            position,
-            table,
-            op,
-            tenant,
-            public,
-            pk,
-            new,
-            old,
-            changed,
-            committed_at,
-            committed_epoch,
-            frames: Default::default(),
-            rows: Default::default(),
-        }
-    }
-
     /// `new` parsed once, numbers exact (for row filters).
     pub fn new_row(&self) -> Option<&Row> {
-        self.rows[0]
+        self.cache.rows[0]
             .get_or_init(|| self.new.as_deref().and_then(|r| Row::parse(r.get())))
             .as_ref()
     }
 
     /// `old` parsed once, numbers exact (for row filters).
     pub fn old_row(&self) -> Option<&Row> {
-        self.rows[1]
+        self.cache.rows[1]
             .get_or_init(|| self.old.as_deref().and_then(|r| Row::parse(r.get())))
             .as_ref()
+    }
+}
+
+#[cfg(test)]
+impl Change {
+    /// An insert into `public.t` at `(commit, 1)` for the unit tests: of `tenant`, or
+    /// public without one.
+    pub(crate) fn for_test(commit: i64, tenant: Option<&str>) -> std::sync::Arc<Change> {
+        std::sync::Arc::new(Change {
+            position: Position { commit, ord: 1 },
+            table: "public.t".into(),
+            op: Op::Insert,
+            tenant: tenant.map(str::to_string),
+            public: tenant.is_none(),
+            pk: None,
+            new: None,
+            old: None,
+            changed: None,
+            committed_at: "2026-01-01T00:00:00.000000Z".into(),
+            committed_epoch: 0.0,
+            cache: Cache::default(),
+        })
     }
 }
 

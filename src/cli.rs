@@ -313,11 +313,14 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
                              WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database()
                                AND application_name OPERATOR(pg_catalog.=) $1),
                             pg_catalog.to_regnamespace('pgfeed') IS NOT NULL",
-                    &[&crate::listener::APPLICATION_NAME],
+                    &[&crate::db::LISTENER_APPLICATION_NAME],
                 )
                 .await
                 .map_err(SchemaError::from)?;
-            let (gateways, installed): (i64, bool) = (row.get(0), row.get(1));
+            let gateways: i64 =
+                db::decode(&row, 0, "listening gateways").map_err(SchemaError::from)?;
+            let installed: bool =
+                db::decode(&row, 1, "whether pgfeed is installed").map_err(SchemaError::from)?;
             if gateways > 0 && installed {
                 if !*yes {
                     return Err(CliError::GatewaysListening { gateways });
@@ -556,29 +559,45 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
         )
         .await
         .map_err(SchemaError::from)?;
-    let changes = Count::new(row.get(0), row.get(1));
+    // A column of another type, or NULL where none was expected, is an error, not a panic.
+    fn get<'r, T: tokio_postgres::types::FromSql<'r>>(
+        row: &'r tokio_postgres::Row,
+        index: usize,
+        column: &'static str,
+    ) -> Result<T, SchemaError> {
+        Ok(db::decode(row, index, column)?)
+    }
+    let changes = Count::new(get(&row, 0, "changes")?, get(&row, 1, "estimated changes")?);
     // Commits recorded but not numbered yet (no gateway has read since) count too.
-    let pending = Count::new(row.get(9), row.get(10));
-    let numbered = Count::new(row.get(2), row.get(3));
+    let pending = Count::new(
+        get(&row, 9, "pending commits")?,
+        get(&row, 10, "estimated pending commits")?,
+    );
+    let numbered = Count::new(get(&row, 2, "commits")?, get(&row, 3, "estimated commits")?);
     let commits = Count {
         rows: numbered.rows + pending.rows,
         exact: numbered.exact && pending.exact,
     };
-    let (oldest, newest): (Option<i64>, Option<i64>) = (row.get(4), row.get(5));
-    let oldest_at: Option<String> = row.get(6);
-    let bytes: i64 = row.get(7);
-    let queue: f64 = row.get(8);
+    let (oldest, newest): (Option<i64>, Option<i64>) = (
+        get(&row, 4, "oldest commit")?,
+        get(&row, 5, "newest commit")?,
+    );
+    let oldest_at: Option<String> = get(&row, 6, "oldest commit time")?;
+    let bytes: i64 = get(&row, 7, "journal size")?;
+    let queue: f64 = get(&row, 8, "notification queue usage")?;
     let gateways = client
         .query(
             "SELECT client_addr::text, backend_start::text FROM pg_catalog.pg_stat_activity
              WHERE datname = pg_catalog.current_database() AND application_name = $1
              ORDER BY backend_start",
-            &[&crate::listener::APPLICATION_NAME],
+            &[&crate::db::LISTENER_APPLICATION_NAME],
         )
         .await
         .map_err(SchemaError::from)?;
-    let gateways: Vec<(Option<String>, Option<String>)> =
-        gateways.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let gateways = gateways
+        .iter()
+        .map(|r| Ok((get(r, 0, "client_addr")?, get(r, 1, "backend_start")?)))
+        .collect::<Result<Vec<(Option<String>, Option<String>)>, SchemaError>>()?;
     if json {
         let tables: Vec<_> = watched
             .iter()

@@ -674,7 +674,7 @@ impl Config {
                 bytes(
                     "server.replay_memory",
                     file.server.replay_memory,
-                    crate::fanout::RECENT_BYTES,
+                    crate::recent::RECENT_BYTES,
                 ),
             ),
             max_subscribers: take(

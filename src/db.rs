@@ -1,9 +1,11 @@
-//! Connections to the application's database: parsing the URL, the pool for ordinary
-//! queries, and single connections for the CLI and the listener.
+//! Connections to the application's database: parsing the URL, the settings of every
+//! connection (keepalives, application names, the pinned `search_path`, the pooled
+//! connections' `statement_timeout`), the pool and the handle for queries on it ([`Db`],
+//! bounded by `database.query_timeout`), the listener's two connections, and single
+//! connections for the CLI.
 //!
-//! Everything that opens a connection goes through here so that keepalives, the
-//! application name and TLS ([`crate::pgtls`]) are set in one place. This module runs no
-//! pgfeed queries itself.
+//! Everything that opens a connection goes through here so that these settings and TLS
+//! ([`crate::pgtls`]) are set in one place. This module runs no pgfeed queries itself.
 
 use std::io::Write as _;
 use std::time::Duration;
@@ -12,6 +14,10 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
 use crate::config::Secret;
 use crate::pgtls::{MakeRustlsConnect, SslMode, TlsError};
+
+mod handle;
+
+pub use handle::{Db, DecodeError, QueryError, decode, schema_missing};
 
 /// A parsed `database.url`: the driver's settings and how connections are secured.
 #[derive(Clone)]
@@ -188,6 +194,35 @@ pub fn with_statement_timeout(config: &DbConfig, timeout: Duration) -> DbConfig 
     };
     config.pg.options(&options);
     config
+}
+
+/// `application_name` of the LISTEN connection, so operators (and `pgfeed status`) can
+/// tell it from pooled connections in `pg_stat_activity`.
+pub const LISTENER_APPLICATION_NAME: &str = "pgfeed-listener";
+
+/// `application_name` of the connection the listener reads the journal on (its own, not
+/// one of the pool's, so that subscribers' reads never hold up the listener's).
+pub const READER_APPLICATION_NAME: &str = "pgfeed-reader";
+
+/// The pool's settings (`pool_config`) named `name`, unless the operator chose a name.
+fn named(pool_config: &DbConfig, name: &str) -> DbConfig {
+    let mut config = pool_config.clone();
+    if config.pg.get_application_name() == Some("pgfeed") {
+        config.pg.application_name(name);
+    }
+    config
+}
+
+/// The LISTEN connection's settings: the pool's, named [`LISTENER_APPLICATION_NAME`]
+/// unless the operator chose a name.
+pub fn listener_config(pool_config: &DbConfig) -> DbConfig {
+    named(pool_config, LISTENER_APPLICATION_NAME)
+}
+
+/// The settings of the listener's reading connection: the pool's (`pool_config`), named
+/// [`READER_APPLICATION_NAME`] unless the operator chose a name.
+pub fn reader_config(pool_config: &DbConfig) -> DbConfig {
+    named(pool_config, READER_APPLICATION_NAME)
 }
 
 /// The pool for journal reads and other short queries.

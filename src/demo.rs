@@ -414,7 +414,8 @@ async fn create_table(client: &mut tokio_postgres::Client) -> Result<bool, DemoE
             .query_one("SELECT to_regclass('public.demo_orders') IS NOT NULL", &[])
             .await
             .map_err(failed)?
-            .get(0);
+            .try_get(0)
+            .map_err(failed)?;
         if exists {
             tx.commit().await.map_err(failed)?;
             return Ok(false);

@@ -55,7 +55,7 @@ impl Change {
             (Format::Ndjson, Payload::Full) => 2,
             (Format::Ndjson, Payload::Keys) => 3,
         };
-        self.frames[slot].get_or_init(|| encode(self, format, payload))
+        self.cache.frames[slot].get_or_init(|| encode(self, format, payload))
     }
 }
 
@@ -239,19 +239,20 @@ mod tests {
 
     #[test]
     fn sse_frame_keeps_raw_numbers_and_omits_missing_parts() {
-        let c = Change::new(
-            Position { commit: 3, ord: 1 },
-            "public.orders".into(),
-            Op::Update,
-            Some("acme".into()),
-            false,
-            raw(r#"{"id": 1}"#),
-            raw(r#"{"id": 1, "n": 123456789012345678901234567890.5}"#),
-            raw(r#"{"id": 1, "n": 1}"#),
-            Some(vec!["n".into()]),
-            "2026-11-23T14:03:01.123456Z".into(),
-            0.0,
-        );
+        let c = Change {
+            position: Position { commit: 3, ord: 1 },
+            table: "public.orders".into(),
+            op: Op::Update,
+            tenant: Some("acme".into()),
+            public: false,
+            pk: raw(r#"{"id": 1}"#),
+            new: raw(r#"{"id": 1, "n": 123456789012345678901234567890.5}"#),
+            old: raw(r#"{"id": 1, "n": 1}"#),
+            changed: Some(vec!["n".into()]),
+            committed_at: "2026-11-23T14:03:01.123456Z".into(),
+            committed_epoch: 0.0,
+            cache: crate::change::Cache::default(),
+        };
         let frame = std::str::from_utf8(c.frame(Format::Sse, Payload::Full))
             .unwrap()
             .to_string();

@@ -2,10 +2,11 @@
 //!
 //! SQL triggers journal every change to watched tables and ring a NOTIFY doorbell at
 //! commit; one LISTEN connection ([`listener`]) reads the announced changes from the
-//! journal ([`journal`]) and publishes them to per-tenant broadcast channels ([`fanout`]);
+//! journal ([`journal`]) and publishes them to per-tenant broadcast channels ([`hub`]);
 //! each subscriber's Server-Sent Events stream ([`session`]) replays what it missed and then
 //! follows the live feed. [`serve`] runs the whole gateway; `main.rs` is a thin wrapper.
 
+pub mod admission;
 pub mod auth;
 pub mod catalog;
 pub mod change;
@@ -14,10 +15,10 @@ pub mod cluster;
 pub mod config;
 pub mod db;
 pub mod demo;
-pub mod fanout;
 pub mod filter;
 pub mod frame;
 pub mod http;
+pub mod hub;
 pub mod journal;
 pub mod listener;
 pub mod logging;
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod names;
 pub mod pgtls;
 mod rawconn;
+pub mod recent;
 pub mod rowfilter;
 pub mod schema;
 pub mod session;
@@ -61,6 +63,9 @@ pub enum ServeError {
     /// The journal's head could not be read.
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
+    /// The watched tables could not be read.
+    #[error("cannot read the watched tables")]
+    Catalog(#[from] db::QueryError),
     /// An essential task (the listener, pruning) ended while the gateway was serving.
     #[error("the {task} task ended unexpectedly ({cause}); the gateway stopped")]
     TaskFailed {
@@ -108,16 +113,15 @@ pub async fn serve(
     let journal = journal::Journal::new(pool, limits);
     // The listener reads on a connection of its own, outside the pool that subscribers'
     // replays, `/v1/position` and `/metrics` share: its reads never wait behind theirs.
-    let listener_journal =
-        journal::Journal::new(db::pool(&listener::reader_config(&pooled), 1)?, limits);
+    let listener_journal = journal::Journal::new(db::pool(&db::reader_config(&pooled), 1)?, limits);
     let head = journal.head().await?;
     let catalog = Arc::new(catalog::Catalog::default());
-    catalog.reload(&journal).await?;
+    catalog.reload(journal.db()).await?;
     let hub = Arc::new(
-        fanout::Hub::new(
+        hub::Hub::new(
             head,
             config.live_buffer,
-            fanout::Limits {
+            admission::Limits {
                 max_total: config.max_subscribers,
                 max_per_tenant: config.max_subscribers_per_tenant,
                 rate_per_tenant: config.max_stream_rate,
@@ -134,7 +138,7 @@ pub async fn serve(
     let tracker = TaskTracker::new();
     let readiness = Arc::new(listener::Readiness::default());
     let listener_task = listener::Listener {
-        config: listener::connection_config(&pg),
+        config: db::listener_config(&pg),
         journal: listener_journal,
         hub: Arc::clone(&hub),
         readiness: Arc::clone(&readiness),

@@ -14,22 +14,37 @@
 //! When the pgfeed schema is gone (uninstalled under a running gateway), `/readyz` says
 //! so and the listener retries until it is installed again; a journal that was recreated
 //! meanwhile starts its positions over, so live streams are then sent `reset`.
+//!
+//! When it sleeps or lingers after reading follows `listener/pace.rs`; what it reports is
+//! [`Readiness`]; how long it waits before reconnecting is `listener/backoff.rs`. Its
+//! connections' settings are [`crate::db`]'s.
+
+mod backoff;
+mod pace;
+mod readiness;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 use futures_util::future::poll_fn;
 use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
 use crate::change::Position;
-use crate::fanout::Hub;
+use crate::db::QueryError;
+use crate::hub::Hub;
 use crate::journal::{Journal, JournalError};
+
+use backoff::Backoff;
+pub use pace::BARRIER_TIMEOUT_MS;
+use pace::{
+    ARM, BARRIER, BARRIER_PAUSE_MAX, BARRIER_PAUSE_MIN, CONTENDED_BARRIER, LINGER_POLL, Pace,
+    SETTLE_SLICE,
+};
+pub use readiness::{NotReady, Readiness};
 
 /// The NOTIFY channel the seal trigger rings.
 pub const CHANNEL: &str = "pgfeed";
@@ -57,106 +72,18 @@ pub enum ListenerError {
     /// Reading the announced changes failed.
     #[error("cannot read the journal")]
     Journal(#[source] JournalError),
+    /// Reloading the catalog of watched tables failed.
+    #[error("cannot reload the watched tables")]
+    Catalog(#[source] QueryError),
 }
 
 impl ListenerError {
     /// Whether the session ended because the pgfeed schema is gone.
     fn schema_missing(&self) -> bool {
-        matches!(self, ListenerError::Journal(err) if err.schema_missing())
-    }
-}
-
-/// `application_name` of the LISTEN connection, so operators (and `pgfeed status`) can
-/// tell it from pooled connections in `pg_stat_activity`.
-pub const APPLICATION_NAME: &str = "pgfeed-listener";
-
-/// The LISTEN connection's settings: the pool's, named [`APPLICATION_NAME`] unless the
-/// operator chose a name.
-pub fn connection_config(pool_config: &crate::db::DbConfig) -> crate::db::DbConfig {
-    let mut config = pool_config.clone();
-    if config.pg.get_application_name() == Some("pgfeed") {
-        config.pg.application_name(APPLICATION_NAME);
-    }
-    config
-}
-
-/// `application_name` of the connection the listener reads the journal on (its own, not
-/// one of the pool's, so that subscribers' reads never hold up the listener's).
-pub const READER_APPLICATION_NAME: &str = "pgfeed-reader";
-
-/// The settings of the listener's reading connection: the pool's (`pool_config`), named
-/// [`READER_APPLICATION_NAME`] unless the operator chose a name.
-pub fn reader_config(pool_config: &crate::db::DbConfig) -> crate::db::DbConfig {
-    let mut config = pool_config.clone();
-    if config.pg.get_application_name() == Some("pgfeed") {
-        config.pg.application_name(READER_APPLICATION_NAME);
-    }
-    config
-}
-
-/// Why the listener is not ready, as `/readyz` explains it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotReady {
-    /// Not connected to PostgreSQL (starting, reconnecting) or not caught up yet.
-    Disconnected,
-    /// Connected, but the pgfeed schema is gone: it was uninstalled.
-    SchemaMissing,
-    /// An essential task (the listener itself, pruning) ended unexpectedly: the process is
-    /// exiting so that its supervisor restarts it. Final.
-    Failed,
-}
-
-/// Whether the listener is connected and caught up, and if not why (`/readyz`).
-#[derive(Debug, Default)]
-pub struct Readiness(AtomicU8);
-
-/// [`Readiness`] values (the default, 0, is disconnected).
-const DISCONNECTED: u8 = 0;
-const READY: u8 = 1;
-const SCHEMA_MISSING: u8 = 2;
-const FAILED: u8 = 3;
-
-impl Readiness {
-    /// True while connected and caught up.
-    pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire) == READY
-    }
-
-    /// Why the listener is not ready; `None` while it is.
-    pub fn not_ready(&self) -> Option<NotReady> {
-        match self.0.load(Ordering::Acquire) {
-            READY => None,
-            SCHEMA_MISSING => Some(NotReady::SchemaMissing),
-            FAILED => Some(NotReady::Failed),
-            _ => Some(NotReady::Disconnected),
-        }
-    }
-
-    /// Marks the gateway failed for good (see [`NotReady::Failed`]).
-    pub fn fail(&self) {
-        self.0.store(FAILED, Ordering::Release);
-    }
-
-    /// Sets the state (`None`: ready) and returns the previous one.
-    fn set(&self, state: Option<NotReady>) -> Option<NotReady> {
-        let value = match state {
-            None => READY,
-            Some(NotReady::Disconnected) => DISCONNECTED,
-            Some(NotReady::SchemaMissing) => SCHEMA_MISSING,
-            Some(NotReady::Failed) => FAILED,
-        };
-        // A failed gateway stays failed.
-        let before = self
-            .0
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
-                (old != FAILED).then_some(value)
-            })
-            .unwrap_or(FAILED);
-        match before {
-            READY => None,
-            SCHEMA_MISSING => Some(NotReady::SchemaMissing),
-            FAILED => Some(NotReady::Failed),
-            _ => Some(NotReady::Disconnected),
+        match self {
+            ListenerError::Journal(err) => err.schema_missing(),
+            ListenerError::Catalog(err) => err.schema_missing(),
+            _ => false,
         }
     }
 }
@@ -178,42 +105,6 @@ pub struct Listener {
     /// Reconnects, reads, events and dispatch latency are counted here.
     pub metrics: Arc<crate::metrics::Metrics>,
 }
-
-/// Says a gateway sleeps (`pgfeed.armed`, a sequence: set at once, outside any
-/// transaction): from now on the first writer to commit rings the doorbell. Committed
-/// asynchronously: `setval` gives its transaction an id, whose commit would otherwise
-/// wait for a disk flush every time the gateway goes to sleep (a flag lost in a crash is
-/// set again when the listener reconnects).
-const ARM: &str = "SELECT pg_catalog.set_config('synchronous_commit', 'off', true),
-                          pg_catalog.setval('pgfeed.armed', 1)";
-
-/// Waits for the commits of writers that saw this gateway awake (sql/functions.sql).
-const BARRIER: &str = "SELECT pgfeed.barrier($1)";
-
-/// Longest a writer may wait at the barrier, in milliseconds: one commit's time is enough,
-/// and a barrier that times out only means the gateway stays awake and reads again.
-pub const BARRIER_TIMEOUT_MS: i32 = 20;
-
-/// Under load the listener does not go to sleep between commits: arming costs writers a
-/// wait at the barrier and a doorbell each, which at a high rate of commits from many
-/// writers is the serialization capture must avoid. It lingers, reading every
-/// [`LINGER_POLL`], while it has seen at least [`BUSY_COMMITS`] commits within the last
-/// [`LINGER`] (3 000 a second), or after a barrier that waited on writers for longer than
-/// [`CONTENDED_BARRIER`] or timed out; and for [`LINGER`] after the last such sign. Below
-/// that rate it arms as soon as a read comes back empty, so that each commit is read the
-/// moment its doorbell rings (latency near the raw NOTIFY floor).
-const LINGER: Duration = Duration::from_millis(20);
-const LINGER_POLL: Duration = Duration::from_millis(1);
-const BUSY_COMMITS: usize = 60;
-const CONTENDED_BARRIER: Duration = Duration::from_millis(5);
-
-/// Longest `settle` reads before it lets the listener handle other things.
-const SETTLE_SLICE: Duration = Duration::from_millis(250);
-
-/// Pauses between barriers that timed out: doubling from the first to the second while
-/// they keep timing out (the gateway reads between them meanwhile).
-const BARRIER_PAUSE_MIN: Duration = Duration::from_millis(10);
-const BARRIER_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 /// How often the catalog is reloaded even without a `watch` doorbell (for `ALTER TABLE`).
 pub const CATALOG_REFRESH: Duration = Duration::from_secs(30);
@@ -387,9 +278,9 @@ impl Listener {
         journal_id: &mut Option<u32>,
     ) -> Result<bool, ListenerError> {
         self.catalog
-            .reload(&self.journal)
+            .reload(self.journal.db())
             .await
-            .map_err(ListenerError::Journal)?;
+            .map_err(ListenerError::Catalog)?;
         let id = self
             .journal
             .identity()
@@ -551,92 +442,4 @@ fn count_commits(changes: &[Arc<crate::change::Change>]) -> usize {
         }
     }
     commits
-}
-
-/// Whether the listener is under load, so lingers rather than sleeps (see [`LINGER`]).
-#[derive(Debug, Default)]
-struct Pace {
-    /// When reads within the last [`LINGER`] published commits, and how many.
-    recent: std::collections::VecDeque<(Instant, usize)>,
-    /// Commits in `recent`.
-    commits: usize,
-    /// Lingers until then.
-    until: Option<Instant>,
-}
-
-impl Pace {
-    fn read(&mut self, now: Instant, commits: usize) {
-        while let Some(&(at, n)) = self.recent.front() {
-            if now.duration_since(at) < LINGER {
-                break;
-            }
-            self.recent.pop_front();
-            self.commits -= n;
-        }
-        if commits > 0 {
-            self.recent.push_back((now, commits));
-            self.commits += commits;
-        }
-        if self.commits >= BUSY_COMMITS {
-            self.until = Some(now + LINGER);
-        }
-    }
-
-    /// Writers were in the way of the barrier.
-    fn contended(&mut self, now: Instant) {
-        self.until = Some(now + LINGER);
-    }
-
-    fn busy(&self, now: Instant) -> bool {
-        self.until.is_some_and(|until| now < until)
-    }
-}
-
-/// Capped exponential backoff with full jitter.
-struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    fn new(base: Duration, cap: Duration) -> Backoff {
-        Backoff {
-            base,
-            cap,
-            attempt: 0,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1 << self.attempt.min(16))
-            .min(self.cap);
-        self.attempt = self.attempt.saturating_add(1);
-        // Full jitter keeps replicas that lost the same database from reconnecting in step.
-        ceiling.mul_f64(0.5 + rand::random::<f64>() / 2.0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_the_cap_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let first = b.next_delay();
-        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
-        for _ in 0..20 {
-            assert!(b.next_delay() <= Duration::from_secs(2));
-        }
-        assert!(b.next_delay() >= Duration::from_secs(1));
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
-    }
 }

@@ -3,6 +3,8 @@
 //! Labels are bounded: table and op for events, a fixed reason for rejections, a fixed
 //! kind for journal reads. Never a tenant, a token or a row value. Hot paths count in
 //! batches (one increment per chunk written, per batch published), not per delivery.
+//! One gauge is sampled from the database at scrape time
+//! ([`Metrics::sample_notification_queue`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -15,6 +17,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::change::Change;
+use crate::db::{Db, QueryError, decode};
 
 /// Labels of `pgfeed_events_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -257,6 +260,17 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Sets `notification_queue_usage` from `pg_notification_queue_usage()`: one short
+    /// query. On failure the gauge keeps its last value.
+    pub async fn sample_notification_queue(&self, db: &Db) -> Result<(), QueryError> {
+        let rows = db.query("SELECT pg_notification_queue_usage()").await?;
+        if let Some(row) = rows.first() {
+            let usage: f64 = decode(row, 0, "pg_notification_queue_usage()")?;
+            self.notification_queue_usage.set(usage);
+        }
+        Ok(())
     }
 
     /// Counts a rejected stream.

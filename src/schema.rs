@@ -9,6 +9,8 @@
 
 use tokio_postgres::Client;
 
+use crate::db::{DecodeError, decode};
+
 /// The schema version this binary expects: the number of the newest migration.
 pub const VERSION: i32 = 7;
 
@@ -105,6 +107,9 @@ pub enum SchemaError {
         /// Its owner.
         owner: String,
     },
+    /// A column of a result could not be decoded (of another type, or NULL).
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
     /// A query failed; the message carries PostgreSQL's text and hint.
     #[error("{message}")]
     Query {
@@ -143,8 +148,8 @@ pub async fn install(client: &mut Client) -> Result<Installed, SchemaError> {
     // that role replace functions that pgfeed's event triggers run as the installer.
     if let Some(row) = tx.query_opt(FOREIGN_OWNER, &[]).await? {
         return Err(SchemaError::ForeignOwner {
-            object: row.try_get(0)?,
-            owner: row.try_get(1)?,
+            object: decode(&row, 0, "the foreign-owned object")?,
+            owner: decode(&row, 1, "its owner")?,
         });
     }
     tx.batch_execute(
@@ -156,10 +161,10 @@ pub async fn install(client: &mut Client) -> Result<Installed, SchemaError> {
          LOCK TABLE pgfeed.meta IN SHARE ROW EXCLUSIVE MODE;",
     )
     .await?;
-    let from: i32 = tx
-        .query_opt("SELECT version FROM pgfeed.meta", &[])
-        .await?
-        .map_or(0, |row| row.get(0));
+    let from: i32 = match tx.query_opt("SELECT version FROM pgfeed.meta", &[]).await? {
+        Some(row) => decode(&row, 0, "pgfeed.meta.version")?,
+        None => 0,
+    };
     if from > VERSION {
         return Err(SchemaError::Newer {
             found: from,
@@ -211,20 +216,23 @@ pub async fn uninstall(client: &mut Client) -> Result<bool, SchemaError> {
 
 /// Fails unless the installed schema is exactly this binary's version.
 pub async fn check(client: &Client) -> Result<(), SchemaError> {
-    let has_meta = client
+    let row = client
         .query_one(
             "SELECT pg_catalog.to_regclass('pgfeed.meta') IS NOT NULL",
             &[],
         )
-        .await?
-        .get::<_, bool>(0);
+        .await?;
+    let has_meta: bool = decode(&row, 0, "whether pgfeed.meta exists")?;
     if !has_meta {
         return Err(SchemaError::Missing);
     }
-    let found: i32 = client
+    let found: i32 = match client
         .query_opt("SELECT version FROM pgfeed.meta", &[])
         .await?
-        .map_or(0, |row| row.get(0));
+    {
+        Some(row) => decode(&row, 0, "pgfeed.meta.version")?,
+        None => 0,
+    };
     match found {
         0 => Err(SchemaError::Missing),
         v if v < VERSION => Err(SchemaError::Outdated {
@@ -376,13 +384,13 @@ pub async fn watched(client: &Client) -> Result<Vec<Watched>, SchemaError> {
     rows.iter()
         .map(|r| {
             Ok(Watched {
-                table: r.try_get(0)?,
-                tenant_column: r.try_get(1)?,
-                exclude_columns: r.try_get(2)?,
-                include_columns: r.try_get(3)?,
-                public: r.try_get(4)?,
-                partitions: r.try_get(5)?,
-                not_capturing: r.try_get(6)?,
+                table: decode(r, 0, "a watched table's name")?,
+                tenant_column: decode(r, 1, "a watched table's tenant column")?,
+                exclude_columns: decode(r, 2, "a watched table's excluded columns")?,
+                include_columns: decode(r, 3, "a watched table's included columns")?,
+                public: decode(r, 4, "whether a watched table is public")?,
+                partitions: decode(r, 5, "a watched table's partitions")?,
+                not_capturing: decode(r, 6, "a watched table's uncaptured members")?,
             })
         })
         .collect()

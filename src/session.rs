@@ -27,9 +27,9 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::change::{Change, Position};
-use crate::fanout::Subscription;
 use crate::filter::Selection;
 use crate::frame::{self, Chunk, Control, Format};
+use crate::hub::Subscription;
 use crate::journal::{Batch, Journal, Scope};
 use crate::metrics::Metrics;
 
@@ -78,7 +78,7 @@ const PRUNED: &str = "the requested position is older than the journal keeps; re
 const CRASHED: &str = "the database crashed and the position was given out by a numbering it lost (the same changes have other positions now); refetch your state, then continue from `position`";
 
 /// `reset` reason: the journal was recreated, or a crash took back the newest numbering
-/// ([`crate::fanout::Hub::restart`]).
+/// ([`crate::hub::Hub::restart`]).
 const REINSTALLED: &str = "the journal's positions started over (pgfeed was reinstalled, or the database crashed and lost the numbering of the newest changes); refetch your state, then continue from `position`";
 
 /// What a journal read for a replay or catch-up came to.
@@ -425,9 +425,9 @@ impl EventStream {
     }
 
     /// The hub closed the channel: the feed has a gap (changes pruned before the listener
-    /// published them, [`crate::fanout::Hub::gap`]). Take a fresh receiver, then catch up
+    /// published them, [`crate::hub::Hub::gap`]). Take a fresh receiver, then catch up
     /// from the journal, which answers `reset` for a position older than it keeps. Or the
-    /// journal was recreated ([`crate::fanout::Hub::restart`]): then `reset` at once.
+    /// journal was recreated ([`crate::hub::Hub::restart`]): then `reset` at once.
     fn gap(&mut self) {
         if self.subscription.resubscribe() {
             tracing::debug!(position = %self.last, "the journal was recreated; sending reset");

@@ -8,8 +8,8 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 
 use super::response::{Body, json_value};
+use crate::admission::Refused;
 use crate::auth::AuthError;
-use crate::fanout::Refused;
 use crate::filter::{QueryError, SelectionError};
 use crate::journal::JournalError;
 

@@ -40,14 +40,8 @@ pub(crate) async fn metrics(state: &AppState) -> Response<Body> {
     m.connections.set(state.connections.open() as i64);
     m.tenant_channels.set(state.hub.channel_count() as i64);
     m.listener_ready.set(i64::from(state.readiness.is_ready()));
-    if let Ok(rows) = state
-        .journal
-        .query("SELECT pg_notification_queue_usage()")
-        .await
-        && let Some(Ok(usage)) = rows.first().map(|row| row.try_get::<_, f64>(0))
-    {
-        m.notification_queue_usage.set(usage);
-    }
+    // Skipped, keeping the last value, if the database does not answer.
+    let _ = m.sample_notification_queue(state.journal.db()).await;
     let mut response = Response::new(full(m.render()));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

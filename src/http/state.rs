@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 use super::connections::Connections;
 use crate::auth::Authenticator;
 use crate::catalog::Catalog;
-use crate::fanout::Hub;
+use crate::hub::Hub;
 use crate::journal::Journal;
 use crate::listener::Readiness;
 use crate::metrics::Metrics;

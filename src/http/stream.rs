@@ -106,7 +106,7 @@ pub(crate) async fn open_stream<B>(
         // Bounded: while the database does not answer, the request is refused as the
         // catalog stands rather than left waiting.
         Err(SelectionError::UnknownTable(_) | SelectionError::UnknownColumn { .. }) => {
-            let reload = state.catalog.reload_since(&state.journal, ticket);
+            let reload = state.catalog.reload_since(state.journal.db(), ticket);
             match tokio::time::timeout(CATALOG_RELOAD_WAIT, reload).await {
                 Ok(Ok(())) => {}
                 Ok(Err(err)) => {

@@ -227,7 +227,7 @@ pub async fn terminate_listener(db: &TestDb) -> i64 {
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
              WHERE datname = $1 AND application_name = $2",
-            &[&db.name, &pgfeed::listener::APPLICATION_NAME],
+            &[&db.name, &pgfeed::db::LISTENER_APPLICATION_NAME],
         )
         .await
         .unwrap()

@@ -3,19 +3,21 @@
 //! Each tenant with subscribers has its own `tokio::sync::broadcast` channel, so a change
 //! wakes only the subscribers of its tenant (public changes go to every tenant's channel).
 //! The listener publishes in commit order; a subscriber registers here before its response
-//! starts and learns the position the live feed continues from, so that the journal can
-//! fill anything before it. A channel's buffer bounds memory whatever a subscriber does: a
-//! receiver that falls behind gets `Lagged` and is caught up by its stream (see `sse`),
-//! from the hub's memory of recent changes when that still reaches back far enough, else
-//! from the journal. This module never reads the database and never blocks on a client.
+//! starts, admitted by [`crate::admission`], and learns the position the live feed
+//! continues from, so that the journal can fill anything before it. A channel's buffer
+//! bounds memory whatever a subscriber does: a receiver that falls behind gets `Lagged`
+//! and is caught up by its stream (see `sse`), from the hub's memory of recent changes
+//! ([`crate::recent`]) when that still reaches back far enough, else from the journal.
+//! This module never reads the database and never blocks on a client.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::broadcast;
 
+use crate::admission::{Admission, Limits, Refused, shrink};
 use crate::change::{Change, Position};
+use crate::recent::{RECENT_BYTES, Recent};
 
 /// The live feed's routing table.
 pub struct Hub {
@@ -26,45 +28,6 @@ pub struct Hub {
     capacity: usize,
     /// The most recently published changes, all tenants, for catch-ups and resumes.
     recent: Mutex<Recent>,
-    /// Bytes `recent` may hold (estimated).
-    recent_budget: usize,
-    /// Admission limits.
-    limits: Limits,
-}
-
-/// Admission limits for new subscribers.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Open streams at most (`server.max_subscribers`).
-    pub max_total: usize,
-    /// Open streams per tenant at most (`server.max_subscribers_per_tenant`).
-    pub max_per_tenant: usize,
-    /// New streams per tenant per second (`server.max_stream_rate`); bursts of twice that.
-    pub rate_per_tenant: u32,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_total: usize::MAX,
-            max_per_tenant: usize::MAX,
-            rate_per_tenant: u32::MAX,
-        }
-    }
-}
-
-/// Why a subscriber was not admitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Refused {
-    /// The gateway holds `server.max_subscribers` streams.
-    #[error("the gateway is at its limit of open streams; try again later")]
-    Full,
-    /// The tenant holds `server.max_subscribers_per_tenant` streams.
-    #[error("this tenant is at its limit of open streams")]
-    TenantFull,
-    /// The tenant opens streams faster than `server.max_stream_rate`.
-    #[error("this tenant opens streams too fast; retry after a second")]
-    TooFast,
 }
 
 struct Inner {
@@ -73,30 +36,25 @@ struct Inner {
     /// Position of the last change published: a receiver created now sees exactly the
     /// changes after it.
     head: Position,
-    /// Open subscriptions in all.
-    total: usize,
-    /// Open subscriptions per tenant.
-    per_tenant: HashMap<Arc<str>, usize>,
-    /// Token buckets for new streams per tenant: (tokens, last refill).
-    buckets: HashMap<Arc<str>, (f64, Instant)>,
+    /// Open subscriptions, counted against the admission limits.
+    admission: Admission,
     /// How many times the journal was recreated under this hub ([`Hub::restart`]): a
     /// subscription of an earlier epoch holds a position of a journal that is gone.
     epoch: u64,
 }
 
-/// How much of the recent feed the hub keeps in memory by default (`server.replay_memory`):
-/// a stream that lagged (a burst larger than its channel's buffer, typically a bulk
-/// statement of its tenant's) catches up from here instead of each such stream querying
-/// the journal for the same rows at once. Client resumes read the journal.
-pub const RECENT_BYTES: usize = 16 << 20;
-
-/// The recent feed: every change published after `floor`, in order, within a byte budget.
-struct Recent {
-    changes: VecDeque<Arc<Change>>,
-    /// Estimated bytes held.
-    bytes: usize,
-    /// Every change published after this position is in `changes`.
-    floor: Position,
+impl Inner {
+    /// A receiver of `tenant`'s channel, created if needed.
+    fn receiver(&mut self, tenant: &Arc<str>, capacity: usize) -> broadcast::Receiver<Arc<Change>> {
+        match self.channels.get(tenant) {
+            Some(sender) => sender.subscribe(),
+            None => {
+                let (sender, receiver) = broadcast::channel(capacity);
+                self.channels.insert(Arc::clone(tenant), sender);
+                receiver
+            }
+        }
+    }
 }
 
 /// A subscriber's live registration; dropping it releases its place.
@@ -122,16 +80,7 @@ impl Subscription {
         let mut inner = hub.lock();
         let restarted = self.epoch != inner.epoch;
         self.epoch = inner.epoch;
-        self.receiver = match inner.channels.get(&self.place.tenant) {
-            Some(sender) => sender.subscribe(),
-            None => {
-                let (sender, receiver) = broadcast::channel(hub.capacity);
-                inner
-                    .channels
-                    .insert(Arc::clone(&self.place.tenant), sender);
-                receiver
-            }
-        };
+        self.receiver = inner.receiver(&self.place.tenant, hub.capacity);
         restarted
     }
 
@@ -157,28 +106,14 @@ struct Place {
 impl Drop for Place {
     fn drop(&mut self) {
         let mut inner = self.hub.lock();
-        inner.total -= 1;
-        if let Some(n) = inner.per_tenant.get_mut(&self.tenant) {
-            *n -= 1;
-            if *n == 0 {
-                // The tenant's last stream left: its channel (whose buffer is allocated
-                // whole, `server.live_buffer` slots) goes with it. A stream of the tenant
-                // that opens later gets a new channel from the head, and its resume reads
-                // the journal, so nothing is lost.
-                inner.per_tenant.remove(&self.tenant);
-                inner.channels.remove(&self.tenant);
-                shrink(&mut inner.per_tenant);
-                shrink(&mut inner.channels);
-            }
+        if inner.admission.release(&self.tenant) {
+            // The tenant's last stream left: its channel (whose buffer is allocated
+            // whole, `server.live_buffer` slots) goes with it. A stream of the tenant
+            // that opens later gets a new channel from the head, and its resume reads
+            // the journal, so nothing is lost.
+            inner.channels.remove(&self.tenant);
+            shrink(&mut inner.channels);
         }
-    }
-}
-
-/// Gives back a map's memory once it is mostly empty: a burst of many tenants must not
-/// keep its table allocated after they left.
-fn shrink<V>(map: &mut HashMap<Arc<str>, V>) {
-    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
-        map.shrink_to(map.len() * 2);
     }
 }
 
@@ -189,29 +124,27 @@ impl Hub {
             inner: Mutex::new(Inner {
                 channels: HashMap::new(),
                 head,
-                total: 0,
-                per_tenant: HashMap::new(),
-                buckets: HashMap::new(),
+                admission: Admission::new(limits),
                 epoch: 0,
             }),
             capacity,
-            recent: Mutex::new(Recent {
-                changes: VecDeque::new(),
-                bytes: 0,
-                floor: head,
-            }),
-            recent_budget: RECENT_BYTES,
-            limits,
+            recent: Mutex::new(Recent::new(head, RECENT_BYTES)),
         }
     }
 
     /// Keeps at most about `bytes` of recent changes in memory (0: none).
-    pub fn with_recent_bytes(mut self, bytes: usize) -> Hub {
-        self.recent_budget = bytes;
+    pub fn with_recent_bytes(self, bytes: usize) -> Hub {
+        self.lock_recent().set_budget(bytes);
         self
     }
 
-    fn lock_recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The lock guards plain data updated in one step; a panic elsewhere cannot leave
+        // it half-written, so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_recent(&self) -> MutexGuard<'_, Recent> {
         // As for `lock`: plain data, updated in steps that cannot panic halfway.
         self.recent.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -226,23 +159,7 @@ impl Hub {
         max: usize,
         max_bytes: usize,
     ) -> Option<(Vec<Arc<Change>>, bool)> {
-        let recent = self.lock_recent();
-        if after < recent.floor {
-            return None;
-        }
-        let start = recent.changes.partition_point(|c| c.position <= after);
-        let mut found = Vec::new();
-        let mut bytes = 0;
-        for change in recent.changes.range(start..) {
-            if change.public || change.tenant.as_deref() == Some(tenant) {
-                if found.len() == max || (bytes >= max_bytes && !found.is_empty()) {
-                    return Some((found, true));
-                }
-                bytes += change.approx_bytes();
-                found.push(Arc::clone(change));
-            }
-        }
-        Some((found, false))
+        self.lock_recent().after(after, tenant, max, max_bytes)
     }
 
     /// A gap in the feed: the listener found changes up to `pruned` removed from the
@@ -258,12 +175,7 @@ impl Hub {
     pub fn gap(&self, pruned: Position) {
         let mut inner = self.lock();
         inner.head = inner.head.max(pruned);
-        {
-            let mut recent = self.lock_recent();
-            recent.changes.clear();
-            recent.bytes = 0;
-            recent.floor = inner.head;
-        }
+        self.lock_recent().forget(inner.head);
         inner.channels.clear();
     }
 
@@ -275,48 +187,20 @@ impl Hub {
         let mut inner = self.lock();
         inner.head = head;
         inner.epoch += 1;
-        {
-            let mut recent = self.lock_recent();
-            recent.changes.clear();
-            recent.bytes = 0;
-            recent.floor = head;
-        }
+        self.lock_recent().forget(head);
         inner.channels.clear();
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // The lock guards plain data updated in one step; a panic elsewhere cannot leave
-        // it half-written, so a poisoned lock is still usable.
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Admits and registers a live receiver for `tenant`.
     pub fn subscribe(self: &Arc<Self>, tenant: &str) -> Result<Subscription, Refused> {
         let mut inner = self.lock();
-        if inner.total >= self.limits.max_total {
-            return Err(Refused::Full);
-        }
         let key: Arc<str> = match inner.channels.get_key_value(tenant) {
             Some((k, _)) => Arc::clone(k),
             None => Arc::from(tenant),
         };
-        if inner.per_tenant.get(&key).copied().unwrap_or(0) >= self.limits.max_per_tenant {
-            return Err(Refused::TenantFull);
-        }
-        if !self.take_token(&mut inner, &key) {
-            return Err(Refused::TooFast);
-        }
-        inner.total += 1;
-        *inner.per_tenant.entry(Arc::clone(&key)).or_insert(0) += 1;
+        inner.admission.admit(&key)?;
         let from = inner.head;
-        let receiver = match inner.channels.get(&key) {
-            Some(sender) => sender.subscribe(),
-            None => {
-                let (sender, receiver) = broadcast::channel(self.capacity);
-                inner.channels.insert(Arc::clone(&key), sender);
-                receiver
-            }
-        };
+        let receiver = inner.receiver(&key, self.capacity);
         Ok(Subscription {
             receiver,
             from,
@@ -328,38 +212,9 @@ impl Hub {
         })
     }
 
-    /// Takes one token from the tenant's bucket, refilled at `rate_per_tenant` per second
-    /// up to twice that.
-    fn take_token(&self, inner: &mut Inner, tenant: &Arc<str>) -> bool {
-        if self.limits.rate_per_tenant == u32::MAX {
-            return true;
-        }
-        let rate = f64::from(self.limits.rate_per_tenant);
-        let burst = rate * 2.0;
-        let now = Instant::now();
-        if inner.buckets.len() > 100_000 {
-            // Forget tenants whose buckets are full again: they are as good as new.
-            inner.buckets.retain(|_, (tokens, at)| {
-                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
-            });
-        }
-        let (tokens, at) = inner
-            .buckets
-            .entry(Arc::clone(tenant))
-            .or_insert((burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
     /// Open subscriptions, in all.
     pub fn subscribers(&self) -> usize {
-        self.lock().total
+        self.lock().admission.total()
     }
 
     /// The position of the last published change.
@@ -375,19 +230,7 @@ impl Hub {
         // Into memory first, then to the channels: a receiver that lagged and reads memory
         // must find there every change its channel already dropped. (What it then also
         // receives live is a duplicate, dropped by position.)
-        {
-            let mut recent = self.lock_recent();
-            for change in changes {
-                recent.bytes += change.approx_bytes();
-                recent.changes.push_back(Arc::clone(change));
-            }
-            while recent.bytes > self.recent_budget
-                && let Some(old) = recent.changes.pop_front()
-            {
-                recent.bytes -= old.approx_bytes();
-                recent.floor = old.position;
-            }
-        }
+        self.lock_recent().push(changes);
         let mut orphaned = false;
         for change in changes {
             if change.public {
@@ -417,23 +260,10 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::change::Op;
     use tokio::sync::broadcast::error::TryRecvError;
 
     fn change(commit: i64, tenant: Option<&str>) -> Arc<Change> {
-        Arc::new(Change::new(
-            Position { commit, ord: 1 },
-            "public.t".into(),
-            Op::Insert,
-            tenant.map(str::to_string),
-            tenant.is_none(),
-            None,
-            None,
-            None,
-            None,
-            "2026-01-01T00:00:00.000000Z".into(),
-            0.0,
-        ))
+        Change::for_test(commit, tenant)
     }
 
     #[test]
@@ -457,75 +287,6 @@ mod tests {
         assert_eq!(hub.head(), Position { commit: 4, ord: 1 });
         let late = hub.subscribe("a").unwrap();
         assert_eq!(late.from, Position { commit: 4, ord: 1 });
-    }
-
-    fn commits(found: Option<(Vec<Arc<Change>>, bool)>) -> Option<(Vec<i64>, bool)> {
-        found.map(|(changes, more)| (changes.iter().map(|c| c.position.commit).collect(), more))
-    }
-
-    #[test]
-    fn recent_changes_serve_catch_ups_while_memory_reaches_back() {
-        let at = |commit| Position { commit, ord: 1 };
-        let one = change(1, Some("a")).approx_bytes();
-        // Room for three changes: the fourth evicts the first.
-        let hub = Hub::new(at(10), 16, Limits::default()).with_recent_bytes(3 * one);
-        // Nothing published yet: memory reaches back to the starting head, not before.
-        assert_eq!(
-            commits(hub.recent_after(at(10), "a", 10, usize::MAX)),
-            Some((vec![], false))
-        );
-        assert_eq!(commits(hub.recent_after(at(9), "a", 10, usize::MAX)), None);
-        hub.publish(&[
-            change(11, Some("a")),
-            change(12, Some("b")),
-            change(13, None),
-        ]);
-        // By tenant, public changes to everyone, strictly after the position.
-        assert_eq!(
-            commits(hub.recent_after(at(10), "a", 10, usize::MAX)),
-            Some((vec![11, 13], false))
-        );
-        assert_eq!(
-            commits(hub.recent_after(at(11), "b", 10, usize::MAX)),
-            Some((vec![12, 13], false))
-        );
-        assert_eq!(
-            commits(hub.recent_after(at(13), "a", 10, usize::MAX)),
-            Some((vec![], false))
-        );
-        // At most `max`, and says so.
-        assert_eq!(
-            commits(hub.recent_after(at(10), "a", 1, usize::MAX)),
-            Some((vec![11], true))
-        );
-        // Commit 11 leaves memory: positions before it must go to the journal.
-        hub.publish(&[change(14, Some("a"))]);
-        assert_eq!(commits(hub.recent_after(at(10), "a", 10, usize::MAX)), None);
-        assert_eq!(
-            commits(hub.recent_after(at(11), "a", 10, usize::MAX)),
-            Some((vec![13, 14], false))
-        );
-        // About `max_bytes`, but at least one.
-        assert_eq!(
-            commits(hub.recent_after(at(11), "a", 10, 1)),
-            Some((vec![13], true))
-        );
-        assert_eq!(
-            commits(hub.recent_after(at(11), "a", 10, one + 1)),
-            Some((vec![13, 14], false))
-        );
-        // A gap in the feed: the listener found everything up to commit 20 pruned. Memory
-        // no longer answers for anything before it, not even for the old head.
-        hub.gap(at(20));
-        assert_eq!(commits(hub.recent_after(at(14), "a", 10, usize::MAX)), None);
-        assert_eq!(
-            commits(hub.recent_after(at(20), "a", 10, usize::MAX)),
-            Some((vec![], false))
-        );
-        // Turned off: always the journal, except at the head itself.
-        let off = Hub::new(at(0), 16, Limits::default()).with_recent_bytes(0);
-        off.publish(&[change(1, Some("a"))]);
-        assert_eq!(commits(off.recent_after(at(0), "a", 10, usize::MAX)), None);
     }
 
     /// A receiver that lags while another thread publishes, and catches up from memory the
@@ -603,6 +364,11 @@ mod tests {
             hub.head(),
             Position { commit: 5, ord: 1 },
             "new streams start there"
+        );
+        assert!(
+            hub.recent_after(Position::ZERO, "a", 10, usize::MAX)
+                .is_none(),
+            "memory no longer answers for anything before the gap"
         );
         // What was sent before the gap is still delivered, then the channel is closed.
         assert_eq!(a.receiver.try_recv().unwrap().position.commit, 1);
