@@ -72,9 +72,11 @@ impl Connections {
     /// Limits from `config`, with the cap lowered (and a warning logged) if the process's
     /// open-file soft limit cannot hold it.
     pub fn new(config: &crate::config::Config) -> Connections {
-        let mut max = config.max_connections;
+        let mut max = config.server.max_connections;
         if let Ok((soft, _hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
-            let room = soft.saturating_sub(reserved_fds(config.pool_size)).max(1);
+            let room = soft
+                .saturating_sub(reserved_fds(config.database.pool_size))
+                .max(1);
             if (max as u64) > room {
                 tracing::warn!(
                     configured = max,
@@ -87,8 +89,8 @@ impl Connections {
         }
         Connections {
             max,
-            header_timeout: config.header_timeout,
-            write_timeout: config.write_timeout,
+            header_timeout: config.server.header_timeout,
+            write_timeout: config.server.write_timeout,
             open: std::sync::atomic::AtomicUsize::new(0),
             overflow: Arc::new(tokio::sync::Semaphore::new(OVERFLOW_SLOTS)),
         }
