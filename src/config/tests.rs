@@ -185,53 +185,6 @@ fn secret_debug_is_redacted() {
 }
 
 #[test]
-fn example_file_documents_every_key_with_its_default() {
-    let text = include_str!("../../config.example.toml");
-    let mut section = "";
-    let mut documented = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            section = name;
-        } else if let Some((key, _)) = line.trim_start_matches("# ").split_once(" = ")
-            && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-        {
-            documented.push(format!("{section}.{key}"));
-        }
-    }
-    for key in keys().iter().map(|k| k.dotted) {
-        assert!(
-            documented.iter().any(|d| d == key),
-            "config.example.toml does not document `{key}`"
-        );
-    }
-    for key in &documented {
-        assert!(
-            keys().iter().any(|k| k.dotted == key),
-            "config.example.toml documents unknown key `{key}`"
-        );
-    }
-    // The values it sets are the defaults.
-    let dir = std::env::temp_dir().join(format!("pgfeed-config-ex-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("example.toml");
-    std::fs::write(&path, text).unwrap();
-    let from_file = Config::load(&Sources {
-        file: Some(path),
-        env: base(),
-        flags: vec![],
-    })
-    .unwrap();
-    let defaults = Config::load(&Sources {
-        env: base(),
-        ..Default::default()
-    })
-    .unwrap();
-    assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-#[test]
 fn keys_are_read_from_the_structs() {
     let all = keys();
     let find = |dotted: &str| all.iter().find(|k| k.dotted == dotted).unwrap();
