@@ -69,8 +69,16 @@ pub(super) fn load(sources: &Sources) -> Result<Config, ConfigError> {
         alone.insert(key.name.to_string(), value.clone());
         let mut section = toml::Table::new();
         section.insert(key.section.to_string(), toml::Value::Table(alone));
-        match section.try_into::<Config>() {
-            Ok(_) => {
+        let problem = wrong_type(key.kind, &value).or_else(|| {
+            let e = section.try_into::<Config>().err()?;
+            Some(match value.as_integer() {
+                // Counts are unsigned: say so rather than serde's "expected usize".
+                Some(v) if v < 0 => format!("must not be negative, got {v}"),
+                _ => e.message().to_string(),
+            })
+        });
+        match problem {
+            None => {
                 if let Some(t) = table
                     .get_mut(key.section)
                     .and_then(toml::Value::as_table_mut)
@@ -78,9 +86,9 @@ pub(super) fn load(sources: &Sources) -> Result<Config, ConfigError> {
                     t.insert(key.name.to_string(), value);
                 }
             }
-            Err(e) => errs.push(ConfigError::Invalid {
+            Some(message) => errs.push(ConfigError::Invalid {
                 key: key.dotted,
-                message: e.message().to_string(),
+                message,
             }),
         }
     }
@@ -98,6 +106,28 @@ pub(super) fn load(sources: &Sources) -> Result<Config, ConfigError> {
     }
     config.warnings = warnings;
     Ok(config)
+}
+
+/// What is wrong with a value not of its key's kind, in an operator's words; `None` for
+/// strings, whose own deserializer says what it expected (a duration, an address, a mode).
+fn wrong_type(kind: Kind, value: &toml::Value) -> Option<String> {
+    let wanted = match kind {
+        Kind::Int if !value.is_integer() => "an integer (without quotes)",
+        Kind::Bool if !value.is_bool() => "true or false",
+        Kind::List
+            if !value
+                .as_array()
+                .is_some_and(|items| items.iter().all(toml::Value::is_str)) =>
+        {
+            "a list of strings"
+        }
+        _ => return None,
+    };
+    let shown: String = value.to_string().chars().take(64).collect();
+    Some(format!(
+        "must be {wanted}, got {} `{shown}`",
+        value.type_str()
+    ))
 }
 
 fn read_file(path: &Path) -> Result<(toml::Table, String), ConfigError> {

@@ -52,6 +52,10 @@ fn threads_default_to_half_the_cpus_and_are_checked() {
         let err = load(Some(bad)).unwrap_err().to_string();
         assert!(err.contains("server.threads"), "{bad}: {err}");
     }
+    let err = load(Some("-1")).unwrap_err().to_string();
+    assert!(err.contains("must not be negative, got -1"), "{err}");
+    let err = load(Some("0")).unwrap_err().to_string();
+    assert!(err.contains("must be between 1 and 1024, got 0"), "{err}");
 }
 
 #[test]
