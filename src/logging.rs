@@ -17,7 +17,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, LogConfig};
 
 /// Lines queued for the writer thread at most; more are dropped.
 const QUEUE: usize = 4096;
@@ -256,9 +256,9 @@ pub fn log_filter(text: &str) -> Result<tracing_subscriber::EnvFilter, ConfigErr
 
 /// Starts logging to stderr: the filter from `PGFEED_LOG` (default `info`; an invalid one
 /// is an error naming it), the format from `log.format`. Safe to call more than once (later
-/// calls do nothing). Lines go through [`crate::logging`], so a broken or stalled stderr
+/// calls do nothing). Lines go through [`StderrQueue`], so a broken or stalled stderr
 /// never panics or blocks a task that logs.
-pub fn init_logging(json: bool) -> Result<(), ConfigError> {
+pub fn init_logging(log: &LogConfig) -> Result<(), ConfigError> {
     let filter = match std::env::var("PGFEED_LOG") {
         Err(std::env::VarError::NotPresent) => tracing_subscriber::EnvFilter::new("info"),
         Err(std::env::VarError::NotUnicode(_)) => {
@@ -274,7 +274,7 @@ pub fn init_logging(json: bool) -> Result<(), ConfigError> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .log_internal_errors(false)
         .with_writer(StderrQueue);
-    let _ = if json {
+    let _ = if log.json() {
         builder.json().flatten_event(true).try_init()
     } else {
         builder.try_init()

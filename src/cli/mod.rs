@@ -206,7 +206,7 @@ pub fn run(mut cli: Cli) -> Result<(), CliError> {
         _ => None,
     };
     let config = Config::load(&cli.sources(listen))?;
-    init_logging(config.log.json())?;
+    init_logging(&config.log)?;
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }

@@ -5,7 +5,7 @@
 //! [`ServerConfig`], [`AuthConfig`], [`JournalConfig`], [`CorsConfig`], [`LogConfig`]): its
 //! fields are the keys, its `Default` states every default once, its `validate` the rules.
 //! The list of keys (and so the environment variables, `PGFEED_<SECTION>_<KEY>`) is read
-//! from those structs ([`keys`]), never written out. [`load`] reads the layers.
+//! from those structs ([`keys`]), never written out. [`Config::load`] reads the layers.
 //!
 //! Every failure names the key (and where it came from) so that an operator can fix it
 //! without reading code. The config types do not implement `Serialize`, and secrets live
