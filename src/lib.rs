@@ -11,9 +11,11 @@ pub mod auth;
 pub mod catalog;
 pub mod change;
 pub mod cli;
+#[cfg(feature = "demo")]
 pub mod cluster;
 pub mod config;
 pub mod db;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod filter;
 pub mod frame;
@@ -88,8 +90,8 @@ pub async fn serve(
 
     // Phase 2: the database, the schema version and the journal's head.
     let pg = db::parse_url(config.database_url()?)?;
-    let pooled = db::with_statement_timeout(&pg, config.query_timeout);
-    let pool = db::pool(&pooled, config.pool_size)?;
+    let pooled = db::with_statement_timeout(&pg, config.database.query_timeout);
+    let pool = db::pool(&pooled, config.database.pool_size)?;
     {
         let client = pool.get().await.map_err(|err| match err {
             // The driver's own error, once, with where it tried (deadpool's wrapper
@@ -105,10 +107,10 @@ pub async fn serve(
         schema::check(&client).await?;
     }
     let limits = journal::Limits {
-        batch_size: config.batch_size,
-        batch_bytes: config.batch_bytes,
-        query_timeout: config.query_timeout,
-        replay_concurrency: config.replay_concurrency,
+        batch_size: config.journal.batch_size,
+        batch_bytes: config.journal.batch_bytes,
+        query_timeout: config.database.query_timeout,
+        replay_concurrency: config.journal.replay_concurrency(config.database.pool_size),
     };
     let journal = journal::Journal::new(pool, limits);
     // The listener reads on a connection of its own, outside the pool that subscribers'
@@ -120,14 +122,14 @@ pub async fn serve(
     let hub = Arc::new(
         hub::Hub::new(
             head,
-            config.live_buffer,
+            config.server.live_buffer,
             admission::Limits {
-                max_total: config.max_subscribers,
-                max_per_tenant: config.max_subscribers_per_tenant,
-                rate_per_tenant: config.max_stream_rate,
+                max_total: config.server.max_subscribers,
+                max_per_tenant: config.server.max_subscribers_per_tenant,
+                rate_per_tenant: config.server.max_stream_rate,
             },
         )
-        .with_recent_bytes(config.replay_memory),
+        .with_recent_bytes(config.server.replay_memory),
     );
 
     let metrics = Arc::new(metrics::Metrics::new());
@@ -142,15 +144,15 @@ pub async fn serve(
         journal: listener_journal,
         hub: Arc::clone(&hub),
         readiness: Arc::clone(&readiness),
-        health_interval: config.health_interval,
+        health_interval: config.database.health_interval,
         catalog: Arc::clone(&catalog),
         metrics: Arc::clone(&metrics),
     }
     .run(shutdown.child_token());
     let mut listener_task = tokio::spawn(tracker.track_future(with_test_panic(listener_task)));
     let mut prune_task = tokio::spawn(tracker.track_future(journal.clone().prune_periodically(
-        config.retention,
-        config.prune_interval,
+        config.journal.retention,
+        config.journal.prune_interval,
         Arc::clone(&metrics),
         shutdown.child_token(),
     )));
@@ -162,15 +164,18 @@ pub async fn serve(
         auth,
         tenant_param: config.auth.mode == config::AuthMode::None,
         catalog,
-        cors_origins: config.cors_origins.clone(),
+        cors_origins: config.cors.allowed_origins.clone(),
         metrics,
         readiness: Arc::clone(&readiness),
         stream: session::StreamSettings {
-            heartbeat: config.heartbeat,
-            retry: config.retry,
+            heartbeat: config.server.heartbeat,
+            retry: config.server.retry,
         },
         shutdown: shutdown.child_token(),
-        connections: Arc::new(http::Connections::new(&config)),
+        connections: Arc::new(http::Connections::new(
+            &config.server,
+            config.database.pool_size,
+        )),
     });
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -208,11 +213,11 @@ pub async fn serve(
 
     // Phase 5: drain.
     tracker.close();
-    if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+    if tokio::time::timeout(config.server.shutdown_grace, tracker.wait())
         .await
         .is_err()
     {
-        tracing::warn!(grace = %humantime::format_duration(config.shutdown_grace), "connections still open after the shutdown grace; exiting anyway");
+        tracing::warn!(grace = %humantime::format_duration(config.server.shutdown_grace), "connections still open after the shutdown grace; exiting anyway");
     }
     match failed {
         Some(err) => Err(err),

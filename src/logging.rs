@@ -7,12 +7,17 @@
 //! down the task that logs (a stream, the listener, the signal handler), and
 //! tracing-subscriber's own fallback, which prints with `eprintln!` (a panic on a broken
 //! stderr), is turned off.
+//!
+//! [`init_logging`] sets the subscriber up: the filter from `PGFEED_LOG` ([`log_filter`])
+//! and the format from `log.format`.
 
 use std::io::{self, Write as _};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
+
+use crate::config::{ConfigError, LogConfig};
 
 /// Lines queued for the writer thread at most; more are dropped.
 const QUEUE: usize = 4096;
@@ -211,6 +216,70 @@ impl std::fmt::Display for Chain<'_> {
         }
         f.write_str(&text)
     }
+}
+
+/// Levels a bare `PGFEED_LOG` directive may name.
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// The log filter `PGFEED_LOG` asks for: comma-separated directives, each a level
+/// (`debug`) or `target=level` (`pgfeed=debug`, `tokio_postgres=warn`). A bare word that
+/// is not a level (`verbose`, `debgu`) would silently filter on a module of that name and
+/// log nothing: it is refused, as is an unknown level.
+pub fn log_filter(text: &str) -> Result<tracing_subscriber::EnvFilter, ConfigError> {
+    let refuse = |message: String| ConfigError::Source {
+        origin: "environment variable PGFEED_LOG".into(),
+        message,
+    };
+    if text.trim().is_empty() {
+        return Ok(tracing_subscriber::EnvFilter::new("info"));
+    }
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare = !directive.contains(['=', '[', ':']);
+        if bare && !LOG_LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(refuse(format!(
+                "{:?} is not a log level ({}) nor a `target=level` directive, like PGFEED_LOG=pgfeed=debug",
+                directive.chars().take(64).collect::<String>(),
+                LOG_LEVELS.join(", ")
+            )));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(text)
+        .map_err(|e| {
+            refuse(format!(
+                "{:?} is not a log filter ({e}); write levels ({}) or `target=level` directives, like PGFEED_LOG=pgfeed=debug",
+                text.chars().take(64).collect::<String>(),
+                LOG_LEVELS.join(", ")
+            ))
+        })
+}
+
+/// Starts logging to stderr: the filter from `PGFEED_LOG` (default `info`; an invalid one
+/// is an error naming it), the format from `log.format`. Safe to call more than once (later
+/// calls do nothing). Lines go through [`StderrQueue`], so a broken or stalled stderr
+/// never panics or blocks a task that logs.
+pub fn init_logging(log: &LogConfig) -> Result<(), ConfigError> {
+    let filter = match std::env::var("PGFEED_LOG") {
+        Err(std::env::VarError::NotPresent) => tracing_subscriber::EnvFilter::new("info"),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err(ConfigError::Source {
+                origin: "environment variable PGFEED_LOG".into(),
+                message: "is not valid UTF-8".into(),
+            });
+        }
+        Ok(text) => log_filter(&text)?,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .log_internal_errors(false)
+        .with_writer(StderrQueue);
+    let _ = if log.json() {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+    Ok(())
 }
 
 #[cfg(test)]

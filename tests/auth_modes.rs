@@ -897,7 +897,7 @@ async fn header_modes_are_refused_on_a_non_loopback_address() {
             let mut allowed = base(mode, listen);
             allowed.push(("PGFEED_AUTH_ALLOW_REMOTE".into(), "true".into()));
             let config = load(allowed).unwrap_or_else(|e| panic!("{mode} on {listen}: {e}"));
-            assert_eq!(config.listen, listen.parse().unwrap());
+            assert_eq!(config.server.listen, listen.parse().unwrap());
             let mut denied = base(mode, listen);
             denied.push(("PGFEED_AUTH_ALLOW_REMOTE".into(), "false".into()));
             assert!(

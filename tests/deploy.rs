@@ -56,6 +56,7 @@ fn pgfeed_port(file: &Path, env: &[(&str, &str)]) -> u16 {
         flags: Vec::new(),
     })
     .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+    .server
     .listen
     .port()
 }

@@ -573,9 +573,9 @@ async fn lagged_subscriber_is_caught_up(replay_memory: usize, expect: &str) {
         replay_memory.to_string(),
     ));
     let gw = Gateway::start_with(sources).await;
-    assert_eq!(gw.config.live_buffer, 4);
-    assert_eq!(gw.config.replay_memory, replay_memory);
-    assert_eq!(gw.config.batch_size, 7);
+    assert_eq!(gw.config.server.live_buffer, 4);
+    assert_eq!(gw.config.server.replay_memory, replay_memory);
+    assert_eq!(gw.config.journal.batch_size, 7);
 
     let mut s = gw.stream("acme", "").await;
     s.until_live().await;

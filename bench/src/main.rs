@@ -900,7 +900,7 @@ impl Gateway {
                 let stop = shutdown.clone();
                 // Its own runtime and threads (`server.threads`, as `pgfeed serve`), so the
                 // load generator does not share them.
-                let threads = config.threads;
+                let threads = config.server.threads;
                 let thread =
                     std::thread::Builder::new()
                         .name("gateway".into())

@@ -33,12 +33,12 @@ pub struct Connections {
 }
 
 impl Connections {
-    /// Limits from `config`, with the cap lowered (and a warning logged) if the process's
-    /// open-file soft limit cannot hold it.
-    pub fn new(config: &crate::config::Config) -> Connections {
-        let mut max = config.max_connections;
+    /// Limits from the `[server]` section, with the cap lowered (and a warning logged) if
+    /// the process's open-file soft limit cannot hold it beside a pool of `pool_size`.
+    pub fn new(server: &crate::config::ServerConfig, pool_size: usize) -> Connections {
+        let mut max = server.max_connections;
         if let Ok((soft, _hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
-            let room = soft.saturating_sub(reserved_fds(config.pool_size)).max(1);
+            let room = soft.saturating_sub(reserved_fds(pool_size)).max(1);
             if (max as u64) > room {
                 tracing::warn!(
                     configured = max,
@@ -51,8 +51,8 @@ impl Connections {
         }
         Connections {
             max,
-            header_timeout: config.header_timeout,
-            write_timeout: config.write_timeout,
+            header_timeout: server.header_timeout,
+            write_timeout: server.write_timeout,
             open: AtomicUsize::new(0),
             overflow: Arc::new(Semaphore::new(OVERFLOW_SLOTS)),
         }

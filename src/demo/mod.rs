@@ -14,8 +14,13 @@
 //! creates `demo_orders` (and its touch trigger) if absent.
 
 pub mod app;
+mod banner;
+mod net;
+mod table;
+#[cfg(test)]
+mod tests;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,36 +32,9 @@ use crate::schema::{self, SchemaError, WatchSpec};
 use crate::{ServeError, db};
 
 use crate::cluster::{Cluster, ClusterError, Search};
-
-/// The demo table, created with seed rows when it does not exist yet. The touch trigger
-/// keeps `updated_at` current; its `WHEN` keeps an update that changes nothing a no-op,
-/// as pgfeed treats it.
-const CREATE_TABLE: &str = "
-CREATE TABLE public.demo_orders (
-    id         serial PRIMARY KEY,
-    tenant     text NOT NULL,
-    item       text,
-    status     text NOT NULL DEFAULT 'new',
-    amount     numeric(10, 2) NOT NULL DEFAULT 0,
-    updated_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE FUNCTION public.demo_orders_touch() RETURNS trigger LANGUAGE plpgsql
-    SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    NEW.updated_at := now();
-    RETURN NEW;
-END $$;
-CREATE TRIGGER demo_orders_touch BEFORE UPDATE ON public.demo_orders
-    FOR EACH ROW WHEN (OLD.* IS DISTINCT FROM NEW.*) EXECUTE FUNCTION public.demo_orders_touch();
-INSERT INTO public.demo_orders (tenant, item, status, amount) VALUES
-    ('acme',   'Standing desk',        'paid',      499.00),
-    ('acme',   'Ergonomic chair',      'shipped',   289.00),
-    ('acme',   'Monitor arm',          'new',        79.90),
-    ('acme',   'USB-C dock',           'delivered', 129.00),
-    ('globex', 'Label printer',        'paid',      219.00),
-    ('globex', 'Barcode scanner',      'new',        64.50),
-    ('globex', 'Thermal labels (500)', 'shipped',    18.75);
-";
+use banner::{Banner, print_banner, psql_target};
+use net::{bind, browser_addr, default_page_addr, local_only, page_origins};
+use table::create_table;
 
 /// What the command line adds to the settings.
 #[derive(Debug, Clone)]
@@ -149,13 +127,13 @@ pub async fn run(
     prepare_auth(&mut config)?;
     let page_addr = options
         .page_listen
-        .unwrap_or_else(|| default_page_addr(config.listen));
+        .unwrap_or_else(|| default_page_addr(config.server.listen));
     if !options.allow_remote {
-        local_only(config.listen, options.listen_setting, "gateway")?;
+        local_only(config.server.listen, options.listen_setting, "gateway")?;
         // A page address derived from the gateway's is loopback when that one is.
         local_only(page_addr, "--page-listen", "live page")?;
     }
-    let gateway_listener = bind(config.listen, "gateway").await?;
+    let gateway_listener = bind(config.server.listen, "gateway").await?;
     let page_listener = bind(page_addr, "live page (choose another with --page-listen)").await?;
     let page_addr = page_listener
         .local_addr()
@@ -165,10 +143,11 @@ pub async fn run(
             source,
         })?;
     config
-        .cors_origins
-        .extend(page_origins(page_addr, &config.cors_origins));
-    if !config.listen.ip().is_loopback() {
-        tracing::warn!(gateway = %config.listen, "--allow-remote: other machines can reach the demo's gateway");
+        .cors
+        .allowed_origins
+        .extend(page_origins(page_addr, &config.cors.allowed_origins));
+    if !config.server.listen.ip().is_loopback() {
+        tracing::warn!(gateway = %config.server.listen, "--allow-remote: other machines can reach the demo's gateway");
     }
     if !page_addr.ip().is_loopback() {
         tracing::warn!(
@@ -180,7 +159,7 @@ pub async fn run(
 
     // Phase 2: the database, throwaway unless one is configured.
     let mut throwaway = None;
-    let url = match config.database_url.as_ref() {
+    let url = match config.database.url.as_ref() {
         Some(url) => url.expose().to_string(),
         None => {
             eprintln!("No database configured: starting a throwaway PostgreSQL...");
@@ -192,7 +171,7 @@ pub async fn run(
                 })??;
             let url = cluster.url();
             throwaway = Some(cluster);
-            config.database_url = Some(Secret::new(url.clone()));
+            config.database.url = Some(Secret::new(url.clone()));
             url
         }
     };
@@ -361,243 +340,4 @@ fn prepare_auth(config: &mut Config) -> Result<(), DemoError> {
     auth.tenant_claim = app::TENANT_CLAIM.into();
     auth.tables_claim = Some(app::TABLES_CLAIM.into());
     Ok(())
-}
-
-/// Refuses an address that other machines can reach; `setting` names where it was set.
-fn local_only(
-    addr: SocketAddr,
-    setting: &'static str,
-    what: &'static str,
-) -> Result<(), DemoError> {
-    if addr.ip().is_loopback() {
-        Ok(())
-    } else {
-        Err(DemoError::Remote {
-            addr,
-            setting,
-            what,
-        })
-    }
-}
-
-/// The page's address when none is given: the gateway's, with the next port (8081 next
-/// to the default 8080), or any free port when the gateway's was chosen by the system.
-fn default_page_addr(gateway: SocketAddr) -> SocketAddr {
-    let port = match gateway.port() {
-        0 | u16::MAX => 0,
-        p => p + 1,
-    };
-    SocketAddr::new(gateway.ip(), port)
-}
-
-async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, DemoError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| DemoError::Bind { addr, what, source })
-}
-
-/// Creates the demo table with its seed rows if it does not exist; returns whether it did.
-///
-/// It takes no lock of its own (an advisory lock's key is public: any role could hold it
-/// and stall the demo). Two demos starting at once on one database both find no table;
-/// the second's `CREATE TABLE` waits on the catalog's unique indexes until the first
-/// commits, then fails as a duplicate, and the second, trying again, finds the table.
-async fn create_table(client: &mut tokio_postgres::Client) -> Result<bool, DemoError> {
-    let failed = |source: tokio_postgres::Error| DemoError::Table {
-        message: db::describe(&source),
-        source,
-    };
-    let mut retried = false;
-    loop {
-        let tx = client.transaction().await.map_err(failed)?;
-        let exists: bool = tx
-            .query_one("SELECT to_regclass('public.demo_orders') IS NOT NULL", &[])
-            .await
-            .map_err(failed)?
-            .try_get(0)
-            .map_err(failed)?;
-        if exists {
-            tx.commit().await.map_err(failed)?;
-            return Ok(false);
-        }
-        match tx.batch_execute(CREATE_TABLE).await {
-            Ok(()) => {
-                tx.commit().await.map_err(failed)?;
-                return Ok(true);
-            }
-            Err(err) if !retried && created_meanwhile(&err) => {
-                tx.rollback().await.map_err(failed)?;
-                retried = true;
-            }
-            Err(err) => return Err(failed(err)),
-        }
-    }
-}
-
-/// Whether creating the demo table failed because another session created it first.
-fn created_meanwhile(err: &tokio_postgres::Error) -> bool {
-    use tokio_postgres::error::SqlState;
-    err.code().is_some_and(|code| {
-        [
-            SqlState::UNIQUE_VIOLATION,
-            SqlState::DUPLICATE_TABLE,
-            SqlState::DUPLICATE_FUNCTION,
-            SqlState::DUPLICATE_OBJECT,
-        ]
-        .contains(code)
-    })
-}
-
-/// Origins the page is reached from, for CORS: its address, and for a loopback address
-/// the other loopback names too.
-fn page_origins(page: SocketAddr, existing: &[String]) -> Vec<String> {
-    let port = page.port();
-    let mut origins = if page.ip().is_unspecified() {
-        // Reached through any of the machine's addresses: which one is not known here.
-        vec!["*".to_string()]
-    } else {
-        vec![format!("http://{}", browser_addr(page))]
-    };
-    if page.ip().is_loopback() {
-        origins.extend([
-            format!("http://localhost:{port}"),
-            format!("http://127.0.0.1:{port}"),
-            format!("http://[::1]:{port}"),
-        ]);
-    }
-    let mut unique = Vec::new();
-    for origin in origins {
-        if !existing.contains(&origin) && !unique.contains(&origin) {
-            unique.push(origin);
-        }
-    }
-    unique
-}
-
-/// The address as a browser would write it: an unspecified address becomes 127.0.0.1.
-fn browser_addr(addr: SocketAddr) -> String {
-    match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => format!("127.0.0.1:{}", addr.port()),
-        IpAddr::V6(ip) if ip.is_unspecified() => format!("[::1]:{}", addr.port()),
-        _ => addr.to_string(),
-    }
-}
-
-/// What `psql` is pointed at in the printed lines. A configured URL is not echoed if it
-/// carries a password: `$DATABASE_URL` stands for it when that variable holds it.
-fn psql_target(url: &str, throwaway: bool) -> String {
-    if throwaway {
-        return url.to_string();
-    }
-    if std::env::var("DATABASE_URL").is_ok_and(|v| v == url) {
-        return "$DATABASE_URL".into();
-    }
-    redact_password(url)
-}
-
-fn redact_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        // A key=value string.
-        return url
-            .split_whitespace()
-            .map(|kv| {
-                if kv.starts_with("password=") {
-                    "password=***"
-                } else {
-                    kv
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" ");
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) if userinfo.contains(':') => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}{tail}")
-        }
-        _ => url.to_string(),
-    }
-}
-
-struct Banner {
-    page: String,
-    gateway: String,
-    database: String,
-    psql: String,
-    token: String,
-    token_ttl: Duration,
-}
-
-fn print_banner(b: &Banner) {
-    let psql = format!("psql \"{}\" -c", b.psql);
-    let ttl = humantime::format_duration(b.token_ttl);
-    println!(
-        "
-pgfeed demo is running. Open the live page:
-
-    {page}
-
-Gateway   {gateway}   (tenants acme and globex, table public.demo_orders)
-Database  {database}
-
-Change rows and watch the page follow (it shows tenant acme; switch tenants at the top):
-
-    {psql} \"INSERT INTO demo_orders (tenant, item, status, amount) VALUES ('acme', 'Walnut monitor stand', 'new', 84.00)\"
-    {psql} \"UPDATE demo_orders SET status = 'shipped' WHERE tenant = 'acme' AND status = 'paid'\"
-    {psql} \"DELETE FROM demo_orders WHERE id = (SELECT max(id) FROM demo_orders WHERE tenant = 'acme')\"
-
-Follow tenant acme's raw stream (this token is valid for {ttl}):
-
-    curl -N -H \"Authorization: Bearer {token}\" {gateway}/v1/stream
-
-Stop with Ctrl-C.
-",
-        page = b.page,
-        gateway = b.gateway,
-        database = b.database,
-        token = b.token,
-    );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_not_echoed() {
-        assert_eq!(
-            redact_password("postgres://app:s3cret@db.example.com:5432/app?sslmode=require"),
-            "postgres://app:***@db.example.com:5432/app?sslmode=require"
-        );
-        assert_eq!(
-            redact_password("postgres://app@db/app"),
-            "postgres://app@db/app"
-        );
-        assert_eq!(
-            redact_password("host=db user=app password=s3cret dbname=app"),
-            "host=db user=app password=*** dbname=app"
-        );
-    }
-
-    #[test]
-    fn the_page_listens_next_to_the_gateway() {
-        let page = |g: &str| default_page_addr(g.parse().unwrap()).to_string();
-        assert_eq!(page("127.0.0.1:8080"), "127.0.0.1:8081");
-        assert_eq!(page("[::1]:9000"), "[::1]:9001");
-        assert_eq!(page("127.0.0.1:65535"), "127.0.0.1:0");
-    }
-
-    #[test]
-    fn the_page_origin_is_allowed_once() {
-        let page: SocketAddr = "127.0.0.1:8081".parse().unwrap();
-        let origins = page_origins(page, &["http://localhost:8081".to_string()]);
-        assert_eq!(
-            origins,
-            ["http://127.0.0.1:8081", "http://[::1]:8081"].map(String::from)
-        );
-        let any: SocketAddr = "0.0.0.0:8081".parse().unwrap();
-        assert_eq!(page_origins(any, &[]), ["*"]);
-    }
 }
