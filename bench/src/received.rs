@@ -84,7 +84,7 @@ struct Check {
 impl Reader {
     pub(crate) fn new(tenant: Arc<str>) -> Reader {
         Reader {
-            parser: ResponseParser::new(),
+            parser: ResponseParser::without_headers(),
             check: Check {
                 tenant,
                 last_pos: (0, 0),

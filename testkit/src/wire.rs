@@ -5,7 +5,16 @@
 //! for all, which allocates nothing per frame (a stream's two buffers grow to its largest
 //! read and are reused).
 
+use std::sync::LazyLock;
+
 use memchr::memmem;
+
+/// The searchers of the parser, built once: a frame's end, a line's end, a head's end.
+static FRAME_END: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\n\n"));
+static CRLF: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\r\n"));
+static HEAD_END: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\r\n\r\n"));
 
 /// Where `needle` first occurs in `haystack`.
 pub(crate) fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -49,7 +58,7 @@ pub fn request_head(
 pub struct Head {
     /// Status code (0 when unreadable).
     pub status: u16,
-    /// Headers, names lower-cased.
+    /// Headers, names lower-cased (none from [`ResponseParser::without_headers`]).
     pub headers: Vec<(String, String)>,
 }
 
@@ -82,6 +91,8 @@ pub struct ResponseParser {
     /// Decoded body; its first `read` bytes were consumed by [`Self::next_frame`].
     text: Vec<u8>,
     read: usize,
+    /// Whether [`Head::headers`] is kept (else empty, once the body's delimiting is known).
+    keep_headers: bool,
 }
 
 impl Default for ResponseParser {
@@ -92,6 +103,7 @@ impl Default for ResponseParser {
             raw: Vec::new(),
             text: Vec::new(),
             read: 0,
+            keep_headers: true,
         }
     }
 }
@@ -100,6 +112,15 @@ impl ResponseParser {
     /// A parser before the first byte.
     pub fn new() -> ResponseParser {
         ResponseParser::default()
+    }
+
+    /// A parser that keeps only the status of the head (its headers are read for the
+    /// body's delimiting, then dropped): a stream among thousands holds no header strings.
+    pub fn without_headers() -> ResponseParser {
+        ResponseParser {
+            keep_headers: false,
+            ..ResponseParser::default()
+        }
     }
 
     /// Feeds bytes read from the connection. Returns how many bytes of body they decoded:
@@ -111,7 +132,7 @@ impl ResponseParser {
         }
         self.raw.extend_from_slice(bytes);
         if self.head.is_none() {
-            let Some(end) = find(&self.raw, b"\r\n\r\n") else {
+            let Some(end) = HEAD_END.find(&self.raw) else {
                 return Ok(0);
             };
             let (status, headers) = parse_head(&String::from_utf8_lossy(&self.raw[..end]));
@@ -132,6 +153,11 @@ impl ResponseParser {
                 }
             } else {
                 Body::UntilClose
+            };
+            let headers = if self.keep_headers {
+                headers
+            } else {
+                Vec::new()
             };
             self.head = Some(Head { status, headers });
         }
@@ -167,7 +193,7 @@ impl ResponseParser {
                     break;
                 }
                 Body::ChunkSize => {
-                    let Some(nl) = find(&self.raw[pos..], b"\r\n") else {
+                    let Some(nl) = CRLF.find(&self.raw[pos..]) else {
                         break;
                     };
                     let line = &self.raw[pos..pos + nl];
@@ -236,7 +262,7 @@ impl ResponseParser {
     /// The next complete SSE frame of the body (ended by a blank line), consumed.
     pub fn next_frame(&mut self) -> Option<Frame<'_>> {
         let start = self.read;
-        let end = start + find(&self.text[start..], b"\n\n")?;
+        let end = start + FRAME_END.find(&self.text[start..])?;
         self.read = end + 2;
         Some(Frame {
             block: &self.text[start..end],
@@ -335,6 +361,18 @@ mod tests {
         assert_eq!(seen, expected);
         assert_eq!(decoded, 0xa + 0x28 + 0x22, "every body byte decoded once");
         assert!(bytes.is_complete());
+    }
+
+    #[test]
+    fn without_headers_the_body_is_still_de_chunked() {
+        let mut p = ResponseParser::without_headers();
+        p.feed(STREAM).unwrap();
+        assert!(
+            p.head()
+                .is_some_and(|h| h.status == 200 && h.headers.is_empty())
+        );
+        assert!(p.is_complete());
+        assert_eq!(frames(&mut p).len(), 4);
     }
 
     #[test]
