@@ -1,7 +1,7 @@
 //! The tests' HTTP client over a raw socket: whole responses ([`get`], [`get_soon`],
-//! [`request`]), the assertion on pgfeed's JSON error ([`assert_error`]), and the
-//! connection [`crate::SseClient`] reads streams on. Parsing is [`crate::wire`]'s, shared
-//! with the benchmark.
+//! [`request`], [`exchange`] for a request written by hand), the assertion on pgfeed's
+//! JSON error ([`assert_error`]), and the connection [`crate::SseClient`] reads streams
+//! on. Parsing is [`crate::wire`]'s, shared with the benchmark.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -108,30 +108,38 @@ pub async fn request(
     headers: &[(&str, &str)],
     wait: Duration,
 ) -> Response {
+    let mut all = vec![("Content-Length", "0")];
+    all.extend_from_slice(headers);
+    let what = format!("{method} {path}");
+    let r = exchange(addr, &request_head(method, path, addr, &all), wait, &what).await;
+    assert!(
+        !r.headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")),
+        "{what}: not a stream"
+    );
+    r
+}
+
+/// Sends `head` exactly as given (any request line and headers, such as a missing or
+/// foreign `Host`, ending with the blank line) and reads the response until the server
+/// closes, within `wait`; panics naming `what` otherwise. The body is as received.
+pub async fn exchange(addr: SocketAddr, head: &str, wait: Duration, what: &str) -> Response {
     let exchange = async {
         let mut conn = TcpStream::connect(addr).await?;
-        let mut all = vec![("Content-Length", "0")];
-        all.extend_from_slice(headers);
-        conn.write_all(request_head(method, path, addr, &all).as_bytes())
-            .await?;
+        conn.write_all(head.as_bytes()).await?;
         let mut bytes = Vec::new();
         conn.read_to_end(&mut bytes).await?;
         Ok::<_, std::io::Error>(String::from_utf8_lossy(&bytes).into_owned())
     };
     let text = tokio::time::timeout(wait, exchange)
         .await
-        .unwrap_or_else(|_| panic!("{method} {path}: no complete response within {wait:?}"))
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        .unwrap_or_else(|_| panic!("{what}: no complete response within {wait:?}"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("{method} {path}: no response head: {text:?}"));
+        .unwrap_or_else(|| panic!("{what}: no response head: {text:?}"));
     let (status, headers) = parse_head(head);
-    assert!(
-        !headers
-            .iter()
-            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")),
-        "{method} {path}: not a stream"
-    );
     Response {
         status,
         headers,

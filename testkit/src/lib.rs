@@ -13,7 +13,7 @@ mod http_client;
 mod sse;
 pub mod wire;
 
-pub use http_client::{Response, assert_error, get, get_soon, request};
+pub use http_client::{Response, assert_error, exchange, get, get_soon, request};
 pub use sse::{Event, SseClient};
 use wire::find;
 pub use wire::parse_head;
