@@ -153,7 +153,7 @@ impl FreezingProxy {
                         };
                         tail.extend_from_slice(&buf[..n]);
                         if armed.load(Ordering::SeqCst)
-                            && tail.windows(needle.len()).any(|w| w == needle)
+                            && crate::wire::find(&tail, needle).is_some()
                         {
                             frozen.fetch_add(1, Ordering::SeqCst);
                             stop_tx.send_replace(true);
