@@ -20,6 +20,17 @@ pub struct Limits {
     pub rate_per_tenant: u32,
 }
 
+impl From<&crate::config::ServerConfig> for Limits {
+    /// `server.max_subscribers`, `max_subscribers_per_tenant` and `max_stream_rate`.
+    fn from(server: &crate::config::ServerConfig) -> Self {
+        Limits {
+            max_total: server.max_subscribers,
+            max_per_tenant: server.max_subscribers_per_tenant,
+            rate_per_tenant: server.max_stream_rate,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {

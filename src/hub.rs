@@ -17,7 +17,7 @@ use tokio::sync::broadcast;
 
 use crate::admission::{Admission, Limits, Refused, shrink};
 use crate::change::{Change, Position};
-use crate::recent::{RECENT_BYTES, Recent};
+use crate::recent::Recent;
 
 /// The live feed's routing table.
 pub struct Hub {
@@ -128,7 +128,11 @@ impl Hub {
                 epoch: 0,
             }),
             capacity,
-            recent: Mutex::new(Recent::new(head, RECENT_BYTES)),
+            // `server.replay_memory`, its default until `with_recent_bytes`.
+            recent: Mutex::new(Recent::new(
+                head,
+                crate::config::ServerConfig::default().replay_memory,
+            )),
         }
     }
 

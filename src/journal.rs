@@ -82,6 +82,22 @@ pub struct Limits {
     pub replay_concurrency: usize,
 }
 
+impl Limits {
+    /// From the `[journal]` section and the `[database]` one (the statement timeout, and
+    /// the pool that replays share).
+    pub fn new(
+        journal: &crate::config::JournalConfig,
+        database: &crate::config::DatabaseConfig,
+    ) -> Limits {
+        Limits {
+            batch_size: journal.batch_size,
+            batch_bytes: journal.batch_bytes,
+            query_timeout: database.query_timeout,
+            replay_concurrency: journal.replay_concurrency(database.pool_size),
+        }
+    }
+}
+
 impl Journal {
     /// A journal reader over `pool`.
     pub fn new(pool: Pool, limits: Limits) -> Journal {

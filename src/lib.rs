@@ -106,12 +106,7 @@ pub async fn serve(
         })?;
         schema::check(&client).await?;
     }
-    let limits = journal::Limits {
-        batch_size: config.journal.batch_size,
-        batch_bytes: config.journal.batch_bytes,
-        query_timeout: config.database.query_timeout,
-        replay_concurrency: config.journal.replay_concurrency(config.database.pool_size),
-    };
+    let limits = journal::Limits::new(&config.journal, &config.database);
     let journal = journal::Journal::new(pool, limits);
     // The listener reads on a connection of its own, outside the pool that subscribers'
     // replays, `/v1/position` and `/metrics` share: its reads never wait behind theirs.
@@ -123,11 +118,7 @@ pub async fn serve(
         hub::Hub::new(
             head,
             config.server.live_buffer,
-            admission::Limits {
-                max_total: config.server.max_subscribers,
-                max_per_tenant: config.server.max_subscribers_per_tenant,
-                rate_per_tenant: config.server.max_stream_rate,
-            },
+            admission::Limits::from(&config.server),
         )
         .with_recent_bytes(config.server.replay_memory),
     );
@@ -167,10 +158,7 @@ pub async fn serve(
         cors_origins: config.cors.allowed_origins.clone(),
         metrics,
         readiness: Arc::clone(&readiness),
-        stream: session::StreamSettings {
-            heartbeat: config.server.heartbeat,
-            retry: config.server.retry,
-        },
+        stream: session::StreamSettings::from(&config.server),
         shutdown: shutdown.child_token(),
         connections: Arc::new(http::Connections::new(
             &config.server,

@@ -12,10 +12,6 @@ use std::sync::Arc;
 
 use crate::change::{Change, Position};
 
-/// How much of the recent feed the hub keeps in memory by default (`server.replay_memory`).
-/// Client resumes read the journal.
-pub const RECENT_BYTES: usize = 16 << 20;
-
 /// The recent feed: every change published after `floor`, in order, within a byte budget.
 #[derive(Debug)]
 pub(crate) struct Recent {

@@ -45,6 +45,16 @@ pub struct StreamSettings {
     pub retry: Duration,
 }
 
+impl From<&crate::config::ServerConfig> for StreamSettings {
+    /// `server.heartbeat` and `server.retry`.
+    fn from(server: &crate::config::ServerConfig) -> Self {
+        StreamSettings {
+            heartbeat: server.heartbeat,
+            retry: server.retry,
+        }
+    }
+}
+
 /// What a stream is made of, for [`EventStream::new`].
 pub struct StreamParts<'a> {
     /// For replay and catch-up.
