@@ -296,31 +296,11 @@ fn demo_with_the_real_secret(db: &TestDb, args: &[&str]) -> DemoProcess {
 /// A GET with `Host: host` (or none), as a page on another origin gets a browser to send
 /// it after rebinding its name to 127.0.0.1.
 async fn get_with_host(addr: SocketAddr, host: Option<&str>, path: &str) -> support::Response {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut conn = tokio::net::TcpStream::connect(addr).await?;
-        let head = match host {
-            Some(host) => {
-                format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
-            }
-            None => format!("GET {path} HTTP/1.0\r\n\r\n"),
-        };
-        conn.write_all(head.as_bytes()).await?;
-        let mut bytes = Vec::new();
-        conn.read_to_end(&mut bytes).await?;
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&bytes).into_owned())
+    let head = match host {
+        Some(host) => format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        None => format!("GET {path} HTTP/1.0\r\n\r\n"),
     };
-    let text = tokio::time::timeout(SOON, exchange)
-        .await
-        .unwrap_or_else(|_| panic!("GET {path} with Host {host:?}: no answer"))
-        .unwrap_or_else(|e| panic!("GET {path} with Host {host:?}: {e}"));
-    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
-    let (status, headers) = support::parse_head(head);
-    support::Response {
-        status,
-        headers,
-        body: body.to_string(),
-    }
+    support::exchange(addr, &head, SOON, &format!("GET {path} with Host {host:?}")).await
 }
 
 /// Asks the demo page for a token; returns the response.
