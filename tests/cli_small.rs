@@ -1,0 +1,169 @@
+//! The small things a user expects of the `pgfeed` command (issue 19, item 7), tried as
+//! the user would: `--version` with the commit, shell completions, bare `pgfeed` printing
+//! help, `unwatch` twice, `server.listen` as `localhost:PORT` and `:PORT`, and key files
+//! named relative to the config file.
+
+use pgfeed_testkit as support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use support::TestDb;
+
+/// `pgfeed ARGS` in `dir` (else the test's directory), with none of the caller's
+/// `PGFEED_*` variables (but the test suite's) and no `DATABASE_URL` unless `db` is given.
+fn pgfeed_in(
+    dir: Option<&Path>,
+    db: Option<&TestDb>,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgfeed"));
+    cmd.args(args)
+        .env_remove("DATABASE_URL")
+        .stdin(Stdio::null());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PGFEED_") && !k.starts_with("PGFEED_TEST_") {
+            cmd.env_remove(k);
+        }
+    }
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
+    if let Some(db) = db {
+        cmd.env("DATABASE_URL", &db.url);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("running pgfeed")
+}
+
+fn pgfeed(args: &[&str], env: &[(&str, &str)]) -> Output {
+    pgfeed_in(None, None, args, env)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A fresh directory for one test.
+fn tempdir(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pgfeed-cli-small-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn version_names_the_package_version_and_the_git_commit() {
+    let out = pgfeed(&["--version"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let line = stdout(&out);
+    assert!(
+        line.starts_with(&format!("pgfeed {} (", env!("CARGO_PKG_VERSION")))
+            && line.ends_with(")\n"),
+        "{line:?}"
+    );
+    // Built inside a git checkout (and not told another commit): that checkout's HEAD.
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output();
+    if let Ok(head) = head
+        && head.status.success()
+        && std::env::var_os("PGFEED_GIT_COMMIT").is_none()
+    {
+        let head = String::from_utf8(head.stdout).unwrap();
+        assert!(
+            line.contains(&format!("({})", head.trim())),
+            "{line:?} names the commit {head}"
+        );
+    }
+}
+
+#[test]
+fn the_image_build_passes_its_revision_as_the_commit() {
+    let dockerfile =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile"))
+            .unwrap()
+            .replace("\\\n", " ");
+    let build_stage: Vec<&str> = dockerfile
+        .split("\nFROM ")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .map(str::trim)
+        .collect();
+    assert!(build_stage.contains(&"COPY build.rs ./"), "{build_stage:?}");
+    assert!(
+        build_stage.iter().any(|l| l.starts_with("ARG REVISION")),
+        "{build_stage:?}"
+    );
+    let last_build = build_stage
+        .iter()
+        .rev()
+        .find(|l| l.contains("cargo build"))
+        .unwrap();
+    assert!(
+        last_build.contains("PGFEED_GIT_COMMIT=\"${REVISION}\""),
+        "{last_build}"
+    );
+}
+
+#[test]
+fn completions_for_each_shell_name_the_subcommands_without_a_config() {
+    // A broken config file (named as the image names it) does not matter.
+    let dir = tempdir("completions");
+    let broken = dir.join("broken.toml");
+    std::fs::write(&broken, "[server\nlisten = nope").unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = pgfeed(
+            &["completions", shell],
+            &[("PGFEED_CONFIG", broken.to_str().unwrap())],
+        );
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        assert!(out.stderr.is_empty(), "{shell}: {}", stderr(&out));
+        let script = stdout(&out);
+        for sub in [
+            "serve",
+            "install",
+            "watch",
+            "unwatch",
+            "status",
+            "token",
+            "completions",
+        ] {
+            assert!(script.contains(sub), "{shell} script names {sub}");
+        }
+        if shell == "bash" {
+            let path = dir.join("pgfeed.bash");
+            std::fs::write(&path, &script).unwrap();
+            let check = Command::new("bash").arg("-n").arg(&path).output().unwrap();
+            assert!(check.status.success(), "bash -n: {}", stderr(&check));
+        }
+    }
+    let out = pgfeed(&["completions", "tcsh"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("tcsh"), "{}", stderr(&out));
+}
+
+#[test]
+fn bare_pgfeed_prints_help_and_serves_nothing() {
+    // With a listen address at hand, as if it could serve: it does not.
+    let out = pgfeed(&[], &[("PGFEED_SERVER_LISTEN", "127.0.0.1:0")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let help = stderr(&out);
+    assert!(help.contains("Usage: pgfeed"), "{help}");
+    assert!(help.contains("serve"), "{help}");
+    assert!(!help.contains("pgfeed serving"), "{help}");
+
+    // Options without a subcommand: still no server, a usage error.
+    let out = pgfeed(&["--database-url", "postgres://localhost/x"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("Usage: pgfeed"), "{}", stderr(&out));
+}
