@@ -167,3 +167,57 @@ fn bare_pgfeed_prints_help_and_serves_nothing() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("Usage: pgfeed"), "{}", stderr(&out));
 }
+
+#[tokio::test]
+async fn unwatch_twice_or_of_an_unwatched_table_succeeds_and_says_so() {
+    let db = TestDb::empty().await;
+    let ok = |out: &Output| assert!(out.status.success(), "{}", stderr(out));
+    ok(&pgfeed_in(None, Some(&db), &["install"], &[]));
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, tenant text);
+             CREATE TABLE plain (id int PRIMARY KEY);",
+        )
+        .await
+        .unwrap();
+    let run = |args: &[&str]| pgfeed_in(None, Some(&db), args, &[]);
+    ok(&run(&["watch", "items", "--tenant-column", "tenant"]));
+
+    let first = run(&["unwatch", "items"]);
+    ok(&first);
+    assert!(
+        stderr(&first).contains("no longer watching items"),
+        "{}",
+        stderr(&first)
+    );
+    for table in ["items", "plain", "public.plain"] {
+        let again = run(&["unwatch", table]);
+        ok(&again);
+        assert!(
+            stderr(&again).contains(&format!("{table} is not watched; nothing to do")),
+            "{}",
+            stderr(&again)
+        );
+    }
+    let status = pgfeed_in(None, Some(&db), &["status", "--json"], &[]);
+    ok(&status);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["watched"], serde_json::json!([]));
+
+    // In SQL too: a notice, no error.
+    db.client()
+        .await
+        .batch_execute("SELECT pgfeed.unwatch('items'); SELECT pgfeed.unwatch('plain')")
+        .await
+        .unwrap();
+
+    // A table that does not exist is still an error that names it.
+    let missing = run(&["unwatch", "no_such_table"]);
+    assert_eq!(missing.status.code(), Some(1), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("no_such_table\" does not exist"),
+        "{}",
+        stderr(&missing)
+    );
+}

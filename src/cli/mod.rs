@@ -366,8 +366,11 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
         }
         Command::Unwatch { table } => {
             let client = client(&config).await?;
-            schema::unwatch(&client, table).await?;
-            crate::logging::eprint(&format!("no longer watching {table}"));
+            if schema::unwatch(&client, table).await? {
+                crate::logging::eprint(&format!("no longer watching {table}"));
+            } else {
+                crate::logging::eprint(&format!("{table} is not watched; nothing to do"));
+            }
             Ok(())
         }
         Command::Status { json } => status(&config, *json).await,
