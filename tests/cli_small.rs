@@ -221,3 +221,54 @@ async fn unwatch_twice_or_of_an_unwatched_table_succeeds_and_says_so() {
         stderr(&missing)
     );
 }
+
+#[tokio::test]
+async fn serve_listens_on_every_interface_for_a_port_alone_and_on_a_host_name() {
+    let db = TestDb::new().await;
+    // `--listen :PORT`: every interface, so loopback too.
+    let port = support::free_addr().port();
+    let cmd = support::pgfeed_command(&db, &["serve", "--listen", &format!(":{port}")]);
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let gw = support::ChildGateway::start_command(cmd, loopback, None).await;
+    assert!(
+        gw.log_text().contains(&format!("0.0.0.0:{port}")),
+        "{}",
+        gw.log_text()
+    );
+    assert_eq!(
+        support::get_soon(loopback, "/healthz", &[]).await.status,
+        200
+    );
+    drop(gw);
+
+    // PGFEED_SERVER_LISTEN=localhost:PORT: resolved, IPv4 first.
+    let port = support::free_addr().port();
+    let mut cmd = support::pgfeed_command(&db, &["serve"]);
+    cmd.env("PGFEED_SERVER_LISTEN", format!("localhost:{port}"));
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let gw = support::ChildGateway::start_command(cmd, loopback, None).await;
+    assert_eq!(
+        support::get_soon(loopback, "/healthz", &[]).await.status,
+        200
+    );
+    drop(gw);
+
+    // A name that resolves to nothing: refused before anything starts, naming the key.
+    let out = pgfeed_in(
+        None,
+        Some(&db),
+        &[
+            "serve",
+            "--check-config",
+            "--listen",
+            "nowhere.invalid:8080",
+        ],
+        &[("PGFEED_AUTH_SECRET", support::SECRET)],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("server.listen") && stderr(&out).contains("nowhere.invalid"),
+        "{}",
+        stderr(&out)
+    );
+}

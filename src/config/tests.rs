@@ -215,3 +215,96 @@ fn keys_are_read_from_the_structs() {
         ["database", "server", "auth", "journal", "cors", "log"]
     );
 }
+
+#[test]
+fn listen_takes_a_host_name_or_only_a_port() {
+    let listen = |value: &str, by_env: bool| {
+        let mut sources = Sources {
+            env: base(),
+            ..Default::default()
+        };
+        if by_env {
+            sources
+                .env
+                .push(("PGFEED_SERVER_LISTEN".into(), value.to_string()));
+        } else {
+            sources.flags.push(("server.listen", value.to_string()));
+        }
+        Config::load(&sources).map(|c| c.server.listen)
+    };
+    for by_env in [true, false] {
+        let addr = listen("localhost:8081", by_env).unwrap();
+        assert!(addr.ip().is_loopback(), "{addr}");
+        assert_eq!(addr.port(), 8081);
+        assert_eq!(
+            listen(":8082", by_env).unwrap(),
+            "0.0.0.0:8082".parse().unwrap()
+        );
+        assert_eq!(
+            listen("[::1]:8083", by_env).unwrap(),
+            "[::1]:8083".parse().unwrap()
+        );
+        assert_eq!(
+            listen("127.0.0.1:8084", by_env).unwrap(),
+            "127.0.0.1:8084".parse().unwrap()
+        );
+    }
+    // `localhost` is loopback, so the modes that need it accept it.
+    let mut e = base();
+    e.push(("PGFEED_AUTH_MODE".into(), "none".into()));
+    e.push(("PGFEED_SERVER_LISTEN".into(), "localhost:8080".into()));
+    Config::load(&Sources {
+        env: e,
+        ..Default::default()
+    })
+    .unwrap();
+
+    // Every refusal names the key, where the value came from, and the forms there are.
+    for (value, says) in [
+        ("8080", "has no port"),
+        ("localhost", "has no port"),
+        (":http", "no valid port"),
+        ("localhost:70000", "no valid port"),
+        ("::1:8080", "is not an address"),
+        ("nowhere.invalid:8080", "nowhere.invalid"),
+    ] {
+        let err = listen(value, true).unwrap_err().to_string();
+        assert!(err.contains("server.listen"), "{value}: {err}");
+        assert!(err.contains("PGFEED_SERVER_LISTEN"), "{value}: {err}");
+        assert!(err.contains(says), "{value}: {err}");
+    }
+    let err = listen(":x", false).unwrap_err().to_string();
+    assert!(err.contains("server.listen"), "{err}");
+    assert!(
+        err.contains("localhost:8080") && err.contains(":PORT"),
+        "{err}"
+    );
+}
+
+#[test]
+fn listen_in_a_file_may_be_a_host_name() {
+    let dir = std::env::temp_dir().join(format!("pgfeed-config-listen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("pgfeed.toml");
+    std::fs::write(&path, "[server]\nlisten = \"localhost:9\"\n").unwrap();
+    let c = Config::load(&Sources {
+        file: Some(path.clone()),
+        env: base(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(c.server.listen.ip().is_loopback());
+    std::fs::write(&path, "[server]\nlisten = \"nowhere.invalid:9\"\n").unwrap();
+    let err = Config::load(&Sources {
+        file: Some(path.clone()),
+        env: base(),
+        ..Default::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("server.listen") && err.contains("line 2"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
