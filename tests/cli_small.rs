@@ -272,3 +272,67 @@ async fn serve_listens_on_every_interface_for_a_port_alone_and_on_a_host_name() 
         stderr(&out)
     );
 }
+
+#[test]
+fn key_files_named_in_the_config_file_are_found_next_to_it() {
+    // The config and its key in one directory, the process started in another.
+    let conf = tempdir("keys-conf");
+    let elsewhere = tempdir("keys-cwd");
+    std::fs::create_dir_all(conf.join("keys")).unwrap();
+    let pem = rcgen::KeyPair::generate().unwrap().public_key_pem();
+    std::fs::write(conf.join("keys/jwt.pub.pem"), &pem).unwrap();
+    let config = conf.join("pgfeed.toml");
+    let check = |file_text: &str, env: &[(&str, &str)]| {
+        std::fs::write(&config, file_text).unwrap();
+        let mut env = env.to_vec();
+        env.push(("DATABASE_URL", "postgres://db.example/app"));
+        pgfeed_in(
+            Some(&elsewhere),
+            None,
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "serve",
+                "--check-config",
+            ],
+            &env,
+        )
+    };
+    let out = check("[auth]\npublic_key_file = \"keys/jwt.pub.pem\"\n", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // A missing one: the error names the path it looked for, next to the config file.
+    let out = check("[auth]\npublic_key_file = \"keys/missing.pem\"\n", &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let wanted = conf.join("keys/missing.pem");
+    assert!(
+        stderr(&out).contains("auth.public_key_file")
+            && stderr(&out).contains(wanted.to_str().unwrap()),
+        "{}",
+        stderr(&out)
+    );
+    let out = check("[auth]\njwks_file = \"keys/missing.json\"\n", &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let wanted = conf.join("keys/missing.json");
+    assert!(
+        stderr(&out).contains("auth.jwks_file") && stderr(&out).contains(wanted.to_str().unwrap()),
+        "{}",
+        stderr(&out)
+    );
+
+    // Given by the environment, relative to the working directory: not found there...
+    let out = check("", &[("PGFEED_AUTH_PUBLIC_KEY_FILE", "keys/jwt.pub.pem")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot read keys/jwt.pub.pem"),
+        "{}",
+        stderr(&out)
+    );
+    // ...until it is there.
+    std::fs::create_dir_all(elsewhere.join("keys")).unwrap();
+    std::fs::write(elsewhere.join("keys/jwt.pub.pem"), &pem).unwrap();
+    let out = check("", &[("PGFEED_AUTH_PUBLIC_KEY_FILE", "keys/jwt.pub.pem")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::remove_dir_all(&conf).unwrap();
+    std::fs::remove_dir_all(&elsewhere).unwrap();
+}

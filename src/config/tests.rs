@@ -308,3 +308,39 @@ fn listen_in_a_file_may_be_a_host_name() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn key_files_in_the_config_file_are_relative_to_it() {
+    let dir = std::env::temp_dir().join(format!("pgfeed-config-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("pgfeed.toml");
+    let load = |text: &str, vars: &[(&str, &str)]| {
+        std::fs::write(&path, text).unwrap();
+        let mut e = env(&[("DATABASE_URL", "postgres://x/y")]);
+        e.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Config::load(&Sources {
+            file: Some(path.clone()),
+            env: e,
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let c = load("[auth]\npublic_key_file = \"keys/jwt.pem\"\n", &[]);
+    assert_eq!(c.auth.public_key_file, Some(dir.join("keys/jwt.pem")));
+    let c = load("[auth]\njwks_file = \"../jwks.json\"\n", &[]);
+    assert_eq!(c.auth.jwks_file, Some(dir.join("../jwks.json")));
+    let c = load("auth.jwks_file = \"jwks.json\"\n", &[]);
+    assert_eq!(c.auth.jwks_file, Some(dir.join("jwks.json")));
+    // Absolute stays absolute.
+    let c = load("[auth]\njwks_file = \"/etc/pgfeed/jwks.json\"\n", &[]);
+    assert_eq!(c.auth.jwks_file, Some("/etc/pgfeed/jwks.json".into()));
+    // From the environment (even over the file's): relative to the working directory.
+    let c = load(
+        "[auth]\njwks_file = \"file.json\"\n",
+        &[("PGFEED_AUTH_JWKS_FILE", "env.json")],
+    );
+    assert_eq!(c.auth.jwks_file, Some("env.json".into()));
+    let c = load("", &[("PGFEED_AUTH_PUBLIC_KEY_FILE", "keys/env.pem")]);
+    assert_eq!(c.auth.public_key_file, Some("keys/env.pem".into()));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
