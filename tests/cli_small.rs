@@ -230,10 +230,17 @@ async fn serve_listens_on_every_interface_for_a_port_alone_and_on_a_host_name() 
     let cmd = support::pgfeed_command(&db, &["serve", "--listen", &format!(":{port}")]);
     let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let gw = support::ChildGateway::start_command(cmd, loopback, None).await;
+    let log = gw.log_text();
+    let start = log
+        .lines()
+        .find(|l| l.contains("pgfeed serving"))
+        .unwrap_or_else(|| panic!("a start-up line: {log}"));
+    assert!(start.contains(&format!("0.0.0.0:{port}")), "{start}");
+    // The start-up line names the version and the commit, as `--version` does.
     assert!(
-        gw.log_text().contains(&format!("0.0.0.0:{port}")),
-        "{}",
-        gw.log_text()
+        start.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION")))
+            && start.contains(&format!("commit=\"{}\"", pgfeed::cli::COMMIT)),
+        "{start}"
     );
     assert_eq!(
         support::get_soon(loopback, "/healthz", &[]).await.status,
