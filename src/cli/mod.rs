@@ -95,7 +95,7 @@ pub enum Command {
         #[arg(long)]
         public: bool,
     },
-    /// Stop capturing changes of a table.
+    /// Stop capturing changes of a table (one that is not watched is left as it is).
     Unwatch {
         /// The table.
         table: String,
