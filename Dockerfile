@@ -23,9 +23,13 @@ COPY src ./src
 COPY sql ./sql
 COPY api ./api
 COPY examples ./examples
+# build.rs puts the git commit in `pgfeed --version`: there is no .git here, so it takes
+# PGFEED_GIT_COMMIT, the REVISION build argument (also the image's revision label below).
+COPY build.rs ./
+ARG REVISION
 # COPY keeps the files' times, which may be older than the empty crate's build.
 RUN touch src/main.rs src/lib.rs \
-    && cargo build --release --locked -p pgfeed --bin pgfeed
+    && PGFEED_GIT_COMMIT="${REVISION}" cargo build --release --locked -p pgfeed --bin pgfeed
 
 FROM debian:bookworm-slim
 ARG VERSION=0.1.0

@@ -34,6 +34,18 @@ while IFS= read -r line; do
                 fi
             done
             ;;
+        ARG\ *)
+            # A build argument: the caller's variable of that name, else the default.
+            arg=${line#ARG }
+            name=${arg%%=*}
+            if [ -z "${!name+set}" ]; then
+                default=""
+                [[ "$arg" == *=* ]] && default=${arg#*=}
+                export "$name=$default"
+            else
+                export "${name?}"
+            fi
+            ;;
         RUN\ *)
             echo "== RUN ${line#RUN }"
             (cd "$root$workdir" && bash -euc "${line#RUN }")

@@ -906,15 +906,17 @@ END
 $$;
 
 -- pgfeed.unwatch: remove the capture triggers (from every partition too). Changes already
--- journaled stay until they age out.
+-- journaled stay until they age out. Like watch, it may be run again: a table that is not
+-- watched (or no longer) is left as it is, with a notice. A table that does not exist
+-- fails before the call, in the cast to regclass.
 CREATE OR REPLACE FUNCTION pgfeed.unwatch(tbl regclass) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pgfeed.watched AS w WHERE w.tbl = unwatch.tbl) THEN
-        RAISE EXCEPTION 'pgfeed.unwatch: table % is not watched', tbl
-            USING ERRCODE = 'undefined_object';
+        RAISE NOTICE 'pgfeed.unwatch: table % is not watched; nothing to do', tbl;
+        RETURN;
     END IF;
     PERFORM pgfeed._drop_triggers(m) FROM pgfeed._members(tbl) AS m;
     DELETE FROM pgfeed.watched AS w WHERE w.tbl = unwatch.tbl;

@@ -167,6 +167,7 @@ pub async fn serve(
     });
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
+        commit = crate::cli::COMMIT,
         listen = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
         auth_mode = config.auth.mode.as_str(),
         database = %db::endpoint(&pg),

@@ -316,17 +316,29 @@ pub async fn watch(client: &Client, spec: &WatchSpec) -> Result<(), SchemaError>
     Ok(())
 }
 
-/// Removes the capture triggers (`pgfeed.unwatch`).
-pub async fn unwatch(client: &Client, table: &str) -> Result<(), SchemaError> {
+/// Removes the capture triggers (`pgfeed.unwatch`). Returns whether the table was
+/// watched: unwatching one that is not (or no longer) is not an error, like watching
+/// again; a table that does not exist is.
+pub async fn unwatch(client: &Client, table: &str) -> Result<bool, SchemaError> {
     check(client).await?;
     let table = table_name(table)?;
+    // The same name resolved twice in a row: a concurrent unwatch in between only makes
+    // the answer stale, and the function does nothing then.
+    let watched: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pgfeed.watched AS w
+                            WHERE w.tbl OPERATOR(pg_catalog.=) $1::text::pg_catalog.regclass)",
+            &[&table],
+        )
+        .await?
+        .try_get(0)?;
     client
         .execute(
             "SELECT pgfeed.unwatch($1::text::pg_catalog.regclass)",
             &[&table],
         )
         .await?;
-    Ok(())
+    Ok(watched)
 }
 
 /// One watched table, as `pgfeed status` shows it: names as they are now in the catalog.

@@ -134,8 +134,9 @@ async fn install_is_idempotent_and_watch_validates() {
 
     let out = pgfeed(Some(&db), &["unwatch", "items"], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // Again: like watch, unwatch may be repeated (tests/cli_small.rs tries more).
     let out = pgfeed(Some(&db), &["unwatch", "items"], &[]);
-    assert!(!out.status.success());
+    assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("not watched"), "{}", stderr(&out));
 
     // Uninstall removes the schema and the triggers; writes keep working.

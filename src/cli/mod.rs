@@ -22,9 +22,23 @@ use serve::serve;
 pub use status::STATUS_EXACT_COUNT;
 use status::status;
 
+/// `pgfeed --version`: the package version and the git commit it was built from (build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("BUILD_GIT_COMMIT"),
+    ")"
+);
+
+/// The git commit the binary was built from (12 hex digits, or `unknown`).
+pub const COMMIT: &str = env!("BUILD_GIT_COMMIT");
+
 /// A realtime gateway for PostgreSQL: row changes as tenant-filtered Server-Sent Events.
+///
+/// Without a subcommand it prints this help and exits with status 2: the gateway runs
+/// only with an explicit `pgfeed serve`.
 #[derive(Debug, Parser)]
-#[command(name = "pgfeed", version, about)]
+#[command(name = "pgfeed", version = VERSION, about, arg_required_else_help = true)]
 pub struct Cli {
     /// Configuration file (TOML); environment variables and flags override it.
     #[arg(long, global = true, value_name = "FILE", env = "PGFEED_CONFIG")]
@@ -32,15 +46,15 @@ pub struct Cli {
     /// The database (overrides `database.url` and DATABASE_URL).
     #[arg(long, global = true, value_name = "URL")]
     pub database_url: Option<String>,
-    /// What to do (default: serve).
+    /// What to do.
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub command: Command,
 }
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the gateway (the default).
+    /// Run the gateway.
     Serve {
         /// Address to listen on (overrides `server.listen`).
         #[arg(long, value_name = "ADDR")]
@@ -81,7 +95,7 @@ pub enum Command {
         #[arg(long)]
         public: bool,
     },
-    /// Stop capturing changes of a table.
+    /// Stop capturing changes of a table (one that is not watched is left as it is).
     Unwatch {
         /// The table.
         table: String,
@@ -122,6 +136,23 @@ pub enum Command {
         #[arg(long)]
         allow_remote: bool,
     },
+    /// Print a completion script for a shell on stdout (reads no configuration), e.g.
+    /// `pgfeed completions bash > /etc/bash_completion.d/pgfeed`.
+    Completions {
+        /// The shell.
+        shell: Shell,
+    },
+}
+
+/// The shells `pgfeed completions` writes scripts for.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Shell {
+    /// Bash.
+    Bash,
+    /// Zsh.
+    Zsh,
+    /// Fish.
+    Fish,
 }
 
 /// A command failed.
@@ -151,6 +182,9 @@ pub enum CliError {
         /// What is wrong.
         message: String,
     },
+    /// Writing the output meant for stdout.
+    #[error("cannot write to stdout")]
+    Stdout(#[source] std::io::Error),
     /// Starting the async runtime.
     #[error("cannot start the runtime")]
     Runtime(#[source] std::io::Error),
@@ -188,18 +222,39 @@ impl Cli {
     }
 }
 
+/// Writes the completion script for `shell` on stdout.
+fn completions(shell: Shell) -> Result<(), CliError> {
+    use clap::CommandFactory;
+    use clap_complete::Shell as S;
+    use std::io::Write;
+    let shell = match shell {
+        Shell::Bash => S::Bash,
+        Shell::Zsh => S::Zsh,
+        Shell::Fish => S::Fish,
+    };
+    // Into a buffer first: `generate` panics on a failed write (`| head`), this reports it.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "pgfeed", &mut script);
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(&script).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(CliError::Stdout(e)),
+        _ => Ok(()),
+    }
+}
+
 async fn client(config: &Config) -> Result<tokio_postgres::Client, CliError> {
     let pg = db::parse_url(config.database_url()?)?;
     Ok(db::connect_cli(&pg).await?)
 }
 
 /// Runs the parsed command line on a runtime of `server.threads` worker threads.
-pub fn run(mut cli: Cli) -> Result<(), CliError> {
-    let command = cli.command.take().unwrap_or(Command::Serve {
-        listen: None,
-        check_config: false,
-    });
-    let listen = match &command {
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    let command = &cli.command;
+    if let Command::Completions { shell } = command {
+        // Before the configuration: a broken config file must not stop it.
+        return completions(*shell);
+    }
+    let listen = match command {
         Command::Serve { listen, .. } => listen.as_deref(),
         #[cfg(feature = "demo")]
         Command::Demo { listen, .. } => listen.as_deref(),
@@ -215,7 +270,7 @@ pub fn run(mut cli: Cli) -> Result<(), CliError> {
         .enable_all()
         .build()
         .map_err(CliError::Runtime)?;
-    let result = runtime.block_on(execute(&command, config));
+    let result = runtime.block_on(execute(command, config));
     crate::logging::flush();
     result
 }
@@ -311,11 +366,16 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
         }
         Command::Unwatch { table } => {
             let client = client(&config).await?;
-            schema::unwatch(&client, table).await?;
-            crate::logging::eprint(&format!("no longer watching {table}"));
+            if schema::unwatch(&client, table).await? {
+                crate::logging::eprint(&format!("no longer watching {table}"));
+            } else {
+                crate::logging::eprint(&format!("{table} is not watched; nothing to do"));
+            }
             Ok(())
         }
         Command::Status { json } => status(&config, *json).await,
+        // Handled by `run`, before the configuration is read.
+        Command::Completions { .. } => Ok(()),
         #[cfg(feature = "demo")]
         Command::Demo {
             listen,

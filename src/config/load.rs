@@ -1,8 +1,9 @@
-//! Reading the layers: the file, then the environment, then flags, into one TOML table;
+//! Reading the layers: the file, then the environment, then flags, into one TOML table
+//! (key files the config file names relative to itself made relative to its directory);
 //! then each key is read on its own (so that every bad value is reported, with where it
 //! came from), the whole into [`Config`], and the sections' rules checked.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use super::keys::{self, Key, Kind, keys};
@@ -42,6 +43,8 @@ pub(super) fn load(sources: &Sources) -> Result<Config, ConfigError> {
         }
         None => toml::Table::new(),
     };
+    // The keys whose value is the file's (not overridden below), for relative paths.
+    let mut from_file: BTreeSet<&'static str> = origins.keys().copied().collect();
     let (overrides, warnings) = env_overrides(&sources.env);
     let flags = sources.flags.iter().filter_map(|(dotted, value)| {
         let key = keys().iter().find(|k| k.dotted == *dotted)?;
@@ -50,10 +53,14 @@ pub(super) fn load(sources: &Sources) -> Result<Config, ConfigError> {
     for (origin, key, value) in overrides.into_iter().chain(flags) {
         match set_key(&mut table, key, value, &origin) {
             Ok(()) => {
+                from_file.remove(key.dotted);
                 origins.insert(key.dotted, origin);
             }
             Err(err) => errs.push(err),
         }
+    }
+    if let Some(path) = &sources.file {
+        relative_to_file(&mut table, path, &from_file);
     }
     // Each value on its own: one of the wrong type is reported and left at its default,
     // so that the rules below still see (and report) every other problem.
@@ -106,6 +113,36 @@ pub(super) fn load(sources: &Sources) -> Result<Config, ConfigError> {
     }
     config.warnings = warnings;
     Ok(config)
+}
+
+/// The keys naming a file, which the config file may give relative to its own directory.
+const PATH_KEYS: &[&str] = &["auth.public_key_file", "auth.jwks_file"];
+
+/// Makes each relative path of [`PATH_KEYS`] that the config file `path` set (`from_file`)
+/// relative to the file's directory, as an absolute path: the same file whatever the
+/// working directory. Set by the environment or a flag, a path stays relative to the
+/// working directory.
+fn relative_to_file(table: &mut toml::Table, path: &Path, from_file: &BTreeSet<&'static str>) {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    for dotted in PATH_KEYS.iter().filter(|k| from_file.contains(*k)) {
+        let Some((section, name)) = dotted.split_once('.') else {
+            continue;
+        };
+        let Some(toml::Value::String(value)) = table
+            .get_mut(section)
+            .and_then(toml::Value::as_table_mut)
+            .and_then(|t| t.get_mut(name))
+        else {
+            continue;
+        };
+        if !value.is_empty() && Path::new(value.as_str()).is_relative() {
+            *value = dir.join(value.as_str()).to_string_lossy().into_owned();
+        }
+    }
 }
 
 /// What is wrong with a value not of its key's kind, in an operator's words; `None` for

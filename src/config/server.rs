@@ -13,7 +13,8 @@ use super::value::{address, duration, nonzero, within};
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
-    /// `server.listen`: the address and port to listen on.
+    /// `server.listen`: the address and port to listen on: `IP:PORT`, `[IPv6]:PORT`,
+    /// `HOST:PORT` (resolved at start-up) or `:PORT` (every IPv4 interface).
     #[serde(deserialize_with = "address")]
     pub listen: SocketAddr,
     /// `server.heartbeat`: comment line sent on idle streams so that proxies keep them

@@ -215,3 +215,132 @@ fn keys_are_read_from_the_structs() {
         ["database", "server", "auth", "journal", "cors", "log"]
     );
 }
+
+#[test]
+fn listen_takes_a_host_name_or_only_a_port() {
+    let listen = |value: &str, by_env: bool| {
+        let mut sources = Sources {
+            env: base(),
+            ..Default::default()
+        };
+        if by_env {
+            sources
+                .env
+                .push(("PGFEED_SERVER_LISTEN".into(), value.to_string()));
+        } else {
+            sources.flags.push(("server.listen", value.to_string()));
+        }
+        Config::load(&sources).map(|c| c.server.listen)
+    };
+    for by_env in [true, false] {
+        let addr = listen("localhost:8081", by_env).unwrap();
+        assert!(addr.ip().is_loopback(), "{addr}");
+        assert_eq!(addr.port(), 8081);
+        assert_eq!(
+            listen(":8082", by_env).unwrap(),
+            "0.0.0.0:8082".parse().unwrap()
+        );
+        assert_eq!(
+            listen("[::1]:8083", by_env).unwrap(),
+            "[::1]:8083".parse().unwrap()
+        );
+        assert_eq!(
+            listen("127.0.0.1:8084", by_env).unwrap(),
+            "127.0.0.1:8084".parse().unwrap()
+        );
+    }
+    // `localhost` is loopback, so the modes that need it accept it.
+    let mut e = base();
+    e.push(("PGFEED_AUTH_MODE".into(), "none".into()));
+    e.push(("PGFEED_SERVER_LISTEN".into(), "localhost:8080".into()));
+    Config::load(&Sources {
+        env: e,
+        ..Default::default()
+    })
+    .unwrap();
+
+    // Every refusal names the key, where the value came from, and the forms there are.
+    for (value, says) in [
+        ("8080", "has no port"),
+        ("localhost", "has no port"),
+        (":http", "no valid port"),
+        ("localhost:70000", "no valid port"),
+        ("::1:8080", "is not an address"),
+        ("nowhere.invalid:8080", "nowhere.invalid"),
+    ] {
+        let err = listen(value, true).unwrap_err().to_string();
+        assert!(err.contains("server.listen"), "{value}: {err}");
+        assert!(err.contains("PGFEED_SERVER_LISTEN"), "{value}: {err}");
+        assert!(err.contains(says), "{value}: {err}");
+    }
+    let err = listen(":x", false).unwrap_err().to_string();
+    assert!(err.contains("server.listen"), "{err}");
+    assert!(
+        err.contains("localhost:8080") && err.contains(":PORT"),
+        "{err}"
+    );
+}
+
+#[test]
+fn listen_in_a_file_may_be_a_host_name() {
+    let dir = std::env::temp_dir().join(format!("pgfeed-config-listen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("pgfeed.toml");
+    std::fs::write(&path, "[server]\nlisten = \"localhost:9\"\n").unwrap();
+    let c = Config::load(&Sources {
+        file: Some(path.clone()),
+        env: base(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(c.server.listen.ip().is_loopback());
+    std::fs::write(&path, "[server]\nlisten = \"nowhere.invalid:9\"\n").unwrap();
+    let err = Config::load(&Sources {
+        file: Some(path.clone()),
+        env: base(),
+        ..Default::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("server.listen") && err.contains("line 2"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn key_files_in_the_config_file_are_relative_to_it() {
+    let dir = std::env::temp_dir().join(format!("pgfeed-config-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("pgfeed.toml");
+    let load = |text: &str, vars: &[(&str, &str)]| {
+        std::fs::write(&path, text).unwrap();
+        let mut e = env(&[("DATABASE_URL", "postgres://x/y")]);
+        e.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Config::load(&Sources {
+            file: Some(path.clone()),
+            env: e,
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let c = load("[auth]\npublic_key_file = \"keys/jwt.pem\"\n", &[]);
+    assert_eq!(c.auth.public_key_file, Some(dir.join("keys/jwt.pem")));
+    let c = load("[auth]\njwks_file = \"../jwks.json\"\n", &[]);
+    assert_eq!(c.auth.jwks_file, Some(dir.join("../jwks.json")));
+    let c = load("auth.jwks_file = \"jwks.json\"\n", &[]);
+    assert_eq!(c.auth.jwks_file, Some(dir.join("jwks.json")));
+    // Absolute stays absolute.
+    let c = load("[auth]\njwks_file = \"/etc/pgfeed/jwks.json\"\n", &[]);
+    assert_eq!(c.auth.jwks_file, Some("/etc/pgfeed/jwks.json".into()));
+    // From the environment (even over the file's): relative to the working directory.
+    let c = load(
+        "[auth]\njwks_file = \"file.json\"\n",
+        &[("PGFEED_AUTH_JWKS_FILE", "env.json")],
+    );
+    assert_eq!(c.auth.jwks_file, Some("env.json".into()));
+    let c = load("", &[("PGFEED_AUTH_PUBLIC_KEY_FILE", "keys/env.pem")]);
+    assert_eq!(c.auth.public_key_file, Some("keys/env.pem".into()));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

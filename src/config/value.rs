@@ -1,8 +1,9 @@
 //! The value types the sections share: durations and addresses as the file writes them
-//! (strings), and the rules that several keys follow (a range, a nonzero duration).
+//! (strings; a listen address may be a host name or `:PORT`), and the rules that several
+//! keys follow (a range, a nonzero duration).
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use serde::Deserializer;
@@ -29,7 +30,7 @@ pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::E
     d.deserialize_string(Humantime)
 }
 
-/// Deserializes an address written as `"127.0.0.1:8080"`.
+/// Deserializes a listen address (`server.listen`), written as [`listen_address`] reads it.
 pub(crate) fn address<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     struct Address;
     impl Visitor<'_> for Address {
@@ -38,14 +39,44 @@ pub(crate) fn address<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::
             f.write_str("a string such as \"127.0.0.1:8080\" (an address)")
         }
         fn visit_str<E: de::Error>(self, text: &str) -> Result<SocketAddr, E> {
-            text.parse().map_err(|_| {
-                E::custom(format!(
-                    "{text:?} is not an address of the form 127.0.0.1:8080"
-                ))
-            })
+            listen_address(text).map_err(E::custom)
         }
     }
     d.deserialize_string(Address)
+}
+
+/// Reads a listen address: `IP:PORT` (`127.0.0.1:8080`, `[::1]:8080`), `:PORT` (every
+/// IPv4 interface, `0.0.0.0:PORT`, as Go's `:8080` means every interface), or
+/// `HOST:PORT` (`localhost:8080`), resolved once, here: its first IPv4 address, else its
+/// first address (as Go listens on a name). The error says which forms there are.
+pub(crate) fn listen_address(text: &str) -> Result<SocketAddr, String> {
+    const FORMS: &str = "write IP:PORT (127.0.0.1:8080, [::1]:8080), HOST:PORT \
+                         (localhost:8080) or :PORT (every IPv4 interface, 0.0.0.0:PORT)";
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!("{text:?} has no port: {FORMS}"));
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{text:?} has no valid port (0 to 65535): {FORMS}"))?;
+    if host.is_empty() {
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    if host.contains([':', '[', ']', '/', ' ']) {
+        return Err(format!("{text:?} is not an address: {FORMS}"));
+    }
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve the host name {host:?} in {text:?} ({e})"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("the host name {host:?} in {text:?} resolves to no address"))
 }
 
 /// Collects an error unless `min <= value <= max`.
