@@ -26,8 +26,10 @@ while IFS= read -r line; do
             dest=${args[-1]}
             [[ "$dest" = /* ]] || dest="$workdir/$dest"
             mkdir -p "$root$(dirname "$dest")"
+            # Several sources, or a destination ending in `/`: a directory, made if missing.
+            [[ ${#args[@]} -gt 2 || "$dest" == */ ]] && mkdir -p "$root$dest"
             for src in "${args[@]:0:${#args[@]}-1}"; do
-                if [ ${#args[@]} -gt 2 ]; then
+                if [[ ${#args[@]} -gt 2 || "$dest" == */ ]]; then
                     cp -a "$repo/$src" "$root$dest/"
                 else
                     cp -a "$repo/$src" "$root$dest"
