@@ -49,10 +49,14 @@ use tokio_util::task::TaskTracker;
 
 pub use connections::Connections;
 pub use error::ApiError;
+// The demo's page answers with the gateway's JSON error shape and responses.
+#[cfg(feature = "demo")]
 pub(crate) use error::error_response;
 pub use limits::{MAX_HEADER_BYTES, MAX_QUERY_BYTES};
 pub use response::Body;
-pub(crate) use response::{full, json};
+pub(crate) use response::full;
+#[cfg(feature = "demo")]
+pub(crate) use response::json;
 pub use state::AppState;
 
 use cors::{allowed_origin, cors_headers, preflight};
