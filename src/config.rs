@@ -33,6 +33,9 @@ pub const KEYS: &[(&str, Kind)] = &[
     ("server.max_connections", Kind::Int),
     ("server.header_timeout", Kind::Str),
     ("server.write_timeout", Kind::Str),
+    ("server.tls_cert_file", Kind::Str),
+    ("server.tls_key_file", Kind::Str),
+    ("server.h2c", Kind::Bool),
     ("auth.mode", Kind::Str),
     ("auth.secret", Kind::Str),
     ("auth.public_key_file", Kind::Str),
@@ -199,6 +202,9 @@ struct ServerSection {
     max_connections: Option<i64>,
     header_timeout: Option<String>,
     write_timeout: Option<String>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    h2c: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -288,6 +294,13 @@ pub struct Config {
     /// `server.write_timeout` (default 30s): a stream whose client accepts no bytes for
     /// this long is closed (`pgfeed_write_timeouts_total`).
     pub write_timeout: Duration,
+    /// `server.tls_cert_file` and `server.tls_key_file` (default none; both or neither):
+    /// the PEM certificate chain and private key the listener serves TLS with (HTTP/2 and
+    /// HTTP/1.1 by ALPN), reloaded when either file changes.
+    pub tls: Option<TlsFiles>,
+    /// `server.h2c` (default false): cleartext connections may also speak HTTP/2 with
+    /// prior knowledge (h2c), besides HTTP/1.1.
+    pub h2c: bool,
     /// The `auth` section.
     pub auth: AuthConfig,
     /// `cors.allowed_origins` (default `[]`): origins allowed to read responses from a
@@ -316,6 +329,16 @@ pub struct Config {
     /// at once; more wait their turn, so that a storm of resumes leaves pooled connections
     /// to everything else. The listener reads on a connection of its own.
     pub replay_concurrency: usize,
+}
+
+/// The listener's certificate and key files (`server.tls_cert_file`,
+/// `server.tls_key_file`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The PEM certificate chain, the server's certificate first.
+    pub cert_file: PathBuf,
+    /// The PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 /// How subscribers are authenticated.
@@ -587,6 +610,7 @@ impl Config {
                 format!("{cookie:?} is not a cookie name"),
             ));
         }
+        let tls = tls_files(&file.server, &mut errs);
         let cors_origins = file.cors.allowed_origins.clone().unwrap_or_default();
         for origin in &cors_origins {
             let ok = origin == "*"
@@ -740,6 +764,8 @@ impl Config {
                     true,
                 ),
             ),
+            tls,
+            h2c: file.server.h2c.unwrap_or(false),
             auth: AuthConfig {
                 mode,
                 secret,
@@ -803,6 +829,43 @@ impl Config {
             1 => Err(errs.remove(0)),
             _ => Err(ConfigError::Many(errs)),
         }
+    }
+}
+
+/// `server.tls_cert_file` and `server.tls_key_file`: both or neither, neither empty. The
+/// files themselves are read when the gateway starts (`crate::http::tls`).
+fn tls_files(server: &ServerSection, errs: &mut Vec<ConfigError>) -> Option<TlsFiles> {
+    let empty = |p: &Option<PathBuf>| p.as_ref().is_some_and(|p| p.as_os_str().is_empty());
+    let mut ok = true;
+    for (key, value) in [
+        ("server.tls_cert_file", &server.tls_cert_file),
+        ("server.tls_key_file", &server.tls_key_file),
+    ] {
+        if empty(value) {
+            errs.push(invalid(key, "must not be empty when set"));
+            ok = false;
+        }
+    }
+    match (&server.tls_cert_file, &server.tls_key_file) {
+        (Some(cert_file), Some(key_file)) if ok => Some(TlsFiles {
+            cert_file: cert_file.clone(),
+            key_file: key_file.clone(),
+        }),
+        (Some(_), None) => {
+            errs.push(invalid(
+                "server.tls_key_file",
+                "is required with server.tls_cert_file: TLS needs both the certificate and its private key",
+            ));
+            None
+        }
+        (None, Some(_)) => {
+            errs.push(invalid(
+                "server.tls_cert_file",
+                "is required with server.tls_key_file: TLS needs both the certificate and its private key",
+            ));
+            None
+        }
+        _ => None,
     }
 }
 
@@ -1309,7 +1372,9 @@ mod tests {
             if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
                 section = name;
             } else if let Some((key, _)) = line.trim_start_matches("# ").split_once(" = ")
-                && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
             {
                 documented.push(format!("{section}.{key}"));
             }

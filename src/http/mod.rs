@@ -2,6 +2,10 @@
 //! leaves as one JSON shape, and URLs are never logged, since they may carry
 //! `access_token`.
 //!
+//! Cleartext connections speak HTTP/1.1 (and HTTP/2 with prior knowledge when
+//! `server.h2c` is set); TLS connections speak HTTP/2 or HTTP/1.1 as ALPN chose, both
+//! served by hyper (a stream is then a hyper body, not written on the socket by hand).
+//!
 //! Where each part lives (imports go one way: down this list, then to [`crate::rawconn`],
 //! which writes bytes and never calls back):
 //!
@@ -9,6 +13,7 @@
 //! |---|---|
 //! | `mod.rs` | the accept loop, serving a connection with hyper, the route table |
 //! | `first_request.rs` | a connection's first head, read by hand: `GET /v1/stream` is written on the socket itself |
+//! | `tls.rs` | TLS on the listener: the certificate and key, their reload, the handshake |
 //! | `overflow.rs` | connections over `server.max_connections`: health probes answered, others 503 |
 //! | `stream.rs` | `/v1/stream` (checks, resume position, format) and `/v1/position` |
 //! | `probes.rs` | `/healthz`, `/readyz`, `/metrics` |
@@ -29,6 +34,7 @@ mod probes;
 mod response;
 mod state;
 mod stream;
+mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -38,10 +44,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -54,6 +60,7 @@ pub use limits::{MAX_HEADER_BYTES, MAX_QUERY_BYTES};
 pub use response::Body;
 pub(crate) use response::{full, json};
 pub use state::AppState;
+pub use tls::Tls;
 
 use cors::{allowed_origin, cors_headers, preflight};
 use limits::{MAX_BUFFER, check_sizes};
@@ -66,10 +73,19 @@ pub async fn run(
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) {
+    if let Some(tls) = &state.tls {
+        tracker.spawn(Arc::clone(tls).watch(shutdown.clone()));
+    }
     while let Some(socket) = accept(&listener, &shutdown, "gateway").await {
         let _ = socket.set_nodelay(true);
         let Some(slot) = state.connections.admit() else {
             state.metrics.connections_refused.inc();
+            if state.tls.is_some() {
+                // Over TLS the 503 could only be written after a handshake: the
+                // connection is closed instead.
+                drop(socket);
+                continue;
+            }
             match state.connections.overflow_slot() {
                 Some(permit) => {
                     let state = Arc::clone(&state);
@@ -84,12 +100,25 @@ pub async fn run(
         };
         let state = Arc::clone(&state);
         let shutdown = shutdown.clone();
+        let acceptor = state.tls.as_ref().map(|tls| tls.acceptor());
         tracker.spawn(async move {
             let _slot = slot;
+            if let Some(acceptor) = acceptor {
+                match tls::handshake(socket, acceptor, &state, &shutdown).await {
+                    Some((io, true)) => serve_h2(io, state, shutdown).await,
+                    Some((io, false)) => serve_hyper(io, state, shutdown).await,
+                    None => {}
+                }
+                return;
+            }
             // A connection that opens with GET /v1/stream is served on the socket itself;
             // any other goes to hyper with the bytes already read.
             if let Some(io) = first_request::serve(socket, &state, &shutdown).await {
-                serve_hyper(io, state, shutdown).await;
+                if state.h2c && is_h2_preface(io.prefix()) {
+                    serve_h2(io, state, shutdown).await;
+                } else {
+                    serve_hyper(io, state, shutdown).await;
+                }
             }
         });
     }
@@ -152,9 +181,7 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = http1::Builder::new();
-    builder
-        .max_buf_size(MAX_BUFFER)
-        .timer(hyper_util::rt::TokioTimer::new());
+    builder.max_buf_size(MAX_BUFFER).timer(TokioTimer::new());
     // hyper's timer runs once for the whole head, however slowly it trickles.
     builder.header_read_timeout(state.connections.header_timeout);
     let handler = move |req| {
@@ -163,6 +190,49 @@ where
     };
     if let Err(err) = serve_connection(&builder, io, handler, &shutdown).await {
         tracing::debug!(cause = %err, "connection ended with an error");
+    }
+}
+
+/// Streams one HTTP/2 connection multiplexes at most.
+const H2_MAX_STREAMS: u32 = 256;
+
+/// What a client speaking HTTP/2 with prior knowledge sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a connection's first bytes are (the start of) the HTTP/2 preface: enough of it
+/// to tell it from an HTTP/1 request line.
+fn is_h2_preface(prefix: &[u8]) -> bool {
+    let n = prefix.len().min(H2_PREFACE.len());
+    n >= b"PRI * HTTP/2".len() && prefix[..n] == H2_PREFACE[..n]
+}
+
+/// Serves a gateway connection with hyper's HTTP/2 until it closes or `shutdown`. Every
+/// request (a stream too) is answered by [`route`], as over HTTP/1.1; on `shutdown` the
+/// client is told to open no more streams (GOAWAY) and open streams end themselves.
+async fn serve_h2<T>(io: T, state: Arc<AppState>, shutdown: CancellationToken)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_header_list_size(MAX_BUFFER as u32);
+    let service = service_fn(move |req| {
+        let state = Arc::clone(&state);
+        async move { Ok::<_, Infallible>(route(&state, req).await) }
+    });
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(err) = result {
+        tracing::debug!(cause = %err, "HTTP/2 connection ended with an error");
     }
 }
 
