@@ -269,7 +269,12 @@ async fn ten_streams_on_one_http2_connection_all_receive_a_change() {
     support::tenant_table(&db, "notes").await;
     let dir = Dir::new("ten");
     let pair = make_pair("ten CA");
-    let gw = Gateway::start(&db, dir.write_pair(&pair)).await;
+    let mut env = dir.write_pair(&pair);
+    env.push((
+        "PGFEED_SERVER_MAX_SUBSCRIBERS_PER_TENANT".into(),
+        "10".into(),
+    ));
+    let gw = Gateway::start(&db, env).await;
     gw.ready_tls(&pair.ca).await;
 
     let mut send = h2_connect(gw.addr, &pair.ca).await;
@@ -290,6 +295,12 @@ async fn ten_streams_on_one_http2_connection_all_receive_a_change() {
         assert!(text.starts_with("retry: "), "{text:?}");
         streams.push((body, text));
     }
+    // The limits hold per stream, not per connection: the eleventh is refused, the ten
+    // stay.
+    let refused = send_h2(&mut send, get("/v1/stream", Some(&token))).await;
+    assert_eq!(refused.status(), 429);
+    let refused = body_text(refused).await;
+    assert!(refused.contains("\"code\""), "{refused}");
     // The same connection answers other requests meanwhile, errors as JSON.
     let refused = send_h2(&mut send, get("/v1/stream", Some("not-a-token"))).await;
     assert_eq!(refused.status(), 401);
@@ -313,6 +324,38 @@ async fn ten_streams_on_one_http2_connection_all_receive_a_change() {
     }
     // Every stream got the very same frame (same id, same data).
     assert!(changes.iter().all(|c| *c == changes[0]), "{changes:?}");
+
+    // A stream closed by the client (RST_STREAM) frees its subscriber at once.
+    streams.truncate(6);
+    let mut subscribers = None;
+    let deadline = Instant::now() + SOON;
+    while subscribers != Some(6.0) {
+        assert!(Instant::now() < deadline, "subscribers: {subscribers:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let page = body_text(send_h2(&mut send, get("/metrics", None)).await).await;
+        subscribers = support::sample(&page, "pgfeed_subscribers");
+    }
+
+    // A resume on this connection replays from the position it names.
+    let live_id = streams[0]
+        .1
+        .split("\n\n")
+        .find(|f| f.contains("event: live"))
+        .and_then(|f| f.lines().find_map(|l| l.strip_prefix("id: ")))
+        .unwrap()
+        .to_string();
+    let mut resume = get("/v1/stream", Some(&token));
+    resume
+        .headers_mut()
+        .insert("last-event-id", live_id.parse().unwrap());
+    let response = send_h2(&mut send, resume).await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut text = String::new();
+    read_until(&mut body, &mut text, "event: live").await;
+    let replayed = text.split("\n\n").find(|f| f.contains("over h2"));
+    assert_eq!(replayed, Some(changes[0].as_str()), "{text}");
+    streams.push((body, text));
 
     // Shutdown ends every stream with its `shutdown` event, as over HTTP/1.1.
     gw.shutdown.cancel();
