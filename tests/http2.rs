@@ -820,3 +820,50 @@ async fn idle_http1_streams_over_tls_stay_bounded() {
         read_until(body, &mut String::new(), "still live").await;
     }
 }
+
+/// Over `server.max_connections`, a TLS connection still gets its handshake and has
+/// `/healthz` and `/readyz` answered (an orchestrator's HTTPS probes), anything else a JSON
+/// 503, over HTTP/2 and HTTP/1.1 alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_connection_cap_tls_probes_are_answered_and_streams_refused() {
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "notes").await;
+    let dir = Dir::new("overflow");
+    let pair = make_pair("overflow CA");
+    let mut env = dir.write_pair(&pair);
+    env.push(("PGFEED_SERVER_MAX_CONNECTIONS".into(), "1".into()));
+    let gw = Gateway::start(&db, env).await;
+    gw.ready_tls(&pair.ca).await;
+    let token = gw.token("acme");
+
+    // The one connection allowed, holding a stream (once the probes' connections closed).
+    let (_held, _stream) = {
+        let deadline = Instant::now() + SOON;
+        loop {
+            let mut send = h2_connect(gw.addr, &pair.ca).await;
+            let response = send_h2(&mut send, get("/v1/stream", Some(&token))).await;
+            if response.status() == 200 {
+                break (send, response.into_body());
+            }
+            assert!(Instant::now() < deadline, "{response:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+
+    let mut over = h2_connect(gw.addr, &pair.ca).await;
+    assert_eq!(send_h2(&mut over, get("/readyz", None)).await.status(), 200);
+    let refused = send_h2(&mut over, get("/v1/stream", Some(&token))).await;
+    assert_eq!(refused.status(), 503);
+    let refused = body_text(refused).await;
+    assert!(refused.contains("too_many_connections"), "{refused}");
+
+    let tls = tls_connect(gw.addr, client_tls(&pair.ca, &[b"http/1.1"]))
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    assert_eq!(send.send(get("/healthz", None)).await.status(), 200);
+    gw.stop().await;
+}

@@ -80,21 +80,26 @@ pub async fn run(
         let _ = socket.set_nodelay(true);
         let Some(slot) = state.connections.admit() else {
             state.metrics.connections_refused.inc();
-            if state.tls.is_some() {
-                // Over TLS the 503 could only be written after a handshake: the
-                // connection is closed instead.
-                drop(socket);
-                continue;
-            }
-            match state.connections.overflow_slot() {
-                Some(permit) => {
+            let acceptor = state.tls.as_ref().map(|tls| tls.acceptor());
+            match (state.connections.overflow_slot(), acceptor) {
+                (Some(permit), None) => {
                     let state = Arc::clone(&state);
                     tracker.spawn(async move {
                         overflow::overflow(socket, &state).await;
                         drop(permit);
                     });
                 }
-                None => overflow::refuse_now(socket),
+                (Some(permit), Some(acceptor)) => {
+                    let state = Arc::clone(&state);
+                    let shutdown = shutdown.clone();
+                    tracker.spawn(async move {
+                        overflow::overflow_tls(socket, acceptor, state, &shutdown).await;
+                        drop(permit);
+                    });
+                }
+                // Over TLS, no answer can be written without a handshake: closed.
+                (None, Some(_)) => drop(socket),
+                (None, None) => overflow::refuse_now(socket),
             }
             continue;
         };
@@ -104,7 +109,8 @@ pub async fn run(
         tracker.spawn(async move {
             let _slot = slot;
             if let Some(acceptor) = acceptor {
-                match tls::handshake(socket, acceptor, &state, &shutdown).await {
+                let timeout = state.connections.header_timeout;
+                match tls::handshake(socket, acceptor, &state, timeout, &shutdown).await {
                     Some((io, true)) => serve_h2(io, state, shutdown).await,
                     Some((io, false)) => serve_hyper(io, state, shutdown).await,
                     None => {}
@@ -213,26 +219,43 @@ async fn serve_h2<T>(io: T, state: Arc<AppState>, shutdown: CancellationToken)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let handler = move |req| {
+        let state = Arc::clone(&state);
+        async move { route(&state, req).await }
+    };
+    if let Err(err) = serve_connection_h2(io, handler, &shutdown).await {
+        tracing::debug!(cause = %err, "HTTP/2 connection ended with an error");
+    }
+}
+
+/// [`serve_connection`] for HTTP/2: `handler` answers each stream's request.
+pub(crate) async fn serve_connection_h2<T, F, Fut>(
+    io: T,
+    handler: F,
+    shutdown: &CancellationToken,
+) -> Result<(), hyper::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + Clone + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(H2_MAX_STREAMS)
         .max_header_list_size(MAX_BUFFER as u32);
     let service = service_fn(move |req| {
-        let state = Arc::clone(&state);
-        async move { Ok::<_, Infallible>(route(&state, req).await) }
+        let answer = handler(req);
+        async move { Ok::<_, Infallible>(answer.await) }
     });
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let result = tokio::select! {
+    tokio::select! {
         result = connection.as_mut() => result,
         _ = shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }
-    };
-    if let Err(err) = result {
-        tracing::debug!(cause = %err, "HTTP/2 connection ended with an error");
     }
 }
 

@@ -197,12 +197,14 @@ fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, ConfigError> {
 /// A connection after its TLS handshake, and whether it chose HTTP/2.
 pub(crate) type Handshaken = (TlsStream<Prefixed>, bool);
 
-/// The TLS handshake of `socket`, which must complete within `server.header_timeout`.
-/// `None` when it fails, times out or shutdown comes first.
+/// The TLS handshake of `socket`, which must complete within `timeout`
+/// (`server.header_timeout`, counted in `pgfeed_header_timeouts_total`). `None` when it
+/// fails, times out or shutdown comes first.
 pub(crate) async fn handshake(
     socket: TcpStream,
     acceptor: TlsAcceptor,
     state: &AppState,
+    timeout: Duration,
     shutdown: &CancellationToken,
 ) -> Option<Handshaken> {
     let io = Prefixed::new(
@@ -214,7 +216,7 @@ pub(crate) async fn handshake(
     );
     let accepted = tokio::select! {
         () = shutdown.cancelled() => return None,
-        accepted = tokio::time::timeout(state.connections.header_timeout, acceptor.accept(io)) => accepted,
+        accepted = tokio::time::timeout(timeout, acceptor.accept(io)) => accepted,
     };
     match accepted {
         Ok(Ok(stream)) => {
