@@ -274,6 +274,7 @@ async fn ten_streams_on_one_http2_connection_all_receive_a_change() {
         "PGFEED_SERVER_MAX_SUBSCRIBERS_PER_TENANT".into(),
         "10".into(),
     ));
+    env.push(("PGFEED_SERVER_HEARTBEAT".into(), "300ms".into()));
     let gw = Gateway::start(&db, env).await;
     gw.ready_tls(&pair.ca).await;
 
@@ -325,6 +326,12 @@ async fn ten_streams_on_one_http2_connection_all_receive_a_change() {
     // Every stream got the very same frame (same id, same data).
     assert!(changes.iter().all(|c| *c == changes[0]), "{changes:?}");
 
+    // Idle streams get heartbeats.
+    let (body, text) = &mut streams[9];
+    let seen = text.len();
+    read_until(body, text, ": keepalive\n\n").await;
+    assert!(text[seen..].contains(": keepalive"), "{text}");
+
     // A stream closed by the client (RST_STREAM) frees its subscriber at once.
     streams.truncate(6);
     let mut subscribers = None;
@@ -356,6 +363,17 @@ async fn ten_streams_on_one_http2_connection_all_receive_a_change() {
     let replayed = text.split("\n\n").find(|f| f.contains("over h2"));
     assert_eq!(replayed, Some(changes[0].as_str()), "{text}");
     streams.push((body, text));
+
+    // A token that expires ends its stream with `expired`, the connection's other
+    // streams going on.
+    let short = pgfeed::auth::mint(&gw.config.auth, "acme", None, Duration::from_secs(1)).unwrap();
+    let response = send_h2(&mut send, get("/v1/stream", Some(&short))).await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut text = String::new();
+    read_until(&mut body, &mut text, "event: expired").await;
+    let end = tokio::time::timeout(SOON, body.collect()).await;
+    assert!(end.is_ok_and(|b| b.is_ok()), "the expired stream ends");
 
     // Shutdown ends every stream with its `shutdown` event, as over HTTP/1.1.
     gw.shutdown.cancel();
