@@ -885,3 +885,54 @@ async fn over_the_connection_cap_tls_probes_are_answered_and_streams_refused() {
     assert_eq!(send.send(get("/healthz", None)).await.status(), 200);
     gw.stop().await;
 }
+
+/// An HTTP/2 connection with no request open is closed after `server.header_timeout` (to
+/// twice that), as an HTTP/1.1 connection that sends no request is; one holding a stream
+/// stays. A TLS handshake that does not complete within it is dropped too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_and_stalled_handshakes_are_closed() {
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "notes").await;
+    let dir = Dir::new("idle");
+    let pair = make_pair("idle CA");
+    let mut env = dir.write_pair(&pair);
+    env.push(("PGFEED_SERVER_HEADER_TIMEOUT".into(), "1s".into()));
+    env.push(("PGFEED_SERVER_HEARTBEAT".into(), "300ms".into()));
+    let gw = Gateway::start(&db, env).await;
+    gw.ready_tls(&pair.ca).await;
+
+    let mut idle = h2_connect(gw.addr, &pair.ca).await;
+    assert_eq!(
+        send_h2(&mut idle, get("/healthz", None)).await.status(),
+        200
+    );
+    let mut busy = h2_connect(gw.addr, &pair.ca).await;
+    let response = send_h2(&mut busy, get("/v1/stream", Some(&gw.token("acme")))).await;
+    let mut body = response.into_body();
+    let mut text = String::new();
+    read_until(&mut body, &mut text, "event: live").await;
+
+    let stalled = TcpStream::connect(gw.addr).await.unwrap();
+    let started = Instant::now();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(SOON, stalled.peek(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent connection is closed: {read:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let deadline = Instant::now() + SOON;
+    while !idle.is_closed() {
+        assert!(
+            Instant::now() < deadline,
+            "the idle HTTP/2 connection stays open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The stream's connection is still serving it.
+    assert!(!busy.is_closed());
+    insert(&db, "acme", "still here").await;
+    read_until(&mut body, &mut text, "still here").await;
+    gw.stop().await;
+}

@@ -13,6 +13,7 @@
 //! |---|---|
 //! | `mod.rs` | the accept loop, serving a connection with hyper, the route table |
 //! | `first_request.rs` | a connection's first head, read by hand: `GET /v1/stream` is written on the socket itself |
+//! | `h2.rs` | serving HTTP/2: the prior-knowledge preface, the stream cap, closing idle connections |
 //! | `tls.rs` | TLS on the listener: the certificate and key, their reload, the handshake |
 //! | `overflow.rs` | connections over `server.max_connections`: health probes answered, others 503 |
 //! | `stream.rs` | `/v1/stream` (checks, resume position, format) and `/v1/position` |
@@ -28,6 +29,7 @@ mod connections;
 mod cors;
 mod error;
 mod first_request;
+mod h2;
 mod limits;
 mod overflow;
 mod probes;
@@ -44,10 +46,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -63,6 +65,7 @@ pub use state::AppState;
 pub use tls::Tls;
 
 use cors::{allowed_origin, cors_headers, preflight};
+use h2::{is_h2_preface, serve_connection_h2};
 use limits::{MAX_BUFFER, check_sizes};
 
 /// Accepts connections until `shutdown`, serving each on `tracker`. Open connections are
@@ -181,6 +184,23 @@ where
     }
 }
 
+/// Serves a gateway connection with hyper's HTTP/2 until it closes or `shutdown`. Every
+/// request (a stream too) is answered by [`route`], as over HTTP/1.1; on `shutdown` the
+/// client is told to open no more streams (GOAWAY) and open streams end themselves.
+async fn serve_h2<T>(io: T, state: Arc<AppState>, shutdown: CancellationToken)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let idle_timeout = state.connections.header_timeout;
+    let handler = move |req| {
+        let state = Arc::clone(&state);
+        async move { route(&state, req).await }
+    };
+    if let Err(err) = serve_connection_h2(io, handler, idle_timeout, &shutdown).await {
+        tracing::debug!(cause = %err, "HTTP/2 connection ended with an error");
+    }
+}
+
 /// Serves a gateway connection with hyper until it closes or `shutdown`.
 async fn serve_hyper<T>(io: T, state: Arc<AppState>, shutdown: CancellationToken)
 where
@@ -196,66 +216,6 @@ where
     };
     if let Err(err) = serve_connection(&builder, io, handler, &shutdown).await {
         tracing::debug!(cause = %err, "connection ended with an error");
-    }
-}
-
-/// Streams one HTTP/2 connection multiplexes at most.
-const H2_MAX_STREAMS: u32 = 256;
-
-/// What a client speaking HTTP/2 with prior knowledge sends first.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Whether a connection's first bytes are (the start of) the HTTP/2 preface: enough of it
-/// to tell it from an HTTP/1 request line.
-fn is_h2_preface(prefix: &[u8]) -> bool {
-    let n = prefix.len().min(H2_PREFACE.len());
-    n >= b"PRI * HTTP/2".len() && prefix[..n] == H2_PREFACE[..n]
-}
-
-/// Serves a gateway connection with hyper's HTTP/2 until it closes or `shutdown`. Every
-/// request (a stream too) is answered by [`route`], as over HTTP/1.1; on `shutdown` the
-/// client is told to open no more streams (GOAWAY) and open streams end themselves.
-async fn serve_h2<T>(io: T, state: Arc<AppState>, shutdown: CancellationToken)
-where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let handler = move |req| {
-        let state = Arc::clone(&state);
-        async move { route(&state, req).await }
-    };
-    if let Err(err) = serve_connection_h2(io, handler, &shutdown).await {
-        tracing::debug!(cause = %err, "HTTP/2 connection ended with an error");
-    }
-}
-
-/// [`serve_connection`] for HTTP/2: `handler` answers each stream's request.
-pub(crate) async fn serve_connection_h2<T, F, Fut>(
-    io: T,
-    handler: F,
-    shutdown: &CancellationToken,
-) -> Result<(), hyper::Error>
-where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    F: Fn(Request<Incoming>) -> Fut + Send + Clone + 'static,
-    Fut: Future<Output = Response<Body>> + Send + 'static,
-{
-    let mut builder = http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(H2_MAX_STREAMS)
-        .max_header_list_size(MAX_BUFFER as u32);
-    let service = service_fn(move |req| {
-        let answer = handler(req);
-        async move { Ok::<_, Infallible>(answer.await) }
-    });
-    let connection = builder.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => result,
-        _ = shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
     }
 }
 
