@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::http2;
@@ -116,13 +117,13 @@ where
         let activity = Arc::clone(&activity);
         service_fn(move |req| {
             let open = Open::new(&activity);
-            let answer = handler(req);
-            async move {
-                let response = answer.await;
+            // A combinator rather than an async block: a block that awaits a future it
+            // captured holds it twice (rust-lang/rust#62958), ~0.9 KiB per stream here.
+            handler(req).map(move |response| {
                 Ok::<_, Infallible>(
                     response.map(|body| Tracked { body, _open: open }.boxed_unsync()),
                 )
-            }
+            })
         })
     };
     let connection = builder.serve_connection(TokioIo::new(io), service);

@@ -170,8 +170,9 @@ where
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let service = service_fn(move |req| {
-        let answer = handler(req);
-        async move { Ok::<_, Infallible>(answer.await) }
+        // Not an async block awaiting the captured future, which would hold it twice
+        // (rust-lang/rust#62958) for as long as hyper keeps the request's future.
+        futures_util::FutureExt::map(handler(req), Ok::<_, Infallible>)
     });
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
