@@ -576,23 +576,39 @@ async fn unusable_tls_settings_are_config_errors_naming_the_key() {
         );
     }
 
-    // And from the command line: `pgfeed serve` stops with that message.
+    // And from the command line: `pgfeed serve` stops with that message, and
+    // `--check-config` reads the files too.
     let db = TestDb::new().await;
-    let mut cmd = support::pgfeed_command(&db, &["serve", "--listen", "127.0.0.1:0"]);
-    cmd.env(
-        "PGFEED_SERVER_TLS_CERT_FILE",
-        dir.path("missing.pem").display().to_string(),
-    )
-    .env("PGFEED_SERVER_TLS_KEY_FILE", &key);
+    let missing = dir.path("missing.pem").display().to_string();
+    for args in [
+        &["serve", "--listen", "127.0.0.1:0"][..],
+        &["serve", "--check-config"][..],
+    ] {
+        let mut cmd = support::pgfeed_command(&db, args);
+        cmd.env("PGFEED_SERVER_TLS_CERT_FILE", &missing)
+            .env("PGFEED_SERVER_TLS_KEY_FILE", &key);
+        let out = tokio::time::timeout(SOON, cmd.output())
+            .await
+            .unwrap()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            stderr.contains("server.tls_cert_file") && stderr.contains("missing.pem"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let mut cmd = support::pgfeed_command(&db, &["serve", "--check-config"]);
+    cmd.env("PGFEED_SERVER_TLS_CERT_FILE", &cert)
+        .env("PGFEED_SERVER_TLS_KEY_FILE", &key);
     let out = tokio::time::timeout(SOON, cmd.output())
         .await
         .unwrap()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
     assert!(
-        stderr.contains("server.tls_cert_file") && stderr.contains("missing.pem"),
-        "{stderr}"
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
