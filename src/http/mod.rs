@@ -108,23 +108,20 @@ pub async fn run(
         };
         let state = Arc::clone(&state);
         let shutdown = shutdown.clone();
-        let acceptor = state.tls.as_ref().map(|tls| tls.acceptor());
         tracker.spawn(async move {
             let _slot = slot;
-            if let Some(acceptor) = acceptor {
-                let timeout = state.connections.header_timeout;
-                match tls::handshake(socket, acceptor, &state, timeout, &shutdown).await {
-                    Some((io, true)) => serve_h2(io, state, shutdown).await,
-                    Some((io, false)) => serve_hyper(io, state, shutdown).await,
-                    None => {}
-                }
+            // The TLS and HTTP/2 futures are boxed: this task lives as long as its
+            // connection, and a cleartext stream's should not be as large as they are.
+            if let Some(tls) = &state.tls {
+                let acceptor = tls.acceptor();
+                Box::pin(serve_tls(socket, acceptor, state, shutdown)).await;
                 return;
             }
             // A connection that opens with GET /v1/stream is served on the socket itself;
             // any other goes to hyper with the bytes already read.
             if let Some(io) = first_request::serve(socket, &state, &shutdown).await {
                 if state.h2c && is_h2_preface(io.prefix()) {
-                    serve_h2(io, state, shutdown).await;
+                    Box::pin(serve_h2(io, state, shutdown)).await;
                 } else {
                     serve_hyper(io, state, shutdown).await;
                 }
@@ -182,6 +179,21 @@ where
             connection.as_mut().graceful_shutdown();
             connection.await
         }
+    }
+}
+
+/// Serves a TLS connection: its handshake, then HTTP/2 or HTTP/1.1 as ALPN chose.
+async fn serve_tls(
+    socket: TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) {
+    let timeout = state.connections.header_timeout;
+    match tls::handshake(socket, acceptor, &state, timeout, &shutdown).await {
+        Some((io, true)) => serve_h2(io, state, shutdown).await,
+        Some((io, false)) => serve_hyper(io, state, shutdown).await,
+        None => {}
     }
 }
 
