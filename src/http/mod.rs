@@ -108,19 +108,23 @@ pub async fn run(
         };
         let state = Arc::clone(&state);
         let shutdown = shutdown.clone();
+        // A task per connection, for as long as it is open: TLS and cleartext ones are
+        // different tasks, so that neither is as large as the other's future.
+        if let Some(tls) = &state.tls {
+            let acceptor = tls.acceptor();
+            tracker.spawn(async move {
+                let _slot = slot;
+                serve_tls(socket, acceptor, state, shutdown).await;
+            });
+            continue;
+        }
         tracker.spawn(async move {
             let _slot = slot;
-            // The TLS and HTTP/2 futures are boxed: this task lives as long as its
-            // connection, and a cleartext stream's should not be as large as they are.
-            if let Some(tls) = &state.tls {
-                let acceptor = tls.acceptor();
-                Box::pin(serve_tls(socket, acceptor, state, shutdown)).await;
-                return;
-            }
             // A connection that opens with GET /v1/stream is served on the socket itself;
             // any other goes to hyper with the bytes already read.
             if let Some(io) = first_request::serve(socket, &state, &shutdown).await {
                 if state.h2c && is_h2_preface(io.prefix()) {
+                    // Boxed: the HTTP/2 future would make every cleartext task larger.
                     Box::pin(serve_h2(io, state, shutdown)).await;
                 } else {
                     serve_hyper(io, state, shutdown).await;
