@@ -87,6 +87,12 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     // Phase 1: settings that need no database.
     let auth = auth::Authenticator::new(&config.auth)?;
+    let tls = config
+        .server
+        .tls()
+        .as_ref()
+        .map(http::Tls::load)
+        .transpose()?;
 
     // Phase 2: the database, the schema version and the journal's head.
     let pg = db::parse_url(config.database_url()?)?;
@@ -164,12 +170,16 @@ pub async fn serve(
             &config.server,
             config.database.pool_size,
         )),
+        tls,
+        h2c: config.server.h2c,
     });
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         commit = crate::cli::COMMIT,
         listen = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
         auth_mode = config.auth.mode.as_str(),
+        tls = state.tls.is_some(),
+        h2c = state.h2c,
         database = %db::endpoint(&pg),
         position = %head,
         max_connections = state.connections.max,

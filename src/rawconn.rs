@@ -297,6 +297,11 @@ impl Prefixed {
         }
     }
 
+    /// The bytes read before hyper took the connection (those not yet replayed).
+    pub(crate) fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
+
     /// Passes a write's outcome through, failing it when the socket stayed full for the
     /// whole write timeout.
     fn deadline<T>(

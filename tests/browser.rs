@@ -177,6 +177,8 @@ impl Browser {
         let capabilities = json!({
             "capabilities": { "alwaysMatch": {
                 "browserName": "chrome",
+                // The TLS test's gateway has a certificate the test made.
+                "acceptInsecureCerts": true,
                 "goog:chromeOptions": {
                     "binary": binary,
                     "args": [
@@ -851,4 +853,161 @@ async fn a_react_page_built_with_the_client_package_shows_changes_live() {
     drop(browser);
     gw.stop().await;
     eprintln!("screenshot: {}", screenshot.display());
+}
+
+/// TLS and HTTP/2 on the listener (issue 19): one page opens 10 EventSources on a gateway
+/// serving TLS with a certificate the test made, and all 10 are live and receive a change.
+/// Over HTTP/1.1 a browser holds at most 6 connections to an origin, so 4 would wait;
+/// here they share the page's HTTP/2 connection: the page's timing entries say `h2`, and
+/// the gateway counts no more connections with the 10 streams open than before them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_event_sources_on_one_page_share_one_http2_connection() {
+    let Some(programs) = browser_programs() else {
+        return;
+    };
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "notes").await;
+    let dir = std::env::temp_dir().join(format!("pgfeed-browser-h2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let mut sources = support::sources(&db);
+    sources.env.extend([
+        (
+            "PGFEED_SERVER_TLS_CERT_FILE".to_string(),
+            cert.display().to_string(),
+        ),
+        (
+            "PGFEED_SERVER_TLS_KEY_FILE".to_string(),
+            key.display().to_string(),
+        ),
+    ]);
+    let config = pgfeed::config::Config::load(&sources).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!(
+        "https://localhost:{}",
+        listener.local_addr().unwrap().port()
+    );
+    let shutdown = CancellationToken::new();
+    let gateway = tokio::spawn(pgfeed::serve(config, listener, shutdown.clone()));
+
+    let browser = Browser::start(programs).await;
+    // The page is the gateway's own `/readyz`, on the gateway's origin: once it reads
+    // "ready", the gateway is.
+    wait_until!("the gateway to be ready over TLS", WAIT, {
+        browser.open(&format!("{origin}/readyz")).await;
+        let text = browser
+            .eval("return document.body ? document.body.innerText : '';")
+            .await;
+        match text.as_str() {
+            Some(t) if t.contains("\"ready\"") => Ok(()),
+            _ => Err(text.to_string()),
+        }
+    });
+    let before = scrape_from_page(&browser).await;
+    let connections_before = support::sample(&before, "pgfeed_connections").unwrap();
+    let token = support::hs256_token("acme");
+    browser
+        .eval(&format!(
+            r#"window.feeds = [];
+            for (let i = 0; i < 10; i++) {{
+                const feed = {{ live: false, changes: [], errors: 0 }};
+                const es = new EventSource("/v1/stream?access_token={token}");
+                es.addEventListener("live", () => {{ feed.live = true; }});
+                es.addEventListener("change", (e) => {{ feed.changes.push(JSON.parse(e.data)); }});
+                es.onerror = () => {{ feed.errors += 1; }};
+                feed.es = es;
+                window.feeds.push(feed);
+            }}
+            return true;"#
+        ))
+        .await;
+    wait_until!("all 10 EventSources live", WAIT, {
+        let live = browser
+            .eval("return window.feeds.filter((f) => f.live).length;")
+            .await;
+        if live == 10 {
+            Ok(())
+        } else {
+            Err(format!("{live} live"))
+        }
+    });
+    support::connect(&db.url)
+        .await
+        .execute(
+            "INSERT INTO notes (tenant, body) VALUES ('acme', 'to ten tabs')",
+            &[],
+        )
+        .await
+        .unwrap();
+    wait_until!("the change on all 10", WAIT, {
+        let got = browser
+            .eval("return window.feeds.map((f) => f.changes.map((c) => c.new.body).join(','));")
+            .await;
+        if got == json!(vec!["to ten tabs"; 10]) {
+            Ok(())
+        } else {
+            Err(got.to_string())
+        }
+    });
+    let errors = browser
+        .eval("return window.feeds.reduce((n, f) => n + f.errors, 0);")
+        .await;
+    assert_eq!(errors, 0, "EventSource errors");
+
+    // The page and its requests went over HTTP/2, and the 10 streams opened no
+    // connection: the gateway holds as many as before them (one, or two when Chromium
+    // kept a spare it opened while the gateway was starting).
+    let page = scrape_from_page(&browser).await;
+    assert_eq!(
+        support::sample(&page, "pgfeed_subscribers"),
+        Some(10.0),
+        "{page}"
+    );
+    let connections = support::sample(&page, "pgfeed_connections").unwrap();
+    assert!(
+        connections <= connections_before && connections_before <= 2.0,
+        "{connections_before} connections before the 10 streams, {connections} with them"
+    );
+    let protocols = browser
+        .eval(
+            r#"return [...performance.getEntriesByType("navigation"),
+                        ...performance.getEntriesByType("resource")]
+                .map((e) => e.nextHopProtocol);"#,
+        )
+        .await;
+    let protocols = protocols.as_array().expect("a list of protocols").clone();
+    assert!(
+        protocols.len() >= 2 && protocols.iter().all(|p| p == "h2"),
+        "{protocols:?}"
+    );
+
+    drop(browser);
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, gateway)
+        .await
+        .expect("the gateway stops in time")
+        .unwrap()
+        .expect("serve returns Ok");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The gateway's `/metrics`, fetched by the page (so on the page's own connection).
+async fn scrape_from_page(browser: &Browser) -> String {
+    browser
+        .eval(
+            r#"window.scrape = null;
+            fetch("/metrics").then((r) => r.text()).then((t) => { window.scrape = t; });
+            return true;"#,
+        )
+        .await;
+    wait_until!("/metrics from the page", WAIT, {
+        let text = browser.eval("return window.scrape;").await;
+        match text.as_str() {
+            Some(t) => Ok(t.to_string()),
+            None => Err(text.to_string()),
+        }
+    })
 }

@@ -43,6 +43,16 @@ fn with_file(section: &str, name: &str, value: &str) -> Result<Config, String> {
     .map_err(|e| e.to_string())
 }
 
+/// The key that must be set with `dotted` (`server.tls_cert_file` and
+/// `server.tls_key_file` go together), if any.
+fn partner(dotted: &str) -> Option<&'static str> {
+    match dotted {
+        "server.tls_cert_file" => Some("server.tls_key_file"),
+        "server.tls_key_file" => Some("server.tls_cert_file"),
+        _ => None,
+    }
+}
+
 fn defaults() -> String {
     format!("{:?}", Config::load(&Sources::default()).unwrap())
 }
@@ -63,7 +73,9 @@ fn example() -> BTreeMap<String, (String, bool)> {
             None => (line, true),
         };
         if let Some((key, value)) = text.split_once(" = ")
-            && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            && key
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         {
             // A key's first line wins (`database.url` shows two examples).
             found
@@ -186,8 +198,16 @@ fn every_key_has_its_environment_variable() {
                 .join(","),
             _ => value.clone(),
         };
+        let mut env = vec![(key.env.clone(), text)];
+        let mut file_lines = format!("{} = {value}\n", key.name);
+        if let Some(other) = partner(key.dotted) {
+            let other = keys().iter().find(|k| k.dotted == other).unwrap();
+            let (other_value, _) = &documented[other.dotted];
+            env.push((other.env.clone(), other_value.trim_matches('"').to_string()));
+            file_lines.push_str(&format!("{} = {other_value}\n", other.name));
+        }
         let from_env = Config::load(&Sources {
-            env: vec![(key.env.clone(), text)],
+            env,
             ..Default::default()
         })
         .unwrap_or_else(|e| panic!("{}: {e}", key.env));
@@ -197,7 +217,12 @@ fn every_key_has_its_environment_variable() {
             key.env,
             from_env.warnings
         );
-        let from_file = with_file(key.section, key.name, value).unwrap();
+        let file = TempFile::new(&format!("[{}]\n{file_lines}", key.section));
+        let from_file = Config::load(&Sources {
+            file: Some(file.0.clone()),
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!(
             format!("{from_env:?}"),
             format!("{from_file:?}"),

@@ -281,6 +281,9 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
             check_config: true, ..
         } => {
             crate::auth::Authenticator::new(&config.auth)?;
+            if let Some(files) = config.server.tls() {
+                crate::http::Tls::load(&files)?;
+            }
             db::parse_url(config.database_url()?)?;
             crate::logging::eprint("configuration is valid");
             Ok(())

@@ -116,7 +116,12 @@ pub(super) fn load(sources: &Sources) -> Result<Config, ConfigError> {
 }
 
 /// The keys naming a file, which the config file may give relative to its own directory.
-const PATH_KEYS: &[&str] = &["auth.public_key_file", "auth.jwks_file"];
+const PATH_KEYS: &[&str] = &[
+    "auth.public_key_file",
+    "auth.jwks_file",
+    "server.tls_cert_file",
+    "server.tls_key_file",
+];
 
 /// Makes each relative path of [`PATH_KEYS`] that the config file `path` set (`from_file`)
 /// relative to the file's directory, as an absolute path: the same file whatever the

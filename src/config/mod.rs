@@ -33,7 +33,7 @@ pub use journal::JournalConfig;
 pub use keys::{Key, Kind, keys};
 pub use load::Sources;
 pub use log::{LogConfig, LogFormat};
-pub use server::ServerConfig;
+pub use server::{ServerConfig, TlsFiles};
 
 /// The validated settings, one field per section of the file.
 #[derive(Clone, Debug, Default, Deserialize)]

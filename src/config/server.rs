@@ -2,12 +2,13 @@
 //! connections.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::ConfigError;
 use super::value::{address, duration, nonzero, within};
+use super::{ConfigError, invalid};
 
 /// The `[server]` section.
 #[derive(Clone, Debug, Deserialize)]
@@ -61,6 +62,25 @@ pub struct ServerConfig {
     /// closed (`pgfeed_write_timeouts_total`).
     #[serde(deserialize_with = "duration")]
     pub write_timeout: Duration,
+    /// `server.tls_cert_file` (default none; with `server.tls_key_file`, both or
+    /// neither): the PEM certificate chain, the server's first, that the listener serves
+    /// TLS with (HTTP/2 and HTTP/1.1 by ALPN); reloaded when it changes.
+    pub tls_cert_file: Option<PathBuf>,
+    /// `server.tls_key_file`: the certificate's PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key_file: Option<PathBuf>,
+    /// `server.h2c`: cleartext connections may also speak HTTP/2 with prior knowledge
+    /// (h2c), besides HTTP/1.1.
+    pub h2c: bool,
+}
+
+/// The listener's certificate and key files (`server.tls_cert_file`,
+/// `server.tls_key_file`), read when the gateway starts (`crate::http::Tls`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The PEM certificate chain, the server's certificate first.
+    pub cert_file: PathBuf,
+    /// The PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -79,11 +99,26 @@ impl Default for ServerConfig {
             max_connections: 11_000,
             header_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
+            tls_cert_file: None,
+            tls_key_file: None,
+            h2c: false,
         }
     }
 }
 
 impl ServerConfig {
+    /// The certificate and key when TLS is configured (both set: [`Self::validate`]
+    /// refuses one without the other).
+    pub fn tls(&self) -> Option<TlsFiles> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert_file), Some(key_file)) => Some(TlsFiles {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+            }),
+            _ => None,
+        }
+    }
+
     /// The section's rules; each problem is collected in `errs`.
     pub fn validate(&self, errs: &mut Vec<ConfigError>) {
         const MILLIONS: usize = 10_000_000;
@@ -115,6 +150,25 @@ impl ServerConfig {
             1_000_000,
         );
         within(errs, "server.threads", self.threads, 1, 1024);
+        for (key, value) in [
+            ("server.tls_cert_file", &self.tls_cert_file),
+            ("server.tls_key_file", &self.tls_key_file),
+        ] {
+            if value.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                errs.push(invalid(key, "must not be empty when set"));
+            }
+        }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => errs.push(invalid(
+                "server.tls_key_file",
+                "is required with server.tls_cert_file: TLS needs both the certificate and its private key",
+            )),
+            (None, Some(_)) => errs.push(invalid(
+                "server.tls_cert_file",
+                "is required with server.tls_key_file: TLS needs both the certificate and its private key",
+            )),
+            _ => {}
+        }
         within(
             errs,
             "server.max_connections",

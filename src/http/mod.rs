@@ -2,6 +2,10 @@
 //! leaves as one JSON shape, and URLs are never logged, since they may carry
 //! `access_token`.
 //!
+//! Cleartext connections speak HTTP/1.1 (and HTTP/2 with prior knowledge when
+//! `server.h2c` is set); TLS connections speak HTTP/2 or HTTP/1.1 as ALPN chose, both
+//! served by hyper (a stream is then a hyper body, not written on the socket by hand).
+//!
 //! Where each part lives (imports go one way: down this list, then to [`crate::rawconn`],
 //! which writes bytes and never calls back):
 //!
@@ -9,6 +13,8 @@
 //! |---|---|
 //! | `mod.rs` | the accept loop, serving a connection with hyper, the route table |
 //! | `first_request.rs` | a connection's first head, read by hand: `GET /v1/stream` is written on the socket itself |
+//! | `h2.rs` | serving HTTP/2: the prior-knowledge preface, the stream cap, closing idle connections |
+//! | `tls.rs` | TLS on the listener: the certificate and key, their reload, the handshake |
 //! | `overflow.rs` | connections over `server.max_connections`: health probes answered, others 503 |
 //! | `stream.rs` | `/v1/stream` (checks, resume position, format) and `/v1/position` |
 //! | `probes.rs` | `/healthz`, `/readyz`, `/metrics` |
@@ -23,12 +29,14 @@ mod connections;
 mod cors;
 mod error;
 mod first_request;
+mod h2;
 mod limits;
 mod overflow;
 mod probes;
 mod response;
 mod state;
 mod stream;
+mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -41,7 +49,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -58,8 +66,10 @@ pub(crate) use response::full;
 #[cfg(feature = "demo")]
 pub(crate) use response::json;
 pub use state::AppState;
+pub use tls::Tls;
 
 use cors::{allowed_origin, cors_headers, preflight};
+use h2::{is_h2_preface, serve_connection_h2};
 use limits::{MAX_BUFFER, check_sizes};
 
 /// Accepts connections until `shutdown`, serving each on `tracker`. Open connections are
@@ -70,30 +80,59 @@ pub async fn run(
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) {
+    if let Some(tls) = &state.tls {
+        tracker.spawn(Arc::clone(tls).watch(shutdown.clone()));
+    }
     while let Some(socket) = accept(&listener, &shutdown, "gateway").await {
         let _ = socket.set_nodelay(true);
         let Some(slot) = state.connections.admit() else {
             state.metrics.connections_refused.inc();
-            match state.connections.overflow_slot() {
-                Some(permit) => {
+            let acceptor = state.tls.as_ref().map(|tls| tls.acceptor());
+            match (state.connections.overflow_slot(), acceptor) {
+                (Some(permit), None) => {
                     let state = Arc::clone(&state);
                     tracker.spawn(async move {
                         overflow::overflow(socket, &state).await;
                         drop(permit);
                     });
                 }
-                None => overflow::refuse_now(socket),
+                (Some(permit), Some(acceptor)) => {
+                    let state = Arc::clone(&state);
+                    let shutdown = shutdown.clone();
+                    tracker.spawn(async move {
+                        overflow::overflow_tls(socket, acceptor, state, &shutdown).await;
+                        drop(permit);
+                    });
+                }
+                // Over TLS, no answer can be written without a handshake: closed.
+                (None, Some(_)) => drop(socket),
+                (None, None) => overflow::refuse_now(socket),
             }
             continue;
         };
         let state = Arc::clone(&state);
         let shutdown = shutdown.clone();
+        // A task per connection, for as long as it is open: TLS and cleartext ones are
+        // different tasks, so that neither is as large as the other's future.
+        if let Some(tls) = &state.tls {
+            let acceptor = tls.acceptor();
+            tracker.spawn(async move {
+                let _slot = slot;
+                serve_tls(socket, acceptor, state, shutdown).await;
+            });
+            continue;
+        }
         tracker.spawn(async move {
             let _slot = slot;
             // A connection that opens with GET /v1/stream is served on the socket itself;
             // any other goes to hyper with the bytes already read.
             if let Some(io) = first_request::serve(socket, &state, &shutdown).await {
-                serve_hyper(io, state, shutdown).await;
+                if state.h2c && is_h2_preface(io.prefix()) {
+                    // Boxed: the HTTP/2 future would make every cleartext task larger.
+                    Box::pin(serve_h2(io, state, shutdown)).await;
+                } else {
+                    serve_hyper(io, state, shutdown).await;
+                }
             }
         });
     }
@@ -136,8 +175,9 @@ where
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let service = service_fn(move |req| {
-        let answer = handler(req);
-        async move { Ok::<_, Infallible>(answer.await) }
+        // Not an async block awaiting the captured future, which would hold it twice
+        // (rust-lang/rust#62958) for as long as hyper keeps the request's future.
+        futures_util::FutureExt::map(handler(req), Ok::<_, Infallible>)
     });
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
@@ -150,15 +190,45 @@ where
     }
 }
 
+/// Serves a TLS connection: its handshake, then HTTP/2 or HTTP/1.1 as ALPN chose.
+async fn serve_tls(
+    socket: TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) {
+    let timeout = state.connections.header_timeout;
+    match tls::handshake(socket, acceptor, &state, timeout, &shutdown).await {
+        Some((io, true)) => serve_h2(io, state, shutdown).await,
+        Some((io, false)) => serve_hyper(io, state, shutdown).await,
+        None => {}
+    }
+}
+
+/// Serves a gateway connection with hyper's HTTP/2 until it closes or `shutdown`. Every
+/// request (a stream too) is answered by [`route`], as over HTTP/1.1; on `shutdown` the
+/// client is told to open no more streams (GOAWAY) and open streams end themselves.
+async fn serve_h2<T>(io: T, state: Arc<AppState>, shutdown: CancellationToken)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let idle_timeout = state.connections.header_timeout;
+    let handler = move |req| {
+        let state = Arc::clone(&state);
+        async move { route(&state, req).await }
+    };
+    if let Err(err) = serve_connection_h2(io, handler, idle_timeout, &shutdown).await {
+        tracing::debug!(cause = %err, "HTTP/2 connection ended with an error");
+    }
+}
+
 /// Serves a gateway connection with hyper until it closes or `shutdown`.
 async fn serve_hyper<T>(io: T, state: Arc<AppState>, shutdown: CancellationToken)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = http1::Builder::new();
-    builder
-        .max_buf_size(MAX_BUFFER)
-        .timer(hyper_util::rt::TokioTimer::new());
+    builder.max_buf_size(MAX_BUFFER).timer(TokioTimer::new());
     // hyper's timer runs once for the whole head, however slowly it trickles.
     builder.header_read_timeout(state.connections.header_timeout);
     let handler = move |req| {

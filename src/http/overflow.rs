@@ -2,13 +2,18 @@
 //! are still answered, so that an orchestrator does not restart a gateway for being full;
 //! anything else gets a JSON 503 `too_many_connections`. Its head must arrive within
 //! [`OVERFLOW_HEAD_TIMEOUT`]; when even the places for reading one are taken, the 503 is
-//! written without reading.
+//! written without reading. Over TLS, the handshake and the request must both come within
+//! twice that, and the answer is hyper's (HTTP/2 or HTTP/1.1, as ALPN chose); without a
+//! place, the connection is closed, since no answer can be written before a handshake.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use hyper::{Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
 use super::limits::MAX_HEADERS;
@@ -53,6 +58,53 @@ pub(crate) async fn overflow(mut socket: TcpStream, state: &AppState) {
     };
     let write_timeout = state.connections.write_timeout;
     answer_and_close(&mut socket, response, head_only, write_timeout).await;
+}
+
+/// Answers a TLS connection over the cap: its handshake, then its requests as
+/// [`overflow`] answers one, the connection closed after the first answer (HTTP/1.1) or
+/// within twice [`OVERFLOW_HEAD_TIMEOUT`] in all.
+pub(crate) async fn overflow_tls(
+    socket: TcpStream,
+    acceptor: TlsAcceptor,
+    state: Arc<AppState>,
+    shutdown: &CancellationToken,
+) {
+    let served = async {
+        let handshaken =
+            super::tls::handshake(socket, acceptor, &state, OVERFLOW_HEAD_TIMEOUT, shutdown).await;
+        let Some((io, h2)) = handshaken else { return };
+        let handler = {
+            let state = Arc::clone(&state);
+            move |req: Request<hyper::body::Incoming>| {
+                let state = Arc::clone(&state);
+                async move { overflow_answer(&state, &req) }
+            }
+        };
+        let _ = if h2 {
+            super::serve_connection_h2(io, handler, OVERFLOW_HEAD_TIMEOUT, shutdown).await
+        } else {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .keep_alive(false)
+                .max_buf_size(OVERFLOW_HEAD_BYTES.max(8192))
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(OVERFLOW_HEAD_TIMEOUT);
+            super::serve_connection(&builder, io, handler, shutdown).await
+        };
+    };
+    let _ = tokio::time::timeout(OVERFLOW_HEAD_TIMEOUT * 2, served).await;
+}
+
+/// What a request on a connection over the cap is answered.
+fn overflow_answer<B>(state: &AppState, req: &Request<B>) -> Response<Body> {
+    let path = req.uri().path();
+    let method = req.method();
+    let probe = *method == hyper::Method::GET || *method == hyper::Method::HEAD;
+    match path {
+        "/healthz" if probe => healthz(),
+        "/readyz" if probe => readyz(state),
+        _ => too_many_connections(state),
+    }
 }
 
 /// Answers a connection over the cap when even the places for reading one are taken: the

@@ -37,4 +37,9 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Open connections, their cap and deadlines.
     pub connections: Arc<Connections>,
+    /// `server.tls_cert_file` and `server.tls_key_file`, loaded: when set, every
+    /// connection is TLS.
+    pub tls: Option<Arc<super::Tls>>,
+    /// `server.h2c`: cleartext connections may speak HTTP/2 with prior knowledge.
+    pub h2c: bool,
 }
