@@ -124,6 +124,56 @@ async fn the_image_healthcheck_follows_the_configured_listen_address() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// With TLS on the listener, the healthcheck asks over HTTPS: whether TLS is on comes from
+/// PGFEED_SERVER_TLS_CERT_FILE or the config file, as pgfeed reads it, and a plain HTTP
+/// question to a TLS listener fails (so the check is not passing by accident).
+#[tokio::test]
+async fn the_image_healthcheck_speaks_tls_when_the_listener_does() {
+    let db = TestDb::new().await;
+    let dir = tempdir("healthcheck-tls");
+    let certified = rcgen::generate_simple_self_signed(vec!["pgfeed.example".to_string()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let gw = Gateway::spawn(support::sources_with(
+        &db,
+        &[
+            ("PGFEED_SERVER_TLS_CERT_FILE", cert),
+            ("PGFEED_SERVER_TLS_KEY_FILE", key),
+        ],
+    ))
+    .await;
+    let listen = gw.addr.to_string();
+    let file = dir.join("pgfeed.toml");
+    std::fs::write(
+        &file,
+        format!("[server]\nlisten = \"{listen}\"\ntls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\n"),
+    )
+    .unwrap();
+    let config = file.to_str().unwrap();
+    // The healthcheck is the readiness probe here: the test kit's client speaks no TLS.
+    let from_env = [
+        ("PGFEED_SERVER_LISTEN", listen.as_str()),
+        ("PGFEED_SERVER_TLS_CERT_FILE", cert),
+    ];
+    support::eventually("the healthcheck with TLS from the environment", || {
+        healthcheck(&from_env)
+    })
+    .await;
+    assert!(
+        healthcheck(&[("PGFEED_CONFIG", config)]).await,
+        "TLS from the config file"
+    );
+    assert!(
+        !healthcheck(&[("PGFEED_SERVER_LISTEN", &listen)]).await,
+        "plain HTTP to a TLS listener must fail"
+    );
+    gw.stop().await;
+    assert!(!healthcheck(&[("PGFEED_CONFIG", config)]).await);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 fn tempdir(what: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("pgfeed-deploy-{what}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -71,19 +71,25 @@ impl Gateway {
 
     /// Starts a gateway with `sources` and waits until it is ready.
     pub async fn start_with(sources: Sources) -> Gateway {
+        let gw = Gateway::spawn(sources).await;
+        gw.wait_ready().await;
+        gw
+    }
+
+    /// Starts a gateway with `sources`, listening, without waiting for it to be ready
+    /// (for a gateway this client cannot ask: TLS on the listener).
+    pub async fn spawn(sources: Sources) -> Gateway {
         let config = Config::load(&sources).expect("test config");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(pgfeed::serve(config.clone(), listener, shutdown.clone()));
-        let gw = Gateway {
+        Gateway {
             addr,
             shutdown,
             task,
             config,
-        };
-        gw.wait_ready().await;
-        gw
+        }
     }
 
     /// Waits until `/readyz` answers 200.
