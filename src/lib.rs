@@ -86,7 +86,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     // Phase 1: settings that need no database.
-    let auth = auth::Authenticator::new(&config.auth)?;
+    let auth = auth::Authenticator::start(&config.auth).await?;
     let tls = config
         .server
         .tls()

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::Value;
 
-use super::jwks::{JwksCache, load_jwks, modified};
+use super::jwks::{JwksCache, find, load_jwks, modified};
+use super::jwks_url::JwksUrl;
 use super::{AuthError, Principal, config_err};
 use crate::config::{AuthConfig, ConfigError, KeySource as ConfiguredKey};
 
@@ -33,10 +34,25 @@ enum KeySource {
     Fixed(DecodingKey, Algorithm),
     /// A JWKS file, reloaded when it changes.
     Jwks(Mutex<JwksCache>),
+    /// A JWKS URL, refreshed in the background.
+    Url(JwksUrl),
 }
 
 impl JwtVerifier {
-    /// The verifier for `auth` settings in `jwt` mode: the one key source configured.
+    /// The verifier for `auth` settings in `jwt` mode, fetching `auth.jwks_url` if that is
+    /// the key source (and starting its background refresh).
+    pub(super) async fn start(auth: &AuthConfig) -> Result<JwtVerifier, ConfigError> {
+        if let Some(ConfiguredKey::JwksUrl(url)) = auth.key_source()? {
+            let source = JwksUrl::start(url)
+                .await
+                .map_err(|e| config_err("auth.jwks_url", e))?;
+            return JwtVerifier::with_keys(auth, KeySource::Url(source));
+        }
+        JwtVerifier::new(auth)
+    }
+
+    /// The verifier for `auth` settings in `jwt` mode: the one key source configured
+    /// (`auth.jwks_url` needs [`JwtVerifier::start`]).
     pub(super) fn new(auth: &AuthConfig) -> Result<JwtVerifier, ConfigError> {
         // Which source is set (at most one) is the config's rule, checked there.
         let keys = match auth.key_source()? {
@@ -57,13 +73,24 @@ impl JwtVerifier {
                     checked: Instant::now(),
                 }))
             }
+            Some(ConfiguredKey::JwksUrl(_)) => {
+                return Err(config_err(
+                    "auth.jwks_url",
+                    "is fetched when the gateway starts (Authenticator::start)",
+                ));
+            }
             None => {
                 return Err(config_err(
                     "auth.secret",
-                    "jwt mode needs a key: set auth.secret (HS256), auth.public_key_file or auth.jwks_file",
+                    "jwt mode needs a key: set auth.secret (HS256), auth.public_key_file, auth.jwks_file or auth.jwks_url",
                 ));
             }
         };
+        JwtVerifier::with_keys(auth, keys)
+    }
+
+    /// The verifier with its keys.
+    fn with_keys(auth: &AuthConfig, keys: KeySource) -> Result<JwtVerifier, ConfigError> {
         // `exp` and `nbf` are checked here ([`JwtVerifier::check_times`]), as numbers
         // of any JSON form (`1.7e9`, `1700000000.5`), with the leeway that also
         // decides when a stream ends.
@@ -131,15 +158,19 @@ impl JwtVerifier {
             KeySource::Jwks(cache) => {
                 let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
                 cache.refresh();
-                let found = match &header.kid {
-                    Some(kid) => cache
-                        .keys
-                        .iter()
-                        .find(|(id, _, _)| id.as_deref() == Some(kid.as_str())),
-                    None if cache.keys.len() == 1 => cache.keys.first(),
-                    None => None,
+                let (_, key, alg) = find(&cache.keys, header.kid.as_deref())
+                    .ok_or(AuthError::Invalid("no key with that kid"))?;
+                (key.clone(), *alg)
+            }
+            KeySource::Url(source) => {
+                let keys = source.keys();
+                let Some((_, key, alg)) = find(&keys, header.kid.as_deref()) else {
+                    // Perhaps the issuer rotated its keys: refetch soon, off this request.
+                    if header.kid.is_some() {
+                        source.unknown_kid();
+                    }
+                    return Err(AuthError::Invalid("no key with that kid"));
                 };
-                let (_, key, alg) = found.ok_or(AuthError::Invalid("no key with that kid"))?;
                 (key.clone(), *alg)
             }
         };

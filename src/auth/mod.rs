@@ -10,6 +10,7 @@
 
 mod headers;
 mod jwks;
+mod jwks_url;
 mod jwt;
 #[cfg(test)]
 mod tests;
@@ -103,8 +104,21 @@ fn config_err(key: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 impl Authenticator {
+    /// An authenticator for `auth` settings, as [`Authenticator::new`], that also serves
+    /// `auth.jwks_url`: the URL is fetched now (an error if it does not answer with a
+    /// usable key) and refreshed in the background while the authenticator lives.
+    pub async fn start(auth: &AuthConfig) -> Result<Authenticator, ConfigError> {
+        match auth.mode {
+            AuthMode::Jwt => Ok(Authenticator {
+                mode: Mode::Jwt(Box::new(JwtVerifier::start(auth).await?)),
+                cookie: auth.cookie.clone(),
+            }),
+            _ => Authenticator::new(auth),
+        }
+    }
+
     /// An authenticator for `auth` settings; in `jwt` mode exactly one key source must be
-    /// configured.
+    /// configured (`auth.jwks_url` needs [`Authenticator::start`]).
     pub fn new(auth: &AuthConfig) -> Result<Authenticator, ConfigError> {
         let header = |name: &str| {
             HeaderName::from_bytes(name.as_bytes())

@@ -215,3 +215,64 @@ fn header_modes_take_the_tenant_from_the_header() {
     };
     assert_eq!(a.authenticate_request(&creds).unwrap().tenant, "dev");
 }
+
+#[test]
+fn jwks_url_max_age_is_bounded() {
+    use super::jwks_url::{DEFAULT_MAX_AGE, MAX_MAX_AGE, MIN_MAX_AGE, max_age};
+    use hyper::header::HeaderValue;
+    let age = |v: &'static str| max_age(Some(&HeaderValue::from_static(v)));
+    assert_eq!(max_age(None), DEFAULT_MAX_AGE);
+    assert_eq!(age("public"), DEFAULT_MAX_AGE);
+    assert_eq!(age("public, max-age=600"), Duration::from_secs(600));
+    assert_eq!(
+        age("Max-Age=3600, must-revalidate"),
+        Duration::from_secs(3600)
+    );
+    assert_eq!(age("max-age=5"), MIN_MAX_AGE);
+    assert_eq!(age("max-age=0"), MIN_MAX_AGE);
+    assert_eq!(age("max-age=99999999"), MAX_MAX_AGE);
+    assert_eq!(age("max-age=nonsense"), DEFAULT_MAX_AGE);
+    assert_eq!(age("no-store"), MIN_MAX_AGE);
+    assert_eq!(age("max-age=600, no-cache"), MIN_MAX_AGE);
+}
+
+#[test]
+fn jwks_url_is_one_key_source_and_a_plain_http_url() {
+    let listen = "127.0.0.1:8080".parse().unwrap();
+    let errors = |a: &AuthConfig| {
+        let mut errs = vec![];
+        a.validate(listen, &mut errs);
+        errs.iter().map(ToString::to_string).collect::<Vec<_>>()
+    };
+    let mut a = AuthConfig {
+        jwks_url: Some("https://auth.example.com/.well-known/jwks.json".into()),
+        ..AuthConfig::default()
+    };
+    assert!(errors(&a).is_empty(), "{:?}", errors(&a));
+    assert!(matches!(
+        a.key_source(),
+        Ok(Some(crate::config::KeySource::JwksUrl(_)))
+    ));
+    // Synchronous construction cannot fetch: it says so rather than starting keyless.
+    assert!(Authenticator::new(&a).is_err());
+    a.jwks_url = Some("http://127.0.0.1:9/jwks".into());
+    assert!(errors(&a).is_empty());
+
+    let mut both = AuthConfig::hs256("0123456789abcdef0123");
+    both.jwks_url = a.jwks_url.clone();
+    assert!(errors(&both).iter().any(|e| e.contains("only one of")));
+    for bad in [
+        "ftp://example.com/jwks",
+        "/jwks.json",
+        "not a url",
+        "https://user:secret@example.com/jwks",
+    ] {
+        a.jwks_url = Some(bad.into());
+        let errs = errors(&a);
+        assert!(
+            errs.iter().any(|e| e.contains("auth.jwks_url")),
+            "{bad}: {errs:?}"
+        );
+        assert!(!errs.iter().any(|e| e.contains("secret@")), "{errs:?}");
+    }
+}

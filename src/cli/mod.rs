@@ -280,7 +280,7 @@ async fn execute(command: &Command, config: Config) -> Result<(), CliError> {
         Command::Serve {
             check_config: true, ..
         } => {
-            crate::auth::Authenticator::new(&config.auth)?;
+            crate::auth::Authenticator::start(&config.auth).await?;
             if let Some(files) = config.server.tls() {
                 crate::http::Tls::load(&files)?;
             }

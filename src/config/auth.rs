@@ -23,6 +23,9 @@ pub struct AuthConfig {
     /// `auth.jwks_file`: a JWKS file of public keys, chosen by `kid`, reloaded when the
     /// file changes.
     pub jwks_file: Option<PathBuf>,
+    /// `auth.jwks_url`: an `http://` or `https://` URL serving a JWKS document, fetched
+    /// at start-up, cached per `Cache-Control: max-age` and refreshed in the background.
+    pub jwks_url: Option<String>,
     /// `auth.issuer` (default none): the required `iss`.
     pub issuer: Option<String>,
     /// `auth.audience` (default none): the required `aud`.
@@ -55,6 +58,7 @@ impl Default for AuthConfig {
             secret: None,
             public_key_file: None,
             jwks_file: None,
+            jwks_url: None,
             issuer: None,
             audience: None,
             tenant_claim: "tenant_id".into(),
@@ -93,8 +97,8 @@ impl AuthMode {
     }
 }
 
-/// Where `jwt` mode's key comes from: the one of `auth.secret`, `auth.public_key_file`
-/// and `auth.jwks_file` that is set.
+/// Where `jwt` mode's key comes from: the one of `auth.secret`, `auth.public_key_file`,
+/// `auth.jwks_file` and `auth.jwks_url` that is set.
 #[derive(Clone, Copy, Debug)]
 pub enum KeySource<'a> {
     /// `auth.secret` (HS256).
@@ -103,6 +107,8 @@ pub enum KeySource<'a> {
     PublicKeyFile(&'a Path),
     /// `auth.jwks_file`.
     JwksFile(&'a Path),
+    /// `auth.jwks_url`.
+    JwksUrl(&'a str),
 }
 
 impl AuthConfig {
@@ -126,14 +132,21 @@ impl AuthConfig {
 
     /// The key source that is set (`None` if none is), or the error if more than one is.
     pub fn key_source(&self) -> Result<Option<KeySource<'_>>, ConfigError> {
-        match (&self.secret, &self.public_key_file, &self.jwks_file) {
-            (None, None, None) => Ok(None),
-            (Some(secret), None, None) => Ok(Some(KeySource::Secret(secret))),
-            (None, Some(path), None) => Ok(Some(KeySource::PublicKeyFile(path))),
-            (None, None, Some(path)) => Ok(Some(KeySource::JwksFile(path))),
-            _ => Err(invalid(
+        let set = [
+            self.secret.as_ref().map(KeySource::Secret),
+            self.public_key_file
+                .as_deref()
+                .map(KeySource::PublicKeyFile),
+            self.jwks_file.as_deref().map(KeySource::JwksFile),
+            self.jwks_url.as_deref().map(KeySource::JwksUrl),
+        ];
+        let mut set = set.into_iter().flatten();
+        match (set.next(), set.next()) {
+            (None, _) => Ok(None),
+            (Some(source), None) => Ok(Some(source)),
+            (Some(_), Some(_)) => Err(invalid(
                 "auth.secret",
-                "only one of auth.secret, auth.public_key_file and auth.jwks_file may be set",
+                "only one of auth.secret, auth.public_key_file, auth.jwks_file and auth.jwks_url may be set",
             )),
         }
     }
@@ -157,6 +170,11 @@ impl AuthConfig {
         }
         if let Err(err) = self.key_source() {
             errs.push(err);
+        }
+        if let Some(url) = &self.jwks_url
+            && let Err(message) = check_jwks_url(url)
+        {
+            errs.push(invalid("auth.jwks_url", message));
         }
         if self.tenant_claim.is_empty() {
             errs.push(invalid("auth.tenant_claim", "must not be empty"));
@@ -193,4 +211,28 @@ fn is_token(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// `auth.jwks_url`'s rule: an absolute `http://` or `https://` URL with a host and no
+/// credentials (JWKS endpoints are public; a message never has to hide a password).
+fn check_jwks_url(url: &str) -> Result<(), String> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|_| "is not a URL (expected https://host/path/jwks.json)".to_string())?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err("must start with http:// or https://".into()),
+    }
+    let Some(authority) = uri.authority() else {
+        return Err("has no host".into());
+    };
+    if authority.as_str().contains('@') {
+        return Err(
+            "must not carry credentials (user:password@); JWKS endpoints are public".into(),
+        );
+    }
+    if authority.host().is_empty() {
+        return Err("has no host".into());
+    }
+    Ok(())
 }

@@ -203,7 +203,8 @@ fn keys_are_read_from_the_structs() {
     assert_eq!(find("auth.public_key_file").kind, Kind::Str);
     assert_eq!(find("cors.allowed_origins").kind, Kind::List);
     assert_eq!(find("log.format").env, "PGFEED_LOG_FORMAT");
-    assert_eq!(all.len(), 40);
+    assert_eq!(find("auth.jwks_url").env, "PGFEED_AUTH_JWKS_URL");
+    assert_eq!(all.len(), 41);
     let sections: Vec<&str> = all.iter().map(|k| k.section).fold(vec![], |mut v, s| {
         if v.last() != Some(&s) {
             v.push(s);
