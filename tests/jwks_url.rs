@@ -177,6 +177,10 @@ impl JwksServer {
                             Ok(0) | Err(_) => return,
                             Ok(n) => request.extend_from_slice(&buf[..n]),
                         }
+                        // A TLS ClientHello: this server speaks plain HTTP only.
+                        if request.first() == Some(&0x16) {
+                            return;
+                        }
                     }
                     f.fetch_add(1, Ordering::SeqCst);
                     let (body, cache_control, delay) = {
@@ -389,7 +393,7 @@ async fn unknown_kids_refetch_at_most_once_per_interval() {
 }
 
 /// The gateway refuses to start, naming the key and the URL, when the URL does not
-/// answer or serves no usable key.
+/// answer, serves no usable key, or fails its TLS handshake.
 #[tokio::test]
 async fn start_up_fails_clearly_without_usable_keys() {
     let db = TestDb::new().await;
@@ -415,6 +419,15 @@ async fn start_up_fails_clearly_without_usable_keys() {
         err.contains("auth.jwks_url")
             && err.contains(&server.url)
             && err.contains("has no usable key"),
+        "{err}"
+    );
+
+    // https to a server that speaks plain HTTP: the TLS handshake fails, and says so.
+    let https = server.url.replacen("http://", "https://", 1);
+    let err = start_up_error(sources(&db, &https)).await;
+
+    assert!(
+        err.contains("auth.jwks_url") && err.contains(&https),
         "{err}"
     );
 }
