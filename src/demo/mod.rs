@@ -323,11 +323,11 @@ fn prepare_auth(config: &mut Config) -> Result<(), DemoError> {
         }
         .into());
     }
-    if auth.public_key_file.is_some() || auth.jwks_file.is_some() {
+    if auth.public_key_file.is_some() || auth.jwks_file.is_some() || auth.jwks_url.is_some() {
         return Err(ConfigError::Invalid {
             key: "auth.secret",
             message: "`pgfeed demo` mints HS256 tokens, so it needs auth.secret rather than \
-                      auth.public_key_file or auth.jwks_file"
+                      auth.public_key_file, auth.jwks_file or auth.jwks_url"
                 .into(),
         }
         .into());
