@@ -9,7 +9,6 @@ use pgfeed_testkit as support;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -17,7 +16,9 @@ use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use pgfeed::config::{Config, Sources};
 use serde_json::{Value, json};
-use support::{Gateway, Response, SOON, SseClient, TestDb, assert_streams, get_soon, request};
+use support::{
+    Gateway, Response, SOON, SseClient, TempDir, TestDb, assert_streams, get_soon, request,
+};
 
 fn now() -> u64 {
     SystemTime::now()
@@ -58,32 +59,6 @@ fn alg_none(claims: &Value) -> String {
 // ---------------------------------------------------------------------------------------
 // Keys
 // ---------------------------------------------------------------------------------------
-
-/// A directory removed when the test ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> TempDir {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "pgfeed-{what}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Runs `openssl` with `args`; the tests cannot make keys without it.
 fn openssl(args: &[&str]) {
@@ -246,17 +221,6 @@ fn header<'a>(s: &'a SseClient, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-async fn insert_note(db: &TestDb, tenant: &str, body: &str) {
-    db.client()
-        .await
-        .execute(
-            "INSERT INTO notes (tenant, body) VALUES ($1, $2)",
-            &[&tenant, &body],
-        )
-        .await
-        .unwrap();
-}
-
 // ---------------------------------------------------------------------------------------
 // PEM public keys
 // ---------------------------------------------------------------------------------------
@@ -287,8 +251,8 @@ async fn pem_key_verifies_only_its_own_signatures(kind: Kind) {
     let mut s = assert_streams(gw.addr, "/v1/stream", &[("Authorization", &bearer(&good))]).await;
     // The query parameter carries the same token.
     let mut q = assert_streams(gw.addr, &format!("/v1/stream?access_token={good}"), &[]).await;
-    insert_note(&db, "globex", "not for acme").await;
-    insert_note(&db, "acme", "signed").await;
+    support::insert_note(&db, "globex", "not for acme").await;
+    support::insert_note(&db, "acme", "signed").await;
     for stream in [&mut s, &mut q] {
         let change = stream.next_change().await;
         assert_eq!(change["tenant"], "acme", "{change}");
@@ -344,7 +308,7 @@ async fn pem_key_verifies_only_its_own_signatures(kind: Kind) {
         assert_error(&r, 401, what);
     }
     // Nothing those requests did reached the open streams, which still work.
-    insert_note(&db, "acme", "after").await;
+    support::insert_note(&db, "acme", "after").await;
     assert_eq!(s.next_change().await["new"]["body"], "after");
     drop((s, q));
     gw.stop().await;
@@ -439,7 +403,7 @@ async fn jwks_chooses_by_kid_and_follows_rotation() {
         &[("Authorization", &bearer(&ec.sign(&c, Some("ec-1"))))],
     )
     .await;
-    insert_note(&db, "acme", "jwks").await;
+    support::insert_note(&db, "acme", "jwks").await;
     assert_eq!(by_rsa.next_change().await["new"]["body"], "jwks");
     assert_eq!(by_ec.next_change().await["new"]["body"], "jwks");
     drop((by_rsa, by_ec));
@@ -483,7 +447,7 @@ async fn jwks_chooses_by_kid_and_follows_rotation() {
         &[("Authorization", &bearer(&ed_token))],
     )
     .await;
-    insert_note(&db, "acme", "rotated").await;
+    support::insert_note(&db, "acme", "rotated").await;
     assert_eq!(by_ed.next_change().await["new"]["body"], "rotated");
     drop(by_ed);
 
@@ -595,7 +559,7 @@ async fn issuer_and_audience_are_required_when_configured() {
     let mut minted = gw.stream("acme", "").await;
     assert_eq!(minted.status, 200);
     minted.until_live().await;
-    insert_note(&db, "acme", "iss-aud").await;
+    support::insert_note(&db, "acme", "iss-aud").await;
     assert_eq!(s.next_change().await["new"]["body"], "iss-aud");
     assert_eq!(minted.next_change().await["new"]["body"], "iss-aud");
     drop((s, minted));
@@ -618,8 +582,8 @@ async fn token_from_the_configured_cookie() {
     // The cookie first in the header, and quoted, work too.
     let first = format!("pgfeed_token=\"{good}\"; theme=dark");
     let mut f = assert_streams(gw.addr, "/v1/stream", &[("Cookie", &first)]).await;
-    insert_note(&db, "globex", "other tenant").await;
-    insert_note(&db, "acme", "by cookie").await;
+    support::insert_note(&db, "globex", "other tenant").await;
+    support::insert_note(&db, "acme", "by cookie").await;
     assert_eq!(s.next_change().await["new"]["body"], "by cookie");
     assert_eq!(f.next_change().await["new"]["body"], "by cookie");
 
@@ -811,8 +775,8 @@ async fn trusted_header_mode_takes_the_tenant_from_the_header() {
     let mut acme = assert_streams(gw.addr, "/v1/stream", &[("X-Tenant-Id", "acme")]).await;
     // Header names are case-insensitive.
     let mut lower = assert_streams(gw.addr, "/v1/stream", &[("x-tenant-id", "acme")]).await;
-    insert_note(&db, "globex", "for globex").await;
-    insert_note(&db, "acme", "for acme").await;
+    support::insert_note(&db, "globex", "for globex").await;
+    support::insert_note(&db, "acme", "for acme").await;
     assert_eq!(acme.next_change().await["new"]["body"], "for acme");
     assert_eq!(lower.next_change().await["new"]["body"], "for acme");
 
@@ -856,8 +820,8 @@ async fn trusted_header_mode_with_a_custom_header() {
     ))
     .await;
     let mut s = assert_streams(gw.addr, "/v1/stream", &[("X-Org", "acme")]).await;
-    insert_note(&db, "globex", "no").await;
-    insert_note(&db, "acme", "yes").await;
+    support::insert_note(&db, "globex", "no").await;
+    support::insert_note(&db, "acme", "yes").await;
     assert_eq!(s.next_change().await["new"]["body"], "yes");
     let r = get_soon(gw.addr, "/v1/stream", &[("X-Tenant-Id", "acme")]).await;
     assert!(
@@ -922,8 +886,8 @@ async fn none_mode_takes_the_tenant_from_the_query() {
     let gw = Gateway::start_with(sources_with(&db, true, &[("PGFEED_AUTH_MODE", "none")])).await;
     let mut acme = assert_streams(gw.addr, "/v1/stream?tenant=acme", &[]).await;
     let mut by_header = assert_streams(gw.addr, "/v1/stream", &[("X-Tenant-Id", "globex")]).await;
-    insert_note(&db, "globex", "globex row").await;
-    insert_note(&db, "acme", "acme row").await;
+    support::insert_note(&db, "globex", "globex row").await;
+    support::insert_note(&db, "acme", "acme row").await;
     assert_eq!(acme.next_change().await["new"]["body"], "acme row");
     assert_eq!(by_header.next_change().await["new"]["body"], "globex row");
     acme.assert_quiet(Duration::from_millis(200)).await;
@@ -1040,7 +1004,7 @@ async fn cors_answers_allowed_origins_only() {
         Some("https://app.example")
     );
     assert_eq!(header(&s, "access-control-allow-credentials"), Some("true"));
-    insert_note(&db, "acme", "cors").await;
+    support::insert_note(&db, "acme", "cors").await;
     assert_eq!(s.next_change().await["new"]["body"], "cors");
     // Errors too, so that the page can read why.
     let r = get_soon(gw.addr, "/v1/stream", &[("Origin", "https://app.example")]).await;
@@ -1148,8 +1112,8 @@ async fn per_tenant_stream_limit() {
     )
     .await;
     // The refused request registered nothing: the open streams still deliver.
-    insert_note(&db, "acme", "a").await;
-    insert_note(&db, "globex", "g").await;
+    support::insert_note(&db, "acme", "a").await;
+    support::insert_note(&db, "globex", "g").await;
     assert_eq!(a2.next_change().await["new"]["body"], "a");
     assert_eq!(g.next_change().await["new"]["body"], "g");
 

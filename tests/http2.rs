@@ -20,10 +20,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use pgfeed::config::{Config, TlsFiles};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use support::{SOON, TestDb};
+use support::{Gateway, SOON, TestDb};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_util::sync::CancellationToken;
 
 /// A CA (PEM) and a server certificate it signed for `localhost` (PEM, and its key).
 struct Pair {
@@ -195,72 +194,31 @@ async fn body_text(response: Response<Incoming>) -> String {
     String::from_utf8_lossy(&body).into_owned()
 }
 
-/// A gateway in-process, listening with the settings `env` adds.
-struct Gateway {
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), pgfeed::ServeError>>,
-    config: Config,
+/// A gateway in-process, listening with the settings `env` adds (not waited for: the test
+/// kit's client speaks no TLS; see [`ready_tls`]).
+async fn start(db: &TestDb, env: Vec<(String, String)>) -> Gateway {
+    let mut sources = support::sources(db);
+    sources.env.extend(env);
+    Gateway::spawn(sources).await
 }
 
-impl Gateway {
-    /// Starts it, and waits until `ready` (a check of `/readyz` the way this gateway
-    /// speaks) answers.
-    async fn start(db: &TestDb, env: Vec<(String, String)>) -> Gateway {
-        let mut sources = support::sources(db);
-        sources.env.extend(env);
-        let config = Config::load(&sources).expect("test config");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(pgfeed::serve(config.clone(), listener, shutdown.clone()));
-        Gateway {
-            addr,
-            shutdown,
-            task,
-            config,
-        }
+/// Whether the gateway at `addr` answers `/readyz` with 200 over TLS (HTTP/2).
+async fn ready_over_tls(addr: SocketAddr, ca: &str) -> bool {
+    if let Ok(tls) = tls_connect(addr, client_tls(ca, &[b"h2"])).await
+        && let Ok(mut send) = h2_over(tls).await
+    {
+        return send_h2(&mut send, get("/readyz", None)).await.status() == 200;
     }
-
-    /// Waits until `/readyz` answers 200 over TLS (HTTP/2).
-    async fn ready_tls(&self, ca: &str) {
-        let deadline = Instant::now() + SOON;
-        loop {
-            assert!(!self.task.is_finished(), "the gateway ended before ready");
-            if let Ok(tls) = tls_connect(self.addr, client_tls(ca, &[b"h2"])).await
-                && let Ok(mut send) = h2_over(tls).await
-                && send_h2(&mut send, get("/readyz", None)).await.status() == 200
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "not ready within {SOON:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn token(&self, tenant: &str) -> String {
-        pgfeed::auth::mint(&self.config.auth, tenant, None, Duration::from_secs(3600)).unwrap()
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(SOON, self.task)
-            .await
-            .expect("the gateway stops in time")
-            .unwrap()
-            .expect("serve returns Ok");
-    }
+    false
 }
 
-async fn insert(db: &TestDb, tenant: &str, body: &str) {
-    db.client()
-        .await
-        .execute(
-            "INSERT INTO notes (tenant, body) VALUES ($1, $2)",
-            &[&tenant, &body],
-        )
-        .await
-        .unwrap();
+/// Waits until `gw` answers `/readyz` with 200 over TLS (HTTP/2).
+async fn ready_tls(gw: &Gateway, ca: &str) {
+    support::eventually("the gateway ready over TLS", || async {
+        assert!(!gw.task.is_finished(), "the gateway ended before ready");
+        ready_over_tls(gw.addr, ca).await
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,8 +233,8 @@ async fn ten_streams_on_one_http2_connection_all_receive_a_change() {
         "10".into(),
     ));
     env.push(("PGFEED_SERVER_HEARTBEAT".into(), "300ms".into()));
-    let gw = Gateway::start(&db, env).await;
-    gw.ready_tls(&pair.ca).await;
+    let gw = start(&db, env).await;
+    ready_tls(&gw, &pair.ca).await;
 
     let mut send = h2_connect(gw.addr, &pair.ca).await;
     let token = gw.token("acme");
@@ -309,8 +267,8 @@ async fn ten_streams_on_one_http2_connection_all_receive_a_change() {
     assert!(refused.contains("\"code\""), "{refused}");
     assert!(send_h2(&mut send, get("/healthz", None)).await.status() == 200);
 
-    insert(&db, "other", "not for acme").await;
-    insert(&db, "acme", "over h2").await;
+    support::insert_note(&db, "other", "not for acme").await;
+    support::insert_note(&db, "acme", "over h2").await;
     let mut changes = Vec::new();
     for (body, text) in &mut streams {
         read_until(body, text, "over h2").await;
@@ -389,8 +347,8 @@ async fn http1_over_tls_still_streams_and_cleartext_is_not_spoken() {
     support::tenant_table(&db, "notes").await;
     let dir = Dir::new("h1");
     let pair = make_pair("h1 CA");
-    let gw = Gateway::start(&db, dir.write_pair(&pair)).await;
-    gw.ready_tls(&pair.ca).await;
+    let gw = start(&db, dir.write_pair(&pair)).await;
+    ready_tls(&gw, &pair.ca).await;
 
     let tls = tls_connect(gw.addr, client_tls(&pair.ca, &[b"http/1.1"]))
         .await
@@ -409,7 +367,7 @@ async fn http1_over_tls_still_streams_and_cleartext_is_not_spoken() {
     let mut body = response.into_body();
     let mut text = String::new();
     read_until(&mut body, &mut text, "event: live").await;
-    insert(&db, "acme", "over http/1.1 and tls").await;
+    support::insert_note(&db, "acme", "over http/1.1 and tls").await;
     read_until(&mut body, &mut text, "over http/1.1 and tls").await;
 
     // A client without ALPN gets HTTP/1.1 too.
@@ -438,8 +396,8 @@ async fn a_changed_certificate_is_served_to_new_connections_and_a_bad_one_is_not
     support::tenant_table(&db, "notes").await;
     let dir = Dir::new("reload");
     let first = make_pair("first CA");
-    let gw = Gateway::start(&db, dir.write_pair(&first)).await;
-    gw.ready_tls(&first.ca).await;
+    let gw = start(&db, dir.write_pair(&first)).await;
+    ready_tls(&gw, &first.ca).await;
     let served = |pair: &Pair| CertificateDer::from_pem_slice(pair.cert.as_bytes()).unwrap();
     let addr = gw.addr;
     let peer = |ca: String| async move {
@@ -477,7 +435,7 @@ async fn a_changed_certificate_is_served_to_new_connections_and_a_bad_one_is_not
         "the old CA still verifies"
     );
 
-    insert(&db, "acme", "after the reload").await;
+    support::insert_note(&db, "acme", "after the reload").await;
     read_until(&mut body, &mut text, "after the reload").await;
     gw.stop().await;
 }
@@ -617,7 +575,7 @@ async fn h2c_with_prior_knowledge_only_when_enabled() {
     let db = TestDb::new().await;
     support::tenant_table(&db, "notes").await;
 
-    let gw = Gateway::start(&db, vec![("PGFEED_SERVER_H2C".into(), "true".into())]).await;
+    let gw = start(&db, vec![("PGFEED_SERVER_H2C".into(), "true".into())]).await;
     support::wait_until_ready(gw.addr).await;
     let mut send = h2_over(TcpStream::connect(gw.addr).await.unwrap())
         .await
@@ -633,7 +591,7 @@ async fn h2c_with_prior_knowledge_only_when_enabled() {
         read_until(&mut body, &mut text, "event: live").await;
         bodies.push((body, text));
     }
-    insert(&db, "acme", "over h2c").await;
+    support::insert_note(&db, "acme", "over h2c").await;
     for (body, text) in &mut bodies {
         read_until(body, text, "over h2c").await;
     }
@@ -649,7 +607,7 @@ async fn h2c_with_prior_knowledge_only_when_enabled() {
     gw.stop().await;
 
     // Off (the default): the preface is not HTTP/2's, no request gets through.
-    let gw = Gateway::start(&db, Vec::new()).await;
+    let gw = start(&db, Vec::new()).await;
     support::wait_until_ready(gw.addr).await;
     let attempt = tokio::time::timeout(SOON, async {
         let mut send = h2_over(TcpStream::connect(gw.addr).await.unwrap()).await?;
@@ -669,10 +627,7 @@ async fn ready_tls_at(addr: SocketAddr, ca: &str, child: &mut tokio::process::Ch
         if let Some(status) = child.try_wait().unwrap() {
             panic!("pgfeed serve exited ({status}) before it was ready");
         }
-        if let Ok(tls) = tls_connect(addr, client_tls(ca, &[b"h2"])).await
-            && let Ok(mut send) = h2_over(tls).await
-            && send_h2(&mut send, get("/readyz", None)).await.status() == 200
-        {
+        if ready_over_tls(addr, ca).await {
             return;
         }
         assert!(Instant::now() < deadline, "not ready within {SOON:?}");
@@ -808,7 +763,7 @@ async fn idle_streams_on_http2_stay_within_8_kib_each() {
     );
 
     // They are all alive: tenant t0's streams get its change.
-    insert(&db, "t0", "still live").await;
+    support::insert_note(&db, "t0", "still live").await;
     for (_, body) in streams.iter_mut().filter(|(t, _)| t == "t0") {
         read_until(body, &mut String::new(), "still live").await;
     }
@@ -849,7 +804,7 @@ async fn idle_http1_streams_over_tls_stay_bounded() {
         per_stream <= 48.0,
         "{per_stream:.2} KiB per idle HTTP/1.1 stream over TLS (RSS {before} -> {after} KiB)"
     );
-    insert(&db, "t0", "still live").await;
+    support::insert_note(&db, "t0", "still live").await;
     for (_, _, body) in streams.iter_mut().filter(|(t, _, _)| t == "t0") {
         read_until(body, &mut String::new(), "still live").await;
     }
@@ -866,8 +821,8 @@ async fn over_the_connection_cap_tls_probes_are_answered_and_streams_refused() {
     let pair = make_pair("overflow CA");
     let mut env = dir.write_pair(&pair);
     env.push(("PGFEED_SERVER_MAX_CONNECTIONS".into(), "1".into()));
-    let gw = Gateway::start(&db, env).await;
-    gw.ready_tls(&pair.ca).await;
+    let gw = start(&db, env).await;
+    ready_tls(&gw, &pair.ca).await;
     let token = gw.token("acme");
 
     // The one connection allowed, holding a stream (once the probes' connections closed).
@@ -914,8 +869,8 @@ async fn idle_http2_connections_and_stalled_handshakes_are_closed() {
     let mut env = dir.write_pair(&pair);
     env.push(("PGFEED_SERVER_HEADER_TIMEOUT".into(), "1s".into()));
     env.push(("PGFEED_SERVER_HEARTBEAT".into(), "300ms".into()));
-    let gw = Gateway::start(&db, env).await;
-    gw.ready_tls(&pair.ca).await;
+    let gw = start(&db, env).await;
+    ready_tls(&gw, &pair.ca).await;
 
     let mut idle = h2_connect(gw.addr, &pair.ca).await;
     assert_eq!(
@@ -948,7 +903,7 @@ async fn idle_http2_connections_and_stalled_handshakes_are_closed() {
     }
     // The stream's connection is still serving it.
     assert!(!busy.is_closed());
-    insert(&db, "acme", "still here").await;
+    support::insert_note(&db, "acme", "still here").await;
     read_until(&mut body, &mut text, "still here").await;
     gw.stop().await;
 }

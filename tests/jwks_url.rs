@@ -7,7 +7,6 @@
 use pgfeed_testkit as support;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +16,7 @@ use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use pgfeed::config::{Config, Sources};
 use serde_json::{Value, json};
-use support::{Gateway, SOON, TestDb, assert_streams, get_soon};
+use support::{Gateway, SOON, TempDir, TestDb, assert_streams, get_soon};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -37,28 +36,6 @@ fn bearer(token: &str) -> String {
 // ---------------------------------------------------------------------------------------
 // Keys
 // ---------------------------------------------------------------------------------------
-
-/// A directory removed when the test ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> TempDir {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "pgfeed-{what}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn openssl(args: &[&str]) {
     let out = Command::new("openssl")
@@ -248,17 +225,6 @@ async fn probe(addr: SocketAddr, token: &str) -> u16 {
         .status
 }
 
-async fn insert_note(db: &TestDb, tenant: &str, body: &str) {
-    db.client()
-        .await
-        .execute(
-            "INSERT INTO notes (tenant, body) VALUES ($1, $2)",
-            &[&tenant, &body],
-        )
-        .await
-        .unwrap();
-}
-
 /// The error `serve` ends with for `sources` (it must not start).
 async fn start_up_error(sources: Sources) -> String {
     let config = Config::load(&sources).expect("the settings are valid");
@@ -305,7 +271,7 @@ async fn the_served_key_verifies_and_encryption_keys_are_ignored() {
         &[("Authorization", &bearer(&signer.sign(&c, "sig-1")))],
     )
     .await;
-    insert_note(&db, "acme", "by url").await;
+    support::insert_note(&db, "acme", "by url").await;
     assert_eq!(s.next_change().await["new"]["body"], "by url");
 
     let r = get_soon(

@@ -192,6 +192,18 @@ pub async fn tenant_table(db: &TestDb, name: &str) {
     .unwrap();
 }
 
+/// Inserts a row of `tenant` into a [`tenant_table`] named `notes`.
+pub async fn insert_note(db: &TestDb, tenant: &str, body: &str) {
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO notes (tenant, body) VALUES ($1, $2)",
+            &[&tenant, &body],
+        )
+        .await
+        .unwrap();
+}
+
 /// Creates and watches [`tenant_table`] `table` on `db`, starts a gateway with [`sources`]
 /// plus `env`, and opens `acme`'s stream, read up to `live`.
 pub async fn start_with_acme_stream(

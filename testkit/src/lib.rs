@@ -27,6 +27,7 @@ pub mod docs;
 pub mod gateway;
 pub mod proxy;
 pub mod roles;
+pub mod tempdir;
 pub mod tools;
 pub mod wait;
 pub mod workload;
@@ -37,6 +38,7 @@ pub use docs::*;
 pub use gateway::*;
 pub use proxy::*;
 pub use roles::*;
+pub use tempdir::TempDir;
 pub use tools::*;
 pub use wait::*;
 
