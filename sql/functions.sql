@@ -547,6 +547,7 @@ DECLARE
     tenant   text;
     excl     text[];
     exclnums int2[];
+    gone     name[] := '{}';
     incl     int2[];
     args     text[];
     wanted   bytea := ''::bytea;
@@ -588,6 +589,39 @@ BEGIN
     SELECT coalesce(array_agg(a.attnum ORDER BY a.attnum), '{}') INTO exclnums
     FROM pg_attribute AS a
     WHERE a.attrelid = root AND a.attnum = ANY (w.exclude_attnums) AND NOT a.attisdropped;
+    -- ... but an excluded column's name is remembered (migration 8): a column added or
+    -- renamed under it later is excluded too, so dropping and re-adding a column never
+    -- publishes it. The stored names are those of the stored numbers, pair by pair (both
+    -- in attribute order, as this function writes them); settings whose lists differ in
+    -- length (written before version 4) remember every name no live excluded column has.
+    IF w.include_attnums IS NULL THEN
+        IF cardinality(w.exclude_attnums) = cardinality(w.exclude_columns) THEN
+            SELECT coalesce(array_agg(DISTINCT d.name ORDER BY d.name), '{}') INTO gone
+            FROM (SELECT unnest(w.exclude_dropped) AS name
+                  UNION ALL
+                  SELECT e.name FROM unnest(w.exclude_attnums, w.exclude_columns) AS e(num, name)
+                  WHERE NOT e.num = ANY (exclnums)) AS d;
+        ELSE
+            SELECT coalesce(array_agg(DISTINCT d.name ORDER BY d.name), '{}') INTO gone
+            FROM (SELECT unnest(w.exclude_dropped) AS name
+                  UNION ALL
+                  SELECT e.name FROM unnest(w.exclude_columns) AS e(name)
+                  WHERE NOT EXISTS (SELECT FROM pg_attribute AS a
+                                    WHERE a.attrelid = root AND a.attnum = ANY (exclnums)
+                                      AND a.attname = e.name)) AS d;
+        END IF;
+        SELECT coalesce(array_agg(DISTINCT n ORDER BY n), '{}') INTO exclnums
+        FROM (SELECT unnest(exclnums) AS n
+              UNION ALL
+              SELECT a.attnum FROM pg_attribute AS a
+              WHERE a.attrelid = root AND a.attnum > 0 AND NOT a.attisdropped
+                AND a.attname = ANY (gone)) AS x;
+        SELECT coalesce(array_agg(g ORDER BY g), '{}') INTO gone
+        FROM unnest(gone) AS g
+        WHERE NOT EXISTS (SELECT FROM pg_attribute AS a
+                          WHERE a.attrelid = root AND a.attnum > 0 AND NOT a.attisdropped
+                            AND a.attname = g);
+    END IF;
     IF w.include_attnums IS NOT NULL THEN
         SELECT coalesce(array_agg(a.attnum ORDER BY a.attnum), '{}') INTO incl
         FROM pg_attribute AS a
@@ -640,6 +674,7 @@ BEGIN
        OR w.pk_columns <> pk::name[]
        OR w.exclude_attnums <> exclnums
        OR w.include_attnums IS DISTINCT FROM incl
+       OR w.exclude_dropped <> gone
        OR w.exclude_columns <> (SELECT coalesce(array_agg(a.attname ORDER BY a.attnum), '{}')
                                 FROM pg_attribute AS a
                                 WHERE a.attrelid = root AND a.attnum = ANY (exclnums)) THEN
@@ -648,6 +683,7 @@ BEGIN
             pk_columns = pk::name[],
             exclude_attnums = exclnums,
             include_attnums = incl,
+            exclude_dropped = gone,
             exclude_columns = (SELECT coalesce(array_agg(a.attname ORDER BY a.attnum), '{}')
                                FROM pg_attribute AS a
                                WHERE a.attrelid = root AND a.attnum = ANY (exclnums))
@@ -885,6 +921,7 @@ BEGIN
             tenant_attnum = excluded.tenant_attnum,
             exclude_attnums = excluded.exclude_attnums,
             include_attnums = excluded.include_attnums,
+            exclude_dropped = '{}',
             watched_at = now();
     PERFORM pgfeed._apply(tbl);
     -- Gateways reload their catalog of tables and columns on this payload.

@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 use crate::db::{DecodeError, decode};
 
 /// The schema version this binary expects: the number of the newest migration.
-pub const VERSION: i32 = 7;
+pub const VERSION: i32 = 8;
 
 /// Table migrations, applied in order, each once.
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -23,6 +23,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (5, include_str!("../sql/005_commits_never_wait.sql")),
     (6, include_str!("../sql/006_async_seal.sql")),
     (7, include_str!("../sql/007_tenant_replay.sql")),
+    (8, include_str!("../sql/008_dropped_exclusions.sql")),
 ];
 
 /// Functions and triggers, re-applied by every install.
@@ -348,7 +349,8 @@ pub struct Watched {
     pub table: String,
     /// Tenant column, `None` for public tables.
     pub tenant_column: Option<String>,
-    /// Columns kept out of events.
+    /// Columns kept out of events, then the names of excluded columns that were dropped
+    /// (a column added under one of them is kept out too).
     pub exclude_columns: Vec<String>,
     /// With an include list, the only columns (besides key and tenant) events carry.
     pub include_columns: Option<Vec<String>>,
@@ -372,7 +374,7 @@ pub async fn watched(client: &Client) -> Result<Vec<Watched>, SchemaError> {
                      WHERE a.attrelid = w.tbl AND a.attnum = w.tenant_attnum),
                     ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute AS a
                           WHERE a.attrelid = w.tbl AND a.attnum = ANY (w.exclude_attnums)
-                          ORDER BY a.attnum),
+                          ORDER BY a.attnum) || w.exclude_dropped::text[],
                     CASE WHEN w.include_attnums IS NOT NULL THEN
                         ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute AS a
                               WHERE a.attrelid = w.tbl AND a.attnum = ANY (w.include_attnums)
