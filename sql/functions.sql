@@ -1019,6 +1019,58 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgfeed FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA pgfeed FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA pgfeed FROM PUBLIC;
 
+-- pgfeed_capture and pgfeed_gateway are cluster-wide and may exist before install, created
+-- by anyone with CREATEROLE: install uses them only if they are what it would have created.
+-- A role that can log in, or has an attribute beyond NOLOGIN, could use what install grants
+-- it (write journal rows, i.e. forge events; read every tenant's changes). A member of
+-- pgfeed_capture other than the installing role (who needs it when not a superuser) could
+-- write journal rows in its own transactions, and pgfeed_capture being a member of another
+-- role would run capture, and the code rendering rows, with that role's privileges.
+-- Memberships that grant neither SET nor INHERIT (PostgreSQL 16's ADMIN-only grants to a
+-- role's creator) give nothing and are let through.
+DO $$
+DECLARE
+    r    record;
+    bad  text;
+BEGIN
+    FOR r IN SELECT * FROM pg_roles WHERE rolname IN ('pgfeed_capture', 'pgfeed_gateway')
+             ORDER BY rolname LOOP
+        bad := concat_ws(', ', CASE WHEN r.rolsuper THEN 'SUPERUSER' END,
+                               CASE WHEN r.rolcanlogin THEN 'LOGIN' END,
+                               CASE WHEN r.rolbypassrls THEN 'BYPASSRLS' END,
+                               CASE WHEN r.rolcreaterole THEN 'CREATEROLE' END,
+                               CASE WHEN r.rolcreatedb THEN 'CREATEDB' END,
+                               CASE WHEN r.rolreplication THEN 'REPLICATION' END);
+        IF bad <> '' THEN
+            RAISE EXCEPTION 'pgfeed: role % exists with %: install will not grant it pgfeed''s privileges', r.rolname, bad
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = format('Check who created it; ALTER ROLE %I NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEROLE NOCREATEDB NOREPLICATION, then run pgfeed install again.', r.rolname);
+        END IF;
+    END LOOP;
+    SELECT string_agg(quote_ident(m.rolname), ', ' ORDER BY m.rolname) INTO bad
+    FROM pg_auth_members AS am
+    JOIN pg_roles AS c ON c.oid = am.roleid AND c.rolname = 'pgfeed_capture'
+    JOIN pg_roles AS m ON m.oid = am.member
+    WHERE m.rolname <> current_user AND NOT m.rolsuper
+      AND (coalesce((to_jsonb(am) ->> 'set_option')::boolean, true)
+           OR coalesce((to_jsonb(am) ->> 'inherit_option')::boolean, true));
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfeed: role pgfeed_capture has members other than the installing role (%): each could write journal rows, i.e. forge events', bad
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('REVOKE pgfeed_capture FROM %s; then run pgfeed install again.', bad);
+    END IF;
+    SELECT string_agg(quote_ident(g.rolname), ', ' ORDER BY g.rolname) INTO bad
+    FROM pg_auth_members AS am
+    JOIN pg_roles AS c ON c.oid = am.member AND c.rolname = 'pgfeed_capture'
+    JOIN pg_roles AS g ON g.oid = am.roleid;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfeed: role pgfeed_capture is a member of %: capture, and the code that renders rows, would run with those privileges', bad
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('REVOKE %s FROM pgfeed_capture; then run pgfeed install again.', bad);
+    END IF;
+END
+$$;
+
 -- The capture and seal functions run as pgfeed_capture, a role that can do nothing but
 -- append to the journal: whatever runs inside them runs with that little, not with the
 -- installer's privileges. Creating the role needs CREATEROLE (or a superuser); without

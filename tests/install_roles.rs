@@ -1,0 +1,154 @@
+//! `pgfeed_capture` and `pgfeed_gateway` are cluster-wide: anyone with CREATEROLE can make
+//! them before pgfeed is installed, or change them between installs. Install grants them
+//! the journal (write, for capture; read every tenant's changes, for gateways), so it must
+//! refuse roles that are not what it would have created: one an attacker can log in as,
+//! one with more attributes than NOLOGIN, a capture role with other members (each could
+//! write journal rows, i.e. forge events), or a capture role that is itself a member of
+//! another role (capture, and the code that renders rows, would run with that role's
+//! privileges).
+//!
+//! The test starts a cluster of its own: it changes cluster-wide roles, which every other
+//! install in a shared cluster (or on a server given by `PGFEED_TEST_DATABASE_URL`) would
+//! see.
+
+use pgfeed::cluster::{Cluster, Search};
+use pgfeed_testkit as support;
+
+use support::Run;
+
+/// A cluster of this test's own, with a maintenance connection, handing out new databases.
+struct Own {
+    cluster: Cluster,
+    admin: tokio_postgres::Client,
+    databases: usize,
+}
+
+impl Own {
+    async fn start() -> Own {
+        let cluster = tokio::task::spawn_blocking(|| {
+            Cluster::start(&Search::local())
+                .unwrap_or_else(|e| panic!("cannot start a cluster of this test's own: {e}"))
+        })
+        .await
+        .expect("starting the cluster");
+        let admin = support::connect(&cluster.url()).await;
+        Own {
+            cluster,
+            admin,
+            databases: 0,
+        }
+    }
+
+    /// A connection to a new, empty database.
+    async fn new_database(&mut self) -> tokio_postgres::Client {
+        self.databases += 1;
+        let name = format!("roles_{}", self.databases);
+        self.admin.run(&format!("CREATE DATABASE {name}")).await;
+        let url = format!(
+            "postgres://postgres@127.0.0.1:{}/{name}",
+            self.cluster.port()
+        );
+        support::connect(&url).await
+    }
+
+    /// Installs into a new database, which must fail; returns the error's text (message
+    /// and hint), and checks that nothing was installed.
+    async fn refused(&mut self) -> String {
+        let mut c = self.new_database().await;
+        let err = match pgfeed::schema::install(&mut c).await {
+            Ok(done) => panic!("install succeeded ({done:?}) over a role it must refuse"),
+            Err(e) => e.to_string(),
+        };
+        let schema = support::query_i64(
+            &c,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgfeed'",
+            &[],
+        )
+        .await;
+        assert_eq!(
+            schema, 0,
+            "a refused install left schema pgfeed behind: {err}"
+        );
+        err
+    }
+}
+
+#[tokio::test]
+async fn install_refuses_capture_and_gateway_roles_it_did_not_make_safe() {
+    let mut own = Own::start().await;
+    let admin = own.new_database().await;
+    admin
+        .run(
+            "CREATE ROLE mallory LOGIN PASSWORD 'pw';
+             CREATE ROLE pgfeed_capture LOGIN PASSWORD 'known-to-mallory'",
+        )
+        .await;
+
+    let err = own.refused().await;
+    assert!(
+        err.contains("role pgfeed_capture exists with LOGIN")
+            && err.contains("ALTER ROLE pgfeed_capture NOLOGIN"),
+        "{err}"
+    );
+
+    // NOLOGIN now, but mallory was made a member: it could SET ROLE and write journal rows.
+    admin
+        .run(
+            "ALTER ROLE pgfeed_capture NOLOGIN PASSWORD NULL;
+             GRANT pgfeed_capture TO mallory",
+        )
+        .await;
+    let err = own.refused().await;
+    assert!(
+        err.contains("members other than the installing role (mallory)")
+            && err.contains("REVOKE pgfeed_capture FROM mallory"),
+        "{err}"
+    );
+
+    // pgfeed_capture a member of mallory: capture would run with mallory's privileges.
+    admin
+        .run(
+            "REVOKE pgfeed_capture FROM mallory;
+             GRANT mallory TO pgfeed_capture",
+        )
+        .await;
+    let err = own.refused().await;
+    assert!(
+        err.contains("pgfeed_capture is a member of mallory"),
+        "{err}"
+    );
+
+    // The gateway role, with an attribute that skips the journal's row-level security.
+    admin
+        .run(
+            "REVOKE mallory FROM pgfeed_capture;
+             CREATE ROLE pgfeed_gateway NOLOGIN BYPASSRLS",
+        )
+        .await;
+    let err = own.refused().await;
+    assert!(
+        err.contains("role pgfeed_gateway exists with BYPASSRLS"),
+        "{err}"
+    );
+
+    // Made safe, they are used: install succeeds, and a gateway's login role may be a
+    // member of pgfeed_gateway (that is what it is for).
+    admin
+        .run(
+            "ALTER ROLE pgfeed_gateway NOBYPASSRLS;
+             GRANT pgfeed_gateway TO mallory",
+        )
+        .await;
+    let mut c = own.new_database().await;
+    pgfeed::schema::install(&mut c)
+        .await
+        .expect("install over roles made safe");
+    let owner = support::query_i64(
+        &c,
+        "SELECT count(*) FROM pg_proc
+             WHERE proname = '_capture_insert' AND proowner = 'pgfeed_capture'::regrole",
+        &[],
+    )
+    .await;
+    assert_eq!(owner, 1, "capture runs as pgfeed_capture once it is safe");
+}
