@@ -620,6 +620,76 @@ async fn h2c_with_prior_knowledge_only_when_enabled() {
     gw.stop().await;
 }
 
+/// A client that stops taking one stream's data (HTTP/2 flow control is per stream) while
+/// it keeps the connection, and another stream on it, alive: the stalled stream's
+/// subscriber is dropped within `server.write_timeout` and a heartbeat (and a quarter of
+/// both), counted as a write timeout; the other stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_whose_client_takes_no_data_is_closed_and_its_neighbour_goes_on() {
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "notes").await;
+    let gw = start(
+        &db,
+        vec![
+            ("PGFEED_SERVER_H2C".into(), "true".into()),
+            ("PGFEED_SERVER_WRITE_TIMEOUT".into(), "1s".into()),
+            ("PGFEED_SERVER_HEARTBEAT".into(), "1s".into()),
+        ],
+    )
+    .await;
+    support::wait_until_ready(gw.addr).await;
+    // A small window per stream: what the client does not take stops the server at 4 KiB.
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(4096)
+        .handshake(TokioIo::new(TcpStream::connect(gw.addr).await.unwrap()))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let token = gw.token("acme");
+    let stalled = send_h2(&mut send, get("/v1/stream", Some(&token))).await;
+    assert_eq!(stalled.status(), 200);
+    let mut reader = send_h2(&mut send, get("/v1/stream", Some(&token)))
+        .await
+        .into_body();
+    let mut text = String::new();
+    read_until(&mut reader, &mut text, "event: live").await;
+    let page = support::scrape(&gw).await;
+    assert_eq!(support::sample(&page, "pgfeed_subscribers"), Some(2.0));
+
+    // 20 rows of 1 KiB: five times the stalled stream's window.
+    let filler = "x".repeat(1000);
+    for i in 0..20 {
+        support::insert_note(&db, "acme", &format!("row-{i:02}-{filler}")).await;
+    }
+    read_until(&mut reader, &mut text, "row-19-").await;
+    support::eventually("the stalled stream's subscriber is dropped", || async {
+        let page = support::scrape(&gw).await;
+        support::sample(&page, "pgfeed_write_timeouts_total") == Some(1.0)
+            && support::sample(&page, "pgfeed_subscribers") == Some(1.0)
+    })
+    .await;
+
+    support::insert_note(&db, "acme", "after the close").await;
+    read_until(&mut reader, &mut text, "after the close").await;
+    // Read now, the stalled stream ends after what was in flight.
+    let mut body = stalled.into_body();
+    let mut got = String::new();
+    let ended = tokio::time::timeout(SOON, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                got.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the closed stream did not end; got {got:?}");
+    assert!(
+        !got.contains("after the close"),
+        "the closed stream went on: {got:?}"
+    );
+    gw.stop().await;
+}
+
 /// Waits until the gateway at `addr` answers `/readyz` with 200 over TLS (HTTP/2).
 async fn ready_tls_at(addr: SocketAddr, ca: &str, child: &mut tokio::process::Child) {
     let deadline = Instant::now() + SOON;

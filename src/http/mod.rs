@@ -213,11 +213,17 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let idle_timeout = state.connections.header_timeout;
+    let stalls = h2::Stalls {
+        write_timeout: state.connections.write_timeout,
+        heartbeat: state.stream.heartbeat,
+        metrics: Arc::clone(&state.metrics),
+    };
     let handler = move |req| {
         let state = Arc::clone(&state);
         async move { route(&state, req).await }
     };
-    if let Err(err) = serve_connection_h2(io, handler, idle_timeout, &shutdown).await {
+    if let Err(err) = serve_connection_h2(io, handler, idle_timeout, Some(&stalls), &shutdown).await
+    {
         tracing::debug!(cause = %err, "HTTP/2 connection ended with an error");
     }
 }

@@ -81,7 +81,7 @@ pub(crate) async fn overflow_tls(
             }
         };
         let _ = if h2 {
-            super::serve_connection_h2(io, handler, OVERFLOW_HEAD_TIMEOUT, shutdown).await
+            super::serve_connection_h2(io, handler, OVERFLOW_HEAD_TIMEOUT, None, shutdown).await
         } else {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
