@@ -869,10 +869,10 @@ async fn ten_event_sources_on_one_page_share_one_http2_connection() {
     support::tenant_table(&db, "notes").await;
     let dir = std::env::temp_dir().join(format!("pgfeed-browser-h2-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let pair = support::cert_pair("browser test CA", &["localhost"]);
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert, certified.cert.pem()).unwrap();
-    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    std::fs::write(&cert, &pair.cert).unwrap();
+    std::fs::write(&key, &pair.key).unwrap();
     let mut sources = support::sources(&db);
     sources.env.extend([
         (

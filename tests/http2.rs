@@ -20,39 +20,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use pgfeed::config::{Config, TlsFiles};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use support::{Gateway, SOON, TestDb};
+use support::{CertPair, Gateway, SOON, TestDb};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 /// A CA (PEM) and a server certificate it signed for `localhost` (PEM, and its key).
-struct Pair {
-    ca: String,
-    cert: String,
-    key: String,
-}
-
-fn make_pair(ca_name: &str) -> Pair {
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
-        KeyUsagePurpose,
-    };
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, ca_name);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut server =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    server
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    let server = server.signed_by(&key, &ca).unwrap();
-    Pair {
-        ca: ca.pem(),
-        cert: server.pem(),
-        key: key.serialize_pem(),
-    }
+fn make_pair(ca_name: &str) -> CertPair {
+    support::cert_pair(ca_name, &["localhost", "127.0.0.1"])
 }
 
 /// A directory of the test's own, removed on drop.
@@ -72,7 +46,7 @@ impl Dir {
 
     /// Writes `pair`'s certificate and key as `cert.pem` and `key.pem` (each replaced
     /// whole, by a rename), returning the environment that names them.
-    fn write_pair(&self, pair: &Pair) -> Vec<(String, String)> {
+    fn write_pair(&self, pair: &CertPair) -> Vec<(String, String)> {
         replace(&self.path("cert.pem"), &pair.cert);
         replace(&self.path("key.pem"), &pair.key);
         vec![
@@ -398,7 +372,7 @@ async fn a_changed_certificate_is_served_to_new_connections_and_a_bad_one_is_not
     let first = make_pair("first CA");
     let gw = start(&db, dir.write_pair(&first)).await;
     ready_tls(&gw, &first.ca).await;
-    let served = |pair: &Pair| CertificateDer::from_pem_slice(pair.cert.as_bytes()).unwrap();
+    let served = |pair: &CertPair| CertificateDer::from_pem_slice(pair.cert.as_bytes()).unwrap();
     let addr = gw.addr;
     let peer = |ca: String| async move {
         let tls = tls_connect(addr, client_tls(&ca, &[b"h2"])).await.ok()?;
@@ -710,7 +684,7 @@ async fn ready_tls_at(addr: SocketAddr, ca: &str, child: &mut tokio::process::Ch
 struct TlsChild {
     child: tokio::process::Child,
     addr: SocketAddr,
-    pair: Pair,
+    pair: CertPair,
     _dir: Dir,
 }
 

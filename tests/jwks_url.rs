@@ -126,11 +126,29 @@ struct JwksServer {
 
 impl JwksServer {
     async fn start(body: String, cache_control: &str) -> JwksServer {
+        JwksServer::start_on(body, cache_control, None).await
+    }
+
+    /// [`JwksServer::start`] over TLS with `tls`, at an `https://localhost` URL.
+    async fn start_tls(
+        body: String,
+        cache_control: &str,
+        tls: tokio_rustls::TlsAcceptor,
+    ) -> JwksServer {
+        JwksServer::start_on(body, cache_control, Some(tls)).await
+    }
+
+    async fn start_on(
+        body: String,
+        cache_control: &str,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> JwksServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!(
-            "http://{}/.well-known/jwks.json",
-            listener.local_addr().unwrap()
-        );
+        let port = listener.local_addr().unwrap().port();
+        let url = match tls {
+            Some(_) => format!("https://localhost:{port}/.well-known/jwks.json"),
+            None => format!("http://127.0.0.1:{port}/.well-known/jwks.json"),
+        };
         let served = Arc::new(Mutex::new(Served {
             body,
             cache_control: cache_control.to_string(),
@@ -141,38 +159,20 @@ impl JwksServer {
         let (s, f, st) = (served.clone(), fetches.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
-                let (mut conn, _) = tokio::select! {
+                let (conn, _) = tokio::select! {
                     () = st.cancelled() => return,
                     accepted = listener.accept() => accepted.unwrap(),
                 };
-                let (s, f) = (s.clone(), f.clone());
+                let (s, f, tls) = (s.clone(), f.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let mut request = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match conn.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                    match tls {
+                        Some(tls) => {
+                            if let Ok(conn) = tls.accept(conn).await {
+                                answer(conn, &s, &f).await;
+                            }
                         }
-                        // A TLS ClientHello: this server speaks plain HTTP only.
-                        if request.first() == Some(&0x16) {
-                            return;
-                        }
+                        None => answer(conn, &s, &f).await,
                     }
-                    f.fetch_add(1, Ordering::SeqCst);
-                    let (body, cache_control, delay) = {
-                        let s = s.lock().unwrap();
-                        (s.body.clone(), s.cache_control.clone(), s.delay)
-                    };
-                    tokio::time::sleep(delay).await;
-                    let response = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                         cache-control: {cache_control}\r\ncontent-length: {}\r\n\
-                         connection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = conn.write_all(response.as_bytes()).await;
-                    let _ = conn.shutdown().await;
                 });
             }
         });
@@ -195,6 +195,39 @@ impl JwksServer {
     fn fetches(&self) -> usize {
         self.fetches.load(Ordering::SeqCst)
     }
+}
+
+/// Answers one request on `conn` with what is `served`, counting it in `fetches`.
+async fn answer<S>(mut conn: S, served: &Mutex<Served>, fetches: &AtomicUsize)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+        // A TLS ClientHello where plain HTTP was expected: not answered.
+        if request.first() == Some(&0x16) {
+            return;
+        }
+    }
+    fetches.fetch_add(1, Ordering::SeqCst);
+    let (body, cache_control, delay) = {
+        let s = served.lock().unwrap();
+        (s.body.clone(), s.cache_control.clone(), s.delay)
+    };
+    tokio::time::sleep(delay).await;
+    let response = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+         cache-control: {cache_control}\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = conn.write_all(response.as_bytes()).await;
+    let _ = conn.shutdown().await;
 }
 
 impl Drop for JwksServer {
@@ -398,5 +431,116 @@ async fn start_up_fails_clearly_without_usable_keys() {
     assert!(
         err.contains("auth.jwks_url") && err.contains(&https),
         "{err}"
+    );
+}
+
+/// A TLS acceptor serving `pair`'s certificate.
+fn acceptor(pair: &support::CertPair) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(pair.cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(pair.key.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// `pgfeed serve` on `db` (a process of its own, for its own environment) in jwt mode with
+/// `auth.jwks_url` = `url`, and `ca` as the system's root certificates: `SSL_CERT_FILE`,
+/// which the gateway's loader of system roots (rustls-native-certs) honours.
+fn serve_with_roots(
+    db: &TestDb,
+    url: &str,
+    ca: &std::path::Path,
+    addr: SocketAddr,
+) -> tokio::process::Command {
+    let mut cmd = support::pgfeed_command(db, &["serve", "--listen", &addr.to_string()]);
+    cmd.env_remove("PGFEED_AUTH_SECRET")
+        .env_remove("SSL_CERT_DIR")
+        .env("SSL_CERT_FILE", ca)
+        .env("PGFEED_AUTH_MODE", "jwt")
+        .env("PGFEED_AUTH_JWKS_URL", url);
+    cmd
+}
+
+/// Over https, as deployments serve their JWKS: the keys are fetched through TLS and the
+/// server is verified against the system's roots, so a token the served key signed
+/// streams. A server whose certificate no trusted CA signed is refused at start-up, naming
+/// the URL.
+#[tokio::test]
+async fn an_https_jwks_url_is_verified_against_the_system_roots() {
+    let dir = TempDir::new("jwks-https");
+    let pair = support::cert_pair("jwks test CA", &["localhost"]);
+    let ca = dir.path("ca.pem");
+    std::fs::write(&ca, &pair.ca).unwrap();
+    let signer = Key::generate(&dir, Algorithm::EdDSA, "signer");
+    let server = JwksServer::start_tls(
+        jwks(&[signer.jwk("sig-1", Some(PublicKeyUse::Signature))]),
+        "max-age=3600",
+        acceptor(&pair),
+    )
+    .await;
+    assert!(
+        server.url.starts_with("https://localhost:"),
+        "{}",
+        server.url
+    );
+    let db = TestDb::new().await;
+    support::tenant_table(&db, "notes").await;
+
+    let addr = support::free_addr();
+    let gw = support::ChildGateway::start_command(
+        serve_with_roots(&db, &server.url, &ca, addr),
+        addr,
+        None,
+    )
+    .await;
+    assert_eq!(server.fetches(), 1, "fetched once at start-up, over TLS");
+    let mut s = assert_streams(
+        gw.addr,
+        "/v1/stream",
+        &[(
+            "Authorization",
+            &bearer(&signer.sign(&claims("acme"), "sig-1")),
+        )],
+    )
+    .await;
+    support::insert_note(&db, "acme", "keys over https").await;
+    assert_eq!(s.next_change().await["new"]["body"], "keys over https");
+    drop(s);
+    drop(gw);
+
+    // Roots that do not include the server's CA: the handshake is refused.
+    let other = dir.path("other-ca.pem");
+    std::fs::write(
+        &other,
+        support::cert_pair("some other CA", &["localhost"]).ca,
+    )
+    .unwrap();
+    let mut cmd = serve_with_roots(&db, &server.url, &other, support::free_addr());
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("start-up ends within 30 s")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "started with an untrusted JWKS server: {stderr}"
+    );
+    assert!(
+        stderr.contains("auth.jwks_url") && stderr.contains(&server.url),
+        "{stderr}"
+    );
+    assert_eq!(
+        server.fetches(),
+        1,
+        "nothing was fetched from the untrusted server"
     );
 }

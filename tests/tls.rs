@@ -47,8 +47,12 @@ async fn make_setup() -> Setup {
     // The certificates live in the cluster's directory, so they go with it.
     let dir = cluster.dir().join("tls");
     std::fs::create_dir_all(&dir).unwrap();
-    let (ca_pem, server_pem, server_key) = certificates("pgfeed test CA", &["localhost"]);
-    let (other_ca_pem, _, _) = certificates("some other CA", &["localhost"]);
+    let support::CertPair {
+        ca: ca_pem,
+        cert: server_pem,
+        key: server_key,
+    } = support::cert_pair("pgfeed test CA", &["localhost"]);
+    let other_ca_pem = support::cert_pair("some other CA", &["localhost"]).ca;
     let write = |name: &str, text: &str, mode: u32| {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
@@ -150,25 +154,6 @@ impl Setup {
             .unwrap();
         name
     }
-}
-
-/// A CA certificate, and a server certificate it signed for `names`, with its key (PEM).
-fn certificates(ca_name: &str, names: &[&str]) -> (String, String, String) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
-        KeyUsagePurpose,
-    };
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, ca_name);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut server =
-        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-    server.distinguished_name.push(DnType::CommonName, names[0]);
-    let server = server.signed_by(&key, &ca).unwrap();
-    (ca.pem(), server.pem(), key.serialize_pem())
 }
 
 fn is_root() -> bool {

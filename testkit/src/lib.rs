@@ -20,6 +20,7 @@
 //! (response heads, chunked bodies, SSE frames), `http_client.rs` requests, `sse.rs`
 //! streams.
 
+pub mod certs;
 pub mod child;
 pub mod db;
 pub mod demo_process;
@@ -32,6 +33,7 @@ pub mod tools;
 pub mod wait;
 pub mod workload;
 
+pub use certs::{CertPair, cert_pair};
 pub use child::*;
 pub use db::*;
 pub use docs::*;
