@@ -7,17 +7,19 @@
 //! connection cap.
 //!
 //! A client can stop taking one stream's data while it keeps the connection alive (HTTP/2
-//! flow control is per stream): hyper then stops polling that stream's body, so nothing
-//! in the body could notice. A body that has not been polled for `server.write_timeout`
-//! plus one `server.heartbeat` (a live stream has something to send at least once per
-//! heartbeat) is ended from the connection's side instead: the subscriber behind it is
-//! dropped and counted as over HTTP/1.1 (`pgfeed_write_timeouts_total`), and the stream
-//! ends if the client ever takes data again.
+//! flow control is per stream): hyper then holds the data the body last gave it and stops
+//! polling the body, so nothing in the body could notice. The connection notices instead:
+//! bodies hand data to hyper in pieces of at most [`PIECE`], and a body whose last piece
+//! has not been taken (hyper has not polled it again) for `server.write_timeout` is ended
+//! from the connection's side: the subscriber behind it is dropped and counted as over
+//! HTTP/1.1 (`pgfeed_write_timeouts_total`), and the stream ends if the client ever takes
+//! data again. A body that is waiting for something of its own (a change, a journal read,
+//! its heartbeat) is never ended this way.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -37,6 +39,10 @@ use tokio_util::sync::CancellationToken;
 use super::limits::MAX_BUFFER;
 use super::response::Body;
 use crate::metrics::Metrics;
+
+/// The most a body hands hyper at once: a client taking data slowly is seen taking it
+/// (hyper polls the body again once it has sent what it holds).
+const PIECE: usize = 16 * 1024;
 
 /// Streams one HTTP/2 connection multiplexes at most.
 pub(crate) const H2_MAX_STREAMS: u32 = 256;
@@ -74,7 +80,8 @@ impl Activity {
         u64::try_from(self.began.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Ends the bodies not polled for `stalled`; returns how many.
+    /// Ends the bodies whose last piece of data hyper has not taken for `stalled`;
+    /// returns how many.
     fn reap(&self, stalled: Duration) -> usize {
         let now = self.now_ms();
         let limit = u64::try_from(stalled.as_millis()).unwrap_or(u64::MAX);
@@ -85,7 +92,9 @@ impl Activity {
                 let Some(slot) = weak.upgrade() else {
                     return false;
                 };
-                if now.saturating_sub(slot.polled.load(Ordering::Acquire)) < limit {
+                if !slot.handed.load(Ordering::Acquire)
+                    || now.saturating_sub(slot.polled.load(Ordering::Acquire)) < limit
+                {
                     return true;
                 }
                 if let Some(held) = slot
@@ -127,11 +136,22 @@ impl Drop for Open {
 struct Slot {
     /// [`Activity::now_ms`] at the body's last poll.
     polled: AtomicU64,
-    held: Mutex<Option<(Body, Open)>>,
+    /// Whether that poll handed hyper data (which the client has not taken since, as
+    /// hyper has not polled again), rather than finding the body waiting on its own.
+    handed: AtomicBool,
+    held: Mutex<Option<Held>>,
 }
 
-/// A response body that keeps its request counted as open while it lives, and its last
-/// poll known to the connection.
+/// What a [`Slot`] holds.
+struct Held {
+    body: Body,
+    /// The rest of a data frame larger than [`PIECE`], handed out first.
+    rest: Bytes,
+    _open: Open,
+}
+
+/// A response body that keeps its request counted as open while it lives, and its polls
+/// known to the connection.
 struct Tracked {
     slot: Arc<Slot>,
     activity: Arc<Activity>,
@@ -141,7 +161,12 @@ impl Tracked {
     fn new(body: Body, open: Open, activity: &Arc<Activity>) -> Tracked {
         let slot = Arc::new(Slot {
             polled: AtomicU64::new(activity.now_ms()),
-            held: Mutex::new(Some((body, open))),
+            handed: AtomicBool::new(false),
+            held: Mutex::new(Some(Held {
+                body,
+                rest: Bytes::new(),
+                _open: open,
+            })),
         });
         let mut slots = activity
             .slots
@@ -161,6 +186,15 @@ impl Tracked {
     }
 }
 
+/// At most [`PIECE`] of `data`, the rest left in it.
+fn piece(data: &mut Bytes) -> Bytes {
+    if data.len() > PIECE {
+        data.split_to(PIECE)
+    } else {
+        std::mem::take(data)
+    }
+}
+
 impl hyper::body::Body for Tracked {
     type Data = Bytes;
     type Error = Infallible;
@@ -169,18 +203,35 @@ impl hyper::body::Body for Tracked {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.slot
-            .polled
-            .store(self.activity.now_ms(), Ordering::Release);
-        let mut held = self
+        let mut guard = self
             .slot
             .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        match held.as_mut() {
-            Some((body, _)) => Pin::new(body).poll_frame(cx),
+        let poll = match guard.as_mut() {
             None => Poll::Ready(None),
-        }
+            Some(held) if !held.rest.is_empty() => {
+                Poll::Ready(Some(Ok(Frame::data(piece(&mut held.rest)))))
+            }
+            Some(held) => match Pin::new(&mut held.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(mut data) => {
+                        let first = piece(&mut data);
+                        held.rest = data;
+                        Poll::Ready(Some(Ok(Frame::data(first))))
+                    }
+                    Err(frame) => Poll::Ready(Some(Ok(frame))),
+                },
+                other => other,
+            },
+        };
+        drop(guard);
+        let handed = matches!(poll, Poll::Ready(Some(_)));
+        self.slot
+            .polled
+            .store(self.activity.now_ms(), Ordering::Release);
+        self.slot.handed.store(handed, Ordering::Release);
+        poll
     }
 
     fn is_end_stream(&self) -> bool {
@@ -189,7 +240,8 @@ impl hyper::body::Body for Tracked {
             .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        held.as_ref().is_none_or(|(body, _)| body.is_end_stream())
+        held.as_ref()
+            .is_none_or(|held| held.rest.is_empty() && held.body.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -198,8 +250,20 @@ impl hyper::body::Body for Tracked {
             .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        held.as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), |(body, _)| body.size_hint())
+        match held.as_ref() {
+            None => SizeHint::with_exact(0),
+            Some(held) if held.rest.is_empty() => held.body.size_hint(),
+            Some(held) => {
+                let inner = held.body.size_hint();
+                let rest = held.rest.len() as u64;
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower().saturating_add(rest));
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper.saturating_add(rest));
+                }
+                hint
+            }
+        }
     }
 }
 
@@ -207,8 +271,6 @@ impl hyper::body::Body for Tracked {
 pub(crate) struct Stalls {
     /// `server.write_timeout`.
     pub(crate) write_timeout: Duration,
-    /// `server.heartbeat`.
-    pub(crate) heartbeat: Duration,
     /// Where ended streams are counted (`write_timeouts`).
     pub(crate) metrics: Arc<Metrics>,
 }
@@ -216,9 +278,9 @@ pub(crate) struct Stalls {
 /// Serves one HTTP/2 connection, `handler` answering each stream's request, until it
 /// closes, it has had no request open for `idle_timeout` (checked every `idle_timeout`),
 /// or `shutdown`; then the client is told to open no more streams (GOAWAY) and the
-/// connection ends when its open streams have (after an idle close, within
-/// `idle_timeout`: streams ended for a stalled client may never end on the wire). With
-/// `stalls`, bodies not polled for long are ended (module docs).
+/// connection ends when its open streams have (after an idle close, once none is open:
+/// streams ended for a stalled client may never end on the wire). With `stalls`, streams
+/// whose client takes none of their data are ended (module docs).
 pub(crate) async fn serve_connection_h2<T, F, Fut>(
     io: T,
     handler: F,
@@ -254,43 +316,144 @@ where
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let mut seen = activity.seen.load(Ordering::Acquire);
+    // One timer for idleness, re-armed only when it fires: the stall checks below must not
+    // restart it.
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
     // Checked four times per limit, so a stalled stream is ended within 1.25 of it.
-    let stalled = stalls.map(|s| s.write_timeout + s.heartbeat);
     let mut stall_check =
-        tokio::time::interval(stalled.map_or(Duration::from_secs(3600), |d| d / 4));
+        tokio::time::interval(stalls.map_or(Duration::from_secs(3600), |s| s.write_timeout / 4));
     stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let idled = loop {
         tokio::select! {
             result = connection.as_mut() => return result,
             _ = shutdown.cancelled() => break false,
-            () = tokio::time::sleep(idle_timeout) => {
+            () = idle.as_mut() => {
                 let now = activity.seen.load(Ordering::Acquire);
                 if now == seen && activity.open.load(Ordering::Acquire) == 0 {
                     break true;
                 }
                 seen = now;
+                idle.as_mut().reset(Instant::now() + idle_timeout);
             }
-            _ = stall_check.tick(), if stalled.is_some() => {
-                if let (Some(limit), Some(stalls)) = (stalled, stalls) {
-                    let ended = activity.reap(limit);
-                    if ended > 0 {
-                        stalls.metrics.write_timeouts.inc_by(ended as u64);
-                        tracing::info!(
-                            streams = ended,
-                            write_timeout = %humantime::format_duration(stalls.write_timeout),
-                            "HTTP/2 stream closed: its client accepted no bytes within server.write_timeout"
-                        );
-                    }
+            _ = stall_check.tick(), if stalls.is_some() => {
+                if let Some(stalls) = stalls {
+                    reap(&activity, stalls);
                 }
             }
         }
     };
     connection.as_mut().graceful_shutdown();
-    if idled {
-        return match tokio::time::timeout(idle_timeout, connection).await {
-            Ok(result) => result,
-            Err(_) => Ok(()),
-        };
+    if !idled {
+        return connection.await;
     }
-    connection.await
+    // Closed for idleness: streams ended for a stalled client may never end on the wire,
+    // so the connection ends once none is open any more, whatever hyper still holds. A
+    // request that raced the GOAWAY is served to its end.
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => return result,
+            () = tokio::time::sleep(idle_timeout) => {
+                if activity.open.load(Ordering::Acquire) == 0 {
+                    return Ok(());
+                }
+            }
+            _ = stall_check.tick(), if stalls.is_some() => {
+                if let Some(stalls) = stalls {
+                    reap(&activity, stalls);
+                }
+            }
+        }
+    }
+}
+
+/// Ends the streams whose client took none of their data for `stalls.write_timeout`,
+/// counted and logged.
+fn reap(activity: &Activity, stalls: &Stalls) {
+    let ended = activity.reap(stalls.write_timeout);
+    if ended > 0 {
+        stalls.metrics.write_timeouts.inc_by(ended as u64);
+        tracing::info!(
+            streams = ended,
+            write_timeout = %humantime::format_duration(stalls.write_timeout),
+            "HTTP/2 stream closed: its client accepted no bytes within server.write_timeout"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::StreamBody;
+    use hyper::body::Body as _;
+    use std::task::Waker;
+
+    /// A body that hands out `data` (if any) and then waits for ever, as a stream does
+    /// between changes or during a journal read.
+    fn waits_after(data: Option<Bytes>) -> Body {
+        let frames = futures_util::stream::iter(data.map(|d| Ok(Frame::data(d))));
+        StreamBody::new(futures_util::StreamExt::chain(
+            frames,
+            futures_util::stream::pending(),
+        ))
+        .boxed_unsync()
+    }
+
+    fn poll(tracked: &mut Tracked) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        Pin::new(tracked).poll_frame(&mut cx)
+    }
+
+    fn data_len(poll: Poll<Option<Result<Frame<Bytes>, Infallible>>>) -> usize {
+        match poll {
+            Poll::Ready(Some(Ok(frame))) => frame.into_data().expect("a data frame").len(),
+            other => panic!("no data: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn only_a_body_whose_data_is_not_taken_is_ended_and_data_goes_in_pieces() {
+        let activity = Arc::new(Activity::new());
+        let mut waiting = Tracked::new(waits_after(None), Open::new(&activity), &activity);
+        let mut handing = Tracked::new(
+            waits_after(Some(Bytes::from(vec![b'x'; 40_000]))),
+            Open::new(&activity),
+            &activity,
+        );
+        let mut taken = Tracked::new(
+            waits_after(Some(Bytes::from_static(b"small"))),
+            Open::new(&activity),
+            &activity,
+        );
+        assert!(poll(&mut waiting).is_pending());
+        assert_eq!(data_len(poll(&mut handing)), PIECE);
+        assert_eq!(data_len(poll(&mut taken)), 5);
+        // hyper took the small piece and asked for more: the body waits on its own.
+        assert!(poll(&mut taken).is_pending());
+        assert_eq!(activity.open.load(Ordering::Acquire), 3);
+
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert_eq!(activity.reap(Duration::from_millis(100)), 1);
+        assert_eq!(activity.open.load(Ordering::Acquire), 2);
+        // The ended body ends its stream, and holds nothing more.
+        assert!(matches!(poll(&mut handing), Poll::Ready(None)));
+        assert!(handing.is_end_stream());
+        // The others are left alone, however long they wait.
+        assert!(poll(&mut waiting).is_pending());
+        assert!(poll(&mut taken).is_pending());
+        assert_eq!(activity.reap(Duration::from_millis(100)), 0);
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_is_handed_out_whole_in_pieces() {
+        let activity = Arc::new(Activity::new());
+        let mut body = Tracked::new(
+            waits_after(Some(Bytes::from(vec![b'y'; 2 * PIECE + 10]))),
+            Open::new(&activity),
+            &activity,
+        );
+        let sizes: Vec<usize> = (0..3).map(|_| data_len(poll(&mut body))).collect();
+        assert_eq!(sizes, vec![PIECE, PIECE, 10]);
+        assert!(poll(&mut body).is_pending());
+    }
 }

@@ -215,7 +215,6 @@ where
     let idle_timeout = state.connections.header_timeout;
     let stalls = h2::Stalls {
         write_timeout: state.connections.write_timeout,
-        heartbeat: state.stream.heartbeat,
         metrics: Arc::clone(&state.metrics),
     };
     let handler = move |req| {
