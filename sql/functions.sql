@@ -623,7 +623,11 @@ BEGIN
               UNION ALL
               SELECT a.attnum FROM pg_attribute AS a
               WHERE a.attrelid = root AND a.attnum > 0 AND NOT a.attisdropped
-                AND a.attname = ANY (gone)) AS x;
+                AND a.attname = ANY (gone)
+                -- the key or the tenant column taking such a name is published, as
+                -- always: the name is simply forgotten
+                AND NOT a.attname::text = ANY (pk)
+                AND a.attnum IS DISTINCT FROM w.tenant_attnum) AS x;
         SELECT coalesce(array_agg(g ORDER BY g), '{}') INTO gone
         FROM unnest(gone) AS g
         WHERE NOT EXISTS (SELECT FROM pg_attribute AS a
@@ -1032,10 +1036,14 @@ REVOKE ALL ON ALL SEQUENCES IN SCHEMA pgfeed FROM PUBLIC;
 -- A role that can log in, or has an attribute beyond NOLOGIN, could use what install grants
 -- it (write journal rows, i.e. forge events; read every tenant's changes). A member of
 -- pgfeed_capture other than the installing role (who needs it when not a superuser) could
--- write journal rows in its own transactions, and pgfeed_capture being a member of another
--- role would run capture, and the code rendering rows, with that role's privileges.
--- Memberships that grant neither SET nor INHERIT (PostgreSQL 16's ADMIN-only grants to a
--- role's creator) give nothing and are let through.
+-- write journal rows in its own transactions, in every database of the cluster where pgfeed
+-- is installed. A role holding ADMIN on either could grant it to anyone (and on PostgreSQL
+-- 16, where a CREATEROLE role that creates a role gets ADMIN on it, alter it). Either
+-- role being a member of another would run capture, and the code rendering rows, or a
+-- gateway, with that role's privileges. The members of pgfeed_gateway are the gateways'
+-- login roles: that is what it is for. Superusers are never counted: they can do all this
+-- anyway. On PostgreSQL 15 and older, a role with CREATEROLE can still take these roles
+-- over after install (README, "Security model").
 DO $$
 DECLARE
     r    record;
@@ -1059,22 +1067,31 @@ BEGIN
     FROM pg_auth_members AS am
     JOIN pg_roles AS c ON c.oid = am.roleid AND c.rolname = 'pgfeed_capture'
     JOIN pg_roles AS m ON m.oid = am.member
-    WHERE m.rolname <> current_user AND NOT m.rolsuper
-      AND (coalesce((to_jsonb(am) ->> 'set_option')::boolean, true)
-           OR coalesce((to_jsonb(am) ->> 'inherit_option')::boolean, true));
+    WHERE m.rolname <> current_user AND NOT m.rolsuper;
     IF bad IS NOT NULL THEN
         RAISE EXCEPTION 'pgfeed: role pgfeed_capture has members other than the installing role (%): each could write journal rows, i.e. forge events', bad
             USING ERRCODE = 'insufficient_privilege',
-                  HINT = format('REVOKE pgfeed_capture FROM %s; then run pgfeed install again.', bad);
+                  HINT = format('REVOKE pgfeed_capture FROM %s; then run pgfeed install again. (A role that was granted it to install pgfeed in another database counts too: it could write journal rows here.)', bad);
     END IF;
-    SELECT string_agg(quote_ident(g.rolname), ', ' ORDER BY g.rolname) INTO bad
+    SELECT string_agg(quote_ident(m.rolname), ', ' ORDER BY m.rolname) INTO bad
     FROM pg_auth_members AS am
-    JOIN pg_roles AS c ON c.oid = am.member AND c.rolname = 'pgfeed_capture'
+    JOIN pg_roles AS c ON c.oid = am.roleid AND c.rolname = 'pgfeed_gateway'
+    JOIN pg_roles AS m ON m.oid = am.member
+    WHERE am.admin_option AND m.rolname <> current_user AND NOT m.rolsuper;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfeed: role pgfeed_gateway can be granted by % (ADMIN OPTION): each could give any role every tenant''s changes', bad
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('REVOKE ADMIN OPTION FOR pgfeed_gateway FROM %s; then run pgfeed install again.', bad);
+    END IF;
+    SELECT string_agg(format('%I is a member of %I', c.rolname, g.rolname), ', '
+                      ORDER BY c.rolname, g.rolname) INTO bad
+    FROM pg_auth_members AS am
+    JOIN pg_roles AS c ON c.oid = am.member AND c.rolname IN ('pgfeed_capture', 'pgfeed_gateway')
     JOIN pg_roles AS g ON g.oid = am.roleid;
     IF bad IS NOT NULL THEN
-        RAISE EXCEPTION 'pgfeed: role pgfeed_capture is a member of %: capture, and the code that renders rows, would run with those privileges', bad
+        RAISE EXCEPTION 'pgfeed: role %: capture (and the code that renders rows) or a gateway would run with those privileges', bad
             USING ERRCODE = 'insufficient_privilege',
-                  HINT = format('REVOKE %s FROM pgfeed_capture; then run pgfeed install again.', bad);
+                  HINT = 'REVOKE those roles from pgfeed_capture and pgfeed_gateway; then run pgfeed install again.';
     END IF;
 END
 $$;

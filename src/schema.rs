@@ -349,9 +349,11 @@ pub struct Watched {
     pub table: String,
     /// Tenant column, `None` for public tables.
     pub tenant_column: Option<String>,
-    /// Columns kept out of events, then the names of excluded columns that were dropped
-    /// (a column added under one of them is kept out too).
+    /// Columns kept out of events.
     pub exclude_columns: Vec<String>,
+    /// Names of excluded columns that were dropped: a column added or renamed under one
+    /// of them is kept out too.
+    pub exclude_dropped: Vec<String>,
     /// With an include list, the only columns (besides key and tenant) events carry.
     pub include_columns: Option<Vec<String>>,
     /// Whether every subscriber may see it.
@@ -374,7 +376,8 @@ pub async fn watched(client: &Client) -> Result<Vec<Watched>, SchemaError> {
                      WHERE a.attrelid = w.tbl AND a.attnum = w.tenant_attnum),
                     ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute AS a
                           WHERE a.attrelid = w.tbl AND a.attnum = ANY (w.exclude_attnums)
-                          ORDER BY a.attnum) || w.exclude_dropped::text[],
+                          ORDER BY a.attnum),
+                    w.exclude_dropped::text[],
                     CASE WHEN w.include_attnums IS NOT NULL THEN
                         ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute AS a
                               WHERE a.attrelid = w.tbl AND a.attnum = ANY (w.include_attnums)
@@ -401,10 +404,11 @@ pub async fn watched(client: &Client) -> Result<Vec<Watched>, SchemaError> {
                 table: decode(r, 0, "a watched table's name")?,
                 tenant_column: decode(r, 1, "a watched table's tenant column")?,
                 exclude_columns: decode(r, 2, "a watched table's excluded columns")?,
-                include_columns: decode(r, 3, "a watched table's included columns")?,
-                public: decode(r, 4, "whether a watched table is public")?,
-                partitions: decode(r, 5, "a watched table's partitions")?,
-                not_capturing: decode(r, 6, "a watched table's uncaptured members")?,
+                exclude_dropped: decode(r, 3, "a watched table's dropped excluded names")?,
+                include_columns: decode(r, 4, "a watched table's included columns")?,
+                public: decode(r, 5, "whether a watched table is public")?,
+                partitions: decode(r, 6, "a watched table's partitions")?,
+                not_capturing: decode(r, 7, "a watched table's uncaptured members")?,
             })
         })
         .collect()

@@ -111,7 +111,7 @@ async fn install_is_idempotent_and_watch_validates() {
         status["watched"],
         serde_json::json!([{
             "table": "public.items", "tenant_column": "tenant", "exclude_columns": ["secret"],
-            "include_columns": null, "public": false, "partitions": [], "not_capturing": [],
+            "exclude_dropped": [], "include_columns": null, "public": false, "partitions": [], "not_capturing": [],
         }])
     );
 

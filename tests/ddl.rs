@@ -483,11 +483,12 @@ async fn dropping_the_tenant_column_or_the_key_is_refused_and_an_excluded_column
     assert_eq!(columns, 2, "the refused statements changed nothing");
 
     app.run("ALTER TABLE users DROP COLUMN password_hash").await;
-    // The dropped column's name stays excluded (listed after the live ones).
+    // The dropped column's name stays excluded.
     let entry = status_of(&db, "public.users").await;
+    assert_eq!(entry["exclude_columns"], json!(["ssn"]), "{entry}");
     assert_eq!(
-        entry["exclude_columns"],
-        json!(["ssn", "password_hash"]),
+        entry["exclude_dropped"],
+        json!(["password_hash"]),
         "{entry}"
     );
     assert_eq!(entry["tenant_column"], "org", "{entry}");
@@ -562,6 +563,7 @@ async fn an_excluded_column_dropped_and_added_again_stays_out() {
         json!(["ssn", "password_hash"]),
         "{entry}"
     );
+    assert_eq!(entry["exclude_dropped"], json!([]), "{entry}");
     // Once the gateway's catalog is surely current (a column added last is filterable),
     // filters cannot probe the re-added columns either.
     app.run("ALTER TABLE users ADD COLUMN nickname text").await;
@@ -581,6 +583,34 @@ async fn an_excluded_column_dropped_and_added_again_stays_out() {
     assert_eq!(e["new"]["ssn"], "public now", "{e}");
     assert!(e["new"].get("password_hash").is_none(), "{e}");
     assert!(e["new"].get("nickname").is_some(), "{e}");
+    gw.stop().await;
+}
+
+/// The key or the tenant column renamed to the name of a dropped excluded column is still
+/// the key or the tenant column: the DDL works and the name is forgotten.
+#[tokio::test]
+async fn the_key_or_tenant_renamed_to_a_dropped_excluded_name_stays_published() {
+    let Setup { db, app, .. } = setup_watched(
+        "CREATE TABLE users (id int PRIMARY KEY, org text NOT NULL, name text, ssn text, dept text)",
+        "SELECT pgfeed.watch('users', tenant_column => 'org', exclude_columns => '{ssn,dept}')",
+    )
+    .await;
+    app.run(
+        "ALTER TABLE users DROP COLUMN ssn, DROP COLUMN dept;
+         ALTER TABLE users RENAME COLUMN id TO ssn;
+         ALTER TABLE users RENAME COLUMN org TO dept;",
+    )
+    .await;
+    let entry = status_of(&db, "public.users").await;
+    assert_eq!(entry["exclude_dropped"], json!([]), "{entry}");
+    assert_eq!(entry["tenant_column"], "dept", "{entry}");
+
+    let gw = Gateway::start(&db).await;
+    let mut acme = gw.live("acme").await;
+    app.run("INSERT INTO users VALUES (1, 'acme', 'ann')").await;
+    let e = acme.next_change().await;
+    assert_eq!(e["pk"], json!({"ssn": 1}), "{e}");
+    assert_eq!(keys(&e["new"]), set(&["ssn", "dept", "name"]), "{e}");
     gw.stop().await;
 }
 
@@ -715,7 +745,8 @@ async fn dropping_what_the_tenant_or_key_column_depends_on_is_refused() {
     app.run("DROP TYPE mood CASCADE").await;
     let entry = status_of(&db, "public.orders").await;
     assert_eq!(entry["tenant_column"], "org", "{entry}");
-    assert_eq!(entry["exclude_columns"], json!(["m"]), "{entry}");
+    assert_eq!(entry["exclude_columns"], json!([]), "{entry}");
+    assert_eq!(entry["exclude_dropped"], json!(["m"]), "{entry}");
 
     let gw = Gateway::start(&db).await;
     let mut acme = gw.live("acme").await;

@@ -3,9 +3,9 @@
 //! the journal (write, for capture; read every tenant's changes, for gateways), so it must
 //! refuse roles that are not what it would have created: one an attacker can log in as,
 //! one with more attributes than NOLOGIN, a capture role with other members (each could
-//! write journal rows, i.e. forge events), or a capture role that is itself a member of
-//! another role (capture, and the code that renders rows, would run with that role's
-//! privileges).
+//! write journal rows, i.e. forge events), a role that can grant the gateway role to
+//! anyone (ADMIN OPTION), or either role being a member of another role (capture, and the
+//! code that renders rows, or a gateway would run with that role's privileges).
 //!
 //! The test starts a cluster of its own: it changes cluster-wide roles, which every other
 //! install in a shared cluster (or on a server given by `PGFEED_TEST_DATABASE_URL`) would
@@ -131,13 +131,36 @@ async fn install_refuses_capture_and_gateway_roles_it_did_not_make_safe() {
         "{err}"
     );
 
-    // Made safe, they are used: install succeeds, and a gateway's login role may be a
-    // member of pgfeed_gateway (that is what it is for).
+    // Mallory may not hand the gateway role out (it reads every tenant's changes)...
     admin
         .run(
             "ALTER ROLE pgfeed_gateway NOBYPASSRLS;
-             GRANT pgfeed_gateway TO mallory",
+             GRANT pgfeed_gateway TO mallory WITH ADMIN OPTION",
         )
+        .await;
+    let err = own.refused().await;
+    assert!(
+        err.contains("pgfeed_gateway can be granted by mallory")
+            && err.contains("REVOKE ADMIN OPTION FOR pgfeed_gateway FROM mallory"),
+        "{err}"
+    );
+    // ... nor may the gateway role carry more privileges than its own.
+    admin
+        .run(
+            "REVOKE ADMIN OPTION FOR pgfeed_gateway FROM mallory;
+             GRANT pg_write_all_data TO pgfeed_gateway",
+        )
+        .await;
+    let err = own.refused().await;
+    assert!(
+        err.contains("pgfeed_gateway is a member of pg_write_all_data"),
+        "{err}"
+    );
+
+    // Made safe, they are used: install succeeds, and a gateway's login role may be a
+    // member of pgfeed_gateway (that is what it is for; mallory still is).
+    admin
+        .run("REVOKE pg_write_all_data FROM pgfeed_gateway")
         .await;
     let mut c = own.new_database().await;
     pgfeed::schema::install(&mut c)

@@ -535,7 +535,9 @@ async fn an_https_jwks_url_is_verified_against_the_system_roots() {
         "started with an untrusted JWKS server: {stderr}"
     );
     assert!(
-        stderr.contains("auth.jwks_url") && stderr.contains(&server.url),
+        stderr.contains("auth.jwks_url")
+            && stderr.contains(&server.url)
+            && stderr.contains("TLS: invalid peer certificate"),
         "{stderr}"
     );
     assert_eq!(

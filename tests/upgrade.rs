@@ -119,3 +119,43 @@ async fn install_over_schema_3_with_writers_committing_loses_and_duplicates_noth
     assert_eq!(seen, committed);
     gw.stop().await;
 }
+
+/// Schema 3 kept excluded columns in the order `watch` was given them; an upgraded table
+/// whose excluded column is dropped and added again must keep it out like a fresh one
+/// (migration 8 puts the names in column order before pairing them with their numbers).
+#[tokio::test]
+async fn an_upgraded_table_keeps_a_dropped_and_re_added_excluded_column_out() {
+    let db = TestDb::empty().await;
+    let c = db.client().await;
+    c.batch_execute(include_str!("fixtures/schema3.sql"))
+        .await
+        .expect("the schema-3 fixture applies");
+    c.batch_execute(
+        "CREATE TABLE u (id int PRIMARY KEY, tenant text NOT NULL, a text, b text);
+         SELECT pgfeed.watch('u', 'tenant', '{b,a}');",
+    )
+    .await
+    .unwrap();
+    let mut admin = db.client().await;
+    pgfeed::schema::install(&mut admin)
+        .await
+        .expect("the upgrade");
+    c.batch_execute(
+        "ALTER TABLE u DROP COLUMN a, ADD COLUMN a text;
+         INSERT INTO u VALUES (1, 'acme', 'SECRET-B', 'SECRET-A');",
+    )
+    .await
+    .unwrap();
+    let leaked = support::query_i64(
+        &c,
+        "SELECT count(*) FROM pgfeed.changes WHERE new::text LIKE '%SECRET%'",
+        &[],
+    )
+    .await;
+    let captured = support::query_i64(&c, "SELECT count(*) FROM pgfeed.changes", &[]).await;
+    assert_eq!(
+        (captured, leaked),
+        (1, 0),
+        "an excluded value was journaled"
+    );
+}

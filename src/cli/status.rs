@@ -99,6 +99,7 @@ pub(super) async fn status(config: &Config, json: bool) -> Result<(), CliError> 
                 serde_json::json!({
                     "table": w.table, "tenant_column": w.tenant_column,
                     "exclude_columns": w.exclude_columns,
+                    "exclude_dropped": w.exclude_dropped,
                     "include_columns": w.include_columns, "public": w.public,
                     "partitions": w.partitions, "not_capturing": w.not_capturing,
                 })
@@ -160,6 +161,12 @@ pub(super) async fn status(config: &Config, json: bool) -> Result<(), CliError> 
         let mut notes = String::new();
         if !w.exclude_columns.is_empty() {
             notes.push_str(&format!(", excluding {}", w.exclude_columns.join(", ")));
+        }
+        if !w.exclude_dropped.is_empty() {
+            notes.push_str(&format!(
+                ", excluding any column named {} (dropped)",
+                w.exclude_dropped.join(", ")
+            ));
         }
         if let Some(include) = &w.include_columns {
             notes.push_str(&format!(", only {}", include.join(", ")));

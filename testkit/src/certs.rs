@@ -17,6 +17,7 @@ pub struct CertPair {
 /// A new CA named `ca_name`, and a server certificate it signed for `names` (host names or
 /// IP addresses; the first is also the subject's common name).
 pub fn cert_pair(ca_name: &str, names: &[&str]) -> CertPair {
+    assert!(!names.is_empty(), "a server certificate needs a name");
     let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name.push(DnType::CommonName, ca_name);
