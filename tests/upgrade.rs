@@ -11,20 +11,28 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use support::{Gateway, TestDb};
 
-#[tokio::test]
-async fn install_over_schema_3_with_writers_committing_loses_and_duplicates_nothing() {
+/// A database with the schema the previous version installed (tests/fixtures/schema3.sql)
+/// where `app_sql` then ran, and a connection to it.
+async fn schema_3_with(app_sql: &str) -> (TestDb, tokio_postgres::Client) {
     let db = TestDb::empty().await;
     let c = db.client().await;
     c.batch_execute(include_str!("fixtures/schema3.sql"))
         .await
         .expect("the schema-3 fixture applies");
-    c.batch_execute(
+    c.batch_execute(app_sql)
+        .await
+        .unwrap_or_else(|e| panic!("`{app_sql}`: {}", support::server_message(&e)));
+    (db, c)
+}
+
+#[tokio::test]
+async fn install_over_schema_3_with_writers_committing_loses_and_duplicates_nothing() {
+    let (db, c) = schema_3_with(
         "CREATE TABLE orders (id serial PRIMARY KEY, tenant text NOT NULL, body text, secret text);
          SELECT pgfeed.watch('orders', 'tenant', '{secret}');
          INSERT INTO orders (tenant, body, secret) VALUES ('acme', 'before', 's');",
     )
-    .await
-    .unwrap();
+    .await;
 
     // Writers commit one row per transaction, as fast as they can, before, during and
     // after the upgrade; every id they saw committed must come out exactly once.
@@ -125,17 +133,11 @@ async fn install_over_schema_3_with_writers_committing_loses_and_duplicates_noth
 /// (migration 8 puts the names in column order before pairing them with their numbers).
 #[tokio::test]
 async fn an_upgraded_table_keeps_a_dropped_and_re_added_excluded_column_out() {
-    let db = TestDb::empty().await;
-    let c = db.client().await;
-    c.batch_execute(include_str!("fixtures/schema3.sql"))
-        .await
-        .expect("the schema-3 fixture applies");
-    c.batch_execute(
+    let (db, c) = schema_3_with(
         "CREATE TABLE u (id int PRIMARY KEY, tenant text NOT NULL, a text, b text);
          SELECT pgfeed.watch('u', 'tenant', '{b,a}');",
     )
-    .await
-    .unwrap();
+    .await;
     let mut admin = db.client().await;
     pgfeed::schema::install(&mut admin)
         .await
