@@ -12,14 +12,32 @@ ALTER TABLE pgfeed.watched ADD COLUMN exclude_dropped name[] NOT NULL DEFAULT '{
 
 -- _apply pairs each stored name with the stored number at the same place. Settings written
 -- before version 4 kept the names in the order `watch` was given them, and stay so until
--- DDL touches the table: put them in attribute order, as _apply writes them. (Where the two
--- lists differ in length, _apply does not pair them.)
+-- DDL touches the table; and a column dropped while the event triggers did not fire
+-- (session_replication_role = replica) left its number and name behind. So, where the two
+-- lists are as long as each other: the live numbers stay, with their names in column
+-- order, and the names no live excluded column has are remembered as dropped. (Where they
+-- differ in length, names renamed before version 4, _apply does not pair them.)
 UPDATE pgfeed.watched AS w
-SET exclude_columns = ARRAY(
+SET exclude_attnums = ARRAY(
+        SELECT a.attnum FROM pg_catalog.pg_attribute AS a
+        WHERE a.attrelid OPERATOR(pg_catalog.=) w.tbl::pg_catalog.oid
+          AND a.attnum OPERATOR(pg_catalog.=) ANY (w.exclude_attnums)
+          AND NOT a.attisdropped
+        ORDER BY a.attnum),
+    exclude_columns = ARRAY(
         SELECT a.attname FROM pg_catalog.pg_attribute AS a
         WHERE a.attrelid OPERATOR(pg_catalog.=) w.tbl::pg_catalog.oid
           AND a.attnum OPERATOR(pg_catalog.=) ANY (w.exclude_attnums)
           AND NOT a.attisdropped
-        ORDER BY a.attnum)
+        ORDER BY a.attnum),
+    exclude_dropped = ARRAY(
+        SELECT DISTINCT e.name FROM pg_catalog.unnest(w.exclude_columns) AS e(name)
+        WHERE NOT EXISTS (
+            SELECT FROM pg_catalog.pg_attribute AS a
+            WHERE a.attrelid OPERATOR(pg_catalog.=) w.tbl::pg_catalog.oid
+              AND a.attnum OPERATOR(pg_catalog.=) ANY (w.exclude_attnums)
+              AND NOT a.attisdropped
+              AND a.attname OPERATOR(pg_catalog.=) e.name)
+        ORDER BY e.name)
 WHERE pg_catalog.cardinality(w.exclude_attnums)
       OPERATOR(pg_catalog.=) pg_catalog.cardinality(w.exclude_columns);

@@ -624,15 +624,17 @@ BEGIN
               SELECT a.attnum FROM pg_attribute AS a
               WHERE a.attrelid = root AND a.attnum > 0 AND NOT a.attisdropped
                 AND a.attname = ANY (gone)
-                -- the key or the tenant column taking such a name is published, as
-                -- always: the name is simply forgotten
+                -- the key and the tenant column are published whatever their name
                 AND NOT a.attname::text = ANY (pk)
                 AND a.attnum IS DISTINCT FROM w.tenant_attnum) AS x;
+        -- Names now held by an excluded column are followed by number from here on; a
+        -- name the key or the tenant column holds stays remembered, for the day it is
+        -- renamed away.
         SELECT coalesce(array_agg(g ORDER BY g), '{}') INTO gone
         FROM unnest(gone) AS g
         WHERE NOT EXISTS (SELECT FROM pg_attribute AS a
-                          WHERE a.attrelid = root AND a.attnum > 0 AND NOT a.attisdropped
-                            AND a.attname = g);
+                          WHERE a.attrelid = root AND a.attnum = ANY (exclnums)
+                            AND NOT a.attisdropped AND a.attname = g);
     END IF;
     IF w.include_attnums IS NOT NULL THEN
         SELECT coalesce(array_agg(a.attnum ORDER BY a.attnum), '{}') INTO incl
@@ -1082,6 +1084,29 @@ BEGIN
         RAISE EXCEPTION 'pgfeed: role pgfeed_gateway can be granted by % (ADMIN OPTION): each could give any role every tenant''s changes', bad
             USING ERRCODE = 'insufficient_privilege',
                   HINT = format('REVOKE ADMIN OPTION FOR pgfeed_gateway FROM %s; then run pgfeed install again.', bad);
+    END IF;
+    -- Objects they own: a SECURITY DEFINER function owned by pgfeed_capture, made while its
+    -- maker was a member, would run with what install grants (forging journal rows) for
+    -- whoever may call it. pgfeed_capture owns pgfeed's capture functions, nothing else.
+    SELECT string_agg(format('%s owns %s', w.rolname,
+                             pg_describe_object(d.classid, d.objid, d.objsubid)), '; '
+                      ORDER BY w.rolname, d.classid, d.objid) INTO bad
+    FROM pg_shdepend AS d
+    JOIN pg_roles AS w ON w.oid = d.refobjid
+    WHERE d.refclassid = 'pg_authid'::regclass AND d.deptype = 'o'
+      AND w.rolname IN ('pgfeed_capture', 'pgfeed_gateway')
+      AND (d.dbid = 0 OR d.dbid = (SELECT db.oid FROM pg_database AS db
+                                   WHERE db.datname = current_database()))
+      AND NOT (w.rolname = 'pgfeed_capture' AND d.classid = 'pg_proc'::regclass
+               AND EXISTS (SELECT FROM pg_proc AS p
+                           JOIN pg_namespace AS n ON n.oid = p.pronamespace
+                           WHERE p.oid = d.objid AND n.nspname = 'pgfeed' AND p.pronargs = 0
+                             AND p.proname IN ('_capture_insert', '_capture_update',
+                                               '_capture_delete', '_capture_truncate', '_seal')));
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfeed: %: code they own would run with the privileges install grants them', bad
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Check who made it; drop it, or REASSIGN OWNED BY the role TO a trusted role (in every database), then run pgfeed install again.';
     END IF;
     SELECT string_agg(format('%I is a member of %I', c.rolname, g.rolname), ', '
                       ORDER BY c.rolname, g.rolname) INTO bad

@@ -30,7 +30,8 @@ const MIGRATIONS: &[(i32, &str)] = &[
 const FUNCTIONS: &str = include_str!("../sql/functions.sql");
 
 /// The first object of schema pgfeed (the schema itself, a relation, a function) owned by
-/// a role that is neither the installing role, nor pgfeed_capture, nor a superuser.
+/// a role that is neither the installing role nor a superuser, functions owned by
+/// pgfeed_capture apart (the capture functions; install refuses any other object it owns).
 const FOREIGN_OWNER: &str = "
     WITH owned(object, owner) AS (
         SELECT 'schema pgfeed', n.nspowner FROM pg_catalog.pg_namespace AS n
@@ -44,7 +45,8 @@ const FOREIGN_OWNER: &str = "
     )
     SELECT o.object, r.rolname::text FROM owned AS o
     JOIN pg_catalog.pg_roles AS r ON r.oid = o.owner
-    WHERE r.rolname <> current_user AND r.rolname <> 'pgfeed_capture' AND NOT r.rolsuper
+    WHERE r.rolname <> current_user AND NOT r.rolsuper
+      AND NOT (r.rolname = 'pgfeed_capture' AND o.object LIKE 'function %')
     LIMIT 1";
 
 /// Run first in install's and uninstall's transaction: a pinned `search_path` (whatever

@@ -54,7 +54,13 @@ impl Own {
     /// Installs into a new database, which must fail; returns the error's text (message
     /// and hint), and checks that nothing was installed.
     async fn refused(&mut self) -> String {
+        self.refused_after("").await
+    }
+
+    /// [`Own::refused`], in a new database where `sql` ran first (as the superuser).
+    async fn refused_after(&mut self, sql: &str) -> String {
         let mut c = self.new_database().await;
+        c.run(sql).await;
         let err = match pgfeed::schema::install(&mut c).await {
             Ok(done) => panic!("install succeeded ({done:?}) over a role it must refuse"),
             Err(e) => e.to_string(),
@@ -105,13 +111,24 @@ async fn install_refuses_capture_and_gateway_roles_it_did_not_make_safe() {
         "{err}"
     );
 
-    // pgfeed_capture a member of mallory: capture would run with mallory's privileges.
-    admin
-        .run(
-            "REVOKE pgfeed_capture FROM mallory;
-             GRANT mallory TO pgfeed_capture",
+    // Revoked, but mallory made a SECURITY DEFINER function owned by pgfeed_capture while
+    // a member: it would forge journal rows for anyone allowed to call it.
+    admin.run("REVOKE pgfeed_capture FROM mallory").await;
+    let err = own
+        .refused_after(
+            "CREATE FUNCTION public.backdoor(sql text) RETURNS void LANGUAGE plpgsql
+                 SECURITY DEFINER AS $$ BEGIN EXECUTE sql; END $$;
+             ALTER FUNCTION public.backdoor(text) OWNER TO pgfeed_capture;
+             GRANT EXECUTE ON FUNCTION public.backdoor(text) TO PUBLIC",
         )
         .await;
+    assert!(
+        err.contains("pgfeed_capture owns function public.backdoor(text)"),
+        "{err}"
+    );
+
+    // pgfeed_capture a member of mallory: capture would run with mallory's privileges.
+    admin.run("GRANT mallory TO pgfeed_capture").await;
     let err = own.refused().await;
     assert!(
         err.contains("pgfeed_capture is a member of mallory"),

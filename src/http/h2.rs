@@ -14,7 +14,10 @@
 //! from the connection's side: the subscriber behind it is dropped and counted as over
 //! HTTP/1.1 (`pgfeed_write_timeouts_total`), and the stream ends if the client ever takes
 //! data again. A body that is waiting for something of its own (a change, a journal read,
-//! its heartbeat) is never ended this way.
+//! its heartbeat) is never ended this way. hyper polls again once the stream's flow-control
+//! window has room for more than h2 still buffers, so what is measured is the client giving
+//! back window: one that reads but gives window back only after reading half of a large
+//! one (browsers do) must still take that half within `server.write_timeout`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -92,17 +95,19 @@ impl Activity {
                 let Some(slot) = weak.upgrade() else {
                     return false;
                 };
-                if !slot.handed.load(Ordering::Acquire)
-                    || now.saturating_sub(slot.polled.load(Ordering::Acquire)) < limit
-                {
+                let stalled = |slot: &Slot| {
+                    slot.handed.load(Ordering::Acquire)
+                        && now.saturating_sub(slot.polled.load(Ordering::Acquire)) >= limit
+                };
+                if !stalled(&slot) {
                     return true;
                 }
-                if let Some(held) = slot
-                    .held
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .take()
-                {
+                let mut held = slot.held.lock().unwrap_or_else(PoisonError::into_inner);
+                // Looked at again under the lock: a poll may have come meanwhile.
+                if !stalled(&slot) {
+                    return true;
+                }
+                if let Some(held) = held.take() {
                     ended.push(held);
                 }
                 false
@@ -225,12 +230,14 @@ impl hyper::body::Body for Tracked {
                 other => other,
             },
         };
-        drop(guard);
+        // Noted before the lock is let go, so that `reap` (which looks again under it)
+        // never ends a body that has just been polled.
         let handed = matches!(poll, Poll::Ready(Some(_)));
         self.slot
             .polled
             .store(self.activity.now_ms(), Ordering::Release);
         self.slot.handed.store(handed, Ordering::Release);
+        drop(guard);
         poll
     }
 
@@ -350,13 +357,15 @@ where
     // Closed for idleness: streams ended for a stalled client may never end on the wire,
     // so the connection ends once none is open any more, whatever hyper still holds. A
     // request that raced the GOAWAY is served to its end.
+    idle.as_mut().reset(Instant::now() + idle_timeout);
     loop {
         tokio::select! {
             result = connection.as_mut() => return result,
-            () = tokio::time::sleep(idle_timeout) => {
+            () = idle.as_mut() => {
                 if activity.open.load(Ordering::Acquire) == 0 {
                     return Ok(());
                 }
+                idle.as_mut().reset(Instant::now() + idle_timeout);
             }
             _ = stall_check.tick(), if stalls.is_some() => {
                 if let Some(stalls) = stalls {
@@ -442,6 +451,55 @@ mod tests {
         assert!(poll(&mut waiting).is_pending());
         assert!(poll(&mut taken).is_pending());
         assert_eq!(activity.reap(Duration::from_millis(100)), 0);
+    }
+
+    /// A client that stops reading its only stream: the stream is ended, the connection
+    /// goes idle, and it ends within a few idle timeouts although hyper never finishes
+    /// the stream on the wire.
+    #[tokio::test]
+    async fn a_connection_whose_only_stream_stalled_ends_when_idle() {
+        use http_body_util::Empty;
+        use hyper_util::rt::TokioExecutor;
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let metrics = Arc::new(Metrics::new());
+        let stalls = Stalls {
+            write_timeout: Duration::from_millis(200),
+            metrics: Arc::clone(&metrics),
+        };
+        // An endless stream: 1 KiB every 10 ms.
+        let handler = |_req: Request<Incoming>| async {
+            let frames = futures_util::stream::unfold((), |()| async {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Some((Ok(Frame::data(Bytes::from(vec![b'z'; 1024]))), ()))
+            });
+            Response::new(StreamBody::new(frames).boxed_unsync())
+        };
+        let server = tokio::spawn(async move {
+            let shutdown = CancellationToken::new();
+            serve_connection_h2(
+                server_io,
+                handler,
+                Duration::from_millis(500),
+                Some(&stalls),
+                &shutdown,
+            )
+            .await
+        });
+        let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(4096)
+            .handshake(TokioIo::new(client_io))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        send.ready().await.unwrap();
+        let request = Request::get("http://localhost/")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        // Never read.
+        let _response = send.send_request(request).await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), server).await;
+        assert!(ended.is_ok(), "the connection stayed open");
+        assert_eq!(metrics.write_timeouts.get(), 1);
     }
 
     #[tokio::test]
