@@ -17,27 +17,27 @@ ALTER TABLE pgfeed.watched ADD COLUMN exclude_dropped name[] NOT NULL DEFAULT '{
 -- lists are as long as each other: the live numbers stay, with their names in column
 -- order, and the names no live excluded column has are remembered as dropped. (Where they
 -- differ in length, names renamed before version 4, _apply does not pair them.)
+WITH live AS (
+    SELECT x.tbl,
+           coalesce(array_agg(a.attnum ORDER BY a.attnum) FILTER (WHERE a.attnum IS NOT NULL),
+                    '{}') AS nums,
+           coalesce(array_agg(a.attname ORDER BY a.attnum) FILTER (WHERE a.attnum IS NOT NULL),
+                    '{}') AS names
+    FROM pgfeed.watched AS x
+    LEFT JOIN pg_catalog.pg_attribute AS a
+        ON a.attrelid OPERATOR(pg_catalog.=) x.tbl::pg_catalog.oid
+       AND a.attnum OPERATOR(pg_catalog.=) ANY (x.exclude_attnums)
+       AND NOT a.attisdropped
+    GROUP BY x.tbl
+)
 UPDATE pgfeed.watched AS w
-SET exclude_attnums = ARRAY(
-        SELECT a.attnum FROM pg_catalog.pg_attribute AS a
-        WHERE a.attrelid OPERATOR(pg_catalog.=) w.tbl::pg_catalog.oid
-          AND a.attnum OPERATOR(pg_catalog.=) ANY (w.exclude_attnums)
-          AND NOT a.attisdropped
-        ORDER BY a.attnum),
-    exclude_columns = ARRAY(
-        SELECT a.attname FROM pg_catalog.pg_attribute AS a
-        WHERE a.attrelid OPERATOR(pg_catalog.=) w.tbl::pg_catalog.oid
-          AND a.attnum OPERATOR(pg_catalog.=) ANY (w.exclude_attnums)
-          AND NOT a.attisdropped
-        ORDER BY a.attnum),
+SET exclude_attnums = l.nums,
+    exclude_columns = l.names,
     exclude_dropped = ARRAY(
         SELECT DISTINCT e.name FROM pg_catalog.unnest(w.exclude_columns) AS e(name)
-        WHERE NOT EXISTS (
-            SELECT FROM pg_catalog.pg_attribute AS a
-            WHERE a.attrelid OPERATOR(pg_catalog.=) w.tbl::pg_catalog.oid
-              AND a.attnum OPERATOR(pg_catalog.=) ANY (w.exclude_attnums)
-              AND NOT a.attisdropped
-              AND a.attname OPERATOR(pg_catalog.=) e.name)
+        WHERE NOT e.name OPERATOR(pg_catalog.=) ANY (l.names)
         ORDER BY e.name)
-WHERE pg_catalog.cardinality(w.exclude_attnums)
+FROM live AS l
+WHERE l.tbl OPERATOR(pg_catalog.=) w.tbl
+  AND pg_catalog.cardinality(w.exclude_attnums)
       OPERATOR(pg_catalog.=) pg_catalog.cardinality(w.exclude_columns);
