@@ -586,6 +586,44 @@ async fn an_excluded_column_dropped_and_added_again_stays_out() {
     gw.stop().await;
 }
 
+/// A drop the event triggers did not see (`session_replication_role = replica`, as restore
+/// and replication tools run) is made up for by the next DDL they see: a column added under
+/// the dropped excluded column's name is kept out.
+#[tokio::test]
+async fn an_excluded_column_dropped_unseen_stays_out_when_added_again() {
+    let Setup { db, app, admin } = setup_watched(
+        "CREATE TABLE users (id int PRIMARY KEY, org text NOT NULL, name text, ssn text)",
+        "SELECT pgfeed.watch('users', tenant_column => 'org', exclude_columns => '{ssn}')",
+    )
+    .await;
+    admin
+        .run(
+            "SET session_replication_role = replica;
+             ALTER TABLE users DROP COLUMN ssn;
+             RESET session_replication_role;",
+        )
+        .await;
+    app.run(
+        "ALTER TABLE users ADD COLUMN ssn text;
+         INSERT INTO users VALUES (1, 'acme', 'ann', 'SSN-1');",
+    )
+    .await;
+    let journaled = query_i64(
+        &admin,
+        "SELECT count(*) FROM pgfeed.changes WHERE new::text LIKE '%SSN-%'",
+        &[],
+    )
+    .await;
+    let captured = query_i64(&admin, "SELECT count(*) FROM pgfeed.changes", &[]).await;
+    assert_eq!(
+        (captured, journaled),
+        (1, 0),
+        "the re-added column was journaled"
+    );
+    let entry = status_of(&db, "public.users").await;
+    assert_eq!(entry["exclude_columns"], json!(["ssn"]), "{entry}");
+}
+
 /// The key or the tenant column renamed to the name of a dropped excluded column is still
 /// the key or the tenant column: the DDL works, and the name stays remembered for a column
 /// that takes it once the key has moved on.
