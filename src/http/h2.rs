@@ -328,8 +328,9 @@ where
     let idle = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle);
     // Checked four times per limit, so a stalled stream is ended within 1.25 of it.
-    let mut stall_check =
-        tokio::time::interval(stalls.map_or(Duration::from_secs(3600), |s| s.write_timeout / 4));
+    let mut stall_check = tokio::time::interval(stalls.map_or(Duration::from_secs(3600), |s| {
+        (s.write_timeout / 4).max(Duration::from_millis(1))
+    }));
     stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let idled = loop {
         tokio::select! {
